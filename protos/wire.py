@@ -1,0 +1,200 @@
+"""V2 datatypes and the raw tensor encoding, shared by server and client.
+
+One table (``DATATYPES``) ties each Open Inference Protocol datatype string to its numpy dtype,
+element size, typed ``InferTensorContents`` field and model_config ``DataType`` enum name, so the
+two ends cannot drift apart. Raw layout: row-major (C order), little-endian, no padding; BYTES
+elements are a 4-byte little-endian uint32 length followed by the data.
+
+Pure numpy + stdlib (no protobuf) so it can be tested and reused without the generated stubs.
+Error messages name offsets, counts and byte sizes only, never tensor contents (patient data).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "DATATYPES",
+    "Datatype",
+    "datatype_of",
+    "deserialize_bytes",
+    "from_raw",
+    "numpy_dtype",
+    "serialize_bytes",
+    "to_raw",
+]
+
+ByteBuffer = bytes | bytearray | memoryview
+
+_LENGTH = struct.Struct("<I")  # BYTES element length prefix
+
+
+@dataclass(frozen=True, slots=True)
+class Datatype:
+    """One V2 datatype and its counterparts elsewhere in the protocol."""
+
+    name: str  # V2 string, e.g. "FP32"
+    dtype: np.dtype[Any] | None  # little-endian numpy dtype; None for BF16 (numpy has none)
+    itemsize: int | None  # bytes per element in raw form; None for variable-size BYTES
+    contents_field: str | None  # typed InferTensorContents field; None: raw only (FP16, BF16)
+    config_enum: str  # model_config DataType enum name (BYTES <-> TYPE_STRING)
+
+
+def _entry(name: str, dtype: str | None, itemsize: int | None, field: str | None) -> Datatype:
+    enum = "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}"
+    return Datatype(name, None if dtype is None else np.dtype(dtype), itemsize, field, enum)
+
+
+DATATYPES: Mapping[str, Datatype] = MappingProxyType(
+    {
+        d.name: d
+        for d in (
+            _entry("BOOL", "|b1", 1, "bool_contents"),
+            _entry("UINT8", "|u1", 1, "uint_contents"),
+            _entry("UINT16", "<u2", 2, "uint_contents"),
+            _entry("UINT32", "<u4", 4, "uint_contents"),
+            _entry("UINT64", "<u8", 8, "uint64_contents"),
+            _entry("INT8", "|i1", 1, "int_contents"),
+            _entry("INT16", "<i2", 2, "int_contents"),
+            _entry("INT32", "<i4", 4, "int_contents"),
+            _entry("INT64", "<i8", 8, "int64_contents"),
+            _entry("FP16", "<f2", 2, None),
+            _entry("FP32", "<f4", 4, "fp32_contents"),
+            _entry("FP64", "<f8", 8, "fp64_contents"),
+            _entry("BYTES", "O", None, "bytes_contents"),
+            _entry("BF16", None, 2, None),
+        )
+    }
+)
+
+# (kind, itemsize) -> V2 name; byte order deliberately ignored (to_raw converts to little-endian).
+_BY_KIND = {
+    (d.dtype.kind, d.dtype.itemsize): d.name
+    for d in DATATYPES.values()
+    if d.dtype is not None and d.name != "BYTES"
+}
+
+
+def datatype_of(dtype: npt.DTypeLike) -> str:
+    """The V2 datatype string for a numpy dtype; object, bytes and str dtypes map to BYTES."""
+    dt = np.dtype(dtype)
+    if dt.kind in "OSU":
+        return "BYTES"
+    name = _BY_KIND.get((dt.kind, dt.itemsize))
+    if name is None:
+        raise ValueError(f"numpy dtype {dt} has no Open Inference Protocol datatype")
+    return name
+
+
+def numpy_dtype(datatype: str) -> np.dtype[Any]:
+    """The (little-endian) numpy dtype for a V2 datatype string; BYTES -> object."""
+    entry = DATATYPES.get(datatype)
+    if entry is None:
+        raise ValueError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    if entry.dtype is None:
+        raise ValueError(f"datatype {datatype} has no numpy dtype")
+    return entry.dtype
+
+
+def serialize_bytes(array: npt.ArrayLike) -> bytes:
+    """Encode a BYTES tensor (bytes or str elements, str as UTF-8) in raw form, row-major."""
+    parts: list[bytes] = []
+    for index, element in enumerate(np.asarray(array, dtype=object).flat):
+        if isinstance(element, str):
+            data = element.encode("utf-8")
+        elif isinstance(element, (bytes, bytearray, memoryview)):
+            data = bytes(element)
+        else:
+            raise TypeError(f"BYTES element {index} is {type(element).__name__}; expected bytes or str")
+        if len(data) > 0xFFFFFFFF:
+            raise ValueError(f"BYTES element {index} is {len(data)} bytes; the limit is 4 GiB - 1")
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes(buf: ByteBuffer, count: int | None = None) -> npt.NDArray[np.object_]:
+    """Decode raw BYTES into a 1-D object array of ``bytes``, validating every length prefix.
+
+    ``count``, when given, is the element count the shape promises; the buffer must hold exactly
+    that many elements. Raises ValueError on a truncated prefix, a length running past the end,
+    trailing bytes or a count mismatch.
+    """
+    view = memoryview(buf).cast("B")
+    size = view.nbytes
+    if count is not None:
+        if count < 0:
+            raise ValueError(f"BYTES element count must be >= 0, got {count}")
+        # Each element needs at least its 4-byte prefix: refuse before allocating for a huge count.
+        if count * _LENGTH.size > size:
+            raise ValueError(
+                f"BYTES tensor of {count} elements needs at least {count * _LENGTH.size} bytes, got {size}"
+            )
+    elements: list[bytes] = []
+    offset = 0
+    while offset < size and (count is None or len(elements) < count):
+        index = len(elements)
+        if size - offset < _LENGTH.size:
+            raise ValueError(
+                f"BYTES element {index}: truncated length prefix at byte offset {offset} "
+                f"({size - offset} of 4 bytes left)"
+            )
+        (length,) = _LENGTH.unpack_from(view, offset)
+        start = offset + _LENGTH.size
+        if length > size - start:
+            raise ValueError(
+                f"BYTES element {index} at byte offset {offset} declares {length} bytes "
+                f"but only {size - start} remain"
+            )
+        elements.append(bytes(view[start : start + length]))
+        offset = start + length
+    if count is not None and len(elements) != count:
+        raise ValueError(f"BYTES tensor: expected {count} elements, found {len(elements)}")
+    if offset != size:
+        raise ValueError(f"BYTES tensor: {size - offset} trailing bytes after {len(elements)} elements")
+    result = np.empty(len(elements), dtype=object)
+    result[:] = elements
+    return result
+
+
+def to_raw(array: npt.ArrayLike) -> bytes:
+    """Encode a tensor in raw form: little-endian, C order; BYTES via serialize_bytes."""
+    arr = np.asarray(array)
+    if datatype_of(arr.dtype) == "BYTES":
+        return serialize_bytes(arr)
+    little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    return little.tobytes(order="C")
+
+
+def from_raw(buf: ByteBuffer, datatype: str, shape: Sequence[int]) -> npt.NDArray[Any]:
+    """Decode a raw tensor of the given V2 datatype and (concrete) shape.
+
+    Fixed-size types come back as a zero-copy ``np.frombuffer`` view (read-only when ``buf`` is
+    immutable, e.g. protobuf ``bytes``); copy before writing to it.
+    """
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape {list(dims)} has a negative dimension; a raw tensor needs a concrete shape")
+    count = math.prod(dims)
+    dtype = numpy_dtype(datatype)
+    if datatype == "BYTES":
+        return deserialize_bytes(buf, count).reshape(dims)
+    got = memoryview(buf).nbytes
+    expected = count * dtype.itemsize
+    if got != expected:
+        raise ValueError(
+            f"{datatype} tensor of shape {list(dims)} needs {expected} bytes "
+            f"({count} x {dtype.itemsize}), got {got}"
+        )
+    if datatype == "BOOL" and got and np.frombuffer(buf, dtype=np.uint8).max() > 1:
+        # Other byte values would give numpy bools that compare unequal to True.
+        raise ValueError("BOOL tensor holds bytes other than 0 and 1")
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(dims)

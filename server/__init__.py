@@ -1,0 +1,17 @@
+"""medserve server: a model repository of ONNX models served over the Open Inference Protocol.
+
+Module map (imports point inward; only `service.py`, `model_config.py`, `codec.py` and `app.py`
+touch protobuf types):
+
+    app.py / cli.py      wiring: builds the objects, starts the gRPC server
+    service.py           GRPCInferenceService servicer: protobuf <-> domain, errors -> status
+    codec.py             ModelInferRequest/Response <-> numpy (pure functions)
+    inference.py         InferenceCore: resolve model version, validate, batch, collect stats
+    repository.py        model repository on disk -> loaded model versions and their states
+    model_config.py      config.pbtxt <-> frozen ModelConfig (and completion from the ONNX graph)
+    config.py            frozen configuration dataclasses
+    batching.py          dynamic batcher: pure policy + asyncio driver (numpy only)
+    runtime.py           onnxruntime sessions and execution-provider selection
+    stats.py             per model-version statistics
+    errors.py            domain error tree (no grpc)
+"""

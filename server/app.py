@@ -1,0 +1,129 @@
+"""Wiring: the one place that builds the objects and connects them — repository, inference core,
+servicer, health and reflection services — into a running grpc.aio server.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from medserve.protos import grpc_service_pb2, grpc_service_pb2_grpc
+
+from .config import ServerConfig
+from .inference import InferenceCore
+from .repository import ModelRepository
+from .runtime import usable_providers
+from .service import InferenceServicer, Lifecycle
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class MedserveServer:
+    """A started server: `await start()` loads the repository and binds; `await stop()` drains.
+
+        server = MedserveServer(ServerConfig(repository="models", port=0))
+        port = await server.start()
+        ...
+        await server.stop()
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        repository: ModelRepository | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config = config
+        self.lifecycle = Lifecycle()
+        self.repository = repository or ModelRepository(config, clock=clock)
+        self.core = InferenceCore(self.repository, clock)
+        self._servicer = InferenceServicer(
+            self.repository, self.core, self.lifecycle, clock=clock, server_name=config.server_name
+        )
+        self._health = health_aio.HealthServicer()
+        self._reuse_port = reuse_port
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        await self.repository.load_all(exit_on_error=self.config.exit_on_error)
+        limit = self.config.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+            ]
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{self.config.host}:{self.config.port}"
+        if ":" in self.config.host and not self.config.host.startswith("["):
+            address = f"[{self.config.host}]:{self.config.port}"
+        self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        self.lifecycle.started = True
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        ready = [e.name for e in self.repository.entries() if e.state.value == "READY"]
+        log.info(
+            "medserve ready on %s:%d: %d model(s) READY (%s); providers available: %s",
+            self.config.host, self.port, len(ready), ", ".join(ready), ",".join(usable_providers()),
+        )
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: refuse new work (UNAVAILABLE, health NOT_SERVING), let in-flight requests
+        finish for up to `grace_s`, then unload the models."""
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        self.lifecycle.draining = True
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.repository.close()
+        log.info("medserve stopped")
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def write_ready_file(path: Path, port: int) -> None:
+    """Tell a supervisor (or a test) the bound port, atomically, once the server is ready."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+async def run(config: ServerConfig, *, ready_file: Path | None = None, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, then drain."""
+    server = MedserveServer(config, reuse_port=reuse_port)
+    port = await server.start()
+    if ready_file is not None:
+        write_ready_file(ready_file, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining (grace %.1f s)", config.drain_grace_s)
+    await server.stop()

@@ -1,0 +1,572 @@
+"""Dynamic batching for one model version. Knows numpy and the standard library, nothing of
+protobuf or gRPC.
+
+What a batch is: requests whose inputs have the same names, datatypes and non-batch dims (their
+`key`), concatenated along dim 0. A batch never holds more than `max_batch_rows` rows (the sum of
+dim 0, Triton's `max_batch_size`); a single request larger than that is refused at `submit`.
+
+Groups without head-of-line blocking: every key has its own group and its own delay clock, so a
+request of another shape never closes or delays the batch that is forming.
+
+When a batch closes (`decide`, a pure function of the queue and `now`), as soon as an instance is
+free and, for one group, any of:
+  * the rows waiting reach `max_batch_rows` or the largest preferred batch size;
+  * the oldest member has waited `max_queue_delay_us` (0 = run at once: batches still grow while
+    every instance is busy, which is where most batching comes from);
+  * waiting longer would make a member miss its deadline, given the measured cost of executing a
+    batch of that size (`CostModel`), or its queue-policy timeout would pass.
+Among ready groups the one whose best member has the highest priority (level 1 first), then the
+earliest arrival, runs first. Requests whose queue timeout passed under `timeout_action: DELAY`
+rank after all others.
+
+Worst-case queueing delay for a request while an instance is free: `max_queue_delay_us`; while
+all instances are busy it also waits for one to finish (bounded by its deadline).
+
+Ordering: FIFO within a priority level and key. With `preserve_ordering`, batches release their
+results in the order they were dispatched.
+
+Refusals at `submit`: queue full (`QueueFull`, naming the model and the limit); a deadline that
+cannot be met even if the request ran now (`DeadlineExceeded`, never executed); too many rows
+(`InvalidInput`). Before a batch runs, expired requests fail with `DeadlineExceeded` and cancelled
+ones are dropped; neither ever runs. If a batch fails, it is bisected and re-run so only the
+requests that cause the failure fail. Every future is resolved exactly once on every path.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import logging
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .config import BatchingConfig, QueuePolicy, TimeoutAction
+from .errors import DeadlineExceeded, ExecutionError, InvalidInput, ModelNotReady, QueueFull
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Arrays = Mapping[str, np.ndarray]
+
+
+class Runner(Protocol):
+    """Executes one batch: input name -> array in, output name -> array out. Called in a worker
+    thread; onnxruntime releases the GIL while it runs."""
+
+    def __call__(self, inputs: Arrays) -> Arrays: ...
+
+
+class BatchObserver(Protocol):
+    """Receives what happened to each executed batch (statistics)."""
+
+    def on_batch(
+        self, rows: int, queue_ns: Sequence[int], input_ns: int, infer_ns: int, output_ns: int
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    """One caller's request as the batcher sees it.
+
+    `deadline_s` is absolute on the batcher's clock (None = no deadline). `priority` 0 means the
+    model's default level. `timeout_us` is the caller's queue timeout (Triton's `timeout`
+    parameter); it may only shorten the policy's timeout, and only where the policy allows."""
+
+    inputs: Arrays
+    rows: int
+    key: Hashable
+    deadline_s: float | None = None
+    priority: int = 0
+    timeout_us: int | None = None
+
+
+@dataclass(slots=True, eq=False)
+class QueuedItem:
+    """A request in the queue. `start_by_s` is when it must start running at the latest (its
+    deadline less the estimated execution time, or its REJECT queue timeout)."""
+
+    request: BatchRequest
+    future: asyncio.Future[Arrays]
+    seq: int
+    level: int
+    enqueued_s: float
+    timeout_at_s: float | None
+    delay_on_timeout: bool
+
+    @property
+    def rows(self) -> int:
+        return self.request.rows
+
+    @property
+    def key(self) -> Hashable:
+        return self.request.key
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """The parts of the batching configuration that `decide` needs. `max_batch_rows` 0 means
+    batching is off: every request is a batch of its own."""
+
+    max_batch_rows: int
+    max_queue_delay_s: float = 0.0
+    preferred_rows: tuple[int, ...] = ()
+
+    @classmethod
+    def from_batching(cls, cfg: BatchingConfig | None) -> PolicyConfig:
+        if cfg is None:
+            return cls(max_batch_rows=0)
+        return cls(
+            max_batch_rows=cfg.max_batch_rows,
+            max_queue_delay_s=cfg.max_queue_delay_us / 1e6,
+            preferred_rows=tuple(sorted(p for p in cfg.preferred_batch_sizes if p > 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the driver does next: fail `expire` with DeadlineExceeded, forget `drop` (cancelled),
+    run `run` as one batch (in that order), then wait at most `wait_s` (None = until an event)."""
+
+    run: tuple[QueuedItem, ...] = ()
+    expire: tuple[QueuedItem, ...] = ()
+    drop: tuple[QueuedItem, ...] = ()
+    wait_s: float | None = None
+
+
+class CostModel:
+    """Measured execution time per batch size (exponentially weighted), used to refuse requests
+    that cannot meet their deadline and to close batches before a member would miss it."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self._alpha = alpha
+        self._sizes: list[int] = []
+        self._seconds: dict[int, float] = {}
+
+    def observe(self, rows: int, seconds: float) -> None:
+        old = self._seconds.get(rows)
+        if old is None:
+            bisect.insort(self._sizes, rows)
+            self._seconds[rows] = seconds
+        else:
+            self._seconds[rows] = old + self._alpha * (seconds - old)
+
+    def estimate(self, rows: int) -> float:
+        """Seconds to execute `rows` rows: interpolated between measured sizes, scaled linearly
+        past the largest, the smallest measurement below it; 0 with no measurement."""
+        sizes = self._sizes
+        if not sizes:
+            return 0.0
+        exact = self._seconds.get(rows)
+        if exact is not None:
+            return exact
+        i = bisect.bisect_left(sizes, rows)
+        if i == 0:
+            return self._seconds[sizes[0]]
+        if i == len(sizes):
+            top = sizes[-1]
+            return self._seconds[top] * rows / top
+        lo, hi = sizes[i - 1], sizes[i]
+        t_lo, t_hi = self._seconds[lo], self._seconds[hi]
+        return t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
+
+
+def _rank(item: QueuedItem, now: float) -> tuple[bool, int, int]:
+    delayed = item.delay_on_timeout and item.timeout_at_s is not None and item.timeout_at_s <= now
+    return (delayed, item.level, item.seq)
+
+
+def _must_expire(item: QueuedItem, now: float, estimate: Callable[[int], float]) -> bool:
+    deadline = item.request.deadline_s
+    if deadline is not None and now + estimate(item.rows) > deadline:
+        return True
+    return (not item.delay_on_timeout) and item.timeout_at_s is not None and item.timeout_at_s <= now
+
+
+def _start_by(item: QueuedItem, batch_rows: int, estimate: Callable[[int], float]) -> float:
+    latest = float("inf")
+    deadline = item.request.deadline_s
+    if deadline is not None:
+        latest = deadline - estimate(batch_rows)
+    if not item.delay_on_timeout and item.timeout_at_s is not None:
+        latest = min(latest, item.timeout_at_s)
+    return latest
+
+
+def _candidate(members: list[QueuedItem], cfg: PolicyConfig) -> tuple[list[QueuedItem], bool]:
+    """The batch this group would run now (ranked members, up to the row limit) and whether it
+    is full (the row limit or the largest preferred size is reached)."""
+    limit = cfg.max_batch_rows
+    preferred_top = cfg.preferred_rows[-1] if cfg.preferred_rows else 0
+    batch: list[QueuedItem] = []
+    rows = 0
+    for item in members:
+        if rows + item.rows > limit:
+            return batch, True
+        batch.append(item)
+        rows += item.rows
+        if preferred_top and rows >= preferred_top:
+            return batch, True
+    return batch, rows >= limit
+
+
+def decide(
+    queue: Sequence[QueuedItem],
+    now: float,
+    cfg: PolicyConfig,
+    estimate: Callable[[int], float],
+    free_slots: int,
+) -> Decision:
+    """Pure batching policy: which items expire or are dropped, which batch runs now (only if an
+    instance is free), and otherwise how long to wait before something changes."""
+    expire: list[QueuedItem] = []
+    drop: list[QueuedItem] = []
+    live: list[QueuedItem] = []
+    for item in queue:
+        if item.future.done():  # cancelled by the caller (or resolved by a stop)
+            drop.append(item)
+        elif _must_expire(item, now, estimate):
+            expire.append(item)
+        else:
+            live.append(item)
+    if not live:
+        return Decision(expire=tuple(expire), drop=tuple(drop))
+
+    groups: dict[Hashable, list[QueuedItem]] = {}
+    for item in sorted(live, key=lambda it: _rank(it, now)):
+        groups.setdefault(item.key, []).append(item)
+
+    best: tuple[tuple[bool, int, int], list[QueuedItem]] | None = None
+    wake_at = float("inf")
+    for members in groups.values():
+        if cfg.max_batch_rows <= 0:  # batching off: the best-ranked request runs alone, now
+            batch, ready_at = members[:1], now
+        else:
+            batch, full = _candidate(members, cfg)
+            rows = sum(it.rows for it in batch)
+            oldest = min(it.enqueued_s for it in batch)
+            ready_at = now if full else oldest + cfg.max_queue_delay_s
+            for it in batch:
+                ready_at = min(ready_at, _start_by(it, rows, estimate))
+        if ready_at <= now:
+            rank = _rank(batch[0], now)
+            if best is None or rank < best[0]:
+                best = (rank, batch)
+        else:
+            wake_at = min(wake_at, ready_at)
+
+    if best is not None and free_slots > 0:
+        return Decision(run=tuple(best[1]), expire=tuple(expire), drop=tuple(drop))
+    if free_slots <= 0:
+        # Nothing can run; wake only to expire what will miss its deadline meanwhile.
+        wake_at = min((_start_by(it, it.rows, estimate) for it in live), default=float("inf"))
+    wait = None if wake_at == float("inf") else max(0.0, wake_at - now)
+    return Decision(expire=tuple(expire), drop=tuple(drop), wait_s=wait)
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    """A snapshot of the queue, for health and metrics."""
+
+    queued: int
+    in_flight: int
+    executed_batches: int
+    cost_estimates_s: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    outputs: list[Arrays | BaseException]
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+    failed_runs: int
+
+
+class Batcher:
+    """Queues requests for one model version and executes them in batches on `instances`
+    concurrent runners.
+
+        batcher = Batcher(runner, name="sepsis v3", config=cfg, executor=pool, instances=1)
+        batcher.start()                       # on the running event loop
+        outputs = await batcher.submit(BatchRequest(inputs, rows=1, key=key))
+        await batcher.stop(grace_s=5)
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        name: str,
+        config: BatchingConfig | None,
+        executor: Executor,
+        instances: int = 1,
+        max_queue_size: int = 4096,
+        observer: BatchObserver | None = None,
+        clock: Clock = time.monotonic,
+        cost_model: CostModel | None = None,
+    ) -> None:
+        self._runner = runner
+        self._name = name
+        self._config = config
+        self._policy = PolicyConfig.from_batching(config)
+        self._executor = executor
+        self._instances = max(1, instances)
+        self._max_queue_size = max_queue_size
+        self._observer = observer
+        self._clock = clock
+        self.cost = cost_model or CostModel()
+        self._queue: list[QueuedItem] = []
+        self._level_counts: dict[int, int] = {}
+        self._seq = itertools.count()
+        self._in_flight = 0
+        self._executed = 0
+        self._stopping = False
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._last_release: asyncio.Future[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the asyncio primitives on the running loop and start the driver."""
+        self._wakeup = asyncio.Event()
+        self._loop_task = asyncio.get_running_loop().create_task(self._drive(), name=f"batcher {self._name}")
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Refuse new requests, let queued and running ones finish for up to `grace_s`, then
+        fail whatever is left with ModelNotReady."""
+        self._stopping = True
+        self._wake()
+        if self._loop_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._loop_task), grace_s)
+            except TimeoutError:
+                self._loop_task.cancel()
+        for item in self._queue:
+            self._fail(item, ModelNotReady(f"model {self._name} was unloaded before the request ran"))
+        self._queue.clear()
+        if self._batch_tasks:
+            await asyncio.wait(self._batch_tasks, timeout=grace_s)
+
+    def stats(self) -> BatcherStats:
+        return BatcherStats(
+            queued=len(self._queue),
+            in_flight=self._in_flight,
+            executed_batches=self._executed,
+            cost_estimates_s={n: self.cost.estimate(n) for n in (1, 8, 64)},
+        )
+
+    # -- submit ----------------------------------------------------------------------------
+
+    def submit(self, request: BatchRequest) -> asyncio.Future[Arrays]:
+        """Queue a request; the future resolves to its outputs (views into the batch's outputs)
+        or to one of the errors in the module docstring."""
+        if self._stopping or self._wakeup is None:
+            raise ModelNotReady(f"model {self._name} is not accepting requests (unloading or stopped)")
+        limit = self._policy.max_batch_rows
+        if limit > 0 and request.rows > limit:
+            raise InvalidInput(
+                f"model {self._name}: request has {request.rows} rows, more than max_batch_size {limit}"
+            )
+        level, policy = self._level(request.priority)
+        now = self._clock()
+        if request.deadline_s is not None and now + self.cost.estimate(request.rows) > request.deadline_s:
+            raise DeadlineExceeded(
+                f"model {self._name}: deadline cannot be met (estimated execution "
+                f"{self.cost.estimate(request.rows) * 1e3:.3f} ms, time left "
+                f"{max(0.0, request.deadline_s - now) * 1e3:.3f} ms); request not executed"
+            )
+        level_limit = policy.max_queue_size
+        if len(self._queue) >= self._max_queue_size or (
+            level_limit and self._level_counts.get(level, 0) >= level_limit
+        ):
+            cap = min(x for x in (self._max_queue_size, level_limit) if x)
+            raise QueueFull(f"model {self._name}: queue full ({cap} requests queued); retry later")
+        timeout_us = policy.default_timeout_us
+        if request.timeout_us and policy.allow_timeout_override:  # may only shorten the policy's
+            timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        item = QueuedItem(
+            request=request,
+            future=future,
+            seq=next(self._seq),
+            level=level,
+            enqueued_s=now,
+            timeout_at_s=now + timeout_us / 1e6 if timeout_us else None,
+            delay_on_timeout=policy.timeout_action is TimeoutAction.DELAY,
+        )
+        self._queue.append(item)
+        self._level_counts[level] = self._level_counts.get(level, 0) + 1
+        future.add_done_callback(self._on_done)
+        self._wake()
+        return future
+
+    def _level(self, priority: int) -> tuple[int, QueuePolicy]:
+        cfg = self._config
+        if cfg is None:
+            return 0, QueuePolicy()
+        levels = cfg.priority_levels
+        if levels <= 0:
+            return 0, cfg.default_queue_policy
+        if priority == 0:
+            level = cfg.default_priority_level or levels
+        elif priority > levels:
+            raise InvalidInput(
+                f"model {self._name}: priority {priority} out of range, expected 1..{levels} (0 = default)"
+            )
+        else:
+            level = priority
+        return level, cfg.policy_for(level)
+
+    def _on_done(self, future: asyncio.Future[Arrays]) -> None:
+        if future.cancelled():
+            self._wake()  # let the driver drop it now, not at the next batch
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    # -- driver ----------------------------------------------------------------------------
+
+    def _remove(self, items: Sequence[QueuedItem]) -> None:
+        gone = set(map(id, items))
+        self._queue = [it for it in self._queue if id(it) not in gone]
+        for it in items:
+            self._level_counts[it.level] -= 1
+
+    def _fail(self, item: QueuedItem, error: BaseException) -> None:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+    async def _drive(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            now = self._clock()
+            decision = decide(
+                self._queue, now, self._policy, self.cost.estimate, self._instances - self._in_flight
+            )
+            settled = decision.expire + decision.drop + decision.run
+            if settled:
+                self._remove(settled)
+            for item in decision.expire:
+                self._fail(item, DeadlineExceeded(f"model {self._name}: request expired in the queue; not executed"))
+            if decision.run:
+                self._dispatch(list(decision.run))
+                continue
+            if self._stopping and not self._queue and not self._in_flight:
+                return
+            self._wakeup.clear()
+            if decision.wait_s is None:
+                await self._wakeup.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), decision.wait_s)
+                except TimeoutError:
+                    pass
+
+    def _dispatch(self, items: list[QueuedItem]) -> None:
+        self._in_flight += 1
+        previous = self._last_release
+        release: asyncio.Future[None] | None = None
+        if self._config is not None and self._config.preserve_ordering:
+            release = asyncio.get_running_loop().create_future()
+            self._last_release = release
+        task = asyncio.get_running_loop().create_task(self._run_batch(items, previous, release))
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+
+    async def _run_batch(
+        self,
+        items: list[QueuedItem],
+        previous: asyncio.Future[None] | None,
+        release: asyncio.Future[None] | None,
+    ) -> None:
+        start = self._clock()
+        outcome: _Outcome | None = None
+        try:
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(
+                self._executor, self._execute, [it.request for it in items]
+            )
+            if previous is not None:
+                await previous
+            rows = sum(it.rows for it in items)
+            if outcome.failed_runs == 0:
+                self.cost.observe(rows, outcome.infer_ns / 1e9)
+            if self._observer is not None:
+                queue_ns = [int((start - it.enqueued_s) * 1e9) for it in items]
+                self._observer.on_batch(rows, queue_ns, outcome.input_ns, outcome.infer_ns, outcome.output_ns)
+            self._executed += 1
+            for item, result in zip(items, outcome.outputs, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+        except BaseException as exc:  # noqa: BLE001 - every future must be resolved
+            log.exception("model %s: batch of %d requests failed outside the runtime", self._name, len(items))
+            for item in items:
+                self._fail(item, ExecutionError(f"model {self._name}: batch failed: {type(exc).__name__}"))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for item in items:
+                self._fail(item, ExecutionError(f"model {self._name}: batch produced no result"))
+            if release is not None and not release.done():
+                release.set_result(None)
+            self._in_flight -= 1
+            self._wake()
+
+    # -- execution (worker thread) ---------------------------------------------------------
+
+    def _execute(self, requests: list[BatchRequest]) -> _Outcome:
+        """Concatenate, run and split one batch; on failure bisect so only culprits fail."""
+        outcome = _Outcome(outputs=[], input_ns=0, infer_ns=0, output_ns=0, failed_runs=0)
+        outcome.outputs = self._run_group(requests, outcome)
+        return outcome
+
+    def _run_group(self, requests: list[BatchRequest], outcome: _Outcome) -> list[Arrays | BaseException]:
+        clock = time.perf_counter_ns
+        t0 = clock()
+        if len(requests) == 1:
+            inputs = requests[0].inputs
+        else:
+            names = requests[0].inputs.keys()
+            inputs = {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}
+        t1 = clock()
+        try:
+            outputs = self._runner(inputs)
+        except Exception as exc:  # noqa: BLE001 - isolate the culprit below
+            outcome.failed_runs += 1
+            outcome.infer_ns += clock() - t1
+            if len(requests) == 1:
+                log.warning("model %s: execution failed: %s", self._name, type(exc).__name__, exc_info=exc)
+                return [ExecutionError(f"model {self._name}: execution failed: {type(exc).__name__}")]
+            half = len(requests) // 2
+            return self._run_group(requests[:half], outcome) + self._run_group(requests[half:], outcome)
+        t2 = clock()
+        outcome.input_ns += t1 - t0
+        outcome.infer_ns += t2 - t1
+        if len(requests) == 1:
+            result: list[Arrays | BaseException] = [dict(outputs)]
+        else:
+            rows = [r.rows for r in requests]
+            total = sum(rows)
+            bad = [n for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != total]
+            if bad:
+                err = ExecutionError(
+                    f"model {self._name}: output {bad[0]!r} has dim 0 != batch rows {total}; cannot split"
+                )
+                return [err] * len(requests)
+            offsets = list(itertools.accumulate(rows))[:-1]
+            split = {n: np.split(a, offsets) for n, a in outputs.items()}
+            result = [{n: parts[i] for n, parts in split.items()} for i in range(len(requests))]
+        outcome.output_ns += clock() - t2
+        return result

@@ -1,0 +1,82 @@
+"""The `medserve` command: `serve`, plus the exporters' `export` / `demo-repository` and the
+load harness's `perf` (imported lazily so `serve` needs no torch or matplotlib)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .config import ServerConfig
+from .errors import MedserveError
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("serve", help="serve a model repository over gRPC (Open Inference Protocol)")
+    p.add_argument("--repository", required=True, type=Path, help="model repository folder (Triton layout)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: patient data stays local)")
+    p.add_argument("--port", type=int, default=8001, help="port (0 = any free port; see --ready-file)")
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--max-message-mb", type=int, default=1024, help="cap on one gRPC message, MiB")
+    p.add_argument("--max-queue-size", type=int, default=4096, help="cap on queued requests per model version")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its choice)")
+    p.add_argument("--inter-op-threads", type=int, default=0, help="onnxruntime inter-op threads (0 = its choice)")
+    p.add_argument("--providers", default=None, help="comma-separated execution providers (default: best usable)")
+    p.add_argument("--drain-grace-s", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    p.add_argument(
+        "--no-exit-on-error", action="store_true", help="start even if a model fails to load (it stays UNAVAILABLE)"
+    )
+    p.add_argument("--ready-file", type=Path, default=None, help="write {port, pid} JSON here once ready")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from . import app, workers
+
+    config = ServerConfig(
+        repository=str(args.repository),
+        host=args.host,
+        port=args.port,
+        max_message_bytes=args.max_message_mb << 20,
+        max_queue_size=args.max_queue_size,
+        intra_op_threads=args.intra_op_threads,
+        inter_op_threads=args.inter_op_threads,
+        providers=tuple(args.providers.split(",")) if args.providers else None,
+        exit_on_error=not args.no_exit_on_error,
+        drain_grace_s=args.drain_grace_s,
+    )
+    try:
+        if args.workers > 1:
+            return workers.run_workers(config, args.workers, ready_file=args.ready_file)
+        asyncio.run(app.run(config, ready_file=args.ready_file))
+    except MedserveError as exc:
+        logging.getLogger("medserve").error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medserve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve(subparsers)
+    # Their modules import torch / matplotlib only inside the handlers, so `serve` stays light.
+    from medserve.exporters.cli import add_subcommands as add_export
+
+    add_export(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

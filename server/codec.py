@@ -1,0 +1,133 @@
+"""Pure functions between the wire messages and the domain: ModelInferRequest -> InferRequest
+(numpy arrays, zero-copy views over raw contents) and InferResult -> ModelInferResponse (always
+`raw_output_contents`, one entry per output, same order: what tritonclient and perf_analyzer
+read). Errors are `InvalidInput` naming model, version, tensor, expected and got — never values.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from medserve.protos import grpc_service_pb2 as pb
+from medserve.protos.wire import DATATYPES, from_raw, to_raw
+
+from .errors import InvalidInput
+from .inference import InferRequest, InferResult
+
+SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def _label(request: pb.ModelInferRequest) -> str:
+    version = request.model_version or "latest"
+    return f"{request.model_name!r} version {version}"
+
+
+def _int_param(label: str, key: str, param: pb.InferParameter) -> int:
+    which = param.WhichOneof("parameter_choice")
+    if which in ("int64_param", "uint64_param"):
+        value = int(getattr(param, which))
+    else:
+        raise InvalidInput(f"model {label}: parameter {key!r} must be an integer, got {which or 'nothing'}")
+    if value < 0:
+        raise InvalidInput(f"model {label}: parameter {key!r} must be >= 0, got {value}")
+    return value
+
+
+def _typed_array(label: str, tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...]) -> np.ndarray:
+    entry = DATATYPES[tensor.datatype]
+    if entry.contents_field is None:
+        raise InvalidInput(
+            f"model {label}: input {tensor.name!r}: datatype {tensor.datatype} can only be sent as raw_input_contents"
+        )
+    values = getattr(tensor.contents, entry.contents_field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"model {label}: input {tensor.name!r}: shape {list(shape)} needs {count} elements, "
+            f"{entry.contents_field} has {len(values)}"
+        )
+    if tensor.datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    assert entry.dtype is not None
+    try:
+        return np.asarray(values, dtype=entry.dtype).reshape(shape) if count else np.zeros(shape, entry.dtype)
+    except OverflowError:
+        raise InvalidInput(
+            f"model {label}: input {tensor.name!r}: a value does not fit datatype {tensor.datatype}"
+        ) from None
+
+
+def decode_infer_request(request: pb.ModelInferRequest, deadline_s: float | None = None) -> InferRequest:
+    """Validate the message's structure and turn it into arrays (the model checks the rest)."""
+    label = _label(request)
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"model {label}: {len(request.inputs)} inputs but {len(raw)} raw_input_contents entries; "
+            "expected one per input, in order"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in inputs:
+            raise InvalidInput(f"model {label}: input {name!r} is given twice")
+        if tensor.datatype not in DATATYPES or tensor.datatype == "BF16":
+            raise InvalidInput(
+                f"model {label}: input {name!r}: unsupported datatype {tensor.datatype!r}; expected one of "
+                f"{', '.join(d for d in DATATYPES if d != 'BF16')}"
+            )
+        if any(k in tensor.parameters for k in SHARED_MEMORY_KEYS):
+            raise InvalidInput(f"model {label}: input {name!r}: shared memory is not supported by this server")
+        shape = tuple(int(d) for d in tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"model {label}: input {name!r}: shape {list(shape)} has a negative dimension")
+        has_contents = tensor.HasField("contents")
+        if raw:
+            if has_contents:
+                raise InvalidInput(
+                    f"model {label}: input {name!r}: contents must not be set when raw_input_contents is used"
+                )
+            try:
+                inputs[name] = from_raw(raw[i], tensor.datatype, shape)
+            except ValueError as exc:
+                raise InvalidInput(f"model {label}: input {name!r}: {exc}") from None
+        elif has_contents:
+            inputs[name] = _typed_array(label, tensor, shape)
+        else:
+            raise InvalidInput(f"model {label}: input {name!r} has no data (neither contents nor raw_input_contents)")
+
+    outputs: list[str] = []
+    for out in request.outputs:
+        if "classification" in out.parameters:
+            raise InvalidInput(f"model {label}: output {out.name!r}: the classification extension is not supported")
+        if any(k in out.parameters for k in SHARED_MEMORY_KEYS):
+            raise InvalidInput(f"model {label}: output {out.name!r}: shared memory is not supported by this server")
+        if out.name in outputs:
+            raise InvalidInput(f"model {label}: output {out.name!r} is requested twice")
+        outputs.append(out.name)
+
+    params = request.parameters
+    priority = _int_param(label, "priority", params["priority"]) if "priority" in params else 0
+    timeout_us = _int_param(label, "timeout", params["timeout"]) if "timeout" in params else None
+    return InferRequest(
+        model=request.model_name,
+        version=request.model_version,
+        inputs=inputs,
+        outputs=tuple(outputs),
+        id=request.id,
+        priority=priority,
+        timeout_us=timeout_us or None,
+        deadline_s=deadline_s,
+    )
+
+
+def encode_infer_response(result: InferResult) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
+    response.parameters["model_sha256"].string_param = result.sha256
+    for out in result.outputs:
+        response.outputs.add(name=out.name, datatype=out.datatype, shape=out.array.shape)
+        response.raw_output_contents.append(to_raw(out.array))
+    return response

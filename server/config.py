@@ -1,0 +1,124 @@
+"""Frozen configuration of the server and of each model, validated once at start-up.
+
+Field names carry their unit (`_us`, `_s`, `_bytes`). The model half mirrors Triton's
+`inference.ModelConfig` schema (read from `config.pbtxt` by `model_config.py`), so an existing
+Triton ONNX repository means the same thing here.
+"""
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+
+def _frozen_map(data: Mapping | None = None) -> Mapping:
+    return MappingProxyType(dict(data or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class TensorConfig:
+    """One input or output. `dims` excludes the batch dimension when the model batches;
+    -1 marks a variable dimension. `datatype` is the V2 string (FP32, INT64, BYTES, ...)."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+class TimeoutAction(enum.Enum):
+    REJECT = "REJECT"  # a request whose queue timeout passes fails with DEADLINE_EXCEEDED
+    DELAY = "DELAY"  # it stays queued, behind requests that have not timed out
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    """Triton's ModelQueuePolicy. `default_timeout_us` 0 = no queue timeout;
+    `max_queue_size` 0 = bounded only by the server-wide cap."""
+
+    timeout_action: TimeoutAction = TimeoutAction.REJECT
+    default_timeout_us: int = 0
+    allow_timeout_override: bool = False
+    max_queue_size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """Dynamic batching of one model. `max_batch_rows` bounds the sum of dim 0 in a batch.
+
+    `max_queue_delay_us` is the longest a request waits for companions while an instance is
+    free; 0 means run as soon as an instance is free (batches still form while all instances
+    are busy). Priority level 1 is the highest."""
+
+    max_batch_rows: int
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    preserve_ordering: bool = False
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    default_queue_policy: QueuePolicy = field(default_factory=QueuePolicy)
+    priority_queue_policies: Mapping[int, QueuePolicy] = field(default_factory=_frozen_map)
+
+    def policy_for(self, level: int) -> QueuePolicy:
+        return self.priority_queue_policies.get(level, self.default_queue_policy)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which version folders are served: the `num_versions` highest, all, or a given set."""
+
+    kind: Literal["latest", "all", "specific"] = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered[-self.num_versions :] if self.num_versions > 0 else []
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """A model as served. `max_batch_size` 0 = the model does not batch (no batch dim anywhere).
+    `batching` None = dynamic batching off: each request executes alone."""
+
+    name: str
+    platform: str = "onnxruntime_onnx"
+    backend: str = "onnxruntime"
+    max_batch_size: int = 0
+    inputs: tuple[TensorConfig, ...] = ()
+    outputs: tuple[TensorConfig, ...] = ()
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    batching: BatchingConfig | None = None
+    instance_count: int = 1
+    instance_kind: str = "KIND_AUTO"
+    default_model_filename: str = "model.onnx"
+    parameters: Mapping[str, str] = field(default_factory=_frozen_map)
+
+    def input(self, name: str) -> TensorConfig | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorConfig | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Process-wide settings from the command line."""
+
+    repository: str
+    host: str = "127.0.0.1"
+    port: int = 8001
+    max_message_bytes: int = 1 << 30  # explicit cap; large enough for imaging tensors
+    max_queue_size: int = 4096  # server-wide cap on queued requests per model version
+    intra_op_threads: int = 0  # onnxruntime threads per session; 0 = onnxruntime's choice
+    inter_op_threads: int = 0
+    providers: tuple[str, ...] | None = None  # None = pick the best usable ones
+    exit_on_error: bool = True
+    drain_grace_s: float = 10.0
+    server_name: str = "medserve"

@@ -1,0 +1,62 @@
+"""Domain errors of the server. No grpc import: `service.py` owns the one table that maps
+these classes to gRPC status codes (walking the MRO), so the core never speaks transport.
+
+    MedserveError
+     ├── InvalidInput        bad request: names, datatypes, shapes, sizes, encodings
+     ├── ModelNotFound       unknown model or version
+     ├── ModelNotReady       model loading/unloading, or the server is draining
+     ├── ModelLoadFailed     the model exists but failed to load (config, file, hash, warm-up)
+     │    └── ConfigError    a config.pbtxt / model file problem, naming the file and field
+     ├── QueueFull           bounded queue or rate limit refused the request
+     ├── DeadlineExceeded    the request expired (or could not meet its deadline) before running
+     ├── Cancelled           the caller went away before the request ran
+     ├── Unsupported         a protocol feature this server does not implement
+     └── ExecutionError      the runtime failed while executing a batch (a bug or ORT failure)
+
+Messages name model, version, tensor, expected and got, and never tensor values (patient data).
+"""
+from __future__ import annotations
+
+
+class MedserveError(Exception):
+    """Base class of every error the server reports to a caller."""
+
+
+class InvalidInput(MedserveError):
+    """The request is malformed or does not match the model's signature."""
+
+
+class ModelNotFound(MedserveError):
+    """No such model, or no such version of it."""
+
+
+class ModelNotReady(MedserveError):
+    """The model (or the whole server) cannot take requests right now; retrying later may work."""
+
+
+class ModelLoadFailed(MedserveError):
+    """The model is known but failed to load; retrying will not help until it is fixed."""
+
+
+class ConfigError(ModelLoadFailed):
+    """A model repository entry is broken; the message names the file and the field."""
+
+
+class QueueFull(MedserveError):
+    """A bounded queue is full; the caller should back off and retry."""
+
+
+class DeadlineExceeded(MedserveError):
+    """The request expired, or could not meet its deadline, before it was executed."""
+
+
+class Cancelled(MedserveError):
+    """The caller cancelled the request before it ran."""
+
+
+class Unsupported(MedserveError):
+    """A protocol feature that this server does not implement."""
+
+
+class ExecutionError(MedserveError):
+    """The runtime failed executing a batch. The message is for the log, not for the caller."""

@@ -1,0 +1,282 @@
+"""`config.pbtxt` (protobuf text format of Triton's `inference.ModelConfig`) <-> frozen
+`ModelConfig`, and completion of a missing or partial config from the ONNX graph.
+
+Everything wrong is a `ConfigError` naming the file and the field, raised at load: a broken
+config never loads silently.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from medserve.protos import model_config_pb2 as mc
+
+from .config import (
+    BatchingConfig,
+    ModelConfig,
+    QueuePolicy,
+    TensorConfig,
+    TimeoutAction,
+    VersionPolicy,
+)
+from .errors import ConfigError
+from .runtime import GraphTensor
+
+SUPPORTED_PLATFORMS = {"", "onnxruntime_onnx"}
+SUPPORTED_BACKENDS = {"", "onnxruntime"}
+DEFAULT_MAX_BATCH_SIZE = 64  # when the config is missing and the graph's dim 0 is dynamic
+
+
+def _v2_datatype(enum_value: int) -> str:
+    name = mc.DataType.Name(enum_value)
+    return "BYTES" if name == "TYPE_STRING" else name.removeprefix("TYPE_")
+
+
+def _enum_datatype(datatype: str) -> int:
+    return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+
+
+def read_config_proto(path: Path) -> mc.ModelConfig:
+    """Parse a config.pbtxt; a syntax error names the file, line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _queue_policy(path: Path, where: str, p: mc.ModelQueuePolicy) -> QueuePolicy:
+    return QueuePolicy(
+        timeout_action=TimeoutAction.DELAY if p.timeout_action == mc.ModelQueuePolicy.DELAY else TimeoutAction.REJECT,
+        default_timeout_us=int(p.default_timeout_microseconds),
+        allow_timeout_override=bool(p.allow_timeout_override),
+        max_queue_size=int(p.max_queue_size),
+    )
+
+
+def _tensors(path: Path, field: str, items: Sequence[mc.ModelInput] | Sequence[mc.ModelOutput]) -> tuple[TensorConfig, ...]:
+    out: list[TensorConfig] = []
+    seen: set[str] = set()
+    for i, t in enumerate(items):
+        where = f"{field}[{i}]"
+        if not t.name:
+            raise ConfigError(f"{path}: {where}.name is empty")
+        if t.name in seen:
+            raise ConfigError(f"{path}: {where}.name {t.name!r} is listed twice")
+        seen.add(t.name)
+        if t.data_type == mc.TYPE_INVALID:
+            raise ConfigError(f"{path}: {where} ({t.name!r}).data_type is missing or TYPE_INVALID")
+        if t.data_type == mc.TYPE_BF16:
+            raise ConfigError(f"{path}: {where} ({t.name!r}).data_type TYPE_BF16 is not supported by medserve")
+        if t.HasField("reshape"):
+            raise ConfigError(f"{path}: {where} ({t.name!r}).reshape is not supported by medserve")
+        if any(d < -1 or d == 0 for d in t.dims):
+            raise ConfigError(f"{path}: {where} ({t.name!r}).dims {list(t.dims)}: each dim must be > 0 or -1")
+        optional = bool(getattr(t, "optional", False))
+        out.append(TensorConfig(t.name, _v2_datatype(t.data_type), tuple(int(d) for d in t.dims), optional))
+    return tuple(out)
+
+
+def from_proto(path: Path, proto: mc.ModelConfig, model_name: str) -> ModelConfig:
+    """Validate a parsed config (fields the graph cannot tell us about) into a ModelConfig."""
+    if proto.name and proto.name != model_name:
+        raise ConfigError(f"{path}: name {proto.name!r} does not match the model folder {model_name!r}")
+    if proto.platform not in SUPPORTED_PLATFORMS:
+        raise ConfigError(f"{path}: platform {proto.platform!r} is not served by medserve (only onnxruntime_onnx)")
+    if proto.backend not in SUPPORTED_BACKENDS:
+        raise ConfigError(f"{path}: backend {proto.backend!r} is not served by medserve (only onnxruntime)")
+    if proto.max_batch_size < 0:
+        raise ConfigError(f"{path}: max_batch_size {proto.max_batch_size} must be >= 0")
+    if proto.HasField("sequence_batching") or proto.HasField("ensemble_scheduling"):
+        raise ConfigError(f"{path}: sequence_batching / ensemble_scheduling are not supported by medserve")
+
+    policy = VersionPolicy()
+    which = proto.version_policy.WhichOneof("policy_choice")
+    if which == "latest":
+        n = proto.version_policy.latest.num_versions
+        if n < 1:
+            raise ConfigError(f"{path}: version_policy.latest.num_versions must be >= 1, got {n}")
+        policy = VersionPolicy("latest", num_versions=int(n))
+    elif which == "all":
+        policy = VersionPolicy("all")
+    elif which == "specific":
+        versions = tuple(int(v) for v in proto.version_policy.specific.versions)
+        if not versions:
+            raise ConfigError(f"{path}: version_policy.specific.versions is empty")
+        policy = VersionPolicy("specific", versions=versions)
+
+    instances = 0
+    kind = "KIND_AUTO"
+    for i, group in enumerate(proto.instance_group):
+        if group.count < 0:
+            raise ConfigError(f"{path}: instance_group[{i}].count {group.count} must be >= 0")
+        instances += group.count or 1
+        kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
+    instances = max(1, instances)
+
+    batching: BatchingConfig | None = None
+    if proto.HasField("dynamic_batching"):
+        db = proto.dynamic_batching
+        if proto.max_batch_size == 0:
+            raise ConfigError(f"{path}: dynamic_batching needs max_batch_size > 0")
+        for p in db.preferred_batch_size:
+            if not 0 < p <= proto.max_batch_size:
+                raise ConfigError(
+                    f"{path}: dynamic_batching.preferred_batch_size {p} must be in 1..max_batch_size "
+                    f"({proto.max_batch_size})"
+                )
+        levels = int(db.priority_levels)
+        default_level = int(db.default_priority_level)
+        if levels and not 1 <= default_level <= levels:
+            raise ConfigError(
+                f"{path}: dynamic_batching.default_priority_level {default_level} must be in 1..{levels}"
+            )
+        per_level: dict[int, QueuePolicy] = {}
+        for level, qp in db.priority_queue_policy.items():
+            if not 1 <= level <= levels:
+                raise ConfigError(f"{path}: dynamic_batching.priority_queue_policy key {level} must be in 1..{levels}")
+            per_level[int(level)] = _queue_policy(path, f"priority_queue_policy[{level}]", qp)
+        batching = BatchingConfig(
+            max_batch_rows=int(proto.max_batch_size),
+            preferred_batch_sizes=tuple(int(p) for p in db.preferred_batch_size),
+            max_queue_delay_us=int(db.max_queue_delay_microseconds),
+            preserve_ordering=bool(db.preserve_ordering),
+            priority_levels=levels,
+            default_priority_level=default_level,
+            default_queue_policy=_queue_policy(path, "default_queue_policy", db.default_queue_policy),
+            priority_queue_policies=per_level,
+        )
+
+    return ModelConfig(
+        name=model_name,
+        platform="onnxruntime_onnx",
+        backend="onnxruntime",
+        max_batch_size=int(proto.max_batch_size),
+        inputs=_tensors(path, "input", proto.input),
+        outputs=_tensors(path, "output", proto.output),
+        version_policy=policy,
+        batching=batching,
+        instance_count=instances,
+        instance_kind=kind,
+        default_model_filename=proto.default_model_filename or "model.onnx",
+        parameters={k: v.string_value for k, v in proto.parameters.items()},
+    )
+
+
+def _complete_tensors(
+    path: Path,
+    field: str,
+    declared: tuple[TensorConfig, ...],
+    graph: tuple[GraphTensor, ...],
+    batching: bool,
+    require_all: bool,
+) -> tuple[TensorConfig, ...]:
+    by_name = {g.name: g for g in graph}
+    if not declared:
+        return tuple(TensorConfig(g.name, g.datatype, g.shape[1:] if batching else g.shape) for g in graph)
+    for i, t in enumerate(declared):
+        g = by_name.get(t.name)
+        if g is None:
+            raise ConfigError(
+                f"{path}: {field}[{i}] {t.name!r} is not a {field} of the ONNX graph (graph has {sorted(by_name)})"
+            )
+        if g.datatype != t.datatype:
+            raise ConfigError(
+                f"{path}: {field}[{i}] ({t.name!r}).data_type: config says {t.datatype}, the graph has {g.datatype}"
+            )
+        graph_dims = g.shape[1:] if batching else g.shape
+        if len(graph_dims) != len(t.dims) or any(
+            gd != -1 and td != -1 and gd != td for gd, td in zip(graph_dims, t.dims, strict=False)
+        ):
+            raise ConfigError(
+                f"{path}: {field}[{i}] ({t.name!r}).dims: config says {list(t.dims)}, the graph has "
+                f"{list(graph_dims)}{' after the batch dim' if batching else ''}"
+            )
+    if require_all:
+        missing = [g.name for g in graph if g.name not in {t.name for t in declared}]
+        if missing:
+            raise ConfigError(f"{path}: {field} is missing graph {field}s {missing}")
+    return declared
+
+
+def complete(
+    path: Path,
+    config: ModelConfig,
+    graph_inputs: tuple[GraphTensor, ...],
+    graph_outputs: tuple[GraphTensor, ...],
+) -> ModelConfig:
+    """Fill what the config leaves out from the graph, and check what it states against it.
+
+    With no inputs/outputs declared and no explicit max_batch_size, a graph whose every tensor
+    has a dynamic dim 0 is served with `DEFAULT_MAX_BATCH_SIZE` and dynamic batching on."""
+    max_batch = config.max_batch_size
+    batching = config.batching
+    tensors = graph_inputs + graph_outputs
+    dim0_dynamic = all(t.shape and t.shape[0] == -1 for t in tensors)
+    if max_batch == 0 and not config.inputs and dim0_dynamic:
+        max_batch = DEFAULT_MAX_BATCH_SIZE
+        batching = batching or BatchingConfig(max_batch_rows=max_batch)
+    if max_batch > 0:
+        not_batchable = [t.name for t in tensors if not t.shape or t.shape[0] != -1]
+        if not_batchable:
+            raise ConfigError(
+                f"{path}: max_batch_size {max_batch} > 0 but dim 0 of {not_batchable} in the ONNX graph is "
+                "not dynamic; set max_batch_size: 0 or export with a dynamic batch axis"
+            )
+    inputs = _complete_tensors(path, "input", config.inputs, graph_inputs, max_batch > 0, require_all=True)
+    outputs = _complete_tensors(path, "output", config.outputs, graph_outputs, max_batch > 0, require_all=False)
+    return replace(config, max_batch_size=max_batch, batching=batching, inputs=inputs, outputs=outputs)
+
+
+def to_proto(config: ModelConfig, extra_parameters: Mapping[str, str] | None = None) -> mc.ModelConfig:
+    """The ModelConfig RPC's view of a loaded model (the completed config)."""
+    proto = mc.ModelConfig(
+        name=config.name,
+        platform=config.platform,
+        backend=config.backend,
+        max_batch_size=config.max_batch_size,
+        default_model_filename=config.default_model_filename,
+    )
+    vp = config.version_policy
+    if vp.kind == "all":
+        proto.version_policy.all.SetInParent()
+    elif vp.kind == "specific":
+        proto.version_policy.specific.versions.extend(vp.versions)
+    else:
+        proto.version_policy.latest.num_versions = vp.num_versions
+    for t in config.inputs:
+        proto.input.add(name=t.name, data_type=_enum_datatype(t.datatype), dims=t.dims, optional=t.optional)
+    for t in config.outputs:
+        proto.output.add(name=t.name, data_type=_enum_datatype(t.datatype), dims=t.dims)
+    proto.instance_group.add(
+        name=f"{config.name}_0", kind=mc.ModelInstanceGroup.Kind.Value(config.instance_kind), count=config.instance_count
+    )
+    b = config.batching
+    if b is not None:
+        db = proto.dynamic_batching
+        db.preferred_batch_size.extend(b.preferred_batch_sizes)
+        db.max_queue_delay_microseconds = b.max_queue_delay_us
+        db.preserve_ordering = b.preserve_ordering
+        db.priority_levels = b.priority_levels
+        db.default_priority_level = b.default_priority_level
+        _fill_policy(db.default_queue_policy, b.default_queue_policy)
+        for level, qp in b.priority_queue_policies.items():
+            _fill_policy(db.priority_queue_policy[level], qp)
+    for key, value in {**config.parameters, **(extra_parameters or {})}.items():
+        proto.parameters[key].string_value = value
+    return proto
+
+
+def _fill_policy(target: mc.ModelQueuePolicy, qp: QueuePolicy) -> None:
+    target.timeout_action = (
+        mc.ModelQueuePolicy.DELAY if qp.timeout_action is TimeoutAction.DELAY else mc.ModelQueuePolicy.REJECT
+    )
+    target.default_timeout_microseconds = qp.default_timeout_us
+    target.allow_timeout_override = qp.allow_timeout_override
+    target.max_queue_size = qp.max_queue_size

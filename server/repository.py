@@ -1,0 +1,346 @@
+"""The model repository on disk (Triton's layout) and the versions loaded from it.
+
+    <root>/<model>/config.pbtxt                  optional; completed from the ONNX graph
+    <root>/<model>/<version>/model.onnx          version = a positive integer folder name
+    <root>/<model>/<version>/model_card.json     optional; its SHA-256 must match model.onnx
+
+Each served version gets its own onnxruntime sessions (one per instance), its own batcher and
+its own statistics. A version is READY only after a warm-up inference succeeded. Loading runs in
+a worker thread, so a (re)load never stalls requests to other models; a reload swaps versions
+in only once the new ones are ready, then drains the old ones.
+
+Paths never escape the root: model names are single path segments, and every file is resolved
+(symlinks included) and checked to lie under the root.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .batching import Batcher, Clock
+from .config import ModelConfig, ServerConfig
+from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady
+from .model_config import complete, from_proto, read_config_proto
+from .runtime import OnnxModel, SessionOptions, zeros_like_spec
+from .stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CARD_FILENAME = "model_card.json"
+
+
+class State(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"  # failed to load (reason says why) or unloaded
+
+
+@dataclass(slots=True, eq=False)
+class LoadedVersion:
+    """A servable model version: everything a request needs, traceable to its exact file."""
+
+    name: str
+    version: int
+    config: ModelConfig
+    model: OnnxModel
+    stats: ModelStats
+    sha256: str
+    card: Mapping[str, object] | None
+    executor: ThreadPoolExecutor
+    batcher: Batcher | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name!r} version {self.version}"
+
+    def card_list(self, key: str) -> list[str] | None:
+        value = (self.card or {}).get(key)
+        return [str(v) for v in value] if isinstance(value, list) else None
+
+
+@dataclass(slots=True)
+class VersionEntry:
+    version: int
+    state: State
+    reason: str = ""
+    loaded: LoadedVersion | None = None
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    name: str
+    state: State = State.LOADING
+    reason: str = ""
+    versions: dict[int, VersionEntry] = field(default_factory=dict)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelRepository:
+    """Loads, serves and unloads the models under one repository root."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        clock: Clock,
+        session_options: SessionOptions | None = None,
+        batcher_factory: Callable[..., Batcher] = Batcher,
+    ) -> None:
+        self.root = Path(config.repository).resolve()
+        self._config = config
+        self._clock = clock
+        self._session_options = session_options or SessionOptions(
+            providers=config.providers,
+            intra_op_threads=config.intra_op_threads,
+            inter_op_threads=config.inter_op_threads,
+        )
+        self._batcher_factory = batcher_factory
+        self._models: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- discovery -------------------------------------------------------------------------
+
+    def model_dir(self, name: str) -> Path:
+        """The folder of model `name`, refusing names that are not one plain path segment and
+        folders that resolve outside the repository."""
+        if not _MODEL_NAME.match(name):
+            raise ModelNotFound(f"model name {name!r} is not valid (letters, digits, '_', '.', '-')")
+        path = (self.root / name).resolve()
+        if not path.is_relative_to(self.root) or path.parent != self.root:
+            raise ModelNotFound(f"model {name!r} resolves outside the model repository")
+        if not path.is_dir():
+            raise ModelNotFound(f"model {name!r} is not in the model repository")
+        return path
+
+    def scan(self) -> list[str]:
+        if not self.root.is_dir():
+            raise ConfigError(f"{self.root}: model repository folder does not exist")
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    # -- loading ---------------------------------------------------------------------------
+
+    async def load_all(self, *, exit_on_error: bool) -> None:
+        """Load every model at start-up. With `exit_on_error`, the first broken model raises
+        (the server does not start); otherwise it is kept as UNAVAILABLE with its reason."""
+        for name in self.scan():
+            try:
+                await self.load(name)
+            except MedserveError:
+                if exit_on_error:
+                    raise
+                log.error("model %r failed to load; serving the others", name)
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) one model: new versions are loaded and warmed up first, then swapped
+        in; versions no longer selected are drained and unloaded."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            entry = self._models.get(name)
+            if entry is None:
+                entry = self._models[name] = ModelEntry(name)
+            previous = dict(entry.versions)
+            if not previous:
+                entry.state = State.LOADING
+            try:
+                loaded = await asyncio.to_thread(self._load_sync, name)
+            except MedserveError as exc:
+                entry.reason = str(exc)
+                if not previous:
+                    entry.state = State.UNAVAILABLE
+                log.error("model %r: load failed: %s", name, exc)
+                if isinstance(exc, ModelNotFound):
+                    raise
+                raise ModelLoadFailed(str(exc)) from exc
+            except Exception as exc:  # noqa: BLE001 - an unexpected failure is still a load failure
+                log.exception("model %r: load failed unexpectedly", name)
+                entry.reason = f"{type(exc).__name__}: {exc}"
+                if not previous:
+                    entry.state = State.UNAVAILABLE
+                raise ModelLoadFailed(f"model {name!r} failed to load: {type(exc).__name__}") from exc
+            for version in loaded:
+                version.batcher = self._batcher_factory(
+                    version.model,
+                    name=f"{name!r} version {version.version}",
+                    config=version.config.batching,
+                    executor=version.executor,
+                    instances=version.config.instance_count,
+                    max_queue_size=self._config.max_queue_size,
+                    observer=version.stats,
+                    clock=self._clock,
+                )
+                version.batcher.start()
+            entry.versions = {v.version: VersionEntry(v.version, State.READY, loaded=v) for v in loaded}
+            entry.state, entry.reason = State.READY, ""
+            for v in loaded:
+                log.info(
+                    "model %r version %d READY: providers %s, max_batch_size %d, dynamic batching %s, "
+                    "instances %d, sha256 %s",
+                    name, v.version, ",".join(v.model.providers), v.config.max_batch_size,
+                    "on" if v.config.batching else "off", v.config.instance_count, v.sha256[:16],
+                )
+            await self._retire([e for e in previous.values() if e.loaded is not None])
+
+    def _load_sync(self, name: str) -> list[LoadedVersion]:
+        model_dir = self.model_dir(name)
+        config_path = model_dir / "config.pbtxt"
+        if config_path.exists():
+            base = from_proto(config_path, read_config_proto(config_path), name)
+        else:
+            base = ModelConfig(name=name)
+        available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0]
+        selected = base.version_policy.select(available)
+        if not selected:
+            raise ConfigError(
+                f"{model_dir}: no version folder selected by version_policy {base.version_policy.kind} "
+                f"(found versions {sorted(available)})"
+            )
+        return [self._load_version(model_dir, config_path, base, v) for v in selected]
+
+    def _load_version(self, model_dir: Path, config_path: Path, base: ModelConfig, version: int) -> LoadedVersion:
+        version_dir = model_dir / str(version)
+        model_path = (version_dir / base.default_model_filename).resolve()
+        if not model_path.is_relative_to(self.root):
+            raise ConfigError(f"{version_dir / base.default_model_filename}: resolves outside the model repository")
+        if not model_path.is_file():
+            raise ConfigError(f"{version_dir}: model file {base.default_model_filename!r} is missing")
+        sha256 = sha256_of(model_path)
+        card = self._read_card(base.name, version, version_dir, sha256)
+        model = OnnxModel(model_path, self._session_options, base.instance_count)
+        where = config_path if config_path.exists() else model_path
+        config = complete(where, base, model.inputs, model.outputs)
+        self._warm_up(base.name, version, config, model)
+        executor = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"ort-{base.name}")
+        return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor)
+
+    @staticmethod
+    def _read_card(name: str, version: int, version_dir: Path, sha256: str) -> Mapping[str, object] | None:
+        card_path = version_dir / CARD_FILENAME
+        if not card_path.exists():
+            return None
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{card_path}: not valid JSON: {exc}") from exc
+        if not isinstance(card, dict):
+            raise ConfigError(f"{card_path}: expected a JSON object")
+        expected = card.get("model_sha256")
+        if expected is not None and expected != sha256:
+            raise ModelLoadFailed(
+                f"model {name!r} version {version}: model file SHA-256 {sha256} does not match "
+                f"{CARD_FILENAME} model_sha256 {expected}; refusing a file that is not the published one"
+            )
+        return card
+
+    @staticmethod
+    def _warm_up(name: str, version: int, config: ModelConfig, model: OnnxModel) -> None:
+        try:
+            model(warm_inputs(config))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadFailed(f"model {name!r} version {version}: warm-up inference failed: {exc}") from exc
+
+    # -- unloading -------------------------------------------------------------------------
+
+    async def unload(self, name: str) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            entry = self._models.get(name)
+            if entry is None:
+                raise ModelNotFound(f"model {name!r} is not loaded")
+            entry.state = State.UNLOADING
+            versions = [e for e in entry.versions.values() if e.loaded is not None]
+            for e in versions:
+                e.state = State.UNLOADING
+            await self._retire(versions)
+            entry.state, entry.reason = State.UNAVAILABLE, "unloaded"
+            for e in entry.versions.values():
+                e.state, e.reason, e.loaded = State.UNAVAILABLE, "unloaded", None
+
+    async def _retire(self, entries: list[VersionEntry]) -> None:
+        for e in entries:
+            loaded = e.loaded
+            if loaded is None:
+                continue
+            if loaded.batcher is not None:
+                await loaded.batcher.stop(self._config.drain_grace_s)
+            loaded.executor.shutdown(wait=False)
+
+    async def close(self) -> None:
+        for name in list(self._models):
+            entry = self._models[name]
+            await self._retire([e for e in entry.versions.values() if e.loaded is not None])
+
+    # -- lookup ----------------------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> LoadedVersion:
+        """The version that serves a request: the given one, or the highest READY one."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} is not in the model repository")
+        if version:
+            if not version.isdigit():
+                raise ModelNotFound(f"model {name!r}: version {version!r} is not a positive integer")
+            v = entry.versions.get(int(version))
+            if v is None:
+                raise ModelNotFound(
+                    f"model {name!r} has no version {version} (served versions: {sorted(entry.versions)})"
+                )
+            return self._ready(name, v)
+        ready = [v for v in entry.versions.values() if v.state is State.READY and v.loaded is not None]
+        if ready:
+            return max(ready, key=lambda v: v.version).loaded  # type: ignore[return-value]
+        if entry.state is State.UNAVAILABLE and entry.reason and entry.reason != "unloaded":
+            raise ModelLoadFailed(f"model {name!r} failed to load: {entry.reason}")
+        raise ModelNotReady(f"model {name!r} is {entry.state.value.lower()}; no version is ready")
+
+    @staticmethod
+    def _ready(name: str, v: VersionEntry) -> LoadedVersion:
+        if v.state is State.READY and v.loaded is not None:
+            return v.loaded
+        if v.state is State.UNAVAILABLE and v.reason and v.reason != "unloaded":
+            raise ModelLoadFailed(f"model {name!r} version {v.version} failed to load: {v.reason}")
+        raise ModelNotReady(f"model {name!r} version {v.version} is {v.state.value.lower()}")
+
+    def entries(self) -> list[ModelEntry]:
+        return [self._models[n] for n in sorted(self._models)]
+
+    def loaded_versions(self, name: str = "", version: str = "") -> list[LoadedVersion]:
+        """Loaded versions for statistics: all, one model's, or one version (NOT_FOUND if none)."""
+        if name:
+            entry = self._models.get(name)
+            if entry is None:
+                raise ModelNotFound(f"model {name!r} is not in the model repository")
+            found = [v.loaded for v in entry.versions.values() if v.loaded is not None]
+            if version:
+                found = [v for v in found if str(v.version) == version]
+                if not found:
+                    raise ModelNotFound(f"model {name!r} has no loaded version {version}")
+            return sorted(found, key=lambda v: v.version)
+        return [v.loaded for e in self.entries() for v in sorted(e.versions.values(), key=lambda x: x.version) if v.loaded]
+
+    def all_ready(self) -> bool:
+        return all(e.state is State.READY for e in self._models.values())
+
+
+def warm_inputs(config: ModelConfig) -> dict[str, np.ndarray]:
+    """All-zero inputs of batch 1 (dynamic dims 1) that every servable version must accept."""
+    batch = (1,) if config.max_batch_size > 0 else ()
+    return {t.name: zeros_like_spec(t.datatype, batch + t.dims) for t in config.inputs if not t.optional}

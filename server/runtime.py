@@ -1,0 +1,165 @@
+"""onnxruntime sessions: execution-provider choice, graph signature, warm-up and execution.
+
+Providers: TensorRT and CUDA are listed by onnxruntime-gpu even where they cannot load, and a
+failed provider load logs errors. So a GPU provider is only asked for when its libraries really
+load here (`usable_providers`), and the providers a session actually uses are read back from it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import queue
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from medserve.protos.wire import numpy_dtype
+
+from .errors import ConfigError, ExecutionError
+
+log = logging.getLogger(__name__)
+
+# ONNX tensor element types (as onnxruntime names them) -> V2 datatypes.
+ONNX_TO_V2: Mapping[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+
+@dataclass(frozen=True, slots=True)
+class GraphTensor:
+    """An input or output of the ONNX graph. `shape` includes dim 0; -1 marks a dynamic dim."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+def _loads(*names: str) -> bool:
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            return False
+    return True
+
+
+def _cuda_device_count() -> int:
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+@functools.cache
+def usable_providers() -> tuple[str, ...]:
+    """The execution providers that can really run here, best first (probed once per process)."""
+    available = set(ort.get_available_providers())
+    chosen: list[str] = []
+    if CUDA in available and _cuda_device_count() > 0:
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            try:
+                preload()
+            except Exception:  # noqa: BLE001 - absent optional libraries only narrow the choice
+                log.debug("onnxruntime.preload_dlls failed", exc_info=True)
+        if TENSORRT in available and _loads("libnvinfer.so.10"):
+            chosen.append(TENSORRT)
+        if _loads("libcudart.so.13") or _loads("libcudart.so.12") or _loads("libcudart.so"):
+            chosen.append(CUDA)
+    chosen.append(CPU)
+    return tuple(chosen)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """How sessions are built. `providers` None = `usable_providers()`; 0 threads = ORT's choice."""
+
+    providers: tuple[str, ...] | None = None
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    use_gpu: bool = True
+
+
+class OnnxModel:
+    """One or more onnxruntime sessions of the same model file (one per instance), callable as a
+    batching `Runner`: name -> array in, name -> array out. Thread-safe: each call borrows a
+    session, so `instances` calls run concurrently."""
+
+    def __init__(self, path: Path, options: SessionOptions, instances: int = 1) -> None:
+        self.path = path
+        providers = list(options.providers or usable_providers())
+        if not options.use_gpu:
+            providers = [p for p in providers if p == CPU] or [CPU]
+        self._sessions: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        first: ort.InferenceSession | None = None
+        for _ in range(max(1, instances)):
+            session = self._session(path, options, providers)
+            first = first or session
+            self._sessions.put(session)
+        assert first is not None
+        self.providers: tuple[str, ...] = tuple(first.get_providers())
+        self.inputs = tuple(_graph_tensor(path, a) for a in first.get_inputs())
+        self.outputs = tuple(_graph_tensor(path, a) for a in first.get_outputs())
+        self._output_names = [o.name for o in self.outputs]
+
+    @staticmethod
+    def _session(path: Path, options: SessionOptions, providers: Sequence[str]) -> ort.InferenceSession:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # errors only: ORT's info/warnings are noise in a server log
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+        except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types here
+            raise ConfigError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._sessions.get()
+        try:
+            results = session.run(self._output_names, dict(inputs))
+        except Exception as exc:
+            raise ExecutionError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._sessions.put(session)
+        return dict(zip(self._output_names, results, strict=True))
+
+
+def _graph_tensor(path: Path, arg: ort.NodeArg) -> GraphTensor:
+    datatype = ONNX_TO_V2.get(arg.type)
+    if datatype is None:
+        raise ConfigError(f"{path}: tensor {arg.name!r} has type {arg.type}, which medserve cannot serve")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
+    return GraphTensor(arg.name, datatype, shape)
+
+
+def zeros_like_spec(datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """A small all-zero input for warm-up: dynamic dims become 1."""
+    concrete = tuple(1 if d < 0 else d for d in shape)
+    if datatype == "BYTES":
+        return np.full(concrete, "", dtype=object)
+    return np.zeros(concrete, dtype=numpy_dtype(datatype))

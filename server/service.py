@@ -1,0 +1,372 @@
+"""GRPCInferenceService servicer: translates protobuf <-> domain and domain errors <-> gRPC
+status codes, and nothing else.
+
+The one error table is `STATUS_BY_ERROR`, looked up along the exception's MRO. Anything not in it
+is a bug: the caller gets INTERNAL with a correlation id, the traceback goes to the log only.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import onnxruntime
+
+from medserve.protos import grpc_service_pb2 as pb
+from medserve.protos import grpc_service_pb2_grpc as pb_grpc
+
+from . import __doc__ as _package_doc  # noqa: F401  (keeps the module map next to the code)
+from . import model_config
+from .codec import decode_infer_request, encode_infer_response
+from .errors import (
+    Cancelled,
+    ConfigError,
+    DeadlineExceeded,
+    ExecutionError,
+    InvalidInput,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    QueueFull,
+    Unsupported,
+)
+from .inference import InferenceCore
+from .repository import LoadedVersion, ModelRepository, State
+from .runtime import usable_providers
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+MAX_MESSAGE_CHARS = 1024
+
+STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+    ModelLoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy", "parameters")
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and caller-facing message for an exception (logs what the caller must not see)."""
+    for cls in type(exc).__mro__:
+        code = STATUS_BY_ERROR.get(cls)
+        if code is not None:
+            message = str(exc)
+            if len(message) > MAX_MESSAGE_CHARS:
+                message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+            log.info("request refused: %s: %s", code.name, message)
+            return code, message
+    correlation = uuid.uuid4().hex[:16]
+    if isinstance(exc, ExecutionError):
+        log.error("execution failed [correlation id %s]: %s", correlation, exc, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"{str(exc)[:200]} (correlation id {correlation}; details in the server log)"
+    log.error("internal error [correlation id %s]", correlation, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation}; details in the server log)"
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """Whether the server is up and whether it takes new work (shared with the wiring module)."""
+
+    started: bool = False
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        core: InferenceCore,
+        lifecycle: Lifecycle,
+        clock: Callable[[], float] = time.monotonic,
+        server_name: str = "medserve",
+    ) -> None:
+        self._repository = repository
+        self._core = core
+        self._lifecycle = lifecycle
+        self._clock = clock
+        self._server_name = server_name
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        code, message = status_for(exc)
+        await context.abort(code, message)
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else self._clock() + remaining
+
+    def _check_accepting(self) -> None:
+        if self._lifecycle.draining:
+            raise ModelNotReady("server is draining; send the request to another replica")
+
+    # -- health and metadata ---------------------------------------------------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._lifecycle.ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            self._repository.get(request.name, request.version)
+        except (ModelNotReady, ModelLoadFailed):
+            return pb.ModelReadyResponse(ready=False)
+        except Exception as exc:  # noqa: BLE001
+            await self._abort(context, exc)
+        return pb.ModelReadyResponse(ready=self._lifecycle.ready)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        providers = ",".join(usable_providers())
+        return pb.ServerMetadataResponse(
+            name=self._server_name,
+            version=f"{VERSION} (onnxruntime {onnxruntime.__version__}; providers {providers})",
+            extensions=EXTENSIONS,
+        )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            loaded = self._repository.get(request.name, request.version)
+        except Exception as exc:  # noqa: BLE001
+            await self._abort(context, exc)
+            raise
+        config = loaded.config
+        batch = (-1,) if config.max_batch_size > 0 else ()
+        entry = next(e for e in self._repository.entries() if e.name == loaded.name)
+        response = pb.ModelMetadataResponse(
+            name=loaded.name,
+            versions=[str(v) for v in sorted(entry.versions) if entry.versions[v].state is State.READY],
+            platform=config.platform,
+        )
+        for t in config.inputs:
+            response.inputs.add(name=t.name, datatype=t.datatype, shape=batch + t.dims)
+        for t in config.outputs:
+            response.outputs.add(name=t.name, datatype=t.datatype, shape=batch + t.dims)
+        for key, value in _card_parameters(loaded).items():
+            response.parameters[key].string_param = value
+        return response
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        try:
+            loaded = self._repository.get(request.name, request.version)
+        except Exception as exc:  # noqa: BLE001
+            await self._abort(context, exc)
+            raise
+        extra = {"execution_providers": ",".join(loaded.model.providers), **_card_parameters(loaded)}
+        return pb.ModelConfigResponse(config=model_config.to_proto(loaded.config, extra))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        try:
+            versions = self._repository.loaded_versions(request.name, request.version)
+        except Exception as exc:  # noqa: BLE001
+            await self._abort(context, exc)
+            raise
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in versions])
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        try:
+            self._check_accepting()
+            result = await self._core.infer(decode_infer_request(request, self._deadline(context)))
+            return encode_infer_response(result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            await self._abort(context, exc)
+            raise
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests on one stream run concurrently; each response (or in-band error) carries its
+        request id and is sent when ready, so callers can pipeline."""
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        deadline = self._deadline(context)
+
+        async def one(request: pb.ModelInferRequest) -> None:
+            try:
+                self._check_accepting()
+                result = await self._core.infer(decode_infer_request(request, deadline))
+                await responses.put(pb.ModelStreamInferResponse(infer_response=encode_infer_response(result)))
+            except Exception as exc:  # noqa: BLE001 - reported in-band; the stream stays open
+                _, message = status_for(exc)
+                await responses.put(
+                    pb.ModelStreamInferResponse(
+                        error_message=message,
+                        infer_response=pb.ModelInferResponse(
+                            model_name=request.model_name, model_version=request.model_version, id=request.id
+                        ),
+                    )
+                )
+
+        async def read() -> None:
+            tasks: set[asyncio.Task[None]] = set()
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                await responses.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await responses.get()) is not None:
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+
+    # -- repository ------------------------------------------------------------------------
+
+    def _check_repository_name(self, name: str) -> None:
+        if name and name != self._repository.root.name:
+            raise ModelNotFound(f"repository {name!r} is not served here (serving {self._repository.root.name!r})")
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        try:
+            self._check_repository_name(request.repository_name)
+            names = self._repository.scan()
+        except Exception as exc:  # noqa: BLE001
+            await self._abort(context, exc)
+            raise
+        known = {e.name: e for e in self._repository.entries()}
+        response = pb.RepositoryIndexResponse()
+        for name in sorted(set(names) | set(known)):
+            entry = known.get(name)
+            if entry is None or not entry.versions:
+                if not request.ready:
+                    state = entry.state.value if entry else State.UNAVAILABLE.value
+                    reason = entry.reason if entry else "not loaded"
+                    response.models.add(name=name, state=state, reason=reason)
+                continue
+            for v in sorted(entry.versions.values(), key=lambda x: x.version):
+                if request.ready and v.state is not State.READY:
+                    continue
+                response.models.add(name=name, version=str(v.version), state=v.state.value, reason=v.reason)
+        return response
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        try:
+            self._check_repository_name(request.repository_name)
+            if request.parameters:
+                raise Unsupported(
+                    f"model {request.model_name!r}: load parameters {sorted(request.parameters)} (config override, "
+                    "file upload) are not supported; edit the repository instead"
+                )
+            await self._repository.load(request.model_name)
+        except Exception as exc:  # noqa: BLE001
+            await self._abort(context, exc)
+            raise
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            self._check_repository_name(request.repository_name)
+            await self._repository.unload(request.model_name)
+        except Exception as exc:  # noqa: BLE001
+            await self._abort(context, exc)
+            raise
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- not implemented (and not advertised in ServerMetadata.extensions) ------------------
+
+    async def _unimplemented(self, context: grpc.aio.ServicerContext, feature: str) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{feature} is not supported by medserve")
+
+    async def SystemSharedMemoryStatus(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented(context, "system shared memory")
+
+    async def SystemSharedMemoryRegister(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented(context, "system shared memory")
+
+    async def SystemSharedMemoryUnregister(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented(context, "system shared memory")
+
+    async def CudaSharedMemoryStatus(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented(context, "CUDA shared memory")
+
+    async def CudaSharedMemoryRegister(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented(context, "CUDA shared memory")
+
+    async def CudaSharedMemoryUnregister(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented(context, "CUDA shared memory")
+
+    async def TraceSetting(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented(context, "the trace extension")
+
+    async def LogSettings(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented(context, "the logging extension")
+
+
+def _card_parameters(loaded: LoadedVersion) -> dict[str, str]:
+    """The model card's feature names and class labels (JSON lists) and the file's SHA-256."""
+    params = {"model_sha256": loaded.sha256}
+    for key in ("feature_names", "class_labels"):
+        value = loaded.card_list(key)
+        if value is not None:
+            params[key] = json.dumps(value)
+    return params
+
+
+def _statistics(v: LoadedVersion) -> pb.ModelStatistics:
+    s = v.stats
+
+    def d(x):  # type: ignore[no-untyped-def]
+        return pb.StatisticDuration(count=x.count, ns=x.ns)
+
+    stats = pb.ModelStatistics(
+        name=v.name,
+        version=str(v.version),
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=d(s.success),
+            fail=d(s.fail),
+            queue=d(s.queue),
+            compute_input=d(s.compute_input),
+            compute_infer=d(s.compute_infer),
+            compute_output=d(s.compute_output),
+        ),
+    )
+    for size in sorted(s.batches):
+        b = s.batches[size]
+        stats.batch_stats.add(
+            batch_size=size, compute_input=d(b.compute_input), compute_infer=d(b.compute_infer), compute_output=d(b.compute_output)
+        )
+    return stats

@@ -1,0 +1,137 @@
+"""Shared test helpers: a real medserve server on a real port (in-process on its own event loop
+thread, or as a subprocess), and builders for small model repositories.
+
+tritonclient is never imported in this process (its generated modules and ours both register
+`inference.*` in protobuf's default pool); the compatibility suite in `tests/compat/` runs in a
+child pytest process, see `tests/test_compat_suite.py`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+import onnx_models
+
+collect_ignore = [] if os.environ.get("MEDSERVE_COMPAT_CHILD") else ["compat"]
+
+
+@dataclass
+class RunningServer:
+    server: Any  # medserve.server.app.MedserveServer
+    port: int
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the server's loop (e.g. a repository call) and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stub(self) -> Any:
+        from medserve.protos import grpc_service_pb2_grpc
+
+        channel = grpc.insecure_channel(
+            self.target, options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        )
+        return grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@contextlib.contextmanager
+def running_server(repository: Path, **overrides: Any) -> Iterator[RunningServer]:
+    """Start a real grpc.aio medserve server on 127.0.0.1, port 0, in a background thread."""
+    from medserve.server.app import MedserveServer
+    from medserve.server.config import ServerConfig
+
+    config = replace(ServerConfig(repository=str(repository), port=0, drain_grace_s=5.0), **overrides)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="medserve-test-loop", daemon=True)
+    thread.start()
+    server = MedserveServer(config)
+    try:
+        port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
+    except BaseException:
+        asyncio.run_coroutine_threadsafe(server.repository.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        raise
+    try:
+        yield RunningServer(server, port, loop)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@contextlib.contextmanager
+def server_process(repository: Path, *args: str, timeout_s: float = 120) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """`medserve serve` as a child process on port 0; yields (port, process) once it is ready."""
+    ready = repository.parent / f".ready-{os.getpid()}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "medserve.server.cli", "serve", "--repository", str(repository), "--port", "0",
+           "--ready-file", str(ready), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready.exists():
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                raise RuntimeError(f"medserve exited with {proc.returncode} before it was ready:\n{out}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("medserve did not become ready")
+            time.sleep(0.05)
+        yield json.loads(ready.read_text())["port"], proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            ready.unlink()
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path) -> Callable[..., Path]:
+    """make_repo(name=builder, ...) -> repository path with version 1 of each model;
+    a builder is a function(path) from onnx_models, optionally (builder, config_text)."""
+
+    def build(**models: Any) -> Path:
+        repo = tmp_path / "repo"
+        repo.mkdir(exist_ok=True)
+        for name, spec in models.items():
+            builder, config = spec if isinstance(spec, tuple) else (spec, None)
+            builder(repo / name / "1" / "model.onnx")
+            if config is not None:
+                onnx_models.write_config(repo, name, config)
+        return repo
+
+    return build
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait until `predicate()` holds (for state that another thread changes)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.005)
+
+
