@@ -19,7 +19,9 @@ from grpc_reflection.v1alpha import reflection
 
 from medserve.protos import grpc_service_pb2, grpc_service_pb2_grpc
 
+from .auth import TokenAuthorizer
 from .config import ServerConfig
+from .errors import ConfigError
 from .inference import InferenceCore
 from .repository import ModelRepository
 from .runtime import usable_providers
@@ -51,8 +53,10 @@ class MedserveServer:
         self.lifecycle = Lifecycle()
         self.repository = repository or ModelRepository(config, clock=clock)
         self.core = InferenceCore(self.repository, clock)
+        authorizer = TokenAuthorizer.from_file(Path(config.tokens_file)) if config.tokens_file else None
         self._servicer = InferenceServicer(
-            self.repository, self.core, self.lifecycle, clock=clock, server_name=config.server_name
+            self.repository, self.core, self.lifecycle, clock=clock, server_name=config.server_name,
+            authorizer=authorizer,
         )
         self._health = health_aio.HealthServicer()
         self._reuse_port = reuse_port
@@ -78,7 +82,13 @@ class MedserveServer:
         address = f"{self.config.host}:{self.config.port}"
         if ":" in self.config.host and not self.config.host.startswith("["):
             address = f"[{self.config.host}]:{self.config.port}"
-        self.port = server.add_insecure_port(address)
+        credentials = self._credentials()
+        if credentials is None:
+            if self.config.host not in ("127.0.0.1", "localhost", "::1"):
+                log.warning("serving WITHOUT TLS on %s: patient data will cross the network in clear text", address)
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         await server.start()
         self._server = server
         self.lifecycle.started = True
@@ -90,6 +100,24 @@ class MedserveServer:
             self.config.host, self.port, len(ready), ", ".join(ready), ",".join(usable_providers()),
         )
         return self.port
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        cfg = self.config
+        if not (cfg.tls_cert or cfg.tls_key):
+            if cfg.tls_client_ca:
+                raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if not (cfg.tls_cert and cfg.tls_key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        try:
+            chain = Path(cfg.tls_cert).read_bytes()
+            key = Path(cfg.tls_key).read_bytes()
+            client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+        except OSError as exc:
+            raise ConfigError(f"cannot read a TLS file: {exc}") from exc
+        return grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: refuse new work (UNAVAILABLE, health NOT_SERVING), let in-flight requests

@@ -27,6 +27,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument(
         "--no-exit-on-error", action="store_true", help="start even if a model fails to load (it stays UNAVAILABLE)"
     )
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates (mutual TLS)")
+    p.add_argument("--tokens", default=None, help="JSON file token -> [models | '*']: require bearer tokens")
     p.add_argument("--ready-file", type=Path, default=None, help="write {port, pid} JSON here once ready")
     p.set_defaults(func=_serve)
 
@@ -45,6 +49,10 @@ def _serve(args: argparse.Namespace) -> int:
         providers=tuple(args.providers.split(",")) if args.providers else None,
         exit_on_error=not args.no_exit_on_error,
         drain_grace_s=args.drain_grace_s,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        tokens_file=args.tokens,
     )
     try:
         if args.workers > 1:

@@ -122,3 +122,7 @@ class ServerConfig:
     exit_on_error: bool = True
     drain_grace_s: float = 10.0
     server_name: str = "medserve"
+    tls_cert: str | None = None  # PEM server certificate chain; with tls_key, serve TLS only
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle: clients must present a certificate it signed
+    tokens_file: str | None = None  # JSON token -> [model names | "*"]; None = no token needed

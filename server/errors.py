@@ -11,6 +11,8 @@ these classes to gRPC status codes (walking the MRO), so the core never speaks t
      ├── DeadlineExceeded    the request expired (or could not meet its deadline) before running
      ├── Cancelled           the caller went away before the request ran
      ├── Unsupported         a protocol feature this server does not implement
+     ├── Unauthenticated     no credentials, or credentials this server does not know
+     ├── PermissionDenied    valid credentials without access to this model or operation
      └── ExecutionError      the runtime failed while executing a batch (a bug or ORT failure)
 
 Messages name model, version, tensor, expected and got, and never tensor values (patient data).
@@ -56,6 +58,14 @@ class Cancelled(MedserveError):
 
 class Unsupported(MedserveError):
     """A protocol feature that this server does not implement."""
+
+
+class Unauthenticated(MedserveError):
+    """The call carries no bearer token, or one this server does not know."""
+
+
+class PermissionDenied(MedserveError):
+    """The token is valid but not for this model or operation."""
 
 
 class ExecutionError(MedserveError):

@@ -70,6 +70,16 @@ class LoadedVersion:
         return [str(v) for v in value] if isinstance(value, list) else None
 
 
+@dataclass(frozen=True, slots=True)
+class IndexRow:
+    """One line of the repository index: a model (version "" when none is loaded) and its state."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
 @dataclass(slots=True)
 class VersionEntry:
     version: int
@@ -318,6 +328,27 @@ class ModelRepository:
         if v.state is State.UNAVAILABLE and v.reason and v.reason != "unloaded":
             raise ModelLoadFailed(f"model {name!r} version {v.version} failed to load: {v.reason}")
         raise ModelNotReady(f"model {name!r} version {v.version} is {v.state.value.lower()}")
+
+    def index(self, *, ready_only: bool = False) -> list[IndexRow]:
+        """Every model folder in the repository, loaded or not, with each version's state."""
+        rows: list[IndexRow] = []
+        for name in sorted(set(self.scan()) | set(self._models)):
+            entry = self._models.get(name)
+            if entry is None or not entry.versions:
+                if not ready_only:
+                    state = entry.state.value if entry else State.UNAVAILABLE.value
+                    rows.append(IndexRow(name, "", state, entry.reason if entry else "not loaded"))
+                continue
+            for v in sorted(entry.versions.values(), key=lambda x: x.version):
+                if not ready_only or v.state is State.READY:
+                    rows.append(IndexRow(name, str(v.version), v.state.value, v.reason))
+        return rows
+
+    def ready_versions(self, name: str) -> list[str]:
+        entry = self._models.get(name)
+        if entry is None:
+            return []
+        return [str(v) for v in sorted(entry.versions) if entry.versions[v].state is State.READY]
 
     def entries(self) -> list[ModelEntry]:
         return [self._models[n] for n in sorted(self._models)]

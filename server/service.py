@@ -7,12 +7,14 @@ is a bug: the caller gets INTERNAL with a correlation id, the traceback goes to 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 import onnxruntime
@@ -20,8 +22,8 @@ import onnxruntime
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 
-from . import __doc__ as _package_doc  # noqa: F401  (keeps the module map next to the code)
 from . import model_config
+from .auth import ALL_MODELS, TokenAuthorizer
 from .codec import decode_infer_request, encode_infer_response
 from .errors import (
     Cancelled,
@@ -32,11 +34,13 @@ from .errors import (
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
+    PermissionDenied,
     QueueFull,
+    Unauthenticated,
     Unsupported,
 )
 from .inference import InferenceCore
-from .repository import LoadedVersion, ModelRepository, State
+from .repository import LoadedVersion, ModelRepository
 from .runtime import usable_providers
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Unsupported: grpc.StatusCode.UNIMPLEMENTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy", "parameters")
@@ -77,6 +83,26 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation}; details in the server log)"
 
 
+Response = TypeVar("Response")
+
+
+def rpc(method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """Turn every exception an RPC raises into its status (the one place errors become codes)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            code, message = status_for(exc)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
 @dataclass(slots=True)
 class Lifecycle:
     """Whether the server is up and whether it takes new work (shared with the wiring module)."""
@@ -97,7 +123,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         lifecycle: Lifecycle,
         clock: Callable[[], float] = time.monotonic,
         server_name: str = "medserve",
+        authorizer: TokenAuthorizer | None = None,
     ) -> None:
+        self._authorizer = authorizer
         self._repository = repository
         self._core = core
         self._lifecycle = lifecycle
@@ -106,9 +134,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        code, message = status_for(exc)
-        await context.abort(code, message)
+    def _authorize(self, context: grpc.aio.ServicerContext, model: str | None) -> None:
+        if self._authorizer is not None:
+            self._authorizer.check(context.invocation_metadata() or (), model)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
@@ -121,23 +149,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- health and metadata ---------------------------------------------------------------
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=True)  # open to probes: no token needed
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._lifecycle.ready)
 
+    @rpc
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        self._authorize(context, request.name)
         try:
             self._repository.get(request.name, request.version)
         except (ModelNotReady, ModelLoadFailed):
             return pb.ModelReadyResponse(ready=False)
-        except Exception as exc:  # noqa: BLE001
-            await self._abort(context, exc)
         return pb.ModelReadyResponse(ready=self._lifecycle.ready)
 
+    @rpc
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        self._authorize(context, None)
         providers = ",".join(usable_providers())
         return pb.ServerMetadataResponse(
             name=self._server_name,
@@ -145,21 +175,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             extensions=EXTENSIONS,
         )
 
+    @rpc
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            loaded = self._repository.get(request.name, request.version)
-        except Exception as exc:  # noqa: BLE001
-            await self._abort(context, exc)
-            raise
+        self._authorize(context, request.name)
+        loaded = self._repository.get(request.name, request.version)
         config = loaded.config
         batch = (-1,) if config.max_batch_size > 0 else ()
-        entry = next(e for e in self._repository.entries() if e.name == loaded.name)
         response = pb.ModelMetadataResponse(
-            name=loaded.name,
-            versions=[str(v) for v in sorted(entry.versions) if entry.versions[v].state is State.READY],
-            platform=config.platform,
+            name=loaded.name, versions=self._repository.ready_versions(loaded.name), platform=config.platform
         )
         for t in config.inputs:
             response.inputs.add(name=t.name, datatype=t.datatype, shape=batch + t.dims)
@@ -169,48 +194,46 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.parameters[key].string_param = value
         return response
 
+    @rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        try:
-            loaded = self._repository.get(request.name, request.version)
-        except Exception as exc:  # noqa: BLE001
-            await self._abort(context, exc)
-            raise
+        self._authorize(context, request.name)
+        loaded = self._repository.get(request.name, request.version)
         extra = {"execution_providers": ",".join(loaded.model.providers), **_card_parameters(loaded)}
         return pb.ModelConfigResponse(config=model_config.to_proto(loaded.config, extra))
 
+    @rpc
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        try:
-            versions = self._repository.loaded_versions(request.name, request.version)
-        except Exception as exc:  # noqa: BLE001
-            await self._abort(context, exc)
-            raise
+        self._authorize(context, request.name or ALL_MODELS)
+        versions = self._repository.loaded_versions(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in versions])
 
     # -- inference -------------------------------------------------------------------------
 
+    @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        try:
-            self._check_accepting()
-            result = await self._core.infer(decode_infer_request(request, self._deadline(context)))
-            return encode_infer_response(result)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            await self._abort(context, exc)
-            raise
+        self._authorize(context, request.model_name)
+        self._check_accepting()
+        result = await self._core.infer(decode_infer_request(request, self._deadline(context)))
+        return encode_infer_response(result)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream run concurrently; each response (or in-band error) carries its
         request id and is sent when ready, so callers can pipeline."""
+        try:
+            self._authorize(context, None)
+        except Exception as exc:  # noqa: BLE001 - a stream without credentials ends at once
+            code, message = status_for(exc)
+            await context.abort(code, message)
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         deadline = self._deadline(context)
 
         async def one(request: pb.ModelInferRequest) -> None:
             try:
+                self._authorize(context, request.model_name)
                 self._check_accepting()
                 result = await self._core.infer(decode_infer_request(request, deadline))
                 await responses.put(pb.ModelStreamInferResponse(infer_response=encode_infer_response(result)))
@@ -251,56 +274,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if name and name != self._repository.root.name:
             raise ModelNotFound(f"repository {name!r} is not served here (serving {self._repository.root.name!r})")
 
+    @rpc
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        try:
-            self._check_repository_name(request.repository_name)
-            names = self._repository.scan()
-        except Exception as exc:  # noqa: BLE001
-            await self._abort(context, exc)
-            raise
-        known = {e.name: e for e in self._repository.entries()}
+        self._authorize(context, None)
+        self._check_repository_name(request.repository_name)
         response = pb.RepositoryIndexResponse()
-        for name in sorted(set(names) | set(known)):
-            entry = known.get(name)
-            if entry is None or not entry.versions:
-                if not request.ready:
-                    state = entry.state.value if entry else State.UNAVAILABLE.value
-                    reason = entry.reason if entry else "not loaded"
-                    response.models.add(name=name, state=state, reason=reason)
-                continue
-            for v in sorted(entry.versions.values(), key=lambda x: x.version):
-                if request.ready and v.state is not State.READY:
-                    continue
-                response.models.add(name=name, version=str(v.version), state=v.state.value, reason=v.reason)
+        for row in self._repository.index(ready_only=request.ready):
+            response.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
         return response
 
+    @rpc
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        try:
-            self._check_repository_name(request.repository_name)
-            if request.parameters:
-                raise Unsupported(
-                    f"model {request.model_name!r}: load parameters {sorted(request.parameters)} (config override, "
-                    "file upload) are not supported; edit the repository instead"
-                )
-            await self._repository.load(request.model_name)
-        except Exception as exc:  # noqa: BLE001
-            await self._abort(context, exc)
-            raise
+        self._authorize(context, ALL_MODELS)
+        self._check_repository_name(request.repository_name)
+        if request.parameters:
+            raise Unsupported(
+                f"model {request.model_name!r}: load parameters {sorted(request.parameters)} (config override, "
+                "file upload) are not supported; edit the repository instead"
+            )
+        await self._repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
+    @rpc
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        try:
-            self._check_repository_name(request.repository_name)
-            await self._repository.unload(request.model_name)
-        except Exception as exc:  # noqa: BLE001
-            await self._abort(context, exc)
-            raise
+        self._authorize(context, ALL_MODELS)
+        self._check_repository_name(request.repository_name)
+        await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # -- not implemented (and not advertised in ServerMetadata.extensions) ------------------
@@ -308,28 +313,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _unimplemented(self, context: grpc.aio.ServicerContext, feature: str) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{feature} is not supported by medserve")
 
-    async def SystemSharedMemoryStatus(self, request, context):  # type: ignore[no-untyped-def]
+    async def SystemSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         await self._unimplemented(context, "system shared memory")
 
-    async def SystemSharedMemoryRegister(self, request, context):  # type: ignore[no-untyped-def]
+    async def SystemSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         await self._unimplemented(context, "system shared memory")
 
-    async def SystemSharedMemoryUnregister(self, request, context):  # type: ignore[no-untyped-def]
+    async def SystemSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         await self._unimplemented(context, "system shared memory")
 
-    async def CudaSharedMemoryStatus(self, request, context):  # type: ignore[no-untyped-def]
+    async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         await self._unimplemented(context, "CUDA shared memory")
 
-    async def CudaSharedMemoryRegister(self, request, context):  # type: ignore[no-untyped-def]
+    async def CudaSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         await self._unimplemented(context, "CUDA shared memory")
 
-    async def CudaSharedMemoryUnregister(self, request, context):  # type: ignore[no-untyped-def]
+    async def CudaSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         await self._unimplemented(context, "CUDA shared memory")
 
-    async def TraceSetting(self, request, context):  # type: ignore[no-untyped-def]
+    async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         await self._unimplemented(context, "the trace extension")
 
-    async def LogSettings(self, request, context):  # type: ignore[no-untyped-def]
+    async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         await self._unimplemented(context, "the logging extension")
 
 

@@ -1,0 +1,193 @@
+"""The asyncio batcher with plain runner functions: results split back correctly, batches form
+while an instance is busy, refusals, cancellation, failure isolation, every future resolved.
+No sleeps: a runner blocked on an event decides what is in flight."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from medserve.server.batching import Batcher, BatchRequest
+from medserve.server.config import BatchingConfig, QueuePolicy
+from medserve.server.errors import DeadlineExceeded, ExecutionError, InvalidInput, ModelNotReady, QueueFull
+from medserve.server.stats import ModelStats
+
+KEY = ("x", "<f4", (2,))
+
+
+class GatedRunner:
+    """Doubles x; records each batch's rows; blocks while the gate is closed; fails on NaN."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.batches: list[int] = []
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        self.entered.set()
+        self.gate.wait(30)
+        if np.isnan(x).any():
+            raise RuntimeError("poisoned input")
+        self.batches.append(x.shape[0])
+        return {"y": x * 2, "rows": np.arange(x.shape[0])}
+
+
+def request(value: float, rows: int = 1, **kw: object) -> BatchRequest:
+    return BatchRequest(inputs={"x": np.full((rows, 2), value, np.float32)}, rows=rows, key=KEY, **kw)  # type: ignore[arg-type]
+
+
+async def started(runner: GatedRunner, config: BatchingConfig | None, **kw: object) -> Batcher:
+    batcher = Batcher(runner, name="'m' version 1", config=config, executor=ThreadPoolExecutor(2), **kw)  # type: ignore[arg-type]
+    batcher.start()
+    return batcher
+
+
+async def hold_first_batch(batcher: Batcher, runner: GatedRunner) -> asyncio.Future:
+    """Submit one request and wait until the runner is executing it with the gate closed."""
+    runner.gate.clear()
+    first = batcher.submit(request(100.0))
+    await asyncio.to_thread(runner.entered.wait, 30)
+    return first
+
+
+async def test_concurrent_requests_form_one_batch_and_get_their_own_rows() -> None:
+    runner = GatedRunner()
+    stats = ModelStats()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=16), observer=stats)
+    first = await hold_first_batch(batcher, runner)
+    futures = [batcher.submit(request(float(i), rows=1 + i % 3)) for i in range(6)]
+    runner.gate.set()
+    results = await asyncio.gather(first, *futures)
+    for i, out in enumerate(results[1:]):
+        assert np.array_equal(out["y"], np.full((1 + i % 3, 2), 2.0 * i, np.float32))
+    assert runner.batches == [1, sum(1 + i % 3 for i in range(6))]
+    assert stats.execution_count == 2 and stats.inference_count == 13
+    assert stats.queue.count == 7 and sorted(stats.batches) == [1, 12]
+    await batcher.stop()
+
+
+async def test_batching_off_executes_requests_one_by_one() -> None:
+    runner = GatedRunner()
+    batcher = await started(runner, None)
+    first = await hold_first_batch(batcher, runner)
+    futures = [batcher.submit(request(float(i))) for i in range(3)]
+    runner.gate.set()
+    await asyncio.gather(first, *futures)
+    assert runner.batches == [1, 1, 1, 1]
+    await batcher.stop()
+
+
+async def test_rows_limit_refuses_a_too_large_request() -> None:
+    batcher = await started(GatedRunner(), BatchingConfig(max_batch_rows=4))
+    with pytest.raises(InvalidInput, match="5 rows, more than max_batch_size 4"):
+        batcher.submit(request(1.0, rows=5))
+    await batcher.stop()
+
+
+async def test_queue_full_is_refused_at_once() -> None:
+    runner = GatedRunner()
+    config = BatchingConfig(max_batch_rows=4, default_queue_policy=QueuePolicy(max_queue_size=2))
+    batcher = await started(runner, config)
+    first = await hold_first_batch(batcher, runner)
+    queued = [batcher.submit(request(1.0)), batcher.submit(request(2.0))]
+    with pytest.raises(QueueFull, match=r"queue full \(2 requests queued\)"):
+        batcher.submit(request(3.0))
+    runner.gate.set()
+    await asyncio.gather(first, *queued)
+    await batcher.stop()
+
+
+async def test_deadline_that_cannot_be_met_is_refused_and_never_runs() -> None:
+    runner = GatedRunner()
+    now = [100.0]
+    batcher = await started(runner, BatchingConfig(max_batch_rows=4), clock=lambda: now[0])
+    batcher.cost.observe(1, 0.050)  # measured: a batch of one takes 50 ms
+    with pytest.raises(DeadlineExceeded, match="not executed"):
+        batcher.submit(request(1.0, deadline_s=100.001))
+    assert runner.batches == []
+    await batcher.stop()
+
+
+async def test_request_expiring_in_the_queue_fails_without_running() -> None:
+    runner = GatedRunner()
+    now = [100.0]
+    batcher = await started(runner, BatchingConfig(max_batch_rows=4), clock=lambda: now[0])
+    first = await hold_first_batch(batcher, runner)
+    doomed = batcher.submit(request(7.0, deadline_s=100.5))
+    now[0] = 101.0  # time passes while the instance is busy
+    runner.gate.set()
+    await first
+    with pytest.raises(DeadlineExceeded, match="expired in the queue"):
+        await doomed
+    assert runner.batches == [1]
+    await batcher.stop()
+
+
+async def test_cancelled_request_is_removed_and_never_runs() -> None:
+    runner = GatedRunner()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=4))
+    first = await hold_first_batch(batcher, runner)
+    cancelled = batcher.submit(request(5.0))
+    kept = batcher.submit(request(6.0))
+    cancelled.cancel()
+    runner.gate.set()
+    await asyncio.gather(first, kept)
+    assert runner.batches == [1, 1]  # the cancelled request's row never reached the runner
+    await batcher.stop()
+
+
+async def test_poisoned_request_fails_alone() -> None:
+    runner = GatedRunner()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=16))
+    first = await hold_first_batch(batcher, runner)
+    values = [1.0, 2.0, float("nan"), 4.0, 5.0]
+    futures = [batcher.submit(request(v)) for v in values]
+    runner.gate.set()
+    results = await asyncio.gather(first, *futures, return_exceptions=True)
+    for value, result in zip(values, results[1:], strict=True):
+        if np.isnan(value):
+            assert isinstance(result, ExecutionError) and "execution failed" in str(result)
+        else:
+            assert np.array_equal(result["y"], np.full((1, 2), 2 * value, np.float32))
+    await batcher.stop()
+
+
+async def test_output_without_batch_rows_fails_every_member() -> None:
+    def runner(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": np.zeros(3, np.float32)}
+
+    batcher = Batcher(runner, name="m", config=BatchingConfig(max_batch_rows=8), executor=ThreadPoolExecutor(1))
+    batcher.start()
+    # Both are queued before the driver runs, so they form one batch of 4 rows.
+    futures = [batcher.submit(request(1.0, rows=2)), batcher.submit(request(1.0, rows=2))]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, ExecutionError) and "cannot split" in str(r) for r in results)
+    await batcher.stop()
+
+
+async def test_priority_levels_are_validated() -> None:
+    batcher = await started(GatedRunner(), BatchingConfig(max_batch_rows=4, priority_levels=2, default_priority_level=2))
+    with pytest.raises(InvalidInput, match="priority 3 out of range"):
+        batcher.submit(request(1.0, priority=3))
+    await batcher.stop()
+
+
+async def test_stop_resolves_everything_and_refuses_new_work() -> None:
+    runner = GatedRunner()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=1))
+    first = await hold_first_batch(batcher, runner)
+    queued = batcher.submit(request(1.0))
+    stopping = asyncio.create_task(batcher.stop(grace_s=0.05))
+    await asyncio.sleep(0)
+    with pytest.raises(ModelNotReady):
+        batcher.submit(request(2.0))
+    runner.gate.set()
+    await stopping
+    await asyncio.gather(first, queued, return_exceptions=True)
+    assert first.done() and queued.done()

@@ -1,0 +1,185 @@
+"""The batching policy as a pure function: explicit queues and explicit `now`, no event loop
+running, no clock."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from medserve.server.batching import BatchRequest, CostModel, PolicyConfig, QueuedItem, decide
+
+KEY_A = ("x", "<f4", (4,))
+KEY_B = ("x", "<f4", (8,))
+
+
+@pytest.fixture
+def loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def item(loop: asyncio.AbstractEventLoop) -> Callable[..., QueuedItem]:
+    """item(seq, at, rows=1, key=KEY_A, level=0, deadline=None, timeout_at=None, delay=False)"""
+
+    def make(
+        seq: int,
+        at: float,
+        rows: int = 1,
+        key: tuple[object, ...] = KEY_A,
+        level: int = 0,
+        deadline: float | None = None,
+        timeout_at: float | None = None,
+        delay: bool = False,
+    ) -> QueuedItem:
+        request = BatchRequest(inputs={"x": np.zeros((rows, 4), np.float32)}, rows=rows, key=key, deadline_s=deadline)
+        return QueuedItem(request, loop.create_future(), seq, level, at, timeout_at, delay)
+
+    return make
+
+
+def no_cost(rows: int) -> float:
+    return 0.0
+
+
+def seqs(items: tuple[QueuedItem, ...]) -> list[int]:
+    return [it.seq for it in items]
+
+
+def test_empty_queue_waits_for_an_arrival() -> None:
+    d = decide([], 0.0, PolicyConfig(max_batch_rows=8), no_cost, free_slots=1)
+    assert d.run == () and d.wait_s is None
+
+
+def test_zero_delay_runs_at_once(item) -> None:
+    q = [item(0, 1.0), item(1, 1.0)]
+    d = decide(q, 1.0, PolicyConfig(max_batch_rows=8), no_cost, free_slots=1)
+    assert seqs(d.run) == [0, 1]
+
+
+def test_max_delay_waits_then_runs(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=8, max_queue_delay_s=0.010)
+    q = [item(0, 1.000), item(1, 1.004)]
+    d = decide(q, 1.005, cfg, no_cost, free_slots=1)
+    assert d.run == () and d.wait_s == pytest.approx(0.005)
+    d = decide(q, 1.010, cfg, no_cost, free_slots=1)
+    assert seqs(d.run) == [0, 1]
+
+
+def test_full_batch_runs_before_the_delay(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=4, max_queue_delay_s=10.0)
+    q = [item(0, 0.0, rows=2), item(1, 0.0, rows=2), item(2, 0.0, rows=1)]
+    d = decide(q, 0.0, cfg, no_cost, free_slots=1)
+    assert seqs(d.run) == [0, 1]  # 4 rows: the row limit, not the request count, closes it
+
+
+def test_rows_limit_stops_at_the_first_request_that_does_not_fit(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=5, max_queue_delay_s=0.0)
+    q = [item(0, 0.0, rows=3), item(1, 0.0, rows=3), item(2, 0.0, rows=1)]
+    d = decide(q, 0.0, cfg, no_cost, free_slots=1)
+    assert seqs(d.run) == [0]  # FIFO: request 2 does not jump ahead of request 1
+
+
+def test_preferred_size_closes_the_batch(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=64, max_queue_delay_s=10.0, preferred_rows=(2, 4))
+    q = [item(i, 0.0) for i in range(5)]
+    d = decide(q, 0.0, cfg, no_cost, free_slots=1)
+    assert seqs(d.run) == [0, 1, 2, 3]
+    d = decide(q[:3], 0.0, cfg, no_cost, free_slots=1)
+    assert d.run == () and d.wait_s == pytest.approx(10.0)
+
+
+def test_no_free_instance_runs_nothing(item) -> None:
+    q = [item(0, 0.0)]
+    d = decide(q, 0.0, PolicyConfig(max_batch_rows=8), no_cost, free_slots=0)
+    assert d.run == () and d.wait_s is None
+
+
+def test_higher_priority_first_and_lower_levels_fill_the_batch(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=2)
+    q = [item(0, 0.0, level=2), item(1, 0.0, level=2), item(2, 0.0, level=1)]
+    d = decide(q, 0.0, cfg, no_cost, free_slots=1)
+    assert seqs(d.run) == [2, 0]
+
+
+def test_shape_groups_have_their_own_delay_clock(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=8, max_queue_delay_s=0.010)
+    q = [item(0, 0.000, key=KEY_A), item(1, 0.008, key=KEY_B), item(2, 0.009, key=KEY_A)]
+    d = decide(q, 0.010, cfg, no_cost, free_slots=1)
+    assert seqs(d.run) == [0, 2]  # B's arrival neither closed nor joined A's batch
+    d = decide([q[1]], 0.010, cfg, no_cost, free_slots=1)
+    assert d.run == () and d.wait_s == pytest.approx(0.008)
+
+
+def test_a_full_group_of_another_shape_runs_while_the_older_group_waits(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=2, max_queue_delay_s=1.0)
+    q = [item(0, 0.0, key=KEY_A), item(1, 0.1, key=KEY_B), item(2, 0.1, key=KEY_B)]
+    d = decide(q, 0.1, cfg, no_cost, free_slots=1)
+    assert seqs(d.run) == [1, 2]
+
+
+def test_batching_off_runs_each_request_alone(item) -> None:
+    q = [item(0, 0.0), item(1, 0.0)]
+    d = decide(q, 0.0, PolicyConfig(max_batch_rows=0), no_cost, free_slots=1)
+    assert seqs(d.run) == [0]
+
+
+def test_expired_deadline_is_failed_not_run(item) -> None:
+    q = [item(0, 0.0, deadline=0.5), item(1, 0.0)]
+    d = decide(q, 1.0, PolicyConfig(max_batch_rows=8), no_cost, free_slots=1)
+    assert seqs(d.expire) == [0] and seqs(d.run) == [1]
+
+
+def test_deadline_that_execution_cannot_meet_expires(item) -> None:
+    q = [item(0, 0.0, deadline=1.004)]
+    d = decide(q, 1.0, PolicyConfig(max_batch_rows=8), lambda rows: 0.005, free_slots=1)
+    assert seqs(d.expire) == [0]
+
+
+def test_batch_closes_early_for_a_deadline(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=8, max_queue_delay_s=1.0)
+    cost = lambda rows: 0.25  # noqa: E731
+    q = [item(0, 0.0, deadline=0.5)]
+    d = decide(q, 0.125, cfg, cost, free_slots=1)
+    assert d.run == () and d.wait_s == pytest.approx(0.125)  # must start by 0.25, not at 1.0
+    d = decide(q, 0.25, cfg, cost, free_slots=1)
+    assert seqs(d.run) == [0]
+
+
+def test_cancelled_requests_are_dropped(item) -> None:
+    q = [item(0, 0.0), item(1, 0.0)]
+    q[0].future.cancel()
+    d = decide(q, 0.0, PolicyConfig(max_batch_rows=8), no_cost, free_slots=1)
+    assert seqs(d.drop) == [0] and seqs(d.run) == [1]
+
+
+def test_queue_policy_reject_expires_at_the_timeout(item) -> None:
+    q = [item(0, 0.0, timeout_at=0.5)]
+    cfg = PolicyConfig(max_batch_rows=8, max_queue_delay_s=10.0)
+    d = decide(q, 0.2, cfg, no_cost, free_slots=1)
+    assert d.run == () and d.wait_s == pytest.approx(0.3)
+    d = decide(q, 0.5, cfg, no_cost, free_slots=1)
+    assert seqs(d.expire) == [0]
+
+
+def test_queue_policy_delay_keeps_the_request_behind_the_others(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=1)
+    q = [item(0, 0.0, timeout_at=0.5, delay=True), item(1, 0.6)]
+    d = decide(q, 1.0, cfg, no_cost, free_slots=1)
+    assert d.expire == () and seqs(d.run) == [1]
+    d = decide([q[0]], 1.0, cfg, no_cost, free_slots=1)
+    assert seqs(d.run) == [0]
+
+
+def test_cost_model_interpolates_and_extrapolates() -> None:
+    cost = CostModel(alpha=1.0)
+    assert cost.estimate(4) == 0.0
+    cost.observe(1, 0.001)
+    cost.observe(9, 0.009)
+    assert cost.estimate(5) == pytest.approx(0.005)
+    assert cost.estimate(18) == pytest.approx(0.018)
+    cost.observe(1, 0.003)
+    assert cost.estimate(1) == pytest.approx(0.003)
