@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class LoadedVersion:
     sha256: str
     card: Mapping[str, object] | None
     executor: ThreadPoolExecutor
+    warmup_s: float = 0.0  # duration of the warm-up run: the cost model's first measurement
     batcher: Batcher | None = None
 
     @property
@@ -197,6 +199,7 @@ class ModelRepository:
                     observer=version.stats,
                     clock=self._clock,
                 )
+                version.batcher.cost.observe(1, version.warmup_s)
                 version.batcher.start()
             entry.versions = {v.version: VersionEntry(v.version, State.READY, loaded=v) for v in loaded}
             entry.state, entry.reason = State.READY, ""
@@ -237,9 +240,9 @@ class ModelRepository:
         model = OnnxModel(model_path, self._session_options, base.instance_count)
         where = config_path if config_path.exists() else model_path
         config = complete(where, base, model.inputs, model.outputs)
-        self._warm_up(base.name, version, config, model)
+        warmup_s = self._warm_up(base.name, version, config, model)
         executor = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"ort-{base.name}")
-        return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor)
+        return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor, warmup_s)
 
     @staticmethod
     def _read_card(name: str, version: int, version_dir: Path, sha256: str) -> Mapping[str, object] | None:
@@ -261,9 +264,15 @@ class ModelRepository:
         return card
 
     @staticmethod
-    def _warm_up(name: str, version: int, config: ModelConfig, model: OnnxModel) -> None:
+    def _warm_up(name: str, version: int, config: ModelConfig, model: OnnxModel) -> float:
+        """Run batch-1 zeros twice (the first run pays one-time allocations); return the second
+        run's seconds. Failure means the version never becomes READY."""
+        inputs = warm_inputs(config)
         try:
-            model(warm_inputs(config))
+            model(inputs)
+            start = time.perf_counter()
+            model(inputs)
+            return time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadFailed(f"model {name!r} version {version}: warm-up inference failed: {exc}") from exc
 

@@ -53,8 +53,9 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(repository: Path, **overrides: Any) -> Iterator[RunningServer]:
-    """Start a real grpc.aio medserve server on 127.0.0.1, port 0, in a background thread."""
+def running_server(repository: Path, repository_cls: Any = None, **overrides: Any) -> Iterator[RunningServer]:
+    """Start a real grpc.aio medserve server on 127.0.0.1, port 0, in a background thread.
+    `overrides` are ServerConfig fields; `repository_cls` a ModelRepository subclass."""
     from medserve.server.app import MedserveServer
     from medserve.server.config import ServerConfig
 
@@ -62,13 +63,15 @@ def running_server(repository: Path, **overrides: Any) -> Iterator[RunningServer
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="medserve-test-loop", daemon=True)
     thread.start()
-    server = MedserveServer(config)
+    repo = repository_cls(config, clock=time.monotonic) if repository_cls is not None else None
+    server = MedserveServer(config, repository=repo)
     try:
         port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
     except BaseException:
         asyncio.run_coroutine_threadsafe(server.repository.close(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        loop.close()
         raise
     try:
         yield RunningServer(server, port, loop)

@@ -47,19 +47,45 @@ def variable_length(path: Path) -> Path:
     """Mean over a variable-length axis: FP32 [N, T, 3] -> m [N, 3] (shape groups in batching)."""
     x = helper.make_tensor_value_info("seq", TensorProto.FLOAT, ["N", "T", 3])
     m = helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", 3])
-    nodes = [helper.make_node("ReduceMean", ["seq", "axes"], ["m"], keepdims=0)]
-    init = [numpy_helper.from_array(np.array([1], np.int64), "axes")]
-    return _save(helper.make_graph(nodes, "varlen", [x], [m], init), path)
+    nodes = [helper.make_node("ReduceMean", ["seq"], ["m"], axes=[1], keepdims=0)]  # opset 17: attribute
+    return _save(helper.make_graph(nodes, "varlen", [x], [m]), path)
 
 
-def gather(path: Path, table_size: int = 8) -> Path:
+def gather(path: Path, table_size: int = 8, slow_layers: int = 0) -> Path:
     """Looks up rows of a fixed table: INT64 idx [N, 1] -> v [N, 1, 2]. An index outside the table
-    makes onnxruntime fail at run time: the poisoned request of failure-isolation tests."""
+    makes onnxruntime fail at run time: the poisoned request of failure-isolation tests. With
+    `slow_layers`, each execution also costs that many 512-wide matmuls (so batches form)."""
     idx = helper.make_tensor_value_info("idx", TensorProto.INT64, ["N", 1])
     v = helper.make_tensor_value_info("v", TensorProto.FLOAT, ["N", 1, 2])
     table = np.arange(table_size * 2, dtype=np.float32).reshape(table_size, 2)
-    nodes = [helper.make_node("Gather", ["table", "idx"], ["v"], axis=0)]
-    return _save(helper.make_graph(nodes, "gather", [idx], [v], [numpy_helper.from_array(table, "table")]), path)
+    nodes = [helper.make_node("Gather", ["table", "idx"], ["g"], axis=0)]
+    init = [numpy_helper.from_array(table, "table")]
+    if slow_layers:
+        # h0 = float(idx) broadcast to [N, 512]; h_{i+1} = h_i @ 0; v = g + rowsum(h_last) (= g).
+        # The chain depends on the input, so onnxruntime cannot fold it away at load.
+        nodes += [
+            helper.make_node("Cast", ["idx"], ["fidx"], to=TensorProto.FLOAT),
+            helper.make_node("Expand", ["fidx", "hshape"], ["h0"]),
+            helper.make_node(
+                "ConstantOfShape", ["wshape"], ["w"], value=helper.make_tensor("c", TensorProto.FLOAT, [1], [0.0])
+            ),
+        ]
+        init += [
+            numpy_helper.from_array(np.array([512, 512], np.int64), "wshape"),
+            numpy_helper.from_array(np.array([1, 512], np.int64), "hshape"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes"),
+            numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "rshape"),
+        ]
+        for i in range(slow_layers):
+            nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
+        nodes += [
+            helper.make_node("ReduceSum", [f"h{slow_layers}", "axes"], ["rowsum"], keepdims=1),
+            helper.make_node("Reshape", ["rowsum", "rshape"], ["r3"]),
+            helper.make_node("Add", ["g", "r3"], ["v"]),
+        ]
+    else:
+        nodes[0].output[0] = "v"
+    return _save(helper.make_graph(nodes, "gather", [idx], [v], init), path)
 
 
 def gather_answer(idx: np.ndarray, table_size: int = 8) -> np.ndarray:
@@ -67,7 +93,7 @@ def gather_answer(idx: np.ndarray, table_size: int = 8) -> np.ndarray:
     return table[idx]
 
 
-def slow(path: Path, width: int = 1024, layers: int = 24) -> Path:
+def slow(path: Path, width: int = 1024, layers: int = 200) -> Path:
     """A deliberately slow model (tens of ms per row on 2 cores): `layers` matmuls with a
     `width`-square weight built at load time, so the file stays tiny. FP32 [N, width] -> z."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
