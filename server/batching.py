@@ -273,7 +273,8 @@ class BatcherStats:
     """A snapshot of the queue, for health and metrics."""
 
     queued: int
-    in_flight: int
+    in_flight: int  # batches executing now
+    in_flight_requests: int  # requests in those batches
     executed_batches: int
     cost_estimates_s: dict[int, float] = field(default_factory=dict)
 
@@ -324,6 +325,7 @@ class Batcher:
         self._level_counts: dict[int, int] = {}
         self._seq = itertools.count()
         self._in_flight = 0
+        self._in_flight_requests = 0
         self._executed = 0
         self._stopping = False
         self._wakeup: asyncio.Event | None = None
@@ -358,6 +360,7 @@ class Batcher:
         return BatcherStats(
             queued=len(self._queue),
             in_flight=self._in_flight,
+            in_flight_requests=self._in_flight_requests,
             executed_batches=self._executed,
             cost_estimates_s={n: self.cost.estimate(n) for n in (1, 8, 64)},
         )
@@ -472,6 +475,7 @@ class Batcher:
 
     def _dispatch(self, items: list[QueuedItem]) -> None:
         self._in_flight += 1
+        self._in_flight_requests += len(items)
         previous = self._last_release
         release: asyncio.Future[None] | None = None
         if self._config is not None and self._config.preserve_ordering:
@@ -522,6 +526,7 @@ class Batcher:
             if release is not None and not release.done():
                 release.set_result(None)
             self._in_flight -= 1
+            self._in_flight_requests -= len(items)
             self._wake()
 
     # -- execution (worker thread) ---------------------------------------------------------

@@ -85,15 +85,18 @@ def running_server(repository: Path, repository_cls: Any = None, **overrides: An
 @contextlib.contextmanager
 def server_process(repository: Path, *args: str, timeout_s: float = 120) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """`medserve serve` as a child process on port 0; yields (port, process) once it is ready."""
-    ready = repository.parent / f".ready-{os.getpid()}-{time.monotonic_ns()}.json"
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    ready = repository.parent / f".ready-{tag}.json"
+    log_path = repository.parent / f"server-{tag}.log"  # a file, not a pipe: a full pipe would stall the server
     cmd = [sys.executable, "-m", "medserve.server.cli", "serve", "--repository", str(repository), "--port", "0",
            "--ready-file", str(ready), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
         while not ready.exists():
             if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                out = log_path.read_text(errors="replace")
                 raise RuntimeError(f"medserve exited with {proc.returncode} before it was ready:\n{out}")
             if time.monotonic() > deadline:
                 raise TimeoutError("medserve did not become ready")
@@ -138,3 +141,35 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+
+
+class GatedModel:
+    """Wraps a loaded model so a test decides when executions may proceed: while `gate` is
+    clear, every execution waits in its worker thread (the instance stays busy)."""
+
+    def __init__(self, model: Any, gate: threading.Event) -> None:
+        self._model = model
+        self._gate = gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __call__(self, inputs: Any) -> Any:
+        if not self._gate.wait(60):
+            raise TimeoutError("test gate never opened")
+        return self._model(inputs)
+
+
+def gated_repository(gates: dict[str, threading.Event]) -> Any:
+    """A ModelRepository class whose models named in `gates` execute only while their gate is set."""
+    from medserve.server.repository import ModelRepository
+
+    class GatedRepository(ModelRepository):
+        def _load_version(self, *args: Any) -> Any:
+            loaded = super()._load_version(*args)
+            gate = gates.get(loaded.name)
+            if gate is not None:
+                loaded.model = GatedModel(loaded.model, gate)
+            return loaded
+
+    return GatedRepository

@@ -1,0 +1,177 @@
+"""Unmodified tritonclient (sync and asyncio) and Triton's perf_analyzer against a medserve
+process. Runs in a child pytest (see tests/test_compat_suite.py): tritonclient's generated
+modules cannot share a process with medserve's."""
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tc_aio
+from tritonclient.utils import InferenceServerException
+
+import onnx_models
+from conftest import server_process
+
+assert "medserve.protos.grpc_service_pb2" not in sys.modules
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("compat") / "repo"
+    onnx_models.affine(root / "affine" / "1" / "model.onnx")
+    onnx_models.write_config(root, "affine", "max_batch_size: 8\ndynamic_batching { }\n")
+    onnx_models.strings(root / "strings" / "1" / "model.onnx")
+    onnx_models.identity_types(root / "half" / "1" / "model.onnx", [10])  # FLOAT16
+    onnx_models.not_batching(root / "neg" / "1" / "model.onnx")
+    onnx_models.write_config(root, "neg", "max_batch_size: 0\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def url(repo: Path) -> Iterator[str]:
+    with server_process(repo) as (port, _proc):
+        yield f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def client(url: str) -> Iterator[tc.InferenceServerClient]:
+    c = tc.InferenceServerClient(url)
+    yield c
+    c.close()
+
+
+def affine_inputs(x: np.ndarray) -> list[tc.InferInput]:
+    inp = tc.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return [inp]
+
+
+def test_health_and_metadata(client: tc.InferenceServerClient) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("affine") and client.is_model_ready("affine", "1")
+    meta = client.get_server_metadata(as_json=True)
+    assert meta["name"] == "medserve" and "statistics" in meta["extensions"]
+    model = client.get_model_metadata("affine", as_json=True)
+    assert model["versions"] == ["1"] and model["inputs"][0]["shape"] == ["-1", "4"]
+    config = client.get_model_config("affine", as_json=True)["config"]
+    assert config["max_batch_size"] == 8 and "dynamic_batching" in config
+
+
+def test_infer_equals_onnxruntime(client: tc.InferenceServerClient, repo: Path) -> None:
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    result = client.infer("affine", affine_inputs(x), request_id="abc")
+    expected = ort.InferenceSession(str(repo / "affine" / "1" / "model.onnx")).run(None, {"x": x})
+    np.testing.assert_array_equal(result.as_numpy("y"), expected[0])
+    np.testing.assert_array_equal(result.as_numpy("s"), expected[1])
+    response = result.get_response(as_json=True)
+    assert response["id"] == "abc" and response["model_version"] == "1"
+    assert len(response["parameters"]["model_sha256"]["string_param"]) == 64
+
+
+def test_requested_outputs_bytes_fp16_and_no_batch(client: tc.InferenceServerClient) -> None:
+    x = np.ones((1, 4), np.float32)
+    result = client.infer("affine", affine_inputs(x), outputs=[tc.InferRequestedOutput("s")])
+    assert result.as_numpy("y") is None and result.as_numpy("s").tolist() == [[4.0]]
+    text = tc.InferInput("text", [2, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[b"abc"], [b"d"]], dtype=object))
+    assert client.infer("strings", [text]).as_numpy("upper").tolist() == [[b"ABC"], [b"D"]]
+    half = np.array([[0.5, -2.0]], np.float16)
+    h = tc.InferInput("in_0", [1, 2], "FP16")
+    h.set_data_from_numpy(half)
+    np.testing.assert_array_equal(client.infer("half", [h]).as_numpy("out_0"), half)
+    v = tc.InferInput("x", [3], "FP32")
+    v.set_data_from_numpy(np.array([1, 2, 3], np.float32))
+    assert client.infer("neg", [v]).as_numpy("y").tolist() == [-1, -2, -3]
+
+
+def test_async_infer_and_stream(client: tc.InferenceServerClient) -> None:
+    done: queue.Queue = queue.Queue()
+    client.async_infer("affine", affine_inputs(np.zeros((1, 4), np.float32)), lambda result, error: done.put((result, error)))
+    result, error = done.get(timeout=30)
+    assert error is None and result.as_numpy("y").tolist() == [[1.0] * 4]
+    streamed: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: streamed.put((result, error)))
+    for i in range(4):
+        client.async_stream_infer("affine", affine_inputs(np.full((1, 4), i, np.float32)), request_id=str(i))
+    client.async_stream_infer("nope", affine_inputs(np.zeros((1, 4), np.float32)), request_id="bad")
+    got = [streamed.get(timeout=30) for _ in range(5)]
+    client.stop_stream()
+    ok = {r.get_response().id: r.as_numpy("y")[0, 0] for r, e in got if e is None}
+    assert ok == {str(i): 2 * i + 1 for i in range(4)}
+    assert sum(e is not None for _, e in got) == 1
+
+
+def test_statistics_and_repository(client: tc.InferenceServerClient) -> None:
+    client.infer("affine", affine_inputs(np.ones((2, 4), np.float32)))
+    stats = client.get_inference_statistics("affine", as_json=True)["model_stats"][0]
+    assert stats["version"] == "1" and int(stats["inference_count"]) >= 2
+    assert int(stats["inference_stats"]["success"]["count"]) >= 1
+    index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert index["affine"]["state"] == "READY"
+    client.unload_model("neg")
+    assert not client.is_model_ready("neg")
+    client.load_model("neg")
+    assert client.is_model_ready("neg")
+
+
+def test_errors_are_statuses(client: tc.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("missing", affine_inputs(np.ones((1, 4), np.float32)))
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("affine", affine_inputs(np.ones((1, 5), np.float32)))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "expected shape [-1, 4]" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        client.get_system_shared_memory_status()
+    assert info.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_asyncio_client(url: str) -> None:
+    async def run() -> None:
+        async with tc_aio.InferenceServerClient(url) as c:
+            assert await c.is_server_ready() and await c.is_model_ready("affine")
+            assert (await c.get_model_metadata("affine", as_json=True))["name"] == "affine"
+            assert (await c.get_model_config("affine", as_json=True))["config"]["name"] == "affine"
+            x = np.arange(4, dtype=np.float32).reshape(1, 4)
+            inp = tc_aio.InferInput("x", [1, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            results = await asyncio.gather(*(c.infer("affine", [inp]) for _ in range(8)))
+            assert all(r.as_numpy("y").tolist() == [[1.0, 3.0, 5.0, 7.0]] for r in results)
+            assert (await c.get_inference_statistics("affine", as_json=True))["model_stats"]
+            assert (await c.get_model_repository_index(as_json=True))["models"]
+
+    asyncio.run(run())
+
+
+def _perf_analyzer() -> str | None:
+    found = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
+    return found if Path(found).exists() else None
+
+
+@pytest.mark.skipif(_perf_analyzer() is None, reason="perf_analyzer (tritonclient wheel) not installed")
+def test_perf_analyzer_runs_against_medserve(url: str, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    import nvidia.cuda_runtime  # perf_analyzer links libcudart even for CPU-only runs
+
+    lib = Path(nvidia.cuda_runtime.__path__[0]) / "lib"
+    env["LD_LIBRARY_PATH"] = f"{lib}:{env.get('LD_LIBRARY_PATH', '')}"
+    csv = tmp_path / "pa.csv"
+    done = subprocess.run(
+        [_perf_analyzer(), "-m", "affine", "-i", "grpc", "-u", url, "-b", "1", "--concurrency-range", "1:2",
+         "-p", "500", "-s", "100", "-r", "10", "-f", str(csv)],  # loose stability: CI shares 2 cores
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = csv.read_text().strip().splitlines()[1:]
+    throughputs = [float(row.split(",")[1]) for row in rows]
+    assert len(throughputs) == 2 and all(t > 0 for t in throughputs)
