@@ -310,6 +310,7 @@ class Batcher:
         observer: BatchObserver | None = None,
         clock: Clock = time.monotonic,
         cost_model: CostModel | None = None,
+        inline_below_s: float = 100e-6,
     ) -> None:
         self._runner = runner
         self._name = name
@@ -321,6 +322,9 @@ class Batcher:
         self._observer = observer
         self._clock = clock
         self.cost = cost_model or CostModel()
+        # A batch estimated to run faster than this executes on the event loop thread: handing
+        # it to a worker thread would cost more than the execution itself.
+        self._inline_below_s = inline_below_s
         self._queue: list[QueuedItem] = []
         self._level_counts: dict[int, int] = {}
         self._seq = itertools.count()
@@ -494,13 +498,15 @@ class Batcher:
         start = self._clock()
         outcome: _Outcome | None = None
         try:
-            loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(
-                self._executor, self._execute, [it.request for it in items]
-            )
+            requests = [it.request for it in items]
+            rows = sum(it.rows for it in items)
+            measured = self.cost.estimate(rows)
+            if 0 < measured < self._inline_below_s:
+                outcome = self._execute(requests)
+            else:
+                outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._execute, requests)
             if previous is not None:
                 await previous
-            rows = sum(it.rows for it in items)
             if outcome.failed_runs == 0:
                 self.cost.observe(rows, outcome.infer_ns / 1e9)
             if self._observer is not None:

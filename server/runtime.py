@@ -102,6 +102,7 @@ class SessionOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     use_gpu: bool = True
+    allow_spinning: bool = False
 
 
 class OnnxModel:
@@ -133,6 +134,10 @@ class OnnxModel:
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not options.allow_spinning:
+            # Spinning intra-op threads burn the cores the event loop needs to decode requests.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types here
