@@ -7,8 +7,8 @@ returns), so no lock is needed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)

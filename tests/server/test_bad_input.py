@@ -10,10 +10,11 @@ import grpc
 import numpy as np
 import pytest
 
-import onnx_models
-from conftest import RunningServer, running_server, wait_for
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos.wire import to_raw
+
+import onnx_models
+from conftest import RunningServer, running_server, wait_for
 
 SECRET = 987654.25  # a value that must never appear in an error message
 

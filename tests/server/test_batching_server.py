@@ -14,10 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import onnx_models
-from conftest import RunningServer, gated_repository, running_server, wait_for
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos.wire import from_raw, to_raw
+
+import onnx_models
+from conftest import RunningServer, gated_repository, running_server, wait_for
 
 SLOW_CONFIG = """
 max_batch_size: 16

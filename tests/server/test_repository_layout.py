@@ -13,12 +13,13 @@ import grpc
 import numpy as np
 import pytest
 
-import onnx_models
-from conftest import running_server, server_process
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import model_config_pb2 as mc
 from medserve.protos.wire import to_raw
 from medserve.server.errors import ConfigError, ModelLoadFailed, ModelNotFound
+
+import onnx_models
+from conftest import running_server, server_process
 
 TRITON_CONFIG = """
 name: "sepsis_risk"

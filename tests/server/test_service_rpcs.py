@@ -13,11 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto
 
-import onnx_models
-from conftest import RunningServer, running_server
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import model_config_pb2 as mc
 from medserve.protos.wire import from_raw, to_raw
+
+import onnx_models
+from conftest import RunningServer, running_server
 
 TYPES = {
     "BOOL": (TensorProto.BOOL, np.bool_),
