@@ -1,6 +1,7 @@
 """The contract between a framework converter (`sklearn.py`, `torch.py`) and the shared
 export pipeline (`api.py`): a serialized graph plus what the pipeline needs to prove parity,
 measure quality and describe the model, with no framework knowledge left over."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -28,6 +29,8 @@ class Conversion:
     tolerances: Mapping[str, Tolerance | None]  # per output; None = must be identical
     metrics: Callable[[Arrays, np.ndarray], dict[str, float | int]]  # (graph outputs, targets)
     task: str | None  # "classification" | "regression" | None (unknown)
+    n_features: int | None = None  # table width, when the model takes a table
+    n_classes: int | None = None  # for classifiers whose classes are known
     feature_names: tuple[str, ...] | None = None  # found on the model (feature_names_in_)
     class_labels: tuple[str, ...] | None = None  # found on the model (string classes_)
-    input_columns: Mapping[str, tuple[str, ...]] | None = None  # table columns per graph input
+    column_groups: Mapping[str, tuple[int, ...]] | None = None  # graph input -> table columns

@@ -7,6 +7,7 @@ tensor values (the inputs may be patient data).
     ├── VersionExistsError           the requested version folder is already there
     └── SignatureMismatchError       config.pbtxt describes other inputs/outputs
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

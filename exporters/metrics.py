@@ -4,6 +4,7 @@ Measured on the exported graph rather than the source model, so the card describ
 what the server will answer. scikit-learn's metrics are the reference implementation; it is
 imported here only, so the package imports without it.
 """
+
 from __future__ import annotations
 
 import numpy as np

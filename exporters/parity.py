@@ -9,6 +9,7 @@ in the report and the model card.
 The CPU provider is used on purpose: it is the reference implementation, available everywhere
 the exporter runs, and the one a GPU server falls back to.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -86,6 +87,25 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
+def parity_table(results: Sequence[OutputParity]) -> str:
+    """The figures as an aligned text table, one row per output (for the CLI and logs)."""
+    rows = [("output", "max abs diff", "max rel diff", "required", "samples", "outside", "result")]
+    for r in results:
+        rows.append(
+            (
+                r.output,
+                _fmt(r.max_abs_diff),
+                _fmt(r.max_rel_diff),
+                "identical" if r.tolerance is None else str(r.tolerance),
+                str(r.n_samples),
+                str(r.mismatches),
+                "ok" if r.passed else f"FAIL{': ' + r.problem if r.problem else ''}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
 def cpu_session(model_bytes: bytes) -> ort.InferenceSession:
     """An onnxruntime session on the CPU provider, quiet unless something is wrong."""
     options = ort.SessionOptions()
@@ -105,7 +125,9 @@ def compare(output: str, expected: Any, actual: Any, tolerance: Tolerance | None
     if exp.shape != act.shape:
         return OutputParity(output, None, None, tolerance, n, int(act.size), f"shape {act.shape}, expected {exp.shape}")
     if _is_numeric(exp) != _is_numeric(act):
-        return OutputParity(output, None, None, tolerance, n, int(act.size), f"{act.dtype} values, expected {exp.dtype}")
+        return OutputParity(
+            output, None, None, tolerance, n, int(act.size), f"{act.dtype} values, expected {exp.dtype}"
+        )
     if not _is_numeric(exp):
         mismatches = int(np.count_nonzero(exp.astype(str) != act.astype(str)))
         return OutputParity(output, None, None, tolerance, n, mismatches)

@@ -3,6 +3,7 @@
 The card, config.pbtxt and the report all describe tensors through `TensorSpec`, read from the
 serialized graph itself, so what we publish cannot drift from what onnxruntime will load.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

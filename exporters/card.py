@@ -1,0 +1,82 @@
+"""The model card: what a published version is, where it came from, and how well it and its
+conversion were shown to work. Written next to model.onnx as model_card.json; the server reads
+`model_sha256` (to refuse a swapped file), `feature_names` and `class_labels` from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+
+from .parity import OutputParity
+from .specs import TensorSpec
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingData:
+    """What the model was trained on, in words, and how many samples."""
+
+    description: str
+    n_samples: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"description": self.description, "n_samples": int(self.n_samples)}
+
+
+def exporter_version() -> str:
+    try:
+        return metadata.version("medserve")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def build_card(
+    *,
+    name: str,
+    version: int,
+    framework: str,
+    framework_version: str,
+    converter: str,
+    opset: int,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    feature_names: Sequence[str] | None,
+    class_labels: Sequence[str] | None,
+    input_columns: Mapping[str, Sequence[str]] | None,
+    task: str | None,
+    description: str | None,
+    training_data: TrainingData | None,
+    metrics: Mapping[str, float | int],
+    parity: Sequence[OutputParity],
+    model_sha256: str,
+    created_at: datetime | None = None,
+) -> dict[str, object]:
+    """The card as a JSON-ready dict. Shapes include the batch dim (-1 = variable)."""
+    created = (created_at or datetime.now(UTC)).astimezone(UTC)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "version": version,
+        "framework": framework,
+        "framework_version": framework_version,
+        "exporter": "medserve.exporters",
+        "exporter_version": exporter_version(),
+        "converter": converter,
+        "opset": opset,
+        "task": task,
+        "inputs": [s.as_dict() for s in inputs],
+        "outputs": [s.as_dict() for s in outputs],
+        "feature_names": list(feature_names) if feature_names is not None else None,
+        "class_labels": list(class_labels) if class_labels is not None else None,
+        "input_columns": {k: list(v) for k, v in input_columns.items()} if input_columns is not None else None,
+        "description": description,
+        "training_data": training_data.as_dict() if training_data is not None else None,
+        "metrics": dict(metrics),
+        "parity": [p.as_card_entry() for p in parity],
+        "model_sha256": model_sha256,
+        "created_at": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }

@@ -1,0 +1,180 @@
+"""`medserve export` and `medserve demo-repository`.
+
+    medserve export model.joblib --name sepsis_risk --repository models --sample rows.npy
+    medserve export model.pt2 --name ecg --repository models          # sample from the program
+    medserve demo-repository demo-repository --seed 0
+
+The server's CLI registers these with `add_subcommands`. Nothing heavy is imported until a
+handler runs, so `medserve serve` does not load torch or scikit-learn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Third-party loggers that narrate every export at INFO; the CLI shows our progress instead.
+_CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export")
+_PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export",
+        help="convert a trained model to ONNX, prove parity and publish it into a model repository",
+        description="Convert a scikit-learn model (joblib/pickle) or a torch.export program (.pt2) to ONNX, "
+        "check the ONNX graph against the model, and publish <repository>/<name>/<version>/.",
+    )
+    parser.add_argument(
+        "file", type=Path, help="model file: .joblib/.pkl/.pickle (scikit-learn) or .pt2 (torch.export)"
+    )
+    parser.add_argument("--name", required=True, help="model name in the repository (e.g. sepsis_risk)")
+    parser.add_argument("--repository", required=True, type=Path, help="model repository folder")
+    parser.add_argument(
+        "--sample",
+        type=Path,
+        default=None,
+        help="a few input rows: .npy (one input) or .npz (named inputs); required for scikit-learn, "
+        "defaults to the program's example inputs for .pt2",
+    )
+    parser.add_argument("--version", type=int, default=None, help="version number (default: latest + 1)")
+    parser.add_argument("--description", default=None, help="one line for the model card")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="max rows per batch in config.pbtxt")
+    parser.set_defaults(func=run_export)
+    return parser
+
+
+def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "demo-repository",
+        help="train and publish one small demo model per family (reproducible)",
+        description="Train one small model per family on bundled or seeded synthetic data and publish them.",
+    )
+    parser.add_argument("directory", type=Path, help="repository folder to create or add to")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data splits, initialization and training")
+    parser.set_defaults(func=run_demo)
+    return parser
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Register `export` and `demo-repository` on an argparse subparsers object."""
+    add_export_parser(subparsers)
+    add_demo_parser(subparsers)
+
+
+def _quiet_third_party() -> None:
+    for name in _CHATTY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    # "torchvision is not installed. Skipping torchvision::nms" and the like, on every export.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def _load_arrays(path: Path) -> Any:
+    import numpy as np
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError:
+        raise SystemExit(
+            f"error: {path} holds Python objects (e.g. a mixed text/number table), which would need pickle; "
+            "export such models with medserve.exporters.export from Python"
+        ) from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    return loaded
+
+
+def _load_model(path: Path) -> Any:
+    if path.suffix == ".pt2":
+        import torch
+
+        return torch.export.load(path)
+    if path.suffix in _PICKLE_SUFFIXES:
+        print(
+            f"warning: loading {path} runs any code the pickle contains; only export files you trust",
+            file=sys.stderr,
+        )
+        import joblib
+
+        return joblib.load(path)
+    raise SystemExit(f"error: {path}: expected a .pt2, .joblib, .pkl or .pickle file")
+
+
+def _default_sample(model: Any, path: Path) -> Any:
+    examples = getattr(model, "example_inputs", None)
+    if examples is None or not examples[0]:
+        raise SystemExit(f"error: {path} has no example inputs; pass --sample FILE.npy or FILE.npz")
+    names = list(model.graph_signature.user_inputs)
+    arrays = [t.detach().cpu().numpy() for t in examples[0]]
+    return arrays[0] if len(arrays) == 1 else dict(zip(names, arrays, strict=True))
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from . import export
+    from .errors import ExportError, ParityError
+    from .parity import parity_table
+
+    _quiet_third_party()
+    if not args.file.is_file():
+        print(f"error: {args.file} is not a file", file=sys.stderr)
+        return 2
+    print(f"loading {args.file}")
+    model = _load_model(args.file)
+    if args.sample is not None:
+        sample = _load_arrays(args.sample)
+    elif args.file.suffix == ".pt2":
+        sample = _default_sample(model, args.file)
+    else:
+        print("error: scikit-learn models need --sample FILE.npy with a few input rows", file=sys.stderr)
+        return 2
+    print(f"converting {type(model).__name__} and checking parity")
+    try:
+        report = export(
+            model,
+            sample,
+            args.repository,
+            args.name,
+            version=args.version,
+            description=args.description,
+            max_batch_size=args.max_batch_size,
+        )
+    except ParityError as exc:
+        print(
+            f"error: {exc.model!r} was not published: the ONNX graph disagrees with the model",
+            file=sys.stderr,
+        )
+        print(parity_table(exc.results), file=sys.stderr)
+        return 1
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(report.parity_table())
+    print(f"published {report.name!r} version {report.version}: {report.model_path.parent}")
+    print(f"sha256 {report.model_sha256}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import build_demo_repository
+    from .errors import ExportError
+
+    _quiet_third_party()
+    print(f"building the demo repository in {args.directory} (seed {args.seed})")
+    started = time.perf_counter()
+    try:
+        reports = build_demo_repository(args.directory, seed=args.seed)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for r in reports:
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in r.metrics.items() if k != "n_samples")
+        print(f"  {r.name:22} v{r.version}  {r.model_sha256[:16]}  {figures}")
+    print(f"{len(reports)} models in {time.perf_counter() - started:.1f} s")
+    return 0

@@ -1,0 +1,233 @@
+"""A demo model repository: one small model per family a hospital trains, each exported with
+its parity proof and model card. Used by the server's integration tests, the load harness and
+anyone trying medserve without their own models.
+
+Data ships with the packages (scikit-learn's breast_cancer, diabetes and digits) or is seeded
+synthetic data (`demo_data`). The build is reproducible: the same seed gives the same
+model.onnx bytes (same SHA-256) on the same machine and library versions. It takes well under
+two minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
+from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor, RandomForestClassifier
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from . import demo_data
+from .api import ExportReport, export
+from .card import TrainingData
+from .demo_nets import DigitsCNN, ECGCNN1d, NotesTransformer, RiskMLP, VitalsGRU, deterministic, train
+
+log = logging.getLogger(__name__)
+SAMPLE_ROWS = 32
+Builder = Callable[[Path, int], ExportReport]
+
+
+def _svc(seed: int) -> BaseEstimator:
+    return make_pipeline(StandardScaler(), SVC(probability=True, random_state=seed))
+
+
+def _fit(model: Any, x: np.ndarray, y: np.ndarray) -> Any:
+    with warnings.catch_warnings():
+        # SVC(probability=True) is deprecated in scikit-learn 1.9 (removed in 1.11) in favour of
+        # CalibratedClassifierCV; the demo keeps it because it is what hospitals have trained so far.
+        warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated", category=FutureWarning)
+        return model.fit(x, y)
+
+
+def _breast_cancer(model_name: str, make: Callable[[int], BaseEstimator], what: str) -> Builder:
+    def build(repository: Path, seed: int) -> ExportReport:
+        data = load_breast_cancer()
+        x_train, x_test, y_train, y_test = train_test_split(
+            data.data, data.target, test_size=0.25, random_state=seed, stratify=data.target
+        )
+        model = _fit(make(seed), x_train, y_train)
+        return export(
+            model,
+            x_train[:SAMPLE_ROWS],
+            repository,
+            model_name,
+            feature_names=[str(f) for f in data.feature_names],
+            class_labels=["malignant", "benign"],
+            description=f"Breast mass malignancy from fine-needle aspirate features ({what}). Demo model.",
+            training_data=TrainingData(
+                "Wisconsin diagnostic breast cancer (scikit-learn load_breast_cancer)", len(y_train)
+            ),
+            heldout=(x_test, y_test),
+        )
+
+    return build
+
+
+def _diabetes(model_name: str, make: Callable[[int], BaseEstimator], what: str) -> Builder:
+    def build(repository: Path, seed: int) -> ExportReport:
+        data = load_diabetes()
+        x_train, x_test, y_train, y_test = train_test_split(data.data, data.target, test_size=0.25, random_state=seed)
+        model = make(seed).fit(x_train, y_train)
+        return export(
+            model,
+            x_train[:SAMPLE_ROWS],
+            repository,
+            model_name,
+            feature_names=[str(f) for f in data.feature_names],
+            description=f"Diabetes progression one year after baseline ({what}). Demo model.",
+            training_data=TrainingData("Efron et al. diabetes data (scikit-learn load_diabetes)", len(y_train)),
+            heldout=(x_test, y_test),
+        )
+
+    return build
+
+
+def _digits_cnn(repository: Path, seed: int) -> ExportReport:
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)[:, None]
+    split = len(images) * 3 // 4
+    with deterministic(seed):
+        model = train(DigitsCNN(), images[:split], data.target[:split], epochs=4, seed=seed)
+    return export(
+        model,
+        images[:SAMPLE_ROWS],
+        repository,
+        "digits_cnn",
+        class_labels=[str(d) for d in range(10)],
+        output_names=["logits"],
+        description="Handwritten digit from an 8x8 grey image (2-D CNN, stands in for imaging). Demo.",
+        training_data=TrainingData("UCI handwritten digits (scikit-learn load_digits)", split),
+        heldout=(images[split:], data.target[split:]),
+    )
+
+
+def _ecg_cnn1d(repository: Path, seed: int) -> ExportReport:
+    data = demo_data.ecg_signals(seed)
+    with deterministic(seed):
+        model = train(ECGCNN1d(leads=3), data.x_train, data.y_train, epochs=4, seed=seed)
+    return export(
+        model,
+        data.x_train[:SAMPLE_ROWS],
+        repository,
+        "ecg_cnn1d",
+        class_labels=["regular", "irregular"],
+        output_names=["logits"],
+        dynamic_axes={"input": {2: "samples"}},
+        description="Irregular rhythm from multi-lead signals of any length (1-D CNN). Demo model.",
+        training_data=TrainingData("synthetic 3-lead traces, 128 samples, seeded", len(data.y_train)),
+        heldout=(data.x_test, data.y_test),
+    )
+
+
+def _vitals_gru(repository: Path, seed: int) -> ExportReport:
+    data = demo_data.vitals_sequences(seed)
+    with deterministic(seed):
+        model = train(VitalsGRU(len(demo_data.VITALS)), data.x_train, data.y_train, epochs=6, seed=seed)
+    return export(
+        model,
+        data.x_train[:SAMPLE_ROWS],
+        repository,
+        "vitals_gru",
+        feature_names=list(demo_data.VITALS),
+        output_names=["deterioration_logit"],
+        dynamic_axes={"input": {1: "time"}},
+        description="Deterioration logit from hourly vitals sequences of any length (GRU). Demo model.",
+        training_data=TrainingData("synthetic 24-hour vitals sequences, seeded", len(data.y_train)),
+        heldout=(data.x_test, data.y_test),
+    )
+
+
+def _notes_transformer(repository: Path, seed: int) -> ExportReport:
+    data = demo_data.note_tokens(seed)
+    with deterministic(seed):
+        model = train(NotesTransformer(demo_data.NOTES_VOCAB), data.x_train, data.y_train, epochs=10, seed=seed)
+    return export(
+        model,
+        {k: v[:SAMPLE_ROWS] for k, v in data.x_train.items()},
+        repository,
+        "notes_transformer",
+        class_labels=["routine", "concerning"],
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}},
+        description="Concerning clinical note from token ids and mask (Transformer encoder). Demo model.",
+        training_data=TrainingData("synthetic token sequences, seeded", len(data.y_train)),
+        heldout=(data.x_test, data.y_test),
+    )
+
+
+def _risk_mlp(repository: Path, seed: int) -> ExportReport:
+    data = demo_data.risk_table(seed)
+    with deterministic(seed):
+        model = train(RiskMLP(len(demo_data.RISK_FEATURES)), data.x_train, data.y_train, epochs=8, seed=seed)
+    return export(
+        model,
+        data.x_train[:SAMPLE_ROWS],
+        repository,
+        "risk_mlp",
+        feature_names=list(demo_data.RISK_FEATURES),
+        class_labels=["low", "high"],
+        output_names=["logits"],
+        description="Deterioration risk from standardized admission measurements (MLP). Demo model.",
+        training_data=TrainingData("synthetic admission measurements, seeded", len(data.y_train)),
+        heldout=(data.x_test, data.y_test),
+    )
+
+
+DEMO_MODELS: Mapping[str, Builder] = MappingProxyType(
+    {
+        "breast_cancer_svm": _breast_cancer("breast_cancer_svm", _svc, "RBF support vector machine"),
+        "breast_cancer_rf": _breast_cancer(
+            "breast_cancer_rf",
+            lambda s: RandomForestClassifier(100, random_state=s, n_jobs=1),
+            "random forest, 100 trees",
+        ),
+        "breast_cancer_gbm": _breast_cancer(
+            "breast_cancer_gbm", lambda s: GradientBoostingClassifier(random_state=s), "gradient boosting"
+        ),
+        "breast_cancer_logreg": _breast_cancer(
+            "breast_cancer_logreg",
+            lambda s: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
+            "standardized logistic regression",
+        ),
+        "diabetes_linear": _diabetes("diabetes_linear", lambda s: LinearRegression(), "linear regression"),
+        "diabetes_gbm": _diabetes(
+            "diabetes_gbm", lambda s: GradientBoostingRegressor(random_state=s), "gradient boosting"
+        ),
+        "digits_cnn": _digits_cnn,
+        "ecg_cnn1d": _ecg_cnn1d,
+        "vitals_gru": _vitals_gru,
+        "notes_transformer": _notes_transformer,
+        "risk_mlp": _risk_mlp,
+    }
+)
+
+
+def build_demo_repository(
+    path: str | Path, seed: int = 0, *, models: Collection[str] | None = None
+) -> list[ExportReport]:
+    """Train and publish the demo models (all, or those named in `models`) into `path`.
+
+    build_demo_repository("demo-repository")   # then: medserve serve --repository demo-repository
+    """
+    names = list(DEMO_MODELS) if models is None else list(models)
+    unknown = sorted(set(names) - set(DEMO_MODELS))
+    if unknown:
+        raise ValueError(f"unknown demo models {unknown}; known: {sorted(DEMO_MODELS)}")
+    repository = Path(path)
+    reports = []
+    for name in names:
+        started = time.perf_counter()
+        reports.append(DEMO_MODELS[name](repository, seed))
+        log.info("demo model %s built in %.1f s", name, time.perf_counter() - started)
+    return reports

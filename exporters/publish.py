@@ -1,0 +1,153 @@
+"""Atomic publication of a model version into a Triton-layout repository.
+
+    <repository>/<name>/config.pbtxt
+    <repository>/<name>/<version>/model.onnx
+    <repository>/<name>/<version>/model_card.json
+
+A version appears whole or not at all: its files are written and fsynced in
+`<name>/.tmp-<uuid>/`, which is then renamed to `<version>` (a rename within one folder is atomic
+on POSIX), so a server scanning the repository never sees half a version. Any failure removes
+the temporary folder. Published versions are immutable: an existing version is never
+overwritten. config.pbtxt is replaced atomically (temporary file + os.replace) after the
+version is in place, and a config describing another signature stops the publication before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from medserve.protos import model_config_pb2 as mc
+
+from . import triton_config
+from .errors import ExportError, VersionExistsError
+
+MODEL_FILENAME = "model.onnx"
+CARD_FILENAME = "model_card.json"
+CONFIG_FILENAME = "config.pbtxt"
+TEMP_PREFIX = ".tmp-"
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # the server's rule: one plain path segment
+
+CardFactory = Callable[[int, str], Mapping[str, object]]  # (version, model_sha256) -> card
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    version: int
+    model_path: Path
+    card_path: Path
+    config_path: Path
+    model_sha256: str
+
+
+def check_name(name: str) -> None:
+    if not _MODEL_NAME.match(name):
+        raise ExportError(f"model name {name!r} is not valid: letters, digits, '_', '.', '-', not starting with '.'")
+
+
+def existing_versions(model_dir: Path) -> list[int]:
+    """Published versions: folders named by a positive integer, in increasing order."""
+    if not model_dir.is_dir():
+        return []
+    found = (p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(v for v in map(int, found) if v > 0)
+
+
+def next_version(model_dir: Path) -> int:
+    return max(existing_versions(model_dir), default=0) + 1
+
+
+def _write(path: Path, data: bytes) -> None:
+    with path.open("xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(
+    repository: Path,
+    name: str,
+    *,
+    version: int | None,
+    model_bytes: bytes,
+    make_card: CardFactory,
+    config: mc.ModelConfig,
+) -> Published:
+    """Publish `model_bytes` as `version` (next free number when None) of model `name`.
+
+    `make_card(version, sha256)` builds the card once the version is known; if it (or anything
+    else) fails, nothing is left behind. Raises VersionExistsError, SignatureMismatchError."""
+    check_name(name)
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise ExportError(f"version must be a positive integer, got {version!r}")
+    model_dir = Path(repository) / name
+    created = not model_dir.exists()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _publish_into(model_dir, name, version, model_bytes, make_card, config)
+    except BaseException:
+        if created:  # a new model folder with no version would be a broken model to the server
+            with contextlib.suppress(OSError):
+                model_dir.rmdir()  # only if still empty: never take a concurrent exporter's work
+        raise
+
+
+def _publish_into(
+    model_dir: Path,
+    name: str,
+    version: int | None,
+    model_bytes: bytes,
+    make_card: CardFactory,
+    config: mc.ModelConfig,
+) -> Published:
+    config_path = model_dir / CONFIG_FILENAME
+    if config_path.exists():
+        triton_config.check_signature(config_path, triton_config.read(config_path), config)
+    number = next_version(model_dir) if version is None else version
+    final_dir = model_dir / str(number)
+    if final_dir.exists():
+        raise VersionExistsError(
+            f"model {name!r} version {number} already exists at {final_dir}; versions are immutable"
+        )
+
+    sha256 = hashlib.sha256(model_bytes).hexdigest()
+    token = uuid.uuid4().hex
+    temp_dir = model_dir / f"{TEMP_PREFIX}{token}"
+    temp_config = model_dir / f"{TEMP_PREFIX}{token}-{CONFIG_FILENAME}"
+    try:
+        temp_dir.mkdir()
+        _write(temp_dir / MODEL_FILENAME, model_bytes)
+        card = json.dumps(make_card(number, sha256), indent=2, allow_nan=False) + "\n"
+        _write(temp_dir / CARD_FILENAME, card.encode("utf-8"))
+        _write(temp_config, triton_config.render(config).encode("utf-8"))
+        try:
+            os.rename(temp_dir, final_dir)  # fails if another exporter published it meanwhile
+        except OSError as exc:
+            raise VersionExistsError(f"model {name!r} version {number} appeared while exporting: {exc}") from exc
+        try:
+            os.replace(temp_config, config_path)
+        except BaseException:
+            shutil.rmtree(final_dir, ignore_errors=True)  # never leave a version without its config
+            raise
+        _fsync_dir(model_dir)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        temp_config.unlink(missing_ok=True)
+    return Published(number, final_dir / MODEL_FILENAME, final_dir / CARD_FILENAME, config_path, sha256)

@@ -1,0 +1,72 @@
+"""model_card.json: provenance, signature, quality and parity figures, and the true SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import sklearn
+from sklearn.datasets import load_breast_cancer
+from sklearn.ensemble import GradientBoostingClassifier
+
+from medserve.exporters import TrainingData, export
+
+from exporter_helpers import breast_cancer, read_card
+
+
+def test_card_describes_the_published_version(tmp_path: Path) -> None:
+    x_train, y_train, x_test, y_test = breast_cancer()
+    features = [str(f) for f in load_breast_cancer().feature_names]
+    model = GradientBoostingClassifier(n_estimators=20, random_state=0).fit(x_train, y_train)
+    before = datetime.now(UTC).replace(microsecond=0)
+
+    report = export(
+        model,
+        x_train[:12],
+        tmp_path,
+        "bc_gbm",
+        version=3,
+        feature_names=features,
+        class_labels=["malignant", "benign"],
+        description="demo",
+        training_data=TrainingData("WDBC, 400 rows", 400),
+        heldout=(x_test, y_test),
+    )
+
+    card = read_card(report.card_path)
+    assert card["model_sha256"] == hashlib.sha256(report.model_path.read_bytes()).hexdigest() == report.model_sha256
+    assert {k: card[k] for k in ("schema_version", "name", "version", "framework", "exporter", "task")} == {
+        "schema_version": 1,
+        "name": "bc_gbm",
+        "version": 3,
+        "framework": "scikit-learn",
+        "exporter": "medserve.exporters",
+        "task": "classification",
+    }
+    assert card["framework_version"] == sklearn.__version__ and card["exporter_version"]
+    assert card["converter"].startswith("skl2onnx ") and card["opset"] == report.opset > 0
+    assert card["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
+    assert card["outputs"] == [
+        {"name": "label", "datatype": "INT64", "shape": [-1]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
+    ]
+    assert card["feature_names"] == features and card["class_labels"] == ["malignant", "benign"]
+    assert card["input_columns"] is None
+    assert card["description"] == "demo"
+    assert card["training_data"] == {"description": "WDBC, 400 rows", "n_samples": 400}
+    assert card["metrics"] == dict(report.metrics) and set(card["metrics"]) == {"accuracy", "roc_auc", "n_samples"}
+    assert [p["output"] for p in card["parity"]] == ["label", "probabilities"]
+    label, proba = card["parity"]
+    assert label["tolerance"] == "exact" and label["max_abs_diff"] == 0 and label["n_samples"] == 12 + len(y_test)
+    assert proba["tolerance"] == {"atol": 1e-4, "rtol": 1e-4} and 0 <= proba["max_abs_diff"] < 1e-4
+    created = datetime.fromisoformat(card["created_at"])
+    assert card["created_at"].endswith("Z") and before <= created <= datetime.now(UTC) + timedelta(seconds=1)
+
+
+def test_card_without_optional_facts(tmp_path: Path) -> None:
+    x_train, y_train, _, _ = breast_cancer()
+    model = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x_train, y_train)
+    card = read_card(export(model, x_train[:5], tmp_path, "bare").card_path)
+    assert card["feature_names"] is None and card["class_labels"] is None and card["training_data"] is None
+    assert card["metrics"] == {} and card["description"] is None
