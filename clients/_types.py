@@ -1,0 +1,281 @@
+"""Plain, typed values the client returns and takes (no protobuf in the way of the caller)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy.typing as npt
+
+from medserve.protos import model_config_pb2
+
+ParamValue = bool | int | float | str
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """TLS for the channel: ``ca_file`` verifies the server (None: the system's roots);
+    ``cert_file`` + ``key_file`` present a client certificate (mutual TLS);
+    ``server_name`` overrides the name checked against the server certificate."""
+
+    ca_file: str | Path | None = None
+    cert_file: str | Path | None = None
+    key_file: str | Path | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When and how often a failed call is tried again.
+
+    Only the codes in ``retry_on`` are retried (UNAVAILABLE, RESOURCE_EXHAUSTED: nothing ran).
+    The n-th retry waits ``min(max_backoff_s, initial_backoff_s * multiplier**(n-1))``, scaled by
+    a random factor in ``[1 - jitter, 1]`` (jitter 1.0 = "full jitter"), unless the server pushed
+    back with ``grpc-retry-pushback-ms``, whose value is then used as is. ``max_attempts``
+    counts the first try; no attempt starts after the call's deadline and no sleep runs past
+    it. With several targets, a target that answered UNAVAILABLE (or could not be reached) is
+    skipped for ``unhealthy_cooldown_s`` and the retry goes to the next one at once.
+
+    ``retry_on`` holds status code names. A grpc.aio server that is shutting down answers
+    CANCELLED to calls it received but never started (grpc/grpc#41785); callers whose requests
+    are idempotent and who restart replicas under load may add ``"CANCELLED"``.
+
+        Client("10.0.0.5:8001", retries=RetryPolicy(max_attempts=1))  # never retry
+    """
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+    multiplier: float = 2.0
+    jitter: float = 1.0
+    unhealthy_cooldown_s: float = 2.0
+    retry_on: frozenset[str] = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.unhealthy_cooldown_s < 0:
+            raise ValueError("RetryPolicy durations must be >= 0")
+        if self.multiplier < 1:
+            raise ValueError(f"RetryPolicy.multiplier must be >= 1, got {self.multiplier}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"RetryPolicy.jitter must be in [0, 1], got {self.jitter}")
+
+
+# -- inference -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class InferRequest:
+    """One request of :meth:`Client.infer_stream` (the arguments of :meth:`Client.infer`)."""
+
+    model: str
+    inputs: Mapping[str, npt.ArrayLike]
+    version: str | int | None = None
+    outputs: Sequence[str] | None = None
+    request_id: str | None = None
+    priority: int | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class InferResult(Mapping[str, npt.NDArray[Any]]):
+    """The answer to one inference: output name -> numpy array, plus traceability.
+
+    Fixed-size outputs are read-only ``np.frombuffer`` views over the received bytes (copy
+    before writing); BYTES outputs are object arrays of ``bytes``.
+
+        result = client.infer("sepsis", {"x": x})
+        risk = result["risk"]            # or result.as_numpy("risk")
+        result.model_version, result.model_sha256
+    """
+
+    model_name: str
+    model_version: str
+    request_id: str
+    outputs: Mapping[str, npt.NDArray[Any]]
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+
+    @property
+    def model_sha256(self) -> str | None:
+        """SHA-256 of the exact model file that ran (response parameter ``model_sha256``)."""
+        value = self.parameters.get("model_sha256")
+        return value if isinstance(value, str) and value else None
+
+    def as_numpy(self, name: str) -> npt.NDArray[Any]:
+        """The output called ``name`` (KeyError naming the available outputs otherwise)."""
+        return self[name]
+
+    def __getitem__(self, name: str) -> npt.NDArray[Any]:
+        try:
+            return self.outputs[name]
+        except KeyError:
+            raise KeyError(
+                f"model {self.model_name!r} version {self.model_version} returned no output {name!r}; "
+                f"outputs: {sorted(self.outputs)}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.outputs)
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    def __eq__(self, other: object) -> bool:  # arrays have no single truth value: identity
+        return self is other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self.outputs.items())
+        return (
+            f"InferResult(model={self.model_name!r}, version={self.model_version!r}, "
+            f"request_id={self.request_id!r}, outputs={{{shapes}}})"
+        )
+
+
+# -- metadata --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMetadata:
+    """A model input or output; ``shape`` -1 marks a variable dimension (incl. the batch dim)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+def _json_list(value: str | None) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(data, list):
+        return None
+    return tuple(str(v) for v in data)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """A model's signature and model-card facts (``feature_names``, ``class_labels``, SHA-256)."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+
+    def _param(self, key: str) -> str | None:
+        value = self.parameters.get(key)
+        return value if isinstance(value, str) else None
+
+    @property
+    def feature_names(self) -> tuple[str, ...] | None:
+        return _json_list(self._param("feature_names"))
+
+    @property
+    def class_labels(self) -> tuple[str, ...] | None:
+        return _json_list(self._param("class_labels"))
+
+    @property
+    def model_sha256(self) -> str | None:
+        return self._param("model_sha256") or None
+
+
+@dataclass(frozen=True, slots=True)
+class TensorConfig:
+    """An input or output of a model configuration; ``dims`` exclude the batch dimension."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The main facts of a model's configuration; ``raw`` holds the full Triton ModelConfig."""
+
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int
+    inputs: tuple[TensorConfig, ...]
+    outputs: tuple[TensorConfig, ...]
+    dynamic_batching: bool
+    parameters: Mapping[str, str]
+    raw: model_config_pb2.ModelConfig = field(repr=False, compare=False)
+
+    @property
+    def feature_names(self) -> tuple[str, ...] | None:
+        return _json_list(self.parameters.get("feature_names"))
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    """A cumulative statistic: how many times, and the total time in nanoseconds."""
+
+    count: int
+    ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatistics:
+    batch_size: int
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    """Cumulative counters of one model version since it was loaded (diff two snapshots)."""
+
+    name: str
+    version: str
+    last_inference_ms: int
+    inference_count: int
+    execution_count: int
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+    batches: tuple[BatchStatistics, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryModel:
+    """One row of the repository index (``version`` is "" for a model with nothing loaded)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSchema:
+    """What :meth:`Client.infer_records` needs to know of a model (cached per model and version)."""
+
+    feature_names: tuple[str, ...]
+    input_name: str
+    datatype: str
+    model_sha256: str | None
