@@ -49,6 +49,7 @@ from .errors import (
     MedserveClientError,
     StreamRequestError,
     UsageError,
+    error_for_status,
     from_rpc_error,
 )
 
@@ -414,6 +415,11 @@ class _StreamState:
         inner = response.infer_response
         self.pending.pop(inner.id, None)
         if response.error_message:
+            # medserve names the status in a parameter; other servers send the message alone.
+            code_name = inner.parameters["status_code"].string_param if "status_code" in inner.parameters else ""
+            code = getattr(grpc.StatusCode, code_name, None) if code_name else None
+            if isinstance(code, grpc.StatusCode):
+                return error_for_status(code, response.error_message, request_id=inner.id or None)
             return StreamRequestError(response.error_message, request_id=inner.id or None)
         try:
             return _codec.decode_infer_response(inner)

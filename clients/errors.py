@@ -105,7 +105,8 @@ class Unknown(MedserveClientError):
 
 
 class StreamRequestError(Unknown):
-    """One request of a stream failed; the server reports it in-band (no status code)."""
+    """One request of a stream failed in-band without a status code (medserve sends its code,
+    which gives the matching class instead), or the stream ended before answering it."""
 
 
 class InvalidArgument(MedserveClientError):

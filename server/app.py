@@ -126,6 +126,9 @@ class MedserveServer:
         self.lifecycle.draining = True
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
+            # For a moment new calls still reach the servicer and get UNAVAILABLE (retryable
+            # elsewhere); once grpc stops, calls it received but had not started end CANCELLED.
+            await asyncio.sleep(min(grace, self.config.drain_announce_s))
             await self._server.stop(grace)
         await self.repository.close()
         log.info("medserve stopped")

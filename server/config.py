@@ -121,6 +121,7 @@ class ServerConfig:
     providers: tuple[str, ...] | None = None  # None = pick the best usable ones
     exit_on_error: bool = True
     drain_grace_s: float = 10.0
+    drain_announce_s: float = 0.5  # on shutdown, answer UNAVAILABLE this long before closing
     server_name: str = "medserve"
     tls_cert: str | None = None  # PEM server certificate chain; with tls_key, serve TLS only
     tls_key: str | None = None

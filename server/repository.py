@@ -164,6 +164,7 @@ class ModelRepository:
     async def load(self, name: str) -> None:
         """Load (or reload) one model: new versions are loaded and warmed up first, then swapped
         in; versions no longer selected are drained and unloaded."""
+        self.model_dir(name)  # refuse unknown names before keeping any state for them
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             entry = self._models.get(name)
@@ -279,11 +280,10 @@ class ModelRepository:
     # -- unloading -------------------------------------------------------------------------
 
     async def unload(self, name: str) -> None:
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
-            entry = self._models.get(name)
-            if entry is None:
-                raise ModelNotFound(f"model {name!r} is not loaded")
+        if name not in self._models:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            entry = self._models[name]
             entry.state = State.UNLOADING
             versions = [e for e in entry.versions.values() if e.loaded is not None]
             for e in versions:

@@ -238,15 +238,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 result = await self._core.infer(decode_infer_request(request, deadline))
                 await responses.put(pb.ModelStreamInferResponse(infer_response=encode_infer_response(result)))
             except Exception as exc:  # noqa: BLE001 - reported in-band; the stream stays open
-                _, message = status_for(exc)
-                await responses.put(
-                    pb.ModelStreamInferResponse(
-                        error_message=message,
-                        infer_response=pb.ModelInferResponse(
-                            model_name=request.model_name, model_version=request.model_version, id=request.id
-                        ),
-                    )
+                code, message = status_for(exc)
+                failed = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
+                # The stream message has no status field; the code travels as a parameter.
+                failed.parameters["status_code"].string_param = code.name
+                await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
 
         async def read() -> None:
             tasks: set[asyncio.Task[None]] = set()

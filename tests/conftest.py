@@ -58,7 +58,9 @@ def running_server(repository: Path, repository_cls: Any = None, **overrides: An
     from medserve.server.app import MedserveServer
     from medserve.server.config import ServerConfig
 
-    config = replace(ServerConfig(repository=str(repository), port=0, drain_grace_s=5.0), **overrides)
+    # No drain announcement by default: tests stop servers often; the restart tests set their own.
+    base = ServerConfig(repository=str(repository), port=0, drain_grace_s=5.0, drain_announce_s=0.0)
+    config = replace(base, **overrides)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="medserve-test-loop", daemon=True)
     thread.start()

@@ -17,7 +17,6 @@ from medserve.clients import (
     InferRequest,
     PermissionDenied,
     RetryPolicy,
-    StreamRequestError,
     TLSConfig,
     Unauthenticated,
     Unavailable,
@@ -109,7 +108,7 @@ def test_tokens_authenticate_and_authorize_per_model(tls_server: RunningServer, 
             ward.load_model("affine")  # repository administration needs "*"
         items = list(ward.infer_stream([InferRequest("affine", X, request_id="ok"), InferRequest("other", X)]))
         kinds = {item.request_id: type(item).__name__ for item in items}
-        assert kinds == {"ok": "InferResult", "1": StreamRequestError.__name__}
+        assert kinds == {"ok": "InferResult", "1": PermissionDenied.__name__}
     with Client(tls_server.target, tls=tls, token="admin", retries=NO_RETRY) as admin:
         assert admin.infer("other", X).model_name == "other"
         admin.load_model("other")

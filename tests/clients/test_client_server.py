@@ -14,9 +14,9 @@ from medserve.clients import (
     Client,
     InferRequest,
     InferResult,
+    InvalidArgument,
     InvalidInputError,
     NotFound,
-    StreamRequestError,
 )
 
 import onnx_models
@@ -207,9 +207,9 @@ def test_stream_pipelines_and_reports_errors_in_band(client: Client) -> None:
     for i in range(20):
         np.testing.assert_array_equal(results[f"r{i}"]["y"], 2 * x * i + 1)
     assert set(errors) == {"bad-shape", "bad-dtype", "bad-model"}
-    assert isinstance(errors["bad-shape"], StreamRequestError) and "expected shape" in errors["bad-shape"].message
+    assert isinstance(errors["bad-shape"], InvalidArgument) and "expected shape" in errors["bad-shape"].message
     assert isinstance(errors["bad-dtype"], InvalidInputError)
-    assert isinstance(errors["bad-model"], StreamRequestError) and "no-such-model" in errors["bad-model"].message
+    assert isinstance(errors["bad-model"], NotFound) and "no-such-model" in errors["bad-model"].message
 
 
 def test_stream_numbers_requests_without_an_id(client: Client) -> None:

@@ -186,6 +186,7 @@ def test_stream_infer_answers_each_request_in_band(server: RunningServer) -> Non
     by_id = {r.infer_response.id: r for r in responses}
     assert set(by_id) == {"s0", "s1", "s2", "s3", "s4", "bad"}
     assert "'missing'" in by_id["bad"].error_message
+    assert by_id["bad"].infer_response.parameters["status_code"].string_param == "NOT_FOUND"
     for i in range(5):
         r = by_id[f"s{i}"]
         assert r.error_message == ""
@@ -225,6 +226,9 @@ def test_repository_index_unload_and_load(server: RunningServer) -> None:
     assert stub.ModelReady(pb.ModelReadyRequest(name="neg")).ready
     with pytest.raises(grpc.RpcError) as info:
         stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="../escape"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="never_heard_of"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 

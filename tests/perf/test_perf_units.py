@@ -1,0 +1,179 @@
+"""Harness pieces without a server: scenario files and flags, request building from model facts
+and cards, h2load output parsing, histograms; plus h2load and the fixed server against a real
+server when h2load is installed."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medserve.perf import h2load
+from medserve.perf.loadgen import split_jobs
+from medserve.perf.measure import latency_summary, stats_delta, status_name
+from medserve.perf.runner import Runner
+from medserve.perf.scenario import (
+    ModelInfo,
+    ModelLoad,
+    Scenario,
+    ScenarioError,
+    Target,
+    TensorInfo,
+    build_payloads,
+    feature_ranges,
+    load_scenario,
+    parse_levels,
+    parse_model_flag,
+)
+from medserve.protos import grpc_service_pb2 as pb
+from medserve.protos.wire import from_raw
+
+import onnx_models
+from conftest import running_server, wait_for
+
+
+def test_scenario_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'name = "mix"\nmode = "open"\nlevels = [100, 200]\narrival = "fixed"\nslo_ms = 20\n'
+        '[[model]]\nname = "rf"\nbatch = 4\nweight = 3\ndeadline_ms = 50\npriority = 1\nshape = { x = [30] }\n'
+        '[[model]]\nname = "mlp"\ndata = "random"\n'
+        '[[target]]\nname = "a"\naddress = "127.0.0.1:1"\npid = 42\n'
+        '[[target]]\nname = "b"\nserve = { repository = "models", workers = 2 }\nmodels = ["rf2", "mlp2"]\n',
+        encoding="utf-8",
+    )
+    sc = load_scenario(path).validate()
+    assert sc.mode == "open" and sc.levels == (100.0, 200.0) and sc.slo_ms == 20
+    assert sc.models[0] == ModelLoad("rf", batch=4, weight=3, deadline_ms=50, priority=1, shape={"x": (30,)})
+    b = sc.targets[1]
+    assert b.serve is not None and b.serve.workers == 2 and b.serve.repository == str(tmp_path / "models")
+    assert [m.model for m in sc.models_for(b)] == ["rf2", "mlp2"]
+    assert sc.as_dict()["targets"][0]["pid"] == 42
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('levels = [1]\n[[model]]\nname = "m"\nbogus = 1\n', "unknown key 'bogus'"),
+        ('mode = "half"\n[[model]]\nname = "m"\n[[target]]\naddress = "h:1"\n', "mode 'half'"),
+        ('[[model]]\nname = "m"\n', "no target"),
+        ('[[model]]\nname = "a"\n[[model]]\nname = "b"\n[[target]]\naddress = "h:1"\ngenerator = "h2load"\n',
+         "h2load generator drives one model"),
+    ],
+)
+def test_bad_scenarios_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario(path).validate()
+
+
+def test_flags() -> None:
+    assert parse_levels("1,8,64") == (1, 8, 64)
+    assert parse_levels("1:64:x4") == (1, 4, 16, 64)
+    assert parse_levels("100:400:+100") == (100, 200, 300, 400)
+    m = parse_model_flag("rf:2,batch=8,weight=0.5,deadline_ms=10,priority=2,data=zeros,send_as=other")
+    assert (m.model, m.version, m.batch, m.weight, m.deadline_ms, m.priority, m.data, m.send_as) == (
+        "rf", "2", 8, 0.5, 10.0, 2, "zeros", "other")
+    with pytest.raises(ScenarioError, match="unknown option 'size'"):
+        parse_model_flag("rf,size=3")
+
+
+def test_requests_use_the_card_ranges_and_the_batch_size() -> None:
+    card = {"feature_names": ["a", "b", "c"], "feature_ranges": {"a": [10, 11], "b": [-5, -4], "c": [0, 1e-3]}}
+    info = ModelInfo("rf", "", (TensorInfo("x", "FP32", (-1, 3)), TensorInfo("k", "INT64", (-1, 1))), True, card)
+    bodies = build_payloads(info, ModelLoad("rf", batch=5, priority=2), count=3)
+    assert len(set(bodies)) == 3  # different data per variant
+    req = pb.ModelInferRequest.FromString(bodies[0])
+    assert req.model_name == "rf" and req.parameters["priority"].uint64_param == 2
+    assert [list(t.shape) for t in req.inputs] == [[5, 3], [5, 1]]
+    x = from_raw(req.raw_input_contents[0], "FP32", (5, 3))
+    assert np.all((x[:, 0] >= 10) & (x[:, 0] <= 11)) and np.all((x[:, 1] >= -5) & (x[:, 1] <= -4))
+    assert feature_ranges({"features": [{"name": "a", "min": 0, "max": 2}]}, 1).tolist() == [[0, 2]]
+    assert feature_ranges(card, 4) is None  # width mismatch: fall back to random data
+    with pytest.raises(ScenarioError, match="variable dims"):
+        build_payloads(ModelInfo("v", "", (TensorInfo("s", "FP32", (-1, -1, 3)),), True), ModelLoad("v"), 1)
+
+
+def test_h2load_output_parsing_and_frame() -> None:
+    text = (
+        "finished in 3.00s, 2994.00 req/s, 602.04KB/s\n"
+        "requests: 11976 total, 12040 started, 11976 done, 11970 succeeded, 6 failed, 0 errored, 0 timeout\n"
+        "status codes: 11970 2xx, 0 3xx, 6 4xx, 0 5xx\n"
+        "time for request:     1.58ms     39.98ms     21.31ms      2.84ms    85.56%\n"
+    )
+    out = h2load.parse_output(text)
+    assert out["rps"] == 2994.0 and out["requests"]["done"] == 11976 and out["requests"]["failed"] == 6
+    assert out["http_codes"]["4xx"] == 6 and out["latency_us"] == {"min": 1580.0, "max": 39980.0, "mean": 21310.0}
+    assert h2load.grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+    assert h2load.split_concurrency(64, 4) == (4, 16) and h2load.split_concurrency(6, 4) == (3, 2)
+    with pytest.raises(h2load.H2LoadError):
+        h2load.parse_output("h2load: connection refused")
+
+
+def test_measure_helpers() -> None:
+    s = latency_summary(np.arange(1, 10001, dtype=np.int64) * 1000)  # 1..10000 µs
+    assert s["count"] == 10000 and abs(s["p50"] - 5000) <= 5 and abs(s["p99"] - 9900) <= 10 and s["max"] >= 9990
+    assert latency_summary(np.zeros(0, np.int64))["p50"] is None
+    assert status_name(0) == "OK" and status_name(5) == "NOT_FOUND" and status_name(-1) == "INCOMPLETE"
+    before = {"m:1": {"inference_count": 10, "execution_count": 10, "success_count": 10, "queue_count": 10,
+                      "queue_ns": 1000}}
+    after = {"m:1": {"inference_count": 110, "execution_count": 35, "success_count": 110, "queue_count": 110,
+                     "queue_ns": 201000}}
+    d = stats_delta(before, after, 2.0)
+    assert d is not None
+    assert d["m:1"]["mean_batch"] == 4.0 and d["m:1"]["queue_us"] == 2.0 and d["m:1"]["success_rps"] == 50.0
+    assert split_jobs(5, 0, 2) == [(3, 0.0, 0.0), (2, 0.0, 0.0)]
+    assert split_jobs(0, 100.0, 2) == [(0, 50.0, 0.0), (0, 50.0, 0.01)]
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load not installed (apt-get install nghttp2-client)")
+def test_h2load_generator_and_fixed_server(make_repo, tmp_path: Path) -> None:
+    """h2load beside the Python generator on one server (the saturation check's shape), and the
+    fixed-response server answering with the real model's bytes."""
+    from medserve.perf.fixed_server import capture, serve
+    from medserve.perf.scenario import fetch_model_info
+
+    repo = make_repo(affine=onnx_models.affine)
+    with running_server(repo) as srv:
+        sc = Scenario(name="h2", levels=(4,), warmup_s=0.2, measure_s=0.6, channels=2,
+                      models=(ModelLoad("affine"),),
+                      targets=(Target("py", srv.target), Target("h2", server_of="py", generator="h2load")))
+        results = Runner(sc, work_dir=tmp_path, progress=None).run()
+        body = build_payloads(fetch_model_info(srv.target, "affine"), ModelLoad("affine"), 1)[0]
+        fixed = capture(srv.target, "affine", body)
+    h2 = results["configs"][1]
+    assert h2["generator"] == "h2load"
+    rep = h2["levels"][0]["repetitions"][0]
+    assert rep["harness"]["grpc_status_check"]["status"] == 0
+    assert rep["statuses"] == {"OK": rep["requests"]} and rep["requests"] > 0
+    assert rep["server"]["models"]["affine:1"]["success"] > 0
+    assert results["comparisons"][0]["throughput_ratio"] > 0
+    response = pb.ModelInferResponse.FromString(fixed["ModelInfer"])
+    assert response.model_name == "affine" and [o.name for o in response.outputs] == ["y", "s"]
+
+    # The fixed server answers the same requests with those bytes and has no statistics.
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    stop = asyncio.Event()
+    ready = tmp_path / "fixed.json"
+    serving = asyncio.run_coroutine_threadsafe(serve(fixed, ready_file=ready, stop=stop), loop)
+    try:
+        wait_for(ready.exists)
+        address = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+        sc = Scenario(name="fixed", levels=(4,), warmup_s=0.2, measure_s=0.5, channels=1,
+                      models=(ModelLoad("affine"),), targets=(Target("fixed", address),))
+        rep = Runner(sc, work_dir=tmp_path, progress=None).run()["configs"][0]["levels"][0]["repetitions"][0]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        serving.result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert rep["statuses"] == {"OK": rep["requests"]} and rep["requests"] > 0
+    assert rep["server"]["models"] is None
