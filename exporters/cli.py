@@ -56,6 +56,12 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("directory", type=Path, help="repository folder to create or add to")
     parser.add_argument("--seed", type=int, default=0, help="seed for data splits, initialization and training")
+    parser.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="leave demo models that already have a folder in the repository as they are "
+        "(so running the README's command again does not publish new versions)",
+    )
     parser.set_defaults(func=run_demo)
     return parser
 
@@ -166,10 +172,18 @@ def run_demo(args: argparse.Namespace) -> int:
     from .errors import ExportError
 
     _quiet_third_party()
+    from .demo import DEMO_MODELS
+
+    names = list(DEMO_MODELS)
+    if args.skip_existing:
+        present = [n for n in names if (args.directory / n).is_dir()]
+        names = [n for n in names if n not in present]
+        if present:
+            print(f"keeping {len(present)} demo models already in {args.directory}")
     print(f"building the demo repository in {args.directory} (seed {args.seed})")
     started = time.perf_counter()
     try:
-        reports = build_demo_repository(args.directory, seed=args.seed)
+        reports = build_demo_repository(args.directory, seed=args.seed, models=names)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -90,3 +90,15 @@ def test_export_pt2_uses_the_programs_example_inputs(tmp_path: Path, capsys: pyt
 def test_demo_repository_parser_is_wired() -> None:
     args = _parse("demo-repository", "somewhere", "--seed", "3")
     assert args.directory == Path("somewhere") and args.seed == 3 and callable(args.func)
+
+
+def test_demo_repository_skip_existing_keeps_what_is_there(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medserve.exporters.demo import DEMO_MODELS
+
+    for name in DEMO_MODELS:
+        (tmp_path / name / "1").mkdir(parents=True)
+    args = _parse("demo-repository", str(tmp_path), "--skip-existing")
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert f"keeping {len(DEMO_MODELS)} demo models" in out and "0 models in" in out
+    assert all(sorted(p.name for p in (tmp_path / n).iterdir()) == ["1"] for n in DEMO_MODELS)
