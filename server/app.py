@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +24,7 @@ from .auth import TokenAuthorizer
 from .config import ServerConfig
 from .errors import ConfigError
 from .inference import InferenceCore
+from .metrics import start_metrics_server
 from .repository import ModelRepository
 from .runtime import usable_providers
 from .service import InferenceServicer, Lifecycle
@@ -61,7 +63,10 @@ class MedserveServer:
         self._health = health_aio.HealthServicer()
         self._reuse_port = reuse_port
         self._server: grpc.aio.Server | None = None
+        self._metrics: WSGIServer | None = None
+        self._stopped = False
         self.port: int | None = None
+        self.metrics_port: int | None = None
 
     async def start(self) -> int:
         await self.repository.load_all(exit_on_error=self.config.exit_on_error)
@@ -91,6 +96,11 @@ class MedserveServer:
             self.port = server.add_secure_port(address, credentials)
         await server.start()
         self._server = server
+        if self.config.metrics_port is not None:
+            self._metrics, _, self.metrics_port = start_metrics_server(
+                self.repository, self.config.host, self.config.metrics_port, self.config.server_name
+            )
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         self.lifecycle.started = True
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -122,6 +132,9 @@ class MedserveServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: refuse new work (UNAVAILABLE, health NOT_SERVING), let in-flight requests
         finish for up to `grace_s`, then unload the models."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         self.lifecycle.draining = True
         await self._health.enter_graceful_shutdown()
@@ -130,6 +143,9 @@ class MedserveServer:
             # elsewhere); once grpc stops, calls it received but had not started end CANCELLED.
             await asyncio.sleep(min(grace, self.config.drain_announce_s))
             await self._server.stop(grace)
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
         await self.repository.close()
         log.info("medserve stopped")
 

@@ -31,6 +31,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates (mutual TLS)")
     p.add_argument("--tokens", default=None, help="JSON file token -> [models | '*']: require bearer tokens")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port (worker i: port+i)")
     p.add_argument("--ready-file", type=Path, default=None, help="write {port, pid} JSON here once ready")
     p.set_defaults(func=_serve)
 
@@ -53,6 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         tokens_file=args.tokens,
+        metrics_port=args.metrics_port,
     )
     try:
         if args.workers > 1:

@@ -126,4 +126,5 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM server certificate chain; with tls_key, serve TLS only
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA bundle: clients must present a certificate it signed
-    tokens_file: str | None = None  # JSON token -> [model names | "*"]; None = no token needed
+    tokens_file: str | None = None
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP on `host`; None = off  # JSON token -> [model names | "*"]; None = no token needed

@@ -40,6 +40,11 @@ def _worker_main(config: ServerConfig, index: int, ready_file: Path, log_level: 
     asyncio.run(app.run(config, ready_file=ready_file, reuse_port=True))
 
 
+def _worker_config(config: ServerConfig, port: int, index: int) -> ServerConfig:
+    metrics = None if config.metrics_port is None else (config.metrics_port + index if config.metrics_port else 0)
+    return replace(config, port=port, server_name=f"medserve-w{index}", metrics_port=metrics)
+
+
 def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None = None, start_timeout_s: float = 300.0) -> int:
     """Start the workers, wait until all are ready, forward SIGTERM/SIGINT, and return non-zero
     if any worker fails."""
@@ -52,7 +57,7 @@ def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None =
         procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(replace(config, port=port, server_name=f"medserve-w{i}"), i, files[i], level),
+                args=(_worker_config(config, port, i), i, files[i], level),
                 name=f"medserve-w{i}",
             )
             for i in range(workers)

@@ -1,0 +1,115 @@
+"""`--workers N` (several processes on one port), Prometheus metrics, and draining on SIGTERM."""
+from __future__ import annotations
+
+import signal
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+import onnx_models
+from conftest import running_server, server_process, wait_for
+from medserve.protos import grpc_service_pb2 as pb
+from medserve.protos import grpc_service_pb2_grpc as pb_grpc
+from medserve.protos.wire import to_raw
+
+
+def affine_request(rows: int = 1, width: int = 4) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="x", datatype="FP32", shape=[rows, width])
+    req.raw_input_contents.append(to_raw(np.ones((rows, width), np.float32)))
+    return req
+
+
+def test_two_workers_share_the_port_and_report_per_worker(make_repo) -> None:  # type: ignore[no-untyped-def]
+    repo = make_repo(m=onnx_models.affine)
+    with server_process(repo, "--workers", "2") as (port, _proc):
+        seen: dict[str, int] = {}
+        for _ in range(64):  # each new channel is a new connection; the kernel spreads them
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                name = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).name
+                stub.ModelInfer(affine_request(), timeout=10)
+                seen[name] = seen.get(name, 0) + 1
+            if len(seen) == 2 and min(seen.values()) >= 2:
+                break
+        assert set(seen) == {"medserve-w0", "medserve-w1"}
+        for name in seen:  # per-worker statistics: each worker counts only what it answered
+            while True:
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                    if stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).name != name:
+                        continue
+                    stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="m"), timeout=10).model_stats[0]
+                    assert stats.inference_stats.success.count >= seen[name]
+                    break
+
+
+def test_prometheus_metrics_come_from_the_statistics(make_repo) -> None:  # type: ignore[no-untyped-def]
+    repo = make_repo(m=onnx_models.affine)
+    with running_server(repo, metrics_port=0) as srv:
+        stub = srv.stub()
+        for rows in (1, 3):
+            stub.ModelInfer(affine_request(rows), timeout=10)
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    base = (("model", "m"), ("version", "1"), ("worker", "medserve"))
+
+    def value(name: str, **extra: str) -> float:
+        return samples[(name, tuple(sorted(base + tuple(extra.items()))))]
+
+    assert value("medserve_requests_total", outcome="success") == 2
+    assert value("medserve_requests_total", outcome="fail") == 0
+    assert value("medserve_inferences_total") == 4 and value("medserve_executions_total") == 2
+    assert value("medserve_batches_total", batch_size="3") == 1
+    assert value("medserve_phase_seconds_total", phase="compute_infer") > 0
+    assert value("medserve_queue_depth") == 0
+
+
+def test_sigterm_drains(make_repo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    repo = make_repo(m=onnx_models.affine)
+    with server_process(repo, "--drain-grace-s", "5") as (port, proc):
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelInfer(affine_request(), timeout=10).model_name == "m"
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: proc.poll() is not None, timeout_s=30)
+        assert proc.returncode == 0
+        channel.close()
+
+
+def test_draining_finishes_in_flight_work_and_refuses_new(make_repo) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import threading
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from conftest import gated_repository
+
+    repo = make_repo(m=onnx_models.slow)  # slow enough to run on a worker thread, not the event loop
+    gate = threading.Event()
+    with running_server(repo, repository_cls=gated_repository({"m": gate}), drain_announce_s=1.0) as srv:
+        stub = srv.stub()
+        in_flight = stub.ModelInfer.future(affine_request(width=1024), timeout=60)
+        wait_for(lambda: srv.server.repository.get("m").batcher.stats().in_flight_requests == 1)
+        stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(60.0), srv.loop)
+        wait_for(lambda: srv.server.lifecycle.draining)
+        try:
+            stub.ModelInfer(affine_request(width=1024), timeout=10)
+            raise AssertionError("a draining server accepted new work")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.details()
+        assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(srv.target))
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        gate.set()
+        assert in_flight.result().model_name == "m"  # accepted work is never lost
+        stopping.result(60)
