@@ -8,11 +8,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-import onnx_models
-from conftest import running_server, server_process, wait_for
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 from medserve.protos.wire import to_raw
+
+import onnx_models
+from conftest import running_server, server_process, wait_for
 
 
 def affine_request(rows: int = 1, width: int = 4) -> pb.ModelInferRequest:
