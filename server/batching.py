@@ -399,6 +399,9 @@ class Batcher:
         if request.timeout_us and policy.allow_timeout_override:  # may only shorten the policy's
             timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        if self._runs_now(request.rows):
+            self._run_inline(request, future)
+            return future
         item = QueuedItem(
             request=request,
             future=future,
@@ -410,9 +413,35 @@ class Batcher:
         )
         self._queue.append(item)
         self._level_counts[level] = self._level_counts.get(level, 0) + 1
-        future.add_done_callback(self._on_done)
         self._wake()
         return future
+
+    def _runs_now(self, rows: int) -> bool:
+        """The policy's answer for a lone request on an idle batcher with no delay is "run it
+        now, alone"; when it would also run on the event loop (cheap), skip the queue and the
+        driver altogether. While anything is queued or running, requests queue and batch."""
+        if self._queue or self._in_flight or self._policy.max_queue_delay_s > 0:
+            return False
+        estimate = self.cost.estimate(rows)
+        return 0 < estimate < self._inline_below_s
+
+    def _run_inline(self, request: BatchRequest, future: asyncio.Future[Arrays]) -> None:
+        outcome = self._execute([request])
+        self._record([request], [0], outcome)
+        result = outcome.outputs[0]
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    def _record(self, requests: Sequence[BatchRequest], queue_ns: list[int], outcome: _Outcome) -> None:
+        if outcome.failed_runs == 0:
+            self.cost.observe(sum(r.rows for r in requests), outcome.infer_ns / 1e9)
+        if self._observer is not None:
+            self._observer.on_batch(
+                sum(r.rows for r in requests), queue_ns, outcome.input_ns, outcome.infer_ns, outcome.output_ns
+            )
+        self._executed += 1
 
     def _level(self, priority: int) -> tuple[int, QueuePolicy]:
         cfg = self._config
@@ -431,9 +460,10 @@ class Batcher:
             level = priority
         return level, cfg.policy_for(level)
 
-    def _on_done(self, future: asyncio.Future[Arrays]) -> None:
-        if future.cancelled():
-            self._wake()  # let the driver drop it now, not at the next batch
+    def cancel(self, future: asyncio.Future[Arrays]) -> None:
+        """The caller went away: cancel its request so the driver drops it now (it never runs)."""
+        future.cancel()  # (asyncio has usually cancelled it already, with the awaiting task)
+        self._wake()
 
     def _wake(self) -> None:
         if self._wakeup is not None:
@@ -507,12 +537,7 @@ class Batcher:
                 outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._execute, requests)
             if previous is not None:
                 await previous
-            if outcome.failed_runs == 0:
-                self.cost.observe(rows, outcome.infer_ns / 1e9)
-            if self._observer is not None:
-                queue_ns = [int((start - it.enqueued_s) * 1e9) for it in items]
-                self._observer.on_batch(rows, queue_ns, outcome.input_ns, outcome.infer_ns, outcome.output_ns)
-            self._executed += 1
+            self._record(requests, [int((start - it.enqueued_s) * 1e9) for it in items], outcome)
             for item, result in zip(items, outcome.outputs, strict=True):
                 if item.future.done():
                     continue

@@ -4,6 +4,7 @@ outputs, and record statistics. No protobuf, no gRPC.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from medserve.protos.wire import datatype_of
 
 from .batching import BatchRequest, Clock
 from .config import ModelConfig
-from .errors import InvalidInput, MedserveError
+from .errors import ExecutionError, InvalidInput
 from .repository import LoadedVersion, ModelRepository
 
 
@@ -153,8 +154,9 @@ class InferenceCore:
                 raise InvalidInput(f"model {label}: unknown output {name!r}; outputs are {sorted(known)}")
         inputs, rows = validate(label, config, request.inputs)
         batching = config.max_batch_size > 0
-        assert loaded.batcher is not None
-        outputs = await loaded.batcher.submit(
+        batcher = loaded.batcher
+        assert batcher is not None
+        future = batcher.submit(
             BatchRequest(
                 inputs=inputs,
                 rows=rows,
@@ -164,10 +166,15 @@ class InferenceCore:
                 timeout_us=request.timeout_us,
             )
         )
+        try:
+            outputs = await future
+        except asyncio.CancelledError:
+            batcher.cancel(future)  # the client went away: drop the queued request at once
+            raise
         tensors = []
         for name in wanted:
             array = outputs.get(name)
             if array is None:
-                raise MedserveError(f"model {label}: runtime returned no output {name!r}")
+                raise ExecutionError(f"model {label}: runtime returned no output {name!r}")
             tensors.append(OutputTensor(name, known[name].datatype, array))
         return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors))

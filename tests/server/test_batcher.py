@@ -135,7 +135,7 @@ async def test_cancelled_request_is_removed_and_never_runs() -> None:
     first = await hold_first_batch(batcher, runner)
     cancelled = batcher.submit(request(5.0))
     kept = batcher.submit(request(6.0))
-    cancelled.cancel()
+    batcher.cancel(cancelled)
     runner.gate.set()
     await asyncio.gather(first, kept)
     assert runner.batches == [1, 1]  # the cancelled request's row never reached the runner
