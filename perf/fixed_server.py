@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -72,7 +73,7 @@ def capture(target: str, model: str, request: bytes, version: str = "") -> dict[
 
     with grpc.insecure_channel(target) as channel:
         def call(method: str, body: bytes) -> bytes:
-            rpc = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
+            rpc: Any = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
             return rpc(body, timeout=30)
 
         meta = call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=version).SerializeToString())

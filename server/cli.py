@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     # Their modules import torch / matplotlib only inside the handlers, so `serve` stays light.
     from medserve.exporters.cli import add_subcommands as add_export
+    from medserve.perf.cli import add_subcommands as add_perf
 
     add_export(subparsers)
+    add_perf(subparsers)
     return parser
 
 

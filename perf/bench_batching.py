@@ -1,0 +1,313 @@
+"""Dynamic micro-batching benchmark: does batching pay on CPU, and how close does medserve come
+to the Python gRPC transport's ceiling?
+
+    python -m medserve.perf.bench_batching            # about 4 minutes on 2 cores
+    python -m medserve.perf.bench_batching --measure-s 2 --levels 1,64 --workers 1
+    python -m medserve.perf.bench_batching --build-repository perf/results/bench-repo   # repo only
+
+What it does, in one run:
+  1. builds a repository: a RandomForestClassifier (100 trees) and an MLP (scikit-learn
+     MLPClassifier behind a StandardScaler), both trained on load_breast_cancer (30 features) and
+     exported with skl2onnx (zipmap off, FP32 input [N, 30]); each in two variants:
+     `<m>_off` (max_batch_size 64, no dynamic_batching) and `<m>_on` (dynamic_batching with
+     max_queue_delay_microseconds 0). Each version has a model card with the training data's
+     feature ranges, from which the harness draws request data;
+  2. for `medserve serve` with 1 and with 2 workers: starts it, captures one real response of
+     `rf_on`, starts `perf/fixed_server.py` with as many workers answering with those bytes (the
+     transport ceiling; the MLP's responses have the same size, so it serves as its ceiling too),
+     and measures batch-1 requests at concurrency 1, 8, 64, 256 with the
+     `medserve.perf` harness (Python generator: one load process, grpc.aio, pre-encoded
+     requests), all five configurations interleaved level by level;
+  3. measures onnxruntime in-process (medserve's own `OnnxModel`, same session options) at the
+     mean batch sizes the server actually formed (ModelStatistics);
+  4. prints throughput, p50, p99, mean batch size and the ratios below, and writes everything to
+     perf/results/bench_batching-<time>.json.
+
+Targets (CPU): medserve/fixed throughput at c=64 and 256 >= 0.7 with 1 worker and >= 1.0 with 2
+workers (batching on); batching on/off >= 1.0; c=1 p50 within 150 µs of fixed p50 + engine time.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODELS = ("rf", "mlp")
+VARIANTS = ("off", "on")
+CONFIG_OFF = 'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\n'
+CONFIG_ON = CONFIG_OFF + "dynamic_batching {{ max_queue_delay_microseconds: 0 }}\n"
+TARGETS = {"fixed_ratio_1w": 0.7, "fixed_ratio_2w": 1.0, "on_off": 1.0, "c1_overhead_us": 150.0}
+
+
+# -- repository --------------------------------------------------------------------------------
+
+
+def _train() -> tuple[dict[str, Any], np.ndarray, list[str]]:
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    data = load_breast_cancer()
+    x = data.data.astype(np.float32)
+    y = data.target
+    rf = RandomForestClassifier(n_estimators=100, random_state=0).fit(x, y)
+    mlp = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(64, 32), max_iter=500, random_state=0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter
+        mlp.fit(x, y)
+    return {"rf": rf, "mlp": mlp}, x, [str(n) for n in data.feature_names]
+
+
+def _to_onnx(model: Any) -> bytes:
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    classifier = model.steps[-1][1] if hasattr(model, "steps") else model
+    onx = convert_sklearn(model, initial_types=[("input", FloatTensorType([None, 30]))],
+                          options={id(classifier): {"zipmap": False}}, target_opset=17)
+    return onx.SerializeToString()
+
+
+def build_repository(root: Path) -> dict[str, Any]:
+    """The four models (rf/mlp x batching off/on), each with a card holding feature ranges."""
+    models, x, names = _train()
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    ranges = {n: [float(a), float(b)] for n, a, b in zip(names, lo, hi, strict=True)}
+    info: dict[str, Any] = {"samples": int(x.shape[0]), "features": int(x.shape[1])}
+    for kind, model in models.items():
+        onnx_bytes = _to_onnx(model)
+        sha = hashlib.sha256(onnx_bytes).hexdigest()
+        info[kind] = {"onnx_bytes": len(onnx_bytes), "sha256": sha}
+        for variant in VARIANTS:
+            name = f"{kind}_{variant}"
+            version_dir = root / name / "1"
+            version_dir.mkdir(parents=True, exist_ok=True)
+            (version_dir / "model.onnx").write_bytes(onnx_bytes)
+            card = {"name": name, "model_sha256": sha, "feature_names": names, "feature_ranges": ranges,
+                    "class_labels": ["malignant", "benign"]}
+            (version_dir / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
+            template = CONFIG_ON if variant == "on" else CONFIG_OFF
+            (root / name / "config.pbtxt").write_text(template.format(name=name), encoding="utf-8")
+    return info
+
+
+# -- onnxruntime in-process ------------------------------------------------------------------
+
+
+def engine_us(model_path: Path, batch: int, seconds: float = 0.3) -> float:
+    """Median µs of one run of medserve's own OnnxModel at `batch` rows (same session options)."""
+    from medserve.server.runtime import OnnxModel, SessionOptions
+
+    model = OnnxModel(model_path, SessionOptions(providers=("CPUExecutionProvider",)))
+    rng = np.random.default_rng(0)
+    feed = {"input": rng.random((batch, 30), dtype=np.float32) * 100}
+    for _ in range(20):
+        model(feed)
+    samples: list[int] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(samples) < 50:
+        t0 = time.perf_counter_ns()
+        model(feed)
+        samples.append(time.perf_counter_ns() - t0)
+    return float(np.median(samples)) / 1e3
+
+
+# -- the sweep -------------------------------------------------------------------------------
+
+
+def _sweep(repo: Path, workers: int, levels: tuple[float, ...], warmup_s: float, measure_s: float,
+           work: Path, repetitions: int = 1) -> dict[str, Any]:
+    from . import serverproc
+    from .fixed_server import capture
+    from .runner import Runner
+    from .scenario import ModelLoad, Scenario, Target, build_payloads, fetch_model_info
+
+    with contextlib.ExitStack() as stack:
+        srv = stack.enter_context(serverproc.medserve(repo, workers, log_dir=work))
+        print(f"medserve serve --workers {workers}: {srv.address} (pid {srv.pid}, workers {srv.worker_pids})",
+              file=sys.stderr)
+        info = fetch_model_info(srv.address, "rf_on", repository=str(repo))
+        body = build_payloads(info, ModelLoad("rf_on"), 1)[0]
+        responses = capture(srv.address, "rf_on", body)
+        fixed = stack.enter_context(serverproc.fixed_server(srv.address, "rf_on", workers, log_dir=work))
+        print(f"fixed server --workers {workers}: {fixed.address} ({len(responses['ModelInfer'])}-byte response)",
+              file=sys.stderr)
+        targets = [Target(f"{m}_{v}", srv.address, pid=srv.pid, workers=workers, models=(f"{m}_{v}",),
+                          repository=str(repo)) for m in MODELS for v in VARIANTS]
+        targets.append(Target("fixed", fixed.address, pid=fixed.pid, models=("rf_on",)))
+        scenario = Scenario(
+            name=f"bench_batching-w{workers}", mode="closed", levels=levels, warmup_s=warmup_s, measure_s=measure_s,
+            repetitions=repetitions, processes=1, channels=8, models=(ModelLoad("model", batch=1, data="card"),), targets=tuple(targets),
+        )
+        return Runner(scenario, work_dir=work, progress=sys.stderr).run()
+
+
+def _level(results: dict[str, Any], config: str, level: float) -> dict[str, Any] | None:
+    cfg = next((c for c in results["configs"] if c["name"] == config), None)
+    if cfg is None:
+        return None
+    return next((lv for lv in cfg["levels"] if lv["level"] == level), None)
+
+
+def _mean_batch(lv: dict[str, Any]) -> float | None:
+    models = lv.get("server_models") or {}
+    return next((m.get("mean_batch") for m in models.values()), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def analyse(sweeps: dict[int, dict[str, Any]], repo: Path, levels: tuple[float, ...]) -> dict[str, Any]:
+    """Rows per (workers, config, level) with the in-process engine figures, and the ratios."""
+    engine: dict[tuple[str, int], float] = {}
+
+    def engine_at(model: str, batch: int) -> float:
+        key = (model, batch)
+        if key not in engine:
+            engine[key] = round(engine_us(repo / f"{model}_on" / "1" / "model.onnx", batch), 1)
+        return engine[key]
+
+    rows = []
+    ratios: dict[str, Any] = {"fixed": [], "on_off": [], "c1": []}
+    for workers, res in sweeps.items():
+        for cfg in res["configs"]:
+            for lv in cfg["levels"]:
+                batch = _mean_batch(lv)
+                row = {
+                    "workers": workers, "config": cfg["name"], "level": lv["level"],
+                    "throughput_rps": lv["throughput_rps"], "p50_us": lv["latency_us"]["p50"],
+                    "p99_us": lv["latency_us"]["p99"], "mean_batch": batch,
+                    "errors": sum(v for k, v in lv["statuses"].items() if k != "OK"),
+                    "server_cores": lv["server_cpu_cores"], "harness_cores": lv["harness_cores"],
+                }
+                if batch:
+                    b = max(1, round(batch))
+                    us = engine_at(cfg["name"].split("_")[0], b)
+                    row["engine_batch"] = b
+                    row["engine_us"] = us
+                    row["engine_rows_per_s"] = round(b / us * 1e6)
+                rows.append(row)
+        for m in MODELS:
+            for level in levels:
+                on, off, fx = _level(res, f"{m}_on", level), _level(res, f"{m}_off", level), _level(res, "fixed", level)
+                if on is None or off is None or fx is None:
+                    continue
+                if level in (64, 256):
+                    target = TARGETS["fixed_ratio_1w" if workers == 1 else "fixed_ratio_2w"]
+                    for v, lv in (("on", on), ("off", off)):
+                        r = _ratio(lv["throughput_rps"], fx["throughput_rps"])
+                        ratios["fixed"].append({"workers": workers, "model": m, "variant": v, "level": level,
+                                                "ratio": r, "target": target,
+                                                "met": None if v == "off" else (r is not None and r >= target)})
+                r = _ratio(on["throughput_rps"], off["throughput_rps"])
+                ratios["on_off"].append({"workers": workers, "model": m, "level": level, "ratio": r,
+                                         "target": TARGETS["on_off"], "met": r is not None and r >= TARGETS["on_off"]})
+                if level == 1:
+                    eng = engine_at(m, 1)
+                    for v, lv in (("on", on), ("off", off)):
+                        p50, fp50 = lv["latency_us"]["p50"], fx["latency_us"]["p50"]
+                        over = None if p50 is None or fp50 is None else round(p50 - (fp50 + eng), 1)
+                        ratios["c1"].append({"workers": workers, "model": m, "variant": v, "p50_us": p50,
+                                             "fixed_p50_us": fp50, "engine_us": eng, "overhead_us": over,
+                                             "target_us": TARGETS["c1_overhead_us"],
+                                             "met": over is not None and over <= TARGETS["c1_overhead_us"]})
+    return {"rows": rows, "ratios": ratios, "engine_us": {f"{m}@{b}": v for (m, b), v in engine.items()}}
+
+
+def _fmt(v: Any, digits: int = 0) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def print_report(analysis: dict[str, Any]) -> None:
+    print(f"{'w':>2} {'config':<8} {'c':>4} {'req/s':>8} {'p50 µs':>8} {'p99 µs':>8} {'batch':>6} {'err':>5} "
+          f"{'srvCPU':>6} {'genCPU':>6} {'ORT@batch rows/s':>17}")
+    for r in analysis["rows"]:
+        eng = f"{r['engine_rows_per_s']:>9} @{r['engine_batch']:<3}" if "engine_us" in r else "-"
+        print(f"{r['workers']:>2} {r['config']:<8} {r['level']:>4g} {r['throughput_rps']:>8.0f} {_fmt(r['p50_us']):>8} "
+              f"{_fmt(r['p99_us']):>8} {_fmt(r['mean_batch'], 2):>6} {r['errors']:>5} {_fmt(r['server_cores'], 2):>6} "
+              f"{_fmt(r['harness_cores'], 2):>6} {eng:>17}")
+    print("\nmedserve / fixed throughput (target on batching-on rows):")
+    for x in analysis["ratios"]["fixed"]:
+        mark = "" if x["met"] is None else ("  met" if x["met"] else "  MISSED")
+        print(f"  w{x['workers']} {x['model']}_{x['variant']:<3} c={x['level']:<4g} {_fmt(x['ratio'], 3):>6} "
+              f"(target >= {x['target']}){mark}")
+    print("batching on / off throughput:")
+    for x in analysis["ratios"]["on_off"]:
+        print(f"  w{x['workers']} {x['model']:<4} c={x['level']:<4g} {_fmt(x['ratio'], 3):>6} (target >= {x['target']})"
+              f"  {'met' if x['met'] else 'MISSED'}")
+    print("c=1 p50 - (fixed p50 + engine time at batch 1):")
+    for x in analysis["ratios"]["c1"]:
+        print(f"  w{x['workers']} {x['model']}_{x['variant']:<3} p50 {_fmt(x['p50_us'])} µs, fixed {_fmt(x['fixed_p50_us'])}"
+              f" + engine {_fmt(x['engine_us'], 1)} -> {_fmt(x['overhead_us'])} µs (target <= {x['target_us']:g})"
+              f"  {'met' if x['met'] else 'MISSED'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medserve.perf.bench_batching", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default="1,8,64,256", help="concurrencies (batch-1 requests)")
+    parser.add_argument("--workers", default="1,2", help="server worker counts to measure")
+    parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument("--measure-s", type=float, default=3.0)
+    parser.add_argument("--repetitions", type=int, default=1, help="measurements per level (interleaved)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default perf/results)")
+    parser.add_argument("--build-repository", type=Path, default=None, metavar="DIR",
+                        help="only build the four-model repository into DIR and exit")
+    args = parser.parse_args(argv)
+    if args.build_repository is not None:
+        print(json.dumps(build_repository(args.build_repository), indent=1))
+        return 0
+    levels = tuple(float(v) for v in args.levels.split(","))
+    out_dir = args.out or Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="medserve-bench-") as tmp:
+        repo = Path(tmp) / "repo"
+        work = Path(tmp) / "work"
+        work.mkdir()
+        print("training and exporting rf and mlp ...", file=sys.stderr)
+        repo_info = build_repository(repo)
+        sweeps = {}
+        for w in (int(x) for x in args.workers.split(",")):
+            sweeps[w] = _sweep(repo, w, levels, args.warmup_s, args.measure_s, work, args.repetitions)
+        print("onnxruntime in-process at the mean batch sizes formed ...", file=sys.stderr)
+        analysis = analyse(sweeps, repo, levels)
+    print_report(analysis)
+    warnings = sorted({f"{n} workers: {x}" for n, s in sweeps.items() for x in s["warnings"]})
+    for line in warnings:
+        print(f"warning: {line}")
+    result = {
+        "schema": "medserve.perf.bench_batching/1",
+        "started_unix": round(started, 3),
+        "duration_s": round(time.time() - started, 1),
+        "host": {"cpus": os.cpu_count()},
+        "generator": "medserve.perf python generator: 1 load process, grpc.aio, 8 channels, pre-encoded requests",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "repository": repo_info,
+        "targets": TARGETS,
+        **analysis,
+        "warnings": warnings,
+        "sweeps": {str(w): s for w, s in sweeps.items()},
+    }
+    path = out_dir / f"bench_batching-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"\nresults: {path}  ({result['duration_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

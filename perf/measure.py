@@ -1,0 +1,230 @@
+"""Measurements around the load: latency histograms (HdrHistogram), the server's own
+ModelStatistics before and after the window (per worker process, summed), and CPU and RSS of
+processes read from /proc (the server) or getrusage (the harness).
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+CDF_POINTS = (0.0, 1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97.5, 99, 99.5, 99.9, 99.95, 99.99, 100.0)
+HIGHEST_US = 3_600_000_000  # one hour
+
+
+def status_name(code: int) -> str:
+    """gRPC status code number -> name (INCOMPLETE for -1: unanswered when the drain ran out)."""
+    import grpc
+
+    if code == -1:
+        return "INCOMPLETE"
+    for sc in grpc.StatusCode:
+        if sc.value[0] == code:
+            return sc.name
+    return f"CODE_{code}"
+
+
+def histogram(latencies_us: Iterable[int]) -> Any:
+    from hdrh.histogram import HdrHistogram
+
+    h = HdrHistogram(1, HIGHEST_US, 3)
+    for v in latencies_us:
+        h.record_value(min(max(1, int(v)), HIGHEST_US))
+    return h
+
+
+def latency_summary(latency_ns: np.ndarray) -> dict[str, Any]:
+    """p50/p90/p99/p99.9, max, min, mean (µs) and a coarse CDF, from an HdrHistogram (3
+    significant digits). Empty input gives None values."""
+    if latency_ns.size == 0:
+        return {"count": 0, **{f"p{p:g}": None for p in PERCENTILES}, "max": None, "min": None, "mean": None,
+                "cdf": []}
+    us = np.maximum(1, np.rint(latency_ns / 1e3)).astype(np.int64)
+    values, counts = np.unique(us, return_counts=True)
+    from hdrh.histogram import HdrHistogram
+
+    h = HdrHistogram(1, HIGHEST_US, 3)
+    for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+        h.record_value(min(v, HIGHEST_US), c)
+    out: dict[str, Any] = {"count": int(h.get_total_count())}
+    for p in PERCENTILES:
+        out[f"p{p:g}"] = float(h.get_value_at_percentile(p))
+    out["max"] = float(h.get_max_value())
+    out["min"] = float(h.get_min_value())
+    out["mean"] = round(float(h.get_mean_value()), 1)
+    out["cdf"] = [[p, float(h.get_value_at_percentile(p) if p > 0 else h.get_min_value())] for p in CDF_POINTS]
+    return out
+
+
+# -- /proc ----------------------------------------------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and all its descendants (so `medserve serve --workers N` counts every worker)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def _proc_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcSnapshot:
+    at_s: float
+    cpu_s: dict[int, float]
+    rss_bytes: int
+
+
+def proc_snapshot(pids: Iterable[int]) -> ProcSnapshot | None:
+    cpu: dict[int, float] = {}
+    rss = 0
+    for pid in pids:
+        try:
+            cpu[pid] = _proc_cpu_s(pid)
+            rss += _proc_rss_bytes(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return ProcSnapshot(time.monotonic(), cpu, rss) if cpu else None
+
+
+def proc_delta(before: ProcSnapshot | None, after: ProcSnapshot | None) -> dict[str, float] | None:
+    """Cores used (CPU seconds / wall seconds, summed over processes) and RSS at the end (MiB)."""
+    if before is None or after is None:
+        return None
+    wall = after.at_s - before.at_s
+    used = sum(after.cpu_s[p] - before.cpu_s[p] for p in after.cpu_s if p in before.cpu_s)
+    return {"cpu_cores": round(used / wall, 3) if wall > 0 else 0.0, "rss_mib": round(after.rss_bytes / 2**20, 1),
+            "processes": len(after.cpu_s)}
+
+
+# -- server statistics ----------------------------------------------------------------------
+
+_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+class StatsProbe:
+    """ModelStatistics of every worker behind one address. Workers share a port
+    (SO_REUSEPORT) and each keeps its own statistics, so the probe opens separate connections
+    until it has met `workers` distinct ServerMetadata names (or gives up after `tries`)."""
+
+    def __init__(self, address: str, workers: int | None = None, tries: int = 48) -> None:
+        import grpc
+
+        from medserve.protos import grpc_service_pb2 as pb
+        from medserve.protos import grpc_service_pb2_grpc as pb_grpc
+
+        self._pb = pb
+        self._grpc = grpc
+        self._channels: list[Any] = []
+        self.stubs: dict[str, Any] = {}
+        self.available = True
+        want = workers or 1
+        for i in range(tries if workers and workers > 1 else 1):
+            ch = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1),
+                                                         ("medserve.perf.probe", i)])
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            try:
+                name = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).name
+            except grpc.RpcError:
+                name = f"server-{i}"
+            if name in self.stubs:
+                ch.close()
+                continue
+            self._channels.append(ch)
+            self.stubs[name] = stub
+            if len(self.stubs) >= want:
+                break
+
+    def snapshot(self) -> dict[str, dict[str, int]] | None:
+        """model -> counters summed over workers; None if the server has no statistics."""
+        if not self.available:
+            return None
+        total: dict[str, dict[str, int]] = {}
+        for stub in self.stubs.values():
+            try:
+                resp = stub.ModelStatistics(self._pb.ModelStatisticsRequest(), timeout=10)
+            except self._grpc.RpcError:
+                self.available = False
+                return None
+            for s in resp.model_stats:
+                key = s.name if not s.version else f"{s.name}:{s.version}"
+                agg = total.setdefault(key, {})
+                agg["inference_count"] = agg.get("inference_count", 0) + s.inference_count
+                agg["execution_count"] = agg.get("execution_count", 0) + s.execution_count
+                for d in _DURATIONS:
+                    dur = getattr(s.inference_stats, d)
+                    agg[f"{d}_count"] = agg.get(f"{d}_count", 0) + dur.count
+                    agg[f"{d}_ns"] = agg.get(f"{d}_ns", 0) + dur.ns
+        return total
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()
+
+
+def stats_delta(before: Mapping[str, Mapping[str, int]] | None, after: Mapping[str, Mapping[str, int]] | None,
+                window_s: float) -> dict[str, dict[str, float | None]] | None:
+    """Per model: requests answered by the server in the window, mean queue and compute times
+    (µs per request) and the mean batch size formed (Δinference_count / Δexecution_count)."""
+    if before is None or after is None:
+        return None
+    out: dict[str, dict[str, float | None]] = {}
+    for key, a in after.items():
+        b = before.get(key, {})
+
+        def d(name: str, a: Mapping[str, int] = a, b: Mapping[str, int] = b) -> int:
+            return a.get(name, 0) - b.get(name, 0)
+
+        executions = d("execution_count")
+        if executions == 0 and d("success_count") == 0 and d("fail_count") == 0:
+            continue
+
+        def mean_us(name: str) -> float | None:
+            n = d(f"{name}_count")
+            return round(d(f"{name}_ns") / n / 1e3, 1) if n else None
+
+        out[key] = {
+            "success": d("success_count"),
+            "fail": d("fail_count"),
+            "success_rps": round(d("success_count") / window_s, 1),
+            "inferences": d("inference_count"),
+            "executions": executions,
+            "mean_batch": round(d("inference_count") / executions, 2) if executions else None,
+            "queue_us": mean_us("queue"),
+            "compute_input_us": mean_us("compute_input"),
+            "compute_infer_us": mean_us("compute_infer"),
+            "compute_output_us": mean_us("compute_output"),
+            "request_us": mean_us("success"),
+        }
+    return out

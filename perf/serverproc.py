@@ -1,0 +1,86 @@
+"""Servers the harness starts itself: `medserve serve` (or the fixed-response server) as a child
+process on a free port, ready once it wrote its ready file; stopped with SIGTERM (drain)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServerHandle:
+    address: str
+    pid: int
+    worker_pids: list[int] = field(default_factory=list)
+    log_path: Path | None = None
+
+    @property
+    def workers(self) -> int:
+        return max(1, len(self.worker_pids))
+
+
+@contextlib.contextmanager
+def start_process(cmd: Sequence[str], ready_file: Path, log_path: Path, timeout_s: float = 180,
+                  host: str = "127.0.0.1") -> Iterator[ServerHandle]:
+    """Run `cmd` (which must write {port, pid[, workers]} to `ready_file`), yield its handle,
+    stop it with SIGTERM (then SIGKILL after 30 s)."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready_file.exists():
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{cmd[2] if len(cmd) > 2 else cmd[0]} exited with {proc.returncode} "
+                                   f"before it was ready:\n{tail}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not ready after {timeout_s:.0f} s (log: {log_path})")
+            time.sleep(0.05)
+        ready = json.loads(ready_file.read_text())
+        yield ServerHandle(f"{host}:{ready['port']}", proc.pid, list(ready.get("workers", [])), log_path)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            ready_file.unlink()
+
+
+@contextlib.contextmanager
+def medserve(repository: str | Path, workers: int = 1, args: Sequence[str] = (), log_dir: Path | None = None,
+             log_level: str = "WARNING") -> Iterator[ServerHandle]:
+    """`medserve serve --repository R --port 0 --workers N ARGS` on 127.0.0.1."""
+    tmp = Path(log_dir or tempfile.gettempdir())
+    tmp.mkdir(parents=True, exist_ok=True)
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    ready = tmp / f"medserve-ready-{stamp}.json"
+    cmd = [sys.executable, "-m", "medserve.server.cli", "--log-level", log_level, "serve",
+           "--repository", str(repository), "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
+           "--workers", str(workers), *args]
+    with start_process(cmd, ready, tmp / f"medserve-{stamp}.log") as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def fixed_server(capture_from: str, model: str, workers: int = 1, batch: int = 1,
+                 log_dir: Path | None = None) -> Iterator[ServerHandle]:
+    """`python -m medserve.perf.fixed_server` answering with `model`'s real responses."""
+    tmp = Path(log_dir or tempfile.gettempdir())
+    tmp.mkdir(parents=True, exist_ok=True)
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    ready = tmp / f"fixed-ready-{stamp}.json"
+    cmd = [sys.executable, "-m", "medserve.perf.fixed_server", "--capture-from", capture_from, "--model", model,
+           "--batch", str(batch), "--port", "0", "--workers", str(workers), "--ready-file", str(ready)]
+    with start_process(cmd, ready, tmp / f"fixed-{stamp}.log") as handle:
+        yield handle
