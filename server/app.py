@@ -4,6 +4,7 @@ servicer, health and reflection services — into a running grpc.aio server.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -101,6 +102,9 @@ class MedserveServer:
                 self.repository, self.config.host, self.config.metrics_port, self.config.server_name
             )
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+        # The models, sessions and imported modules live as long as the process: keep the
+        # garbage collector from rescanning them on every collection of the request path.
+        gc.freeze()
         self.lifecycle.started = True
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -236,8 +236,12 @@ def decide(
     if not live:
         return Decision(expire=tuple(expire), drop=tuple(drop))
 
+    # The queue is in arrival order; only priorities or delayed timeouts reorder it.
+    first_level = live[0].level
+    if any(it.level != first_level or it.delay_on_timeout for it in live):
+        live.sort(key=lambda it: _rank(it, now))
     groups: dict[Hashable, list[QueuedItem]] = {}
-    for item in sorted(live, key=lambda it: _rank(it, now)):
+    for item in live:
         groups.setdefault(item.key, []).append(item)
 
     best: tuple[tuple[bool, int, int], list[QueuedItem]] | None = None
@@ -413,7 +417,8 @@ class Batcher:
         )
         self._queue.append(item)
         self._level_counts[level] = self._level_counts.get(level, 0) + 1
-        self._wake()
+        if self._in_flight < self._instances:  # otherwise the end of a batch wakes the driver
+            self._wake()
         return future
 
     def _runs_now(self, rows: int) -> bool:
@@ -499,13 +504,12 @@ class Batcher:
             if self._stopping and not self._queue and not self._in_flight:
                 return
             self._wakeup.clear()
-            if decision.wait_s is None:
-                await self._wakeup.wait()
-            else:
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), decision.wait_s)
-                except TimeoutError:
-                    pass
+            timer = None
+            if decision.wait_s is not None:  # a timer, not wait_for: no Task per wait
+                timer = asyncio.get_running_loop().call_later(decision.wait_s, self._wakeup.set)
+            await self._wakeup.wait()
+            if timer is not None:
+                timer.cancel()
 
     def _dispatch(self, items: list[QueuedItem]) -> None:
         self._in_flight += 1

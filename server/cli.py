@@ -20,7 +20,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--max-message-mb", type=int, default=1024, help="cap on one gRPC message, MiB")
     p.add_argument("--max-queue-size", type=int, default=4096, help="cap on queued requests per model version")
-    p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its choice)")
+    p.add_argument(
+        "--intra-op-threads", type=int, default=1,
+        help="onnxruntime intra-op threads per session (default 1; 0 = one per core: large CNNs on CPU)",
+    )
     p.add_argument("--inter-op-threads", type=int, default=0, help="onnxruntime inter-op threads (0 = its choice)")
     p.add_argument("--providers", default=None, help="comma-separated execution providers (default: best usable)")
     p.add_argument("--drain-grace-s", type=float, default=10.0, help="seconds in-flight requests get on shutdown")

@@ -61,57 +61,75 @@ def _typed_array(label: str, tensor: pb.ModelInferRequest.InferInputTensor, shap
 
 
 def decode_infer_request(request: pb.ModelInferRequest, deadline_s: float | None = None) -> InferRequest:
-    """Validate the message's structure and turn it into arrays (the model checks the rest)."""
-    label = _label(request)
+    """Validate the message's structure and turn it into arrays (the model checks the rest).
+    This runs for every request: checks are ordered so the common, valid case does the least."""
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    tensors = request.inputs
+    if raw and len(raw) != len(tensors):
         raise InvalidInput(
-            f"model {label}: {len(request.inputs)} inputs but {len(raw)} raw_input_contents entries; "
+            f"model {_label(request)}: {len(tensors)} inputs but {len(raw)} raw_input_contents entries; "
             "expected one per input, in order"
         )
     inputs: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
+    for i, tensor in enumerate(tensors):
         name = tensor.name
+        datatype = tensor.datatype
         if name in inputs:
-            raise InvalidInput(f"model {label}: input {name!r} is given twice")
-        if tensor.datatype not in DATATYPES or tensor.datatype == "BF16":
+            raise InvalidInput(f"model {_label(request)}: input {name!r} is given twice")
+        if datatype not in DATATYPES or datatype == "BF16":
             raise InvalidInput(
-                f"model {label}: input {name!r}: unsupported datatype {tensor.datatype!r}; expected one of "
+                f"model {_label(request)}: input {name!r}: unsupported datatype {datatype!r}; expected one of "
                 f"{', '.join(d for d in DATATYPES if d != 'BF16')}"
             )
-        if any(k in tensor.parameters for k in SHARED_MEMORY_KEYS):
-            raise InvalidInput(f"model {label}: input {name!r}: shared memory is not supported by this server")
-        shape = tuple(int(d) for d in tensor.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"model {label}: input {name!r}: shape {list(shape)} has a negative dimension")
+        if tensor.parameters and any(k in tensor.parameters for k in SHARED_MEMORY_KEYS):
+            raise InvalidInput(
+                f"model {_label(request)}: input {name!r}: shared memory is not supported by this server"
+            )
+        shape = tuple(tensor.shape)
+        if shape and min(shape) < 0:
+            raise InvalidInput(
+                f"model {_label(request)}: input {name!r}: shape {list(shape)} has a negative dimension"
+            )
         has_contents = tensor.HasField("contents")
         if raw:
             if has_contents:
                 raise InvalidInput(
-                    f"model {label}: input {name!r}: contents must not be set when raw_input_contents is used"
+                    f"model {_label(request)}: input {name!r}: contents must not be set when raw_input_contents "
+                    "is used"
                 )
             try:
-                inputs[name] = from_raw(raw[i], tensor.datatype, shape)
+                inputs[name] = from_raw(raw[i], datatype, shape)
             except ValueError as exc:
-                raise InvalidInput(f"model {label}: input {name!r}: {exc}") from None
+                raise InvalidInput(f"model {_label(request)}: input {name!r}: {exc}") from None
         elif has_contents:
-            inputs[name] = _typed_array(label, tensor, shape)
+            inputs[name] = _typed_array(_label(request), tensor, shape)
         else:
-            raise InvalidInput(f"model {label}: input {name!r} has no data (neither contents nor raw_input_contents)")
+            raise InvalidInput(
+                f"model {_label(request)}: input {name!r} has no data (neither contents nor raw_input_contents)"
+            )
 
     outputs: list[str] = []
     for out in request.outputs:
-        if "classification" in out.parameters:
-            raise InvalidInput(f"model {label}: output {out.name!r}: the classification extension is not supported")
-        if any(k in out.parameters for k in SHARED_MEMORY_KEYS):
-            raise InvalidInput(f"model {label}: output {out.name!r}: shared memory is not supported by this server")
+        if out.parameters:
+            if "classification" in out.parameters:
+                raise InvalidInput(
+                    f"model {_label(request)}: output {out.name!r}: the classification extension is not supported"
+                )
+            if any(k in out.parameters for k in SHARED_MEMORY_KEYS):
+                raise InvalidInput(
+                    f"model {_label(request)}: output {out.name!r}: shared memory is not supported by this server"
+                )
         if out.name in outputs:
-            raise InvalidInput(f"model {label}: output {out.name!r} is requested twice")
+            raise InvalidInput(f"model {_label(request)}: output {out.name!r} is requested twice")
         outputs.append(out.name)
 
+    priority, timeout_us = 0, None
     params = request.parameters
-    priority = _int_param(label, "priority", params["priority"]) if "priority" in params else 0
-    timeout_us = _int_param(label, "timeout", params["timeout"]) if "timeout" in params else None
+    if params:  # most requests carry none
+        if "priority" in params:
+            priority = _int_param(_label(request), "priority", params["priority"])
+        if "timeout" in params:
+            timeout_us = _int_param(_label(request), "timeout", params["timeout"]) or None
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
@@ -119,7 +137,7 @@ def decode_infer_request(request: pb.ModelInferRequest, deadline_s: float | None
         outputs=tuple(outputs),
         id=request.id,
         priority=priority,
-        timeout_us=timeout_us or None,
+        timeout_us=timeout_us,
         deadline_s=deadline_s,
     )
 
@@ -127,7 +145,14 @@ def decode_infer_request(request: pb.ModelInferRequest, deadline_s: float | None
 def encode_infer_response(result: InferResult) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
     response.parameters["model_sha256"].string_param = result.sha256
+    outputs = response.outputs
+    raw = response.raw_output_contents
     for out in result.outputs:
-        response.outputs.add(name=out.name, datatype=out.datatype, shape=out.array.shape)
-        response.raw_output_contents.append(to_raw(out.array))
+        array = out.array
+        outputs.add(name=out.name, datatype=out.datatype, shape=array.shape)
+        # Fast path: a native little-endian numeric array is already in wire layout.
+        if out.datatype != "BYTES" and array.dtype.byteorder != ">":
+            raw.append(array.tobytes())
+        else:
+            raw.append(to_raw(array))
     return response

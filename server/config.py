@@ -116,7 +116,9 @@ class ServerConfig:
     port: int = 8001
     max_message_bytes: int = 1 << 30  # explicit cap; large enough for imaging tensors
     max_queue_size: int = 4096  # server-wide cap on queued requests per model version
-    intra_op_threads: int = 0  # onnxruntime threads per session; 0 = onnxruntime's choice
+    # onnxruntime threads per session (0 = onnxruntime's choice, one per core). 1 by default: the
+    # event loop needs a core of its own, and instances and workers give the parallelism.
+    intra_op_threads: int = 1
     inter_op_threads: int = 0
     providers: tuple[str, ...] | None = None  # None = pick the best usable ones
     exit_on_error: bool = True

@@ -11,11 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medserve.protos.wire import datatype_of
-
 from .batching import BatchRequest, Clock
-from .config import ModelConfig
-from .errors import ExecutionError, InvalidInput
+from .errors import ExecutionError
 from .repository import LoadedVersion, ModelRepository
 
 
@@ -52,70 +49,6 @@ class InferResult:
     outputs: tuple[OutputTensor, ...]
 
 
-def _shape_matches(got: tuple[int, ...], dims: tuple[int, ...]) -> bool:
-    return len(got) == len(dims) and all(d == -1 or d == g for g, d in zip(got, dims, strict=True))
-
-
-def _fmt(dims: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(d) for d in dims) + "]"
-
-
-def validate(label: str, config: ModelConfig, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-    """Check names, datatypes, ranks, dims and the batch limit; return the inputs ready for the
-    runtime (BYTES decoded to str, which onnxruntime's string tensors take) and the row count."""
-    expected = {t.name: t for t in config.inputs}
-    unknown = sorted(set(inputs) - set(expected))
-    if unknown:
-        raise InvalidInput(f"model {label}: unexpected input {unknown[0]!r}; expected inputs {sorted(expected)}")
-    missing = [t.name for t in config.inputs if t.name not in inputs and not t.optional]
-    if missing:
-        raise InvalidInput(f"model {label}: missing input {missing[0]!r}; expected inputs {sorted(expected)}")
-    batching = config.max_batch_size > 0
-    rows = 1
-    ready: dict[str, np.ndarray] = {}
-    for name, array in inputs.items():
-        spec = expected[name]
-        got_type = datatype_of(array.dtype)
-        if got_type != spec.datatype:
-            raise InvalidInput(f"model {label}: input {name!r}: expected datatype {spec.datatype}, got {got_type}")
-        want = ((-1,) + spec.dims) if batching else spec.dims
-        if not _shape_matches(array.shape, want):
-            raise InvalidInput(f"model {label}: input {name!r}: expected shape {_fmt(want)}, got {_fmt(array.shape)}")
-        if batching:
-            if array.shape[0] < 1:
-                raise InvalidInput(f"model {label}: input {name!r}: batch dimension is 0")
-            if array.shape[0] > config.max_batch_size:
-                raise InvalidInput(
-                    f"model {label}: input {name!r}: batch size {array.shape[0]} exceeds max_batch_size "
-                    f"{config.max_batch_size}"
-                )
-        if spec.datatype == "BYTES":
-            array = _utf8(label, name, array)
-        ready[name] = array
-    if batching:
-        batch_sizes = {a.shape[0] for a in ready.values()}
-        if len(batch_sizes) > 1:
-            raise InvalidInput(f"model {label}: inputs disagree on the batch size: {sorted(batch_sizes)}")
-        rows = batch_sizes.pop() if batch_sizes else 1
-    return ready, rows
-
-
-def _utf8(label: str, name: str, array: np.ndarray) -> np.ndarray:
-    out = np.empty(array.shape, dtype=object)
-    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
-    for i, item in enumerate(flat_in):
-        if isinstance(item, bytes | bytearray | memoryview):
-            try:
-                flat_out[i] = bytes(item).decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidInput(
-                    f"model {label}: input {name!r}: element {i} is not valid UTF-8 (string tensors need UTF-8)"
-                ) from None
-        else:
-            flat_out[i] = str(item)
-    return out
-
-
 def batch_key(inputs: Mapping[str, np.ndarray], batching: bool) -> tuple[object, ...]:
     """Requests share a batch only if names, dtypes and non-batch dims all match."""
     return tuple(
@@ -145,15 +78,11 @@ class InferenceCore:
             loaded.stats.on_request(ok, time.perf_counter_ns() - started_ns)
 
     async def _infer(self, loaded: LoadedVersion, request: InferRequest) -> InferResult:
-        config = loaded.config
+        signature = loaded.signature
         label = loaded.label
-        wanted = request.outputs or tuple(t.name for t in config.outputs)
-        known = {t.name: t for t in config.outputs}
-        for name in wanted:
-            if name not in known:
-                raise InvalidInput(f"model {label}: unknown output {name!r}; outputs are {sorted(known)}")
-        inputs, rows = validate(label, config, request.inputs)
-        batching = config.max_batch_size > 0
+        wanted = signature.check_outputs(label, request.outputs)
+        inputs, rows = signature.validate(label, request.inputs)
+        batching = signature.max_batch_size > 0
         batcher = loaded.batcher
         assert batcher is not None
         future = batcher.submit(
@@ -176,5 +105,5 @@ class InferenceCore:
             array = outputs.get(name)
             if array is None:
                 raise ExecutionError(f"model {label}: runtime returned no output {name!r}")
-            tensors.append(OutputTensor(name, known[name].datatype, array))
+            tensors.append(OutputTensor(name, signature.outputs[name].datatype, array))
         return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors))

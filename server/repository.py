@@ -33,6 +33,7 @@ from .config import ModelConfig, ServerConfig
 from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady
 from .model_config import complete, from_proto, read_config_proto
 from .runtime import OnnxModel, SessionOptions, zeros_like_spec
+from .signature import Signature
 from .stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class LoadedVersion:
     executor: ThreadPoolExecutor
     warmup_s: float = 0.0  # duration of the warm-up run: the cost model's first measurement
     batcher: Batcher | None = None
+    signature: Signature = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.signature = Signature.of(self.config)
 
     @property
     def label(self) -> str:

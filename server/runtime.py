@@ -126,6 +126,7 @@ class OnnxModel:
         self.inputs = tuple(_graph_tensor(path, a) for a in first.get_inputs())
         self.outputs = tuple(_graph_tensor(path, a) for a in first.get_outputs())
         self._output_names = [o.name for o in self.outputs]
+        self._only = first if instances <= 1 else None
 
     @staticmethod
     def _session(path: Path, options: SessionOptions, providers: Sequence[str]) -> ort.InferenceSession:
@@ -144,13 +145,20 @@ class OnnxModel:
             raise ConfigError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = inputs if isinstance(inputs, dict) else dict(inputs)
+        if self._only is not None:  # one instance: ORT sessions are thread-safe, no pool needed
+            return self._run(self._only, feeds)
         session = self._sessions.get()
         try:
-            results = session.run(self._output_names, dict(inputs))
-        except Exception as exc:
-            raise ExecutionError(f"{type(exc).__name__}: {exc}") from exc
+            return self._run(session, feeds)
         finally:
             self._sessions.put(session)
+
+    def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            results = session.run(self._output_names, feeds)
+        except Exception as exc:
+            raise ExecutionError(f"{type(exc).__name__}: {exc}") from exc
         return dict(zip(self._output_names, results, strict=True))
 
 

@@ -50,12 +50,13 @@ class ModelStats:
     ) -> None:
         """Called by the batcher for each executed batch (the BatchObserver protocol)."""
         members = len(queue_ns)
-        for ns in queue_ns:
-            self.queue.add(ns)
+        self.queue.add(sum(queue_ns), members)
         self.compute_input.add(input_ns * members, members)
         self.compute_infer.add(infer_ns * members, members)
         self.compute_output.add(output_ns * members, members)
-        size = self.batches.setdefault(rows, BatchSizeStats())
+        size = self.batches.get(rows)
+        if size is None:
+            size = self.batches[rows] = BatchSizeStats()
         size.compute_input.add(input_ns)
         size.compute_infer.add(infer_ns)
         size.compute_output.add(output_ns)

@@ -1,0 +1,102 @@
+"""A model version's signature, computed once at load: what every request is validated
+against before it may join a batch (names, datatypes, ranks, dims, batch limit, outputs)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from medserve.protos.wire import datatype_of
+
+from .config import ModelConfig, TensorConfig
+from .errors import InvalidInput
+
+
+def _fmt(dims: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    inputs: Mapping[str, TensorConfig]
+    shapes: Mapping[str, tuple[int, ...]]  # full expected shape, -1 for the batch and variable dims
+    required: tuple[str, ...]
+    outputs: Mapping[str, TensorConfig]
+    output_names: tuple[str, ...]
+    max_batch_size: int
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> Signature:
+        batch = (-1,) if config.max_batch_size > 0 else ()
+        return cls(
+            inputs={t.name: t for t in config.inputs},
+            shapes={t.name: batch + t.dims for t in config.inputs},
+            required=tuple(t.name for t in config.inputs if not t.optional),
+            outputs={t.name: t for t in config.outputs},
+            output_names=tuple(t.name for t in config.outputs),
+            max_batch_size=config.max_batch_size,
+        )
+
+    def check_outputs(self, label: str, wanted: tuple[str, ...]) -> tuple[str, ...]:
+        """The outputs to return, in order: the requested ones (all known), or every output."""
+        for name in wanted:
+            if name not in self.outputs:
+                raise InvalidInput(f"model {label}: unknown output {name!r}; outputs are {sorted(self.outputs)}")
+        return wanted or self.output_names
+
+    def validate(self, label: str, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """Check names, datatypes, ranks, dims and the batch limit; return the inputs ready for
+        the runtime (BYTES decoded to str, which onnxruntime's string tensors take) and the rows."""
+        expected = self.inputs
+        for name in inputs:
+            if name not in expected:
+                raise InvalidInput(f"model {label}: unexpected input {name!r}; expected inputs {sorted(expected)}")
+        for name in self.required:
+            if name not in inputs:
+                raise InvalidInput(f"model {label}: missing input {name!r}; expected inputs {sorted(expected)}")
+        batching = self.max_batch_size > 0
+        rows = -1
+        ready: dict[str, np.ndarray] = {}
+        for name, array in inputs.items():
+            spec = expected[name]
+            got_type = datatype_of(array.dtype)
+            if got_type != spec.datatype:
+                raise InvalidInput(f"model {label}: input {name!r}: expected datatype {spec.datatype}, got {got_type}")
+            want = self.shapes[name]
+            shape = array.shape
+            if len(shape) != len(want) or any(d != -1 and d != g for g, d in zip(shape, want, strict=True)):
+                raise InvalidInput(f"model {label}: input {name!r}: expected shape {_fmt(want)}, got {_fmt(shape)}")
+            if batching:
+                if shape[0] < 1:
+                    raise InvalidInput(f"model {label}: input {name!r}: batch dimension is 0")
+                if shape[0] > self.max_batch_size:
+                    raise InvalidInput(
+                        f"model {label}: input {name!r}: batch size {shape[0]} exceeds max_batch_size "
+                        f"{self.max_batch_size}"
+                    )
+                if rows not in (-1, shape[0]):
+                    raise InvalidInput(
+                        f"model {label}: inputs disagree on the batch size: {sorted({rows, shape[0]})}"
+                    )
+                rows = shape[0]
+            if spec.datatype == "BYTES":
+                array = _utf8(label, name, array)
+            ready[name] = array
+        return ready, max(rows, 1)
+
+
+def _utf8(label: str, name: str, array: np.ndarray) -> np.ndarray:
+    out = np.empty(array.shape, dtype=object)
+    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
+    for i, item in enumerate(flat_in):
+        if isinstance(item, bytes | bytearray | memoryview):
+            try:
+                flat_out[i] = bytes(item).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(
+                    f"model {label}: input {name!r}: element {i} is not valid UTF-8 (string tensors need UTF-8)"
+                ) from None
+        else:
+            flat_out[i] = str(item)
+    return out
