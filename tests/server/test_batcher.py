@@ -51,6 +51,7 @@ async def started(runner: GatedRunner, config: BatchingConfig | None, **kw: obje
 async def hold_first_batch(batcher: Batcher, runner: GatedRunner) -> asyncio.Future:
     """Submit one request and wait until the runner is executing it with the gate closed."""
     runner.gate.clear()
+    runner.entered.clear()
     first = batcher.submit(request(100.0))
     await asyncio.to_thread(runner.entered.wait, 30)
     return first
@@ -191,3 +192,49 @@ async def test_stop_resolves_everything_and_refuses_new_work() -> None:
     await stopping
     await asyncio.gather(first, queued, return_exceptions=True)
     assert first.done() and queued.done()
+
+
+async def test_timeout_override_only_shortens_the_policy_timeout() -> None:
+    """`timeout` (µs) from the request applies only with allow_timeout_override, and only to
+    shorten the policy's default; requests that time out in the queue never run."""
+    runner = GatedRunner()
+    now = [100.0]
+    policy = QueuePolicy(default_timeout_us=1_000_000, allow_timeout_override=True)
+    batcher = await started(runner, BatchingConfig(max_batch_rows=1, default_queue_policy=policy), clock=lambda: now[0])
+    first = await hold_first_batch(batcher, runner)
+    shortened = batcher.submit(request(1.0, timeout_us=1_000))  # 1 ms: expires at 100.001
+    longer = batcher.submit(request(2.0, timeout_us=5_000_000))  # capped at the policy's 1 s
+    default = batcher.submit(request(3.0))
+    now[0] = 100.5  # past the shortened timeout only
+    runner.gate.set()
+    await first
+    assert np.array_equal((await longer)["y"], np.full((1, 2), 4.0, np.float32))
+    assert np.array_equal((await default)["y"], np.full((1, 2), 6.0, np.float32))
+    with pytest.raises(DeadlineExceeded):
+        await shortened
+    assert runner.batches == [1, 1, 1]
+    # A longer request timeout is capped at the policy's 1 s: at +2 s it has expired unrun.
+    second = await hold_first_batch(batcher, runner)
+    capped = batcher.submit(request(4.0, timeout_us=5_000_000))
+    now[0] += 2.0
+    runner.gate.set()
+    await second
+    with pytest.raises(DeadlineExceeded):
+        await capped
+    assert runner.batches == [1, 1, 1, 1]
+    await batcher.stop()
+
+
+async def test_timeout_override_is_ignored_when_not_allowed() -> None:
+    runner = GatedRunner()
+    now = [100.0]
+    policy = QueuePolicy(default_timeout_us=2_000_000, allow_timeout_override=False)
+    batcher = await started(runner, BatchingConfig(max_batch_rows=1, default_queue_policy=policy), clock=lambda: now[0])
+    first = await hold_first_batch(batcher, runner)
+    kept = batcher.submit(request(1.0, timeout_us=1_000))
+    now[0] = 101.0  # past the request's 1 ms, within the policy's 2 s
+    runner.gate.set()
+    await first
+    assert np.array_equal((await kept)["y"], np.full((1, 2), 2.0, np.float32))
+    now[0] = 110.0
+    await batcher.stop()
