@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from google.protobuf import descriptor_pb2
+
 from medserve.protos import grpc_service_pb2, model_config_pb2
 
 pytestmark = pytest.mark.skipif(

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from medserve.protos import wire
 
 SECRET = "patient-4711-diagnosis"  # must never appear in an error message
