@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,30 +62,13 @@ def _tiny_model(path: Path, features: int) -> None:
 @contextlib.contextmanager
 def _own_server(features: int) -> Iterator[str]:
     """`medserve serve` in a child process on a free port, serving one tiny model."""
+    from medserve.perf.serverproc import medserve
+
     with tempfile.TemporaryDirectory(prefix="bench-client-") as tmp:
         repo = Path(tmp) / "repo"
         _tiny_model(repo / "affine" / "1" / "model.onnx", features)
-        ready = Path(tmp) / "ready.json"
-        log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115 - closed below
-        cmd = [sys.executable, "-m", "medserve.server.cli", "--log-level", "WARNING", "serve",
-               "--repository", str(repo), "--port", "0", "--ready-file", str(ready)]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    raise RuntimeError("medserve did not start:\n" + (Path(tmp) / "server.log").read_text())
-                time.sleep(0.05)
-            yield f"127.0.0.1:{json.loads(ready.read_text())['port']}"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+        with medserve(repo, log_dir=Path(tmp)) as handle:
+            yield handle.address
 
 
 def _raw_call(stub: pb_grpc.GRPCInferenceServiceStub, model: str, x: np.ndarray) -> Callable[[], object]:

@@ -20,6 +20,11 @@ class ServerHandle:
     pid: int
     worker_pids: list[int] = field(default_factory=list)
     log_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
 
     @property
     def workers(self) -> int:
@@ -44,7 +49,7 @@ def start_process(cmd: Sequence[str], ready_file: Path, log_path: Path, timeout_
                 raise TimeoutError(f"server not ready after {timeout_s:.0f} s (log: {log_path})")
             time.sleep(0.05)
         ready = json.loads(ready_file.read_text())
-        yield ServerHandle(f"{host}:{ready['port']}", proc.pid, list(ready.get("workers", [])), log_path)
+        yield ServerHandle(f"{host}:{ready['port']}", proc.pid, list(ready.get("workers", [])), log_path, proc)
     finally:
         if proc.poll() is None:
             proc.terminate()

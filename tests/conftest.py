@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,35 +82,14 @@ def running_server(repository: Path, repository_cls: Any = None, **overrides: An
 
 
 @contextlib.contextmanager
-def server_process(repository: Path, *args: str, timeout_s: float = 120) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """`medserve serve` as a child process on port 0; yields (port, process) once it is ready."""
-    tag = f"{os.getpid()}-{time.monotonic_ns()}"
-    ready = repository.parent / f".ready-{tag}.json"
-    log_path = repository.parent / f"server-{tag}.log"  # a file, not a pipe: a full pipe would stall the server
-    cmd = [sys.executable, "-m", "medserve.server.cli", "serve", "--repository", str(repository), "--port", "0",
-           "--ready-file", str(ready), *args]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not ready.exists():
-            if proc.poll() is not None:
-                out = log_path.read_text(errors="replace")
-                raise RuntimeError(f"medserve exited with {proc.returncode} before it was ready:\n{out}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("medserve did not become ready")
-            time.sleep(0.05)
-        yield json.loads(ready.read_text())["port"], proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        with contextlib.suppress(FileNotFoundError):
-            ready.unlink()
+def server_process(repository: Path, *args: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """`medserve serve` as a child process on port 0; yields (port, process) once it is ready
+    (the harness's launcher: log to a file, ready file, SIGTERM then SIGKILL on exit)."""
+    from medserve.perf.serverproc import medserve
+
+    with medserve(repository, args=args, log_dir=repository.parent, log_level="INFO") as handle:
+        assert handle.process is not None
+        yield handle.port, handle.process
 
 
 @pytest.fixture

@@ -148,15 +148,9 @@ def test_the_cli_flags(repo: Path, certs: Certs, tokens: Path) -> None:
         pytest.skip("`medserve serve --help` does not offer --tls-cert/--tls-key/--tls-client-ca/--tokens")
     args = ("--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
             "--tls-client-ca", str(certs.ca), "--tokens", str(tokens))
-    with server_process(repo, *args) as (port, proc):
-        try:
-            mtls = TLSConfig(ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)
-            with Client(f"localhost:{port}", tls=mtls, token="ward-7") as client:
-                assert client.infer("affine", X).model_name == "affine"
-                with pytest.raises(PermissionDenied):
-                    client.infer("other", X)
-        finally:
-            # conftest's server_process leaves the child's stdout pipe open (a ResourceWarning).
-            proc_stdout = proc.stdout
-    if proc_stdout is not None:
-        proc_stdout.close()
+    with server_process(repo, *args) as (port, _proc):
+        mtls = TLSConfig(ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)
+        with Client(f"localhost:{port}", tls=mtls, token="ward-7") as client:
+            assert client.infer("affine", X).model_name == "affine"
+            with pytest.raises(PermissionDenied):
+                client.infer("other", X)
