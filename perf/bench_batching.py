@@ -13,11 +13,12 @@ What it does, in one run:
      max_queue_delay_microseconds 0). Each version has a model card with the training data's
      feature ranges, from which the harness draws request data;
   2. for `medserve serve` with 1 and with 2 workers: starts it, captures one real response of
-     `rf_on`, starts `perf/fixed_server.py` with as many workers answering with those bytes (the
-     transport ceiling; the MLP's responses have the same size, so it serves as its ceiling too),
-     and measures batch-1 requests at concurrency 1, 8, 64, 256 with the
-     `medserve.perf` harness (Python generator: one load process, grpc.aio, pre-encoded
-     requests), all five configurations interleaved level by level;
+     `rf_on`, starts `perf/fixed_server.py` as ONE process answering with those bytes (the
+     one-core transport ceiling of a Python server; the MLP's responses have the same size, so it
+     serves as its ceiling too), and measures batch-1 requests at concurrency 1, 8, 64, 256 with
+     the `medserve.perf` harness driving h2load (pre-encoded gRPC frames; `--generator python`
+     for the harness's own grpc.aio load process), all five configurations interleaved level by
+     level;
   3. measures onnxruntime in-process (medserve's own `OnnxModel`, same session options) at the
      mean batch sizes the server actually formed (ModelStatistics);
   4. prints throughput, p50, p99, mean batch size and the ratios below, and writes everything to
@@ -129,7 +130,7 @@ def engine_us(model_path: Path, batch: int, seconds: float = 0.3) -> float:
 
 
 def _sweep(repo: Path, workers: int, levels: tuple[float, ...], warmup_s: float, measure_s: float,
-           work: Path, repetitions: int = 1) -> dict[str, Any]:
+           work: Path, repetitions: int = 1, generator: str = "h2load") -> dict[str, Any]:
     from . import serverproc
     from .fixed_server import capture
     from .runner import Runner
@@ -142,12 +143,14 @@ def _sweep(repo: Path, workers: int, levels: tuple[float, ...], warmup_s: float,
         info = fetch_model_info(srv.address, "rf_on", repository=str(repo))
         body = build_payloads(info, ModelLoad("rf_on"), 1)[0]
         responses = capture(srv.address, "rf_on", body)
-        fixed = stack.enter_context(serverproc.fixed_server(srv.address, "rf_on", workers, log_dir=work))
-        print(f"fixed server --workers {workers}: {fixed.address} ({len(responses['ModelInfer'])}-byte response)",
+        # The ceiling is always ONE fixed-response process: the target for --workers 2 is to beat
+        # what a single do-nothing Python server can answer.
+        fixed = stack.enter_context(serverproc.fixed_server(srv.address, "rf_on", 1, log_dir=work))
+        print(f"fixed server (1 process): {fixed.address} ({len(responses['ModelInfer'])}-byte response)",
               file=sys.stderr)
         targets = [Target(f"{m}_{v}", srv.address, pid=srv.pid, workers=workers, models=(f"{m}_{v}",),
-                          repository=str(repo)) for m in MODELS for v in VARIANTS]
-        targets.append(Target("fixed", fixed.address, pid=fixed.pid, models=("rf_on",)))
+                          repository=str(repo), generator=generator) for m in MODELS for v in VARIANTS]
+        targets.append(Target("fixed", fixed.address, pid=fixed.pid, models=("rf_on",), generator=generator))
         scenario = Scenario(
             name=f"bench_batching-w{workers}", mode="closed", levels=levels, warmup_s=warmup_s, measure_s=measure_s,
             repetitions=repetitions, processes=1, channels=8, models=(ModelLoad("model", batch=1, data="card"),), targets=tuple(targets),
@@ -264,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--measure-s", type=float, default=3.0)
     parser.add_argument("--repetitions", type=int, default=1, help="measurements per level (interleaved)")
+    parser.add_argument(
+        "--generator", choices=("h2load", "python"), default="h2load",
+        help="load generator: h2load (C, a tenth of a core here; default) or the harness's Python processes",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default perf/results)")
     parser.add_argument("--build-repository", type=Path, default=None, metavar="DIR",
                         help="only build the four-model repository into DIR and exit")
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         repo_info = build_repository(repo)
         sweeps = {}
         for w in (int(x) for x in args.workers.split(",")):
-            sweeps[w] = _sweep(repo, w, levels, args.warmup_s, args.measure_s, work, args.repetitions)
+            sweeps[w] = _sweep(repo, w, levels, args.warmup_s, args.measure_s, work, args.repetitions, args.generator)
         print("onnxruntime in-process at the mean batch sizes formed ...", file=sys.stderr)
         analysis = analyse(sweeps, repo, levels)
     print_report(analysis)
@@ -295,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         "started_unix": round(started, 3),
         "duration_s": round(time.time() - started, 1),
         "host": {"cpus": os.cpu_count()},
-        "generator": "medserve.perf python generator: 1 load process, grpc.aio, 8 channels, pre-encoded requests",
+        "generator": (
+            "h2load (nghttp2): pre-encoded gRPC frames, closed loop"
+            if args.generator == "h2load"
+            else "medserve.perf python generator: 1 load process, grpc.aio, 8 channels, pre-encoded requests"
+        ),
         "args": {k: str(v) for k, v in vars(args).items()},
         "repository": repo_info,
         "targets": TARGETS,
