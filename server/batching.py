@@ -79,7 +79,7 @@ class BatchRequest:
 
     inputs: Arrays
     rows: int
-    key: Hashable
+    key: Hashable | None = None  # None: derived from the inputs (`compatibility_key`) if it queues
     deadline_s: float | None = None
     priority: int = 0
     timeout_us: int | None = None
@@ -97,14 +97,11 @@ class QueuedItem:
     enqueued_s: float
     timeout_at_s: float | None
     delay_on_timeout: bool
+    key: Hashable = None  # the compatibility key: requests of one key may share a batch
 
     @property
     def rows(self) -> int:
         return self.request.rows
-
-    @property
-    def key(self) -> Hashable:
-        return self.request.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +170,11 @@ class CostModel:
         lo, hi = sizes[i - 1], sizes[i]
         t_lo, t_hi = self._seconds[lo], self._seconds[hi]
         return t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
+
+
+def compatibility_key(inputs: Arrays, batched: bool) -> Hashable:
+    """Requests share a batch only if input names, dtypes and non-batch dims all match."""
+    return tuple((name, a.dtype.str, a.shape[1:] if batched else a.shape) for name, a in sorted(inputs.items()))
 
 
 def _rank(item: QueuedItem, now: float) -> tuple[bool, int, int]:
@@ -387,12 +389,16 @@ class Batcher:
             )
         level, policy = self._level(request.priority)
         now = self._clock()
-        if request.deadline_s is not None and now + self.cost.estimate(request.rows) > request.deadline_s:
+        estimate = self.cost.estimate(request.rows)
+        if request.deadline_s is not None and now + estimate > request.deadline_s:
             raise DeadlineExceeded(
-                f"model {self._name}: deadline cannot be met (estimated execution "
-                f"{self.cost.estimate(request.rows) * 1e3:.3f} ms, time left "
-                f"{max(0.0, request.deadline_s - now) * 1e3:.3f} ms); request not executed"
+                f"model {self._name}: deadline cannot be met (estimated execution {estimate * 1e3:.3f} ms, "
+                f"time left {max(0.0, request.deadline_s - now) * 1e3:.3f} ms); request not executed"
             )
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        if self._runs_now(estimate):
+            self._run_inline(request, future)
+            return future
         level_limit = policy.max_queue_size
         if len(self._queue) >= self._max_queue_size or (
             level_limit and self._level_counts.get(level, 0) >= level_limit
@@ -402,10 +408,6 @@ class Batcher:
         timeout_us = policy.default_timeout_us
         if request.timeout_us and policy.allow_timeout_override:  # may only shorten the policy's
             timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
-        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        if self._runs_now(request.rows):
-            self._run_inline(request, future)
-            return future
         item = QueuedItem(
             request=request,
             future=future,
@@ -414,6 +416,7 @@ class Batcher:
             enqueued_s=now,
             timeout_at_s=now + timeout_us / 1e6 if timeout_us else None,
             delay_on_timeout=policy.timeout_action is TimeoutAction.DELAY,
+            key=request.key if request.key is not None else compatibility_key(request.inputs, limit > 0),
         )
         self._queue.append(item)
         self._level_counts[level] = self._level_counts.get(level, 0) + 1
@@ -421,14 +424,13 @@ class Batcher:
             self._wake()
         return future
 
-    def _runs_now(self, rows: int) -> bool:
+    def _runs_now(self, estimate_s: float) -> bool:
         """The policy's answer for a lone request on an idle batcher with no delay is "run it
         now, alone"; when it would also run on the event loop (cheap), skip the queue and the
         driver altogether. While anything is queued or running, requests queue and batch."""
         if self._queue or self._in_flight or self._policy.max_queue_delay_s > 0:
             return False
-        estimate = self.cost.estimate(rows)
-        return 0 < estimate < self._inline_below_s
+        return 0 < estimate_s < self._inline_below_s
 
     def _run_inline(self, request: BatchRequest, future: asyncio.Future[Arrays]) -> None:
         outcome = self._execute([request])

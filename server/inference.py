@@ -49,13 +49,6 @@ class InferResult:
     outputs: tuple[OutputTensor, ...]
 
 
-def batch_key(inputs: Mapping[str, np.ndarray], batching: bool) -> tuple[object, ...]:
-    """Requests share a batch only if names, dtypes and non-batch dims all match."""
-    return tuple(
-        (name, a.dtype.str, a.shape[1:] if batching else a.shape) for name, a in sorted(inputs.items())
-    )
-
-
 class InferenceCore:
     """Runs decoded requests against the repository's model versions."""
 
@@ -82,14 +75,12 @@ class InferenceCore:
         label = loaded.label
         wanted = signature.check_outputs(label, request.outputs)
         inputs, rows = signature.validate(label, request.inputs)
-        batching = signature.max_batch_size > 0
         batcher = loaded.batcher
         assert batcher is not None
         future = batcher.submit(
             BatchRequest(
                 inputs=inputs,
                 rows=rows,
-                key=batch_key(inputs, batching),
                 deadline_s=request.deadline_s,
                 priority=request.priority,
                 timeout_us=request.timeout_us,

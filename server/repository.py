@@ -101,6 +101,7 @@ class ModelEntry:
     state: State = State.LOADING
     reason: str = ""
     versions: dict[int, VersionEntry] = field(default_factory=dict)
+    latest: LoadedVersion | None = None  # the highest READY version: what "no version" means
 
 
 def sha256_of(path: Path) -> str:
@@ -208,6 +209,7 @@ class ModelRepository:
                 version.batcher.cost.observe(1, version.warmup_s)
                 version.batcher.start()
             entry.versions = {v.version: VersionEntry(v.version, State.READY, loaded=v) for v in loaded}
+            entry.latest = max(loaded, key=lambda v: v.version)
             entry.state, entry.reason = State.READY, ""
             for v in loaded:
                 log.info(
@@ -289,7 +291,7 @@ class ModelRepository:
             raise ModelNotFound(f"model {name!r} is not loaded")
         async with self._locks.setdefault(name, asyncio.Lock()):
             entry = self._models[name]
-            entry.state = State.UNLOADING
+            entry.state, entry.latest = State.UNLOADING, None
             versions = [e for e in entry.versions.values() if e.loaded is not None]
             for e in versions:
                 e.state = State.UNLOADING
@@ -328,9 +330,8 @@ class ModelRepository:
                     f"model {name!r} has no version {version} (served versions: {sorted(entry.versions)})"
                 )
             return self._ready(name, v)
-        ready = [v for v in entry.versions.values() if v.state is State.READY and v.loaded is not None]
-        if ready:
-            return max(ready, key=lambda v: v.version).loaded  # type: ignore[return-value]
+        if entry.latest is not None:
+            return entry.latest
         if entry.state is State.UNAVAILABLE and entry.reason and entry.reason != "unloaded":
             raise ModelLoadFailed(f"model {name!r} failed to load: {entry.reason}")
         raise ModelNotReady(f"model {name!r} is {entry.state.value.lower()}; no version is ready")

@@ -36,7 +36,7 @@ def item(loop: asyncio.AbstractEventLoop) -> Callable[..., QueuedItem]:
         delay: bool = False,
     ) -> QueuedItem:
         request = BatchRequest(inputs={"x": np.zeros((rows, 4), np.float32)}, rows=rows, key=key, deadline_s=deadline)
-        return QueuedItem(request, loop.create_future(), seq, level, at, timeout_at, delay)
+        return QueuedItem(request, loop.create_future(), seq, level, at, timeout_at, delay, key)
 
     return make
 

@@ -6,11 +6,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import onnx_models
-from conftest import running_server
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos.wire import from_raw, to_raw
 from medserve.server.runtime import CUDA, usable_providers
+
+import onnx_models
+from conftest import running_server
 
 pytestmark = [
     pytest.mark.gpu,
