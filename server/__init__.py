@@ -3,10 +3,15 @@
 Module map (imports point inward; only `service.py`, `model_config.py`, `codec.py` and `app.py`
 touch protobuf types):
 
-    app.py / cli.py      wiring: builds the objects, starts the gRPC server
+    cli.py               the `medserve` command
+    app.py               wiring: builds the objects, starts the gRPC server, health, reflection
+    workers.py           `--workers N`: server processes sharing one port (SO_REUSEPORT)
     service.py           GRPCInferenceService servicer: protobuf <-> domain, errors -> status
     codec.py             ModelInferRequest/Response <-> numpy (pure functions)
+    auth.py              bearer tokens -> UNAUTHENTICATED / PERMISSION_DENIED
+    metrics.py           Prometheus metrics read from the statistics at scrape time
     inference.py         InferenceCore: resolve model version, validate, batch, collect stats
+    signature.py         a version's inputs/outputs, computed once; request validation
     repository.py        model repository on disk -> loaded model versions and their states
     model_config.py      config.pbtxt <-> frozen ModelConfig (and completion from the ONNX graph)
     config.py            frozen configuration dataclasses

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 MAX_MESSAGE_CHARS = 1024
+MAX_STREAM_IN_FLIGHT = 1024  # requests one ModelStreamInfer stream may have outstanding
 
 STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -228,10 +229,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:  # noqa: BLE001 - a stream without credentials ends at once
             code, message = status_for(exc)
             await context.abort(code, message)
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        # Bounded: a stream holds at most MAX_STREAM_IN_FLIGHT requests; past that the reader
+        # stops reading and HTTP/2 flow control pushes back on the client.
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(MAX_STREAM_IN_FLIGHT)
+        slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
         deadline = self._deadline(context)
 
         async def one(request: pb.ModelInferRequest) -> None:
+            try:
+                await answer(request)
+            finally:
+                slots.release()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
             try:
                 self._authorize(context, request.model_name)
                 self._check_accepting()
@@ -250,6 +260,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             tasks: set[asyncio.Task[None]] = set()
             try:
                 async for request in request_iterator:
+                    await slots.acquire()
                     task = asyncio.create_task(one(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
