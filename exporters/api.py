@@ -88,6 +88,39 @@ def _check_lengths(
         raise ExportError(f"{len(class_labels)} class_labels for a model of {conversion.n_classes} classes")
 
 
+def _feature_ranges(
+    feature_names: Sequence[str] | None, *tables: Any
+) -> dict[str, tuple[float, float]] | None:
+    """The 1st-99th percentile of each named feature over the rows the export saw (sample and
+    held-out), for a plain numeric table: enough for load tests and clients to draw realistic
+    rows. Percentiles, not min/max: the card must not carry any one patient's extreme value."""
+    if feature_names is None:
+        return None
+    arrays = []
+    for table in tables:
+        if table is None:
+            continue
+        if isinstance(table, Mapping):
+            return None
+        try:
+            array = np.asarray(table, dtype=np.float64)
+        except (TypeError, ValueError):  # mixed tables (text columns) have no numeric range
+            return None
+        if array.ndim != 2 or array.shape[1] != len(feature_names):
+            return None
+        arrays.append(array)
+    if not arrays:
+        return None
+    rows = np.concatenate(arrays)
+    ranges = {}
+    for name, column in zip(feature_names, rows.T, strict=True):
+        column = column[np.isfinite(column)]
+        if column.size:
+            low, high = np.percentile(column, [1, 99])
+            ranges[str(name)] = (round(float(low), 6), round(float(high), 6))
+    return ranges or None
+
+
 def _check_batch_axis(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch_size: int) -> None:
     if max_batch_size == 0:
         return
@@ -179,6 +212,7 @@ def export(
             feature_names=feature_names,
             class_labels=class_labels,
             input_columns=columns,
+            feature_ranges=_feature_ranges(feature_names, sample_inputs, heldout_inputs),
             task=conversion.task or ("classification" if class_labels is not None else None),
             description=description,
             training_data=training_data,

@@ -6,6 +6,8 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
+import pytest
 import sklearn
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import GradientBoostingClassifier
@@ -70,3 +72,23 @@ def test_card_without_optional_facts(tmp_path: Path) -> None:
     card = read_card(export(model, x_train[:5], tmp_path, "bare").card_path)
     assert card["feature_names"] is None and card["class_labels"] is None and card["training_data"] is None
     assert card["metrics"] == {} and card["description"] is None
+
+
+def test_card_has_percentile_feature_ranges_for_numeric_tables(tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from medserve.exporters import export
+
+    from exporter_helpers import breast_cancer, read_card
+
+    x_train, y_train, x_test, y_test = breast_cancer()
+    names = [f"f{i}" for i in range(x_train.shape[1])]
+    model = LogisticRegression(max_iter=5000).fit(x_train, y_train)
+    report = export(model, x_train[:20], tmp_path, "bc", feature_names=names, heldout=(x_test, y_test))
+    ranges = read_card(report.card_path)["feature_ranges"]
+    seen = np.concatenate([x_train[:20], x_test])
+    assert list(ranges) == names
+    for i, name in enumerate(names):
+        low, high = ranges[name]
+        assert seen[:, i].min() <= low <= high <= seen[:, i].max()
+        assert (low, high) == pytest.approx(tuple(np.percentile(seen[:, i], [1, 99])), rel=1e-5, abs=1e-6)
