@@ -25,31 +25,27 @@ import numpy.typing as npt
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 
-from . import _codec
-from ._resilience import Attempts, Balancer, Clock, Random
-from ._settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, Settings, build_settings, check_timeout
+from . import _calls
+from ._calls import StreamItem, StreamState
+from ._resilience import Clock, Random
+from ._settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, Settings, build_settings
 from ._types import (
     InferRequest,
     InferResult,
     ModelConfig,
     ModelMetadata,
     ModelStatistics,
-    RecordSchema,
     RepositoryModel,
     RetryPolicy,
     ServerMetadata,
     TLSConfig,
 )
-from .client import StreamItem, _same_columns, _same_model, _StreamState
-from .errors import DeadlineExceeded, FailedPrecondition, UsageError, from_rpc_error
+from .errors import UsageError
 
 if TYPE_CHECKING:
     from medserve.protos.grpc_service_pb2_grpc import GRPCInferenceServiceAsyncStub as AsyncStub
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+R = TypeVar("R")
 
 
 class AsyncClient:
@@ -79,13 +75,10 @@ class AsyncClient:
             retries=retries,
             max_message_bytes=max_message_bytes,
         )
-        self._clock = clock
+        self._core = _calls.Core(self._settings, clock, random)
         self._sleep = sleep
-        self._random = random
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[AsyncStub] = []
-        self._balancer: Balancer[str] = Balancer(self._settings.targets, retries.unhealthy_cooldown_s, clock)
-        self._schemas: dict[tuple[str, str], RecordSchema] = {}
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -98,13 +91,7 @@ class AsyncClient:
         if self._closed:
             raise UsageError("the client is closed")
         if not self._stubs:
-            s = self._settings
-            self._channels = [
-                grpc.aio.secure_channel(t, s.credentials, options=s.options)
-                if s.credentials is not None
-                else grpc.aio.insecure_channel(t, options=s.options)
-                for t in s.targets
-            ]
+            self._channels = _calls.open_channels(self._settings, grpc.aio.secure_channel, grpc.aio.insecure_channel)
             self._stubs = [pb_grpc.GRPCInferenceServiceStub(ch) for ch in self._channels]
         return self._stubs
 
@@ -120,99 +107,80 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    # -- the one retry loop ------------------------------------------------------------------
+    # -- the drivers of the sans-IO core ----------------------------------------------------------
 
-    async def _unary(
-        self,
-        select: Callable[[AsyncStub], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]],
-        request: Req,
-        timeout_s: float | None,
-        request_id: str | None = None,
-    ) -> Resp:
+    async def _unary(self, method: str, request: Any, timeout_s: float | None, request_id: str | None = None) -> Any:
+        """The one retry loop: ``stub.<method>(request)`` with retries and replica failover."""
         stubs = self._open()
-        settings = self._settings
-        attempts = Attempts(
-            settings.retries,
-            settings.timeout_s if timeout_s is None else check_timeout(timeout_s),
-            self._clock,
-            self._random,
-        )
-        balancer = self._balancer
+        tries = self._core.tries(timeout_s, request_id)
+        metadata = self._settings.metadata
         while True:
-            index = balancer.pick()
-            remaining = attempts.remaining_s()
-            if remaining <= 0:
-                raise DeadlineExceeded("the call's deadline passed before it could be tried", request_id=request_id)
+            index, remaining = tries.next()
             try:
-                response: Resp = await select(stubs[index])(request, timeout=remaining, metadata=settings.metadata)
+                response = await getattr(stubs[index], method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc, request_id)
+                failure = exc
             else:
-                balancer.mark_healthy(index)
-                return response
-            if error.code is _UNAVAILABLE:
-                balancer.mark_unhealthy(index)
-            delay = attempts.next_delay_s(error, failover=balancer.healthy_other_than(index))
-            if delay is None:
-                raise error
+                return tries.succeeded(index, response)
+            delay = tries.failed(index, failure)
             if delay > 0:
                 await self._sleep(delay)
+
+    async def _call(self, call: _calls.Call[R]) -> R:
+        return call.decode(await self._unary(call.method, call.request, call.timeout_s, call.request_id))
+
+    async def _run(self, flow: _calls.Flow[R]) -> R:
+        try:
+            step = next(flow)
+            while True:
+                step = flow.send(await getattr(self, step.method)(*step.args, **step.kwargs))
+        except StopIteration as done:
+            result: R = done.value
+            return result
 
     # -- health and metadata -----------------------------------------------------------------
 
     async def server_live(self, *, timeout_s: float | None = None) -> bool:
-        return bool((await self._unary(lambda s: s.ServerLive, pb.ServerLiveRequest(), timeout_s)).live)
+        return await self._call(_calls.server_live(timeout_s))
 
     async def server_ready(self, *, timeout_s: float | None = None) -> bool:
-        return bool((await self._unary(lambda s: s.ServerReady, pb.ServerReadyRequest(), timeout_s)).ready)
+        return await self._call(_calls.server_ready(timeout_s))
 
     async def model_ready(
         self, model: str, version: str | int | None = None, *, timeout_s: float | None = None
     ) -> bool:
-        request = pb.ModelReadyRequest(name=model, version=_codec.version_string(version))
-        return bool((await self._unary(lambda s: s.ModelReady, request, timeout_s)).ready)
+        return await self._call(_calls.model_ready(model, version, timeout_s))
 
     async def server_metadata(self, *, timeout_s: float | None = None) -> ServerMetadata:
-        response = await self._unary(lambda s: s.ServerMetadata, pb.ServerMetadataRequest(), timeout_s)
-        return _codec.server_metadata(response)
+        return await self._call(_calls.server_metadata(timeout_s))
 
     async def model_metadata(
         self, model: str, version: str | int | None = None, *, timeout_s: float | None = None
     ) -> ModelMetadata:
-        request = pb.ModelMetadataRequest(name=model, version=_codec.version_string(version))
-        return _codec.model_metadata(await self._unary(lambda s: s.ModelMetadata, request, timeout_s))
+        return await self._call(_calls.model_metadata(model, version, timeout_s))
 
     async def model_config(
         self, model: str, version: str | int | None = None, *, timeout_s: float | None = None
     ) -> ModelConfig:
-        request = pb.ModelConfigRequest(name=model, version=_codec.version_string(version))
-        return _codec.model_config(await self._unary(lambda s: s.ModelConfig, request, timeout_s))
+        return await self._call(_calls.model_config(model, version, timeout_s))
 
     async def model_statistics(
         self, model: str | None = None, version: str | int | None = None, *, timeout_s: float | None = None
     ) -> tuple[ModelStatistics, ...]:
-        request = pb.ModelStatisticsRequest(name=model or "", version=_codec.version_string(version))
-        return _codec.model_statistics(await self._unary(lambda s: s.ModelStatistics, request, timeout_s))
+        return await self._call(_calls.model_statistics(model, version, timeout_s))
 
     async def repository_index(
         self, *, ready: bool = False, timeout_s: float | None = None
     ) -> tuple[RepositoryModel, ...]:
-        request = pb.RepositoryIndexRequest(ready=ready)
-        return _codec.repository_index(await self._unary(lambda s: s.RepositoryIndex, request, timeout_s))
+        return await self._call(_calls.repository_index(ready, timeout_s))
 
     async def load_model(self, model: str, *, timeout_s: float | None = None) -> None:
-        self._forget(model)
-        request = pb.RepositoryModelLoadRequest(model_name=model)
-        await self._unary(lambda s: s.RepositoryModelLoad, request, timeout_s)
+        self._core.forget(model)
+        await self._call(_calls.load_model(model, timeout_s))
 
     async def unload_model(self, model: str, *, timeout_s: float | None = None) -> None:
-        self._forget(model)
-        request = pb.RepositoryModelUnloadRequest(model_name=model)
-        await self._unary(lambda s: s.RepositoryModelUnload, request, timeout_s)
-
-    def _forget(self, model: str) -> None:
-        for key in [k for k in self._schemas if k[0] == model]:
-            self._schemas.pop(key, None)
+        self._core.forget(model)
+        await self._call(_calls.unload_model(model, timeout_s))
 
     # -- inference -----------------------------------------------------------------------------
 
@@ -228,11 +196,17 @@ class AsyncClient:
         priority: int | None = None,
     ) -> InferResult:
         """See :meth:`Client.infer <medserve.clients.Client.infer>`."""
-        request = _codec.encode_infer_request(
-            model, inputs, version=version, outputs=outputs, request_id=request_id, priority=priority
+        return await self._call(
+            _calls.infer(
+                model,
+                inputs,
+                version=version,
+                outputs=outputs,
+                timeout_s=timeout_s,
+                request_id=request_id,
+                priority=priority,
+            )
         )
-        response = await self._unary(lambda s: s.ModelInfer, request, timeout_s, request_id)
-        return _codec.decode_infer_response(response)
 
     async def infer_records(
         self,
@@ -246,61 +220,17 @@ class AsyncClient:
         priority: int | None = None,
     ) -> InferResult:
         """See :meth:`Client.infer_records <medserve.clients.Client.infer_records>`."""
-        deadline_s = self._clock() + (self._settings.timeout_s if timeout_s is None else check_timeout(timeout_s))
-        label = _codec.model_label(model, version)
-        schema = await self._record_schema(model, version, deadline_s)
-        array = _codec.records_to_array(label, schema, records)
-        result = await self.infer(
-            model,
-            {schema.input_name: array},
-            version=version,
-            outputs=outputs,
-            timeout_s=self._left(deadline_s, request_id),
-            request_id=request_id,
-            priority=priority,
-        )
-        if _same_model(schema, result):
-            return result
-        self._schemas.pop((model, _codec.version_string(version)), None)
-        fresh = await self._record_schema(model, version, deadline_s)
-        if _same_columns(schema, fresh):
-            return result
-        array = _codec.records_to_array(label, fresh, records)
-        result = await self.infer(
-            model,
-            {fresh.input_name: array},
-            version=version,
-            outputs=outputs,
-            timeout_s=self._left(deadline_s, request_id),
-            request_id=request_id,
-            priority=priority,
-        )
-        if not _same_model(fresh, result):
-            raise FailedPrecondition(
-                f"model {label} changed twice during the call; its columns are in flux, retry later",
+        return await self._run(
+            self._core.infer_records(
+                model,
+                records,
+                version=version,
+                outputs=outputs,
+                timeout_s=timeout_s,
                 request_id=request_id,
+                priority=priority,
             )
-        return result
-
-    def _left(self, deadline_s: float, request_id: str | None = None) -> float:
-        left = deadline_s - self._clock()
-        if left <= 0:
-            raise DeadlineExceeded("the call's deadline passed", request_id=request_id)
-        return left
-
-    async def _record_schema(self, model: str, version: str | int | None, deadline_s: float) -> RecordSchema:
-        key = (model, _codec.version_string(version))
-        schema = self._schemas.get(key)
-        if schema is None:
-            label = _codec.model_label(model, version)
-            metadata = await self.model_metadata(model, version, timeout_s=self._left(deadline_s))
-            config_features = None
-            if metadata.feature_names is None:
-                config = await self.model_config(model, version, timeout_s=self._left(deadline_s))
-                config_features = config.feature_names
-            schema = _codec.record_schema(label, metadata, config_features)
-            self._schemas[key] = schema
-        return schema
+        )
 
     async def infer_stream(
         self,
@@ -311,9 +241,9 @@ class AsyncClient:
         """See :meth:`Client.infer_stream <medserve.clients.Client.infer_stream>`; ``requests``
         may also be an async iterable."""
         stubs = self._open()
-        settings = self._settings
-        timeout = settings.timeout_s if timeout_s is None else check_timeout(timeout_s)
-        stream = _StreamState()
+        core = self._core
+        timeout = core.timeout(timeout_s)
+        stream = StreamState()
 
         async def messages() -> AsyncIterator[pb.ModelInferRequest]:
             if isinstance(requests, AsyncIterable):
@@ -325,21 +255,15 @@ class AsyncClient:
                 for message in stream.encode_all(requests):
                     yield message
 
-        index = self._balancer.pick()
-        call = stubs[index].ModelStreamInfer(messages(), timeout=timeout, metadata=settings.metadata)
+        index = core.balancer.pick()
+        call = stubs[index].ModelStreamInfer(messages(), timeout=timeout, metadata=self._settings.metadata)
         try:
             async for response in call:
-                for item in stream.drain_local():
+                for item in stream.on_response(response):
                     yield item
-                yield stream.answer(response)
-            for item in stream.drain_local():
-                yield item
-            for item in stream.unanswered():
+            for item in stream.on_end():
                 yield item
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            if error.code is _UNAVAILABLE:
-                self._balancer.mark_unhealthy(index)
-            raise error from None
+            raise core.stream_failed(index, exc) from None
         finally:
             call.cancel()

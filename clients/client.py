@@ -14,51 +14,36 @@ threads.
 
 from __future__ import annotations
 
-import itertools
 import random as _random
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Self, TypeAlias, TypeVar
 
 import grpc
 import numpy.typing as npt
 
-from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 
-from . import _codec
-from ._resilience import Attempts, Balancer, Clock, Random
-from ._settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, Settings, build_settings, check_timeout
+from . import _calls
+from ._calls import StreamItem as StreamItem  # re-exported: the item type of infer_stream
+from ._calls import StreamState
+from ._resilience import Clock, Random
+from ._settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, Settings, build_settings
 from ._types import (
     InferRequest,
     InferResult,
     ModelConfig,
     ModelMetadata,
     ModelStatistics,
-    RecordSchema,
     RepositoryModel,
     RetryPolicy,
     ServerMetadata,
     TLSConfig,
 )
-from .errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidInputError,
-    MedserveClientError,
-    StreamRequestError,
-    UsageError,
-    error_for_status,
-    from_rpc_error,
-)
+from .errors import UsageError
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
+R = TypeVar("R")
 Stub: TypeAlias = pb_grpc.GRPCInferenceServiceStub
-StreamItem: TypeAlias = InferResult | MedserveClientError
-
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
 class Client:
@@ -95,19 +80,12 @@ class Client:
             retries=retries,
             max_message_bytes=max_message_bytes,
         )
-        self._clock = clock
+        self._core = _calls.Core(self._settings, clock, random)
         self._sleep = sleep
-        self._random = random
-        s = self._settings
-        self._channels: list[grpc.Channel] = [
-            grpc.secure_channel(t, s.credentials, options=s.options)
-            if s.credentials is not None
-            else grpc.insecure_channel(t, options=s.options)
-            for t in s.targets
-        ]
+        self._channels: list[grpc.Channel] = _calls.open_channels(
+            self._settings, grpc.secure_channel, grpc.insecure_channel
+        )
         self._stubs: list[Stub] = [pb_grpc.GRPCInferenceServiceStub(ch) for ch in self._channels]
-        self._balancer: Balancer[str] = Balancer(s.targets, retries.unhealthy_cooldown_s, clock)
-        self._schemas: dict[tuple[str, str], RecordSchema] = {}
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -128,100 +106,84 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- the one retry loop ------------------------------------------------------------------
+    # -- the drivers of the sans-IO core ----------------------------------------------------------
 
-    def _unary(
-        self,
-        select: Callable[[Stub], grpc.UnaryUnaryMultiCallable[Req, Resp]],
-        request: Req,
-        timeout_s: float | None,
-        request_id: str | None = None,
-    ) -> Resp:
+    def _unary(self, method: str, request: Any, timeout_s: float | None, request_id: str | None = None) -> Any:
+        """The one retry loop: ``stub.<method>(request)`` with retries and replica failover."""
         if self._closed:
             raise UsageError("the client is closed")
-        settings = self._settings
-        attempts = Attempts(
-            settings.retries,
-            settings.timeout_s if timeout_s is None else check_timeout(timeout_s),
-            self._clock,
-            self._random,
-        )
-        balancer = self._balancer
+        tries = self._core.tries(timeout_s, request_id)
+        metadata = self._settings.metadata
         while True:
-            index = balancer.pick()
-            remaining = attempts.remaining_s()
-            if remaining <= 0:
-                raise DeadlineExceeded("the call's deadline passed before it could be tried", request_id=request_id)
+            index, remaining = tries.next()
             try:
-                response = select(self._stubs[index])(request, timeout=remaining, metadata=settings.metadata)
+                response = getattr(self._stubs[index], method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc, request_id)
+                failure = exc
             except ValueError:
                 if self._closed:  # grpc: "Cannot invoke RPC on closed channel!"
                     raise UsageError("the client is closed") from None
                 raise
             else:
-                balancer.mark_healthy(index)
-                return response
-            if error.code is _UNAVAILABLE:
-                balancer.mark_unhealthy(index)
-            delay = attempts.next_delay_s(error, failover=balancer.healthy_other_than(index))
-            if delay is None:
-                raise error
+                return tries.succeeded(index, response)
+            delay = tries.failed(index, failure)
             if delay > 0:
                 self._sleep(delay)
+
+    def _call(self, call: _calls.Call[R]) -> R:
+        return call.decode(self._unary(call.method, call.request, call.timeout_s, call.request_id))
+
+    def _run(self, flow: _calls.Flow[R]) -> R:
+        try:
+            step = next(flow)
+            while True:
+                step = flow.send(getattr(self, step.method)(*step.args, **step.kwargs))
+        except StopIteration as done:
+            result: R = done.value
+            return result
 
     # -- health and metadata -----------------------------------------------------------------
 
     def server_live(self, *, timeout_s: float | None = None) -> bool:
-        return bool(self._unary(lambda s: s.ServerLive, pb.ServerLiveRequest(), timeout_s).live)
+        return self._call(_calls.server_live(timeout_s))
 
     def server_ready(self, *, timeout_s: float | None = None) -> bool:
-        return bool(self._unary(lambda s: s.ServerReady, pb.ServerReadyRequest(), timeout_s).ready)
+        return self._call(_calls.server_ready(timeout_s))
 
     def model_ready(self, model: str, version: str | int | None = None, *, timeout_s: float | None = None) -> bool:
-        request = pb.ModelReadyRequest(name=model, version=_codec.version_string(version))
-        return bool(self._unary(lambda s: s.ModelReady, request, timeout_s).ready)
+        return self._call(_calls.model_ready(model, version, timeout_s))
 
     def server_metadata(self, *, timeout_s: float | None = None) -> ServerMetadata:
-        return _codec.server_metadata(self._unary(lambda s: s.ServerMetadata, pb.ServerMetadataRequest(), timeout_s))
+        return self._call(_calls.server_metadata(timeout_s))
 
     def model_metadata(
         self, model: str, version: str | int | None = None, *, timeout_s: float | None = None
     ) -> ModelMetadata:
-        request = pb.ModelMetadataRequest(name=model, version=_codec.version_string(version))
-        return _codec.model_metadata(self._unary(lambda s: s.ModelMetadata, request, timeout_s))
+        return self._call(_calls.model_metadata(model, version, timeout_s))
 
     def model_config(
         self, model: str, version: str | int | None = None, *, timeout_s: float | None = None
     ) -> ModelConfig:
-        request = pb.ModelConfigRequest(name=model, version=_codec.version_string(version))
-        return _codec.model_config(self._unary(lambda s: s.ModelConfig, request, timeout_s))
+        return self._call(_calls.model_config(model, version, timeout_s))
 
     def model_statistics(
         self, model: str | None = None, version: str | int | None = None, *, timeout_s: float | None = None
     ) -> tuple[ModelStatistics, ...]:
         """Cumulative statistics per model version (all models when ``model`` is None)."""
-        request = pb.ModelStatisticsRequest(name=model or "", version=_codec.version_string(version))
-        return _codec.model_statistics(self._unary(lambda s: s.ModelStatistics, request, timeout_s))
+        return self._call(_calls.model_statistics(model, version, timeout_s))
 
     def repository_index(self, *, ready: bool = False, timeout_s: float | None = None) -> tuple[RepositoryModel, ...]:
         """Every model of the repository and its versions' states (only READY ones with ``ready``)."""
-        request = pb.RepositoryIndexRequest(ready=ready)
-        return _codec.repository_index(self._unary(lambda s: s.RepositoryIndex, request, timeout_s))
+        return self._call(_calls.repository_index(ready, timeout_s))
 
     def load_model(self, model: str, *, timeout_s: float | None = None) -> None:
         """Load (or reload) a model from the server's repository; returns once it is served."""
-        self._forget(model)
-        self._unary(lambda s: s.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=model), timeout_s)
+        self._core.forget(model)
+        self._call(_calls.load_model(model, timeout_s))
 
     def unload_model(self, model: str, *, timeout_s: float | None = None) -> None:
-        self._forget(model)
-        self._unary(lambda s: s.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=model), timeout_s)
-
-    def _forget(self, model: str) -> None:
-        for key in [k for k in self._schemas if k[0] == model]:
-            self._schemas.pop(key, None)
+        self._core.forget(model)
+        self._call(_calls.unload_model(model, timeout_s))
 
     # -- inference -----------------------------------------------------------------------------
 
@@ -243,11 +205,17 @@ class Client:
             result = client.infer("sepsis", {"x": np.zeros((4, 12), np.float32)}, request_id="enc-1")
             result["risk"].shape, result.model_version, result.model_sha256
         """
-        request = _codec.encode_infer_request(
-            model, inputs, version=version, outputs=outputs, request_id=request_id, priority=priority
+        return self._call(
+            _calls.infer(
+                model,
+                inputs,
+                version=version,
+                outputs=outputs,
+                timeout_s=timeout_s,
+                request_id=request_id,
+                priority=priority,
+            )
         )
-        response = self._unary(lambda s: s.ModelInfer, request, timeout_s, request_id)
-        return _codec.decode_infer_response(response)
 
     def infer_records(
         self,
@@ -270,60 +238,17 @@ class Client:
 
             client.infer_records("breast-cancer", [{"mean radius": 14.2, "mean texture": 20.1, ...}])
         """
-        deadline_s = self._clock() + (self._settings.timeout_s if timeout_s is None else check_timeout(timeout_s))
-        label = _codec.model_label(model, version)
-        schema = self._record_schema(model, version, deadline_s)
-        array = _codec.records_to_array(label, schema, records)
-        result = self.infer(
-            model,
-            {schema.input_name: array},
-            version=version,
-            outputs=outputs,
-            timeout_s=self._left(deadline_s, request_id),
-            request_id=request_id,
-            priority=priority,
-        )
-        if _same_model(schema, result):
-            return result
-        self._schemas.pop((model, _codec.version_string(version)), None)
-        fresh = self._record_schema(model, version, deadline_s)
-        if _same_columns(schema, fresh):
-            return result
-        array = _codec.records_to_array(label, fresh, records)
-        result = self.infer(
-            model,
-            {fresh.input_name: array},
-            version=version,
-            outputs=outputs,
-            timeout_s=self._left(deadline_s, request_id),
-            request_id=request_id,
-            priority=priority,
-        )
-        if not _same_model(fresh, result):
-            raise FailedPrecondition(
-                f"model {label} changed twice during the call; its columns are in flux, retry later",
+        return self._run(
+            self._core.infer_records(
+                model,
+                records,
+                version=version,
+                outputs=outputs,
+                timeout_s=timeout_s,
                 request_id=request_id,
+                priority=priority,
             )
-        return result
-
-    def _left(self, deadline_s: float, request_id: str | None = None) -> float:
-        left = deadline_s - self._clock()
-        if left <= 0:
-            raise DeadlineExceeded("the call's deadline passed", request_id=request_id)
-        return left
-
-    def _record_schema(self, model: str, version: str | int | None, deadline_s: float) -> RecordSchema:
-        key = (model, _codec.version_string(version))
-        schema = self._schemas.get(key)
-        if schema is None:
-            label = _codec.model_label(model, version)
-            metadata = self.model_metadata(model, version, timeout_s=self._left(deadline_s))
-            config_features = None
-            if metadata.feature_names is None:
-                config_features = self.model_config(model, version, timeout_s=self._left(deadline_s)).feature_names
-            schema = _codec.record_schema(label, metadata, config_features)
-            self._schemas[key] = schema
-        return schema
+        )
 
     def infer_stream(self, requests: Iterable[InferRequest], *, timeout_s: float | None = None) -> Iterator[StreamItem]:
         """Pipeline many requests over one ModelStreamInfer stream; yields, as they arrive,
@@ -339,94 +264,18 @@ class Client:
         """
         if self._closed:
             raise UsageError("the client is closed")
-        settings = self._settings
-        timeout = settings.timeout_s if timeout_s is None else check_timeout(timeout_s)
-        stream = _StreamState()
-        index = self._balancer.pick()
+        core = self._core
+        timeout = core.timeout(timeout_s)
+        stream = StreamState()
+        index = core.balancer.pick()
         call = self._stubs[index].ModelStreamInfer(
-            stream.encode_all(requests), timeout=timeout, metadata=settings.metadata
+            stream.encode_all(requests), timeout=timeout, metadata=self._settings.metadata
         )
         try:
             for response in call:
-                yield from stream.drain_local()
-                yield stream.answer(response)
-            yield from stream.drain_local()
-            yield from stream.unanswered()
+                yield from stream.on_response(response)
+            yield from stream.on_end()
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            if error.code is _UNAVAILABLE:
-                self._balancer.mark_unhealthy(index)
-            raise error from None
+            raise core.stream_failed(index, exc) from None
         finally:
             call.cancel()
-
-
-def _same_model(schema: RecordSchema, result: InferResult) -> bool:
-    return schema.model_sha256 is None or result.model_sha256 in (None, schema.model_sha256)
-
-
-def _same_columns(a: RecordSchema, b: RecordSchema) -> bool:
-    return (a.feature_names, a.input_name, a.datatype) == (b.feature_names, b.input_name, b.datatype)
-
-
-class _StreamState:
-    """Request-id bookkeeping of one stream (shared by the sync and the asyncio client)."""
-
-    def __init__(self) -> None:
-        self.pending: dict[str, InferRequest] = {}
-        self.local: deque[MedserveClientError] = deque()
-        self._position = itertools.count()
-
-    def encode(self, request: InferRequest) -> pb.ModelInferRequest | None:
-        """The wire message, or None when the request was refused locally (queued for yielding)."""
-        position = next(self._position)
-        rid = request.request_id if request.request_id is not None else str(position)
-        try:
-            if not isinstance(request, InferRequest):
-                raise InvalidInputError(f"stream item {position} is a {type(request).__name__}, not an InferRequest")
-            if rid in self.pending:
-                raise InvalidInputError(f"request id {rid!r} is already in flight on this stream")
-            message = _codec.encode_infer_request(
-                request.model,
-                request.inputs,
-                version=request.version,
-                outputs=request.outputs,
-                request_id=rid,
-                priority=request.priority,
-            )
-        except InvalidInputError as exc:
-            exc.request_id = rid
-            self.local.append(exc)
-            return None
-        self.pending[rid] = request
-        return message
-
-    def encode_all(self, requests: Iterable[InferRequest]) -> Iterator[pb.ModelInferRequest]:
-        for request in requests:
-            message = self.encode(request)
-            if message is not None:
-                yield message
-
-    def drain_local(self) -> Iterator[MedserveClientError]:
-        while self.local:
-            yield self.local.popleft()
-
-    def answer(self, response: pb.ModelStreamInferResponse) -> StreamItem:
-        inner = response.infer_response
-        self.pending.pop(inner.id, None)
-        if response.error_message:
-            # medserve names the status in a parameter; other servers send the message alone.
-            code_name = inner.parameters["status_code"].string_param if "status_code" in inner.parameters else ""
-            code = getattr(grpc.StatusCode, code_name, None) if code_name else None
-            if isinstance(code, grpc.StatusCode):
-                return error_for_status(code, response.error_message, request_id=inner.id or None)
-            return StreamRequestError(response.error_message, request_id=inner.id or None)
-        try:
-            return _codec.decode_infer_response(inner)
-        except MedserveClientError as exc:  # one malformed answer fails its request, not the stream
-            return exc
-
-    def unanswered(self) -> Iterator[MedserveClientError]:
-        for rid in list(self.pending):
-            del self.pending[rid]
-            yield StreamRequestError("the stream ended without a response to this request", request_id=rid)
