@@ -8,10 +8,11 @@ import grpc
 import numpy as np
 import pytest
 
-import onnx_models
-from conftest import gated_repository, running_server, wait_for
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos.wire import to_raw
+
+import onnx_models
+from conftest import gated_repository, running_server, wait_for
 
 
 def slow_request(version: str = "") -> pb.ModelInferRequest:
