@@ -433,13 +433,21 @@ class Batcher:
         return 0 < estimate_s < self._inline_below_s
 
     def _run_inline(self, request: BatchRequest, future: asyncio.Future[Arrays]) -> None:
-        outcome = self._execute([request])
-        self._record([request], [0], outcome)
-        result = outcome.outputs[0]
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+        """A lone request, run now on the event loop: the batch path minus concatenation,
+        splitting and bisection (there is nothing to isolate)."""
+        start = time.perf_counter_ns()
+        try:
+            outputs = self._runner(request.inputs)
+        except Exception as exc:  # noqa: BLE001 - the caller gets it as its result
+            log.warning("model %s: execution failed: %s", self._name, type(exc).__name__, exc_info=exc)
+            future.set_exception(ExecutionError(f"model {self._name}: execution failed: {type(exc).__name__}"))
+            return
+        infer_ns = time.perf_counter_ns() - start
+        self.cost.observe(request.rows, infer_ns / 1e9)
+        if self._observer is not None:
+            self._observer.on_batch(request.rows, (0,), 0, infer_ns, 0)
+        self._executed += 1
+        future.set_result(outputs)
 
     def _record(self, requests: Sequence[BatchRequest], queue_ns: list[int], outcome: _Outcome) -> None:
         if outcome.failed_runs == 0:

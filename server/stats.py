@@ -18,7 +18,8 @@ class Duration:
 
     def add(self, ns: int, count: int = 1) -> None:
         self.count += count
-        self.ns += max(0, ns)
+        if ns > 0:
+            self.ns += ns
 
 
 @dataclass(slots=True)
@@ -62,7 +63,7 @@ class ModelStats:
         size.compute_output.add(output_ns)
         self.execution_count += 1
         self.inference_count += rows
-        self.last_inference_ms = int(time.time() * 1000)  # wall clock: a timestamp, not a latency
+        self.last_inference_ms = time.time_ns() // 1_000_000  # wall clock: a timestamp, not a latency
 
     def on_request(self, ok: bool, ns: int) -> None:
         (self.success if ok else self.fail).add(ns)
