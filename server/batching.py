@@ -22,6 +22,13 @@ rank after all others.
 Worst-case queueing delay for a request while an instance is free: `max_queue_delay_us`; while
 all instances are busy it also waits for one to finish (bounded by its deadline).
 
+Where a batch runs: on a worker thread of `executor` (onnxruntime releases the GIL), except a
+batch whose measured cost is under `inline_below_s` (100 µs), which runs on the event loop
+itself: the thread hand-off would cost more than the execution. A lone such request on an idle
+batcher with no queue delay skips the queue and the driver altogether — the policy's own
+answer ("run it now, alone") without the round trips. While an instance is busy, requests
+queue and batch as described above.
+
 Ordering: FIFO within a priority level and key. With `preserve_ordering`, batches release their
 results in the order they were dispatched.
 
