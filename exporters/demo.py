@@ -112,76 +112,79 @@ def _digits_cnn(repository: Path, seed: int) -> ExportReport:
     )
 
 
-def _ecg_cnn1d(repository: Path, seed: int) -> ExportReport:
-    data = demo_data.ecg_signals(seed)
-    with deterministic(seed):
-        model = train(ECGCNN1d(leads=3), data.x_train, data.y_train, epochs=4, seed=seed)
-    return export(
-        model,
-        data.x_train[:SAMPLE_ROWS],
-        repository,
-        "ecg_cnn1d",
-        class_labels=["regular", "irregular"],
-        output_names=["logits"],
-        dynamic_axes={"input": {2: "samples"}},
-        description="Irregular rhythm from multi-lead signals of any length (1-D CNN). Demo model.",
-        training_data=TrainingData("synthetic 3-lead traces, 128 samples, seeded", len(data.y_train)),
-        heldout=(data.x_test, data.y_test),
-    )
+def _synthetic_torch(
+    name: str,
+    dataset: Callable[[int], Any],
+    network: Callable[[], Any],
+    epochs: int,
+    training: str,
+    **export_options: Any,
+) -> Builder:
+    """A torch demo model trained on seeded synthetic data (`demo_data`), then exported."""
+
+    def build(repository: Path, seed: int) -> ExportReport:
+        data = dataset(seed)
+        with deterministic(seed):
+            model = train(network(), data.x_train, data.y_train, epochs=epochs, seed=seed)
+        x = data.x_train
+        sample = {k: v[:SAMPLE_ROWS] for k, v in x.items()} if isinstance(x, Mapping) else x[:SAMPLE_ROWS]
+        return export(
+            model,
+            sample,
+            repository,
+            name,
+            training_data=TrainingData(training, len(data.y_train)),
+            heldout=(data.x_test, data.y_test),
+            **export_options,
+        )
+
+    return build
 
 
-def _vitals_gru(repository: Path, seed: int) -> ExportReport:
-    data = demo_data.vitals_sequences(seed)
-    with deterministic(seed):
-        model = train(VitalsGRU(len(demo_data.VITALS)), data.x_train, data.y_train, epochs=6, seed=seed)
-    return export(
-        model,
-        data.x_train[:SAMPLE_ROWS],
-        repository,
-        "vitals_gru",
-        feature_names=list(demo_data.VITALS),
-        output_names=["deterioration_logit"],
-        dynamic_axes={"input": {1: "time"}},
-        description="Deterioration logit from hourly vitals sequences of any length (GRU). Demo model.",
-        training_data=TrainingData("synthetic 24-hour vitals sequences, seeded", len(data.y_train)),
-        heldout=(data.x_test, data.y_test),
-    )
-
-
-def _notes_transformer(repository: Path, seed: int) -> ExportReport:
-    data = demo_data.note_tokens(seed)
-    with deterministic(seed):
-        model = train(NotesTransformer(demo_data.NOTES_VOCAB), data.x_train, data.y_train, epochs=10, seed=seed)
-    return export(
-        model,
-        {k: v[:SAMPLE_ROWS] for k, v in data.x_train.items()},
-        repository,
-        "notes_transformer",
-        class_labels=["routine", "concerning"],
-        output_names=["logits"],
-        dynamic_axes={"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}},
-        description="Concerning clinical note from token ids and mask (Transformer encoder). Demo model.",
-        training_data=TrainingData("synthetic token sequences, seeded", len(data.y_train)),
-        heldout=(data.x_test, data.y_test),
-    )
-
-
-def _risk_mlp(repository: Path, seed: int) -> ExportReport:
-    data = demo_data.risk_table(seed)
-    with deterministic(seed):
-        model = train(RiskMLP(len(demo_data.RISK_FEATURES)), data.x_train, data.y_train, epochs=8, seed=seed)
-    return export(
-        model,
-        data.x_train[:SAMPLE_ROWS],
-        repository,
-        "risk_mlp",
-        feature_names=list(demo_data.RISK_FEATURES),
-        class_labels=["low", "high"],
-        output_names=["logits"],
-        description="Deterioration risk from standardized admission measurements (MLP). Demo model.",
-        training_data=TrainingData("synthetic admission measurements, seeded", len(data.y_train)),
-        heldout=(data.x_test, data.y_test),
-    )
+_ecg_cnn1d = _synthetic_torch(
+    "ecg_cnn1d",
+    demo_data.ecg_signals,
+    lambda: ECGCNN1d(leads=3),
+    epochs=4,
+    training="synthetic 3-lead traces, 128 samples, seeded",
+    class_labels=["regular", "irregular"],
+    output_names=["logits"],
+    dynamic_axes={"input": {2: "samples"}},
+    description="Irregular rhythm from multi-lead signals of any length (1-D CNN). Demo model.",
+)
+_vitals_gru = _synthetic_torch(
+    "vitals_gru",
+    demo_data.vitals_sequences,
+    lambda: VitalsGRU(len(demo_data.VITALS)),
+    epochs=6,
+    training="synthetic 24-hour vitals sequences, seeded",
+    feature_names=list(demo_data.VITALS),
+    output_names=["deterioration_logit"],
+    dynamic_axes={"input": {1: "time"}},
+    description="Deterioration logit from hourly vitals sequences of any length (GRU). Demo model.",
+)
+_notes_transformer = _synthetic_torch(
+    "notes_transformer",
+    demo_data.note_tokens,
+    lambda: NotesTransformer(demo_data.NOTES_VOCAB),
+    epochs=10,
+    training="synthetic token sequences, seeded",
+    class_labels=["routine", "concerning"],
+    output_names=["logits"],
+    dynamic_axes={"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}},
+    description="Concerning clinical note from token ids and mask (Transformer encoder). Demo model.",
+)
+_risk_mlp = _synthetic_torch(
+    "risk_mlp",
+    demo_data.risk_table,
+    lambda: RiskMLP(len(demo_data.RISK_FEATURES)),
+    epochs=8,
+    training="synthetic admission measurements, seeded",
+    feature_names=list(demo_data.RISK_FEATURES),
+    class_labels=["low", "high"],
+    output_names=["logits"],
+    description="Deterioration risk from standardized admission measurements (MLP). Demo model.",
+)
 
 
 DEMO_MODELS: Mapping[str, Builder] = MappingProxyType(
