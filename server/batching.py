@@ -47,7 +47,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -289,7 +289,6 @@ class BatcherStats:
     in_flight: int  # batches executing now
     in_flight_requests: int  # requests in those batches
     executed_batches: int
-    cost_estimates_s: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -379,7 +378,6 @@ class Batcher:
             in_flight=self._in_flight,
             in_flight_requests=self._in_flight_requests,
             executed_batches=self._executed,
-            cost_estimates_s={n: self.cost.estimate(n) for n in (1, 8, 64)},
         )
 
     # -- submit ----------------------------------------------------------------------------

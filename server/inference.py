@@ -56,9 +56,6 @@ class InferenceCore:
         self._repository = repository
         self._clock = clock
 
-    def resolve(self, model: str, version: str) -> LoadedVersion:
-        return self._repository.get(model, version)
-
     async def infer(self, request: InferRequest) -> InferResult:
         loaded = self._repository.get(request.model, request.version)
         started_ns = time.perf_counter_ns()

@@ -382,9 +382,6 @@ class ModelRepository:
             return sorted(found, key=lambda v: v.version)
         return [v.loaded for e in self.entries() for v in sorted(e.versions.values(), key=lambda x: x.version) if v.loaded]
 
-    def all_ready(self) -> bool:
-        return all(e.state is State.READY for e in self._models.values())
-
 
 def warm_inputs(config: ModelConfig) -> dict[str, np.ndarray]:
     """All-zero inputs of batch 1 (dynamic dims 1) that every servable version must accept."""
