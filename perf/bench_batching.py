@@ -268,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-s", type=float, default=3.0)
     parser.add_argument("--repetitions", type=int, default=1, help="measurements per level (interleaved)")
     parser.add_argument(
-        "--generator", choices=("h2load", "python"), default="h2load",
-        help="load generator: h2load (C, a tenth of a core here; default) or the harness's Python processes",
+        "--generator", choices=("h2load", "python", "grpcio"), default="h2load",
+        help="load generator: h2load (C, a tenth of a core here; default), the harness's Python processes over "
+             "raw HTTP/2 (python) or over grpc.aio (grpcio)",
     )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default perf/results)")
     parser.add_argument("--build-repository", type=Path, default=None, metavar="DIR",
@@ -305,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         "generator": (
             "h2load (nghttp2): pre-encoded gRPC frames, closed loop"
             if args.generator == "h2load"
-            else "medserve.perf python generator: 1 load process, grpc.aio, 8 channels, pre-encoded requests"
+            else f"medserve.perf {args.generator} generator: 1 load process, "
+            f"{'grpc.aio' if args.generator == 'grpcio' else 'raw HTTP/2 (perf.rawh2)'}, 8 channels, pre-encoded requests"
         ),
         "args": {k: str(v) for k, v in vars(args).items()},
         "repository": repo_info,

@@ -31,7 +31,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="--workers of the servers started with --serve, or of the --target servers (their "
                         "statistics are per worker process)")
     g.add_argument("--serve-arg", action="append", default=[], help="extra argument for `medserve serve`")
-    g.add_argument("--generator", choices=("python", "h2load"), default=None, help="load generator for all targets")
+    g.add_argument("--generator", choices=("python", "grpcio", "h2load"), default=None, help="load generator for all targets: python (load processes, raw HTTP/2; default), grpcio (load processes, grpc.aio) or h2load")
     g.add_argument("--compare-h2load", action="store_true",
                    help="also drive every target with h2load, interleaved: the generator saturation check")
     g = p.add_argument_group("requests")
@@ -120,7 +120,7 @@ def build_scenario(args: argparse.Namespace) -> Any:
         targets = [replace(t, generator=args.generator) for t in targets]
     if args.compare_h2load:
         twins = [Target(name=f"{t.name}+h2load", server_of=t.name, generator="h2load", models=t.models,
-                        repository=t.repository) for t in targets if t.generator == "python"]
+                        repository=t.repository) for t in targets if t.generator != "h2load"]
         targets += twins
     return replace(sc, targets=tuple(targets)).validate()
 

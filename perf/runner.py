@@ -176,7 +176,7 @@ class Runner:
                 address=p.address, mode=sc.mode, concurrency=conc, rate=rate, arrival=sc.arrival, phase_s=phase,
                 warmup_s=sc.warmup_s, measure_s=sc.measure_s, drain_s=sc.drain_s, bodies=p.bodies,
                 timeouts_s=p.timeouts_s, goals_ns=self._goals_ns(p), plan=p.plan, channels=sc.channels, max_outstanding=sc.max_outstanding,
-                seed=sc.seed * 1000 + rep * 100 + i,
+                seed=sc.seed * 1000 + rep * 100 + i, transport="grpcio" if p.target.generator == "grpcio" else "h2",
             ))
         start_ns = pool.start(jobs)
         m0 = start_ns + int(sc.warmup_s * 1e9)
@@ -189,7 +189,7 @@ class Runner:
         results = pool.collect()
         arrays = {k: np.concatenate([r[k] for r in results]) for k in ("offset_ns", "latency_ns", "lag_ns", "status", "model")}
         harness = {
-            "generator": "python",
+            "generator": p.target.generator,
             "processes": len(results),
             "load_process_cores": [round(r["cpu_s"] / r["window_s"], 3) for r in results],
             "parent_cores": _cores(before["self"], after["self"]),
@@ -336,7 +336,7 @@ class Runner:
     def run(self) -> dict[str, Any]:
         sc = self.scenario
         started = time.time()
-        needs_pool = any(t.generator == "python" for t in sc.targets)
+        needs_pool = any(t.generator != "h2load" for t in sc.targets)
         with self._targets() as targets, contextlib.ExitStack() as stack:
             pool = stack.enter_context(LoadPool(sc.processes)) if needs_pool else None
             for level in sc.levels:
