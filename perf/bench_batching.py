@@ -10,7 +10,8 @@ What it does, in one run:
      MLPClassifier behind a StandardScaler), both trained on load_breast_cancer (30 features) and
      exported with skl2onnx (zipmap off, FP32 input [N, 30]); each in two variants:
      `<m>_off` (max_batch_size 64, no dynamic_batching) and `<m>_on` (dynamic_batching with
-     max_queue_delay_microseconds 0). Each version has a model card with the training data's
+     max_queue_delay_microseconds 2000: an upper bound; the batcher closes a batch at the crowd
+     recent batches reached, so a lone request is not held back). Each version has a model card with the training data's
      feature ranges, from which the harness draws request data;
   2. for `medserve serve` with 1 and with 2 workers: starts it, captures one real response of
      `rf_on`, starts `perf/fixed_server.py` as ONE process answering with those bytes (the
@@ -45,7 +46,7 @@ import numpy as np
 MODELS = ("rf", "mlp")
 VARIANTS = ("off", "on")
 CONFIG_OFF = 'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\n'
-CONFIG_ON = CONFIG_OFF + "dynamic_batching {{ max_queue_delay_microseconds: 0 }}\n"
+CONFIG_ON = CONFIG_OFF + "dynamic_batching {{ max_queue_delay_microseconds: 2000 }}\n"
 TARGETS = {"fixed_ratio_1w": 0.7, "fixed_ratio_2w": 1.0, "on_off": 1.0, "c1_overhead_us": 150.0}
 
 

@@ -13,6 +13,10 @@ free and, for one group, any of:
   * the rows waiting reach `max_batch_rows` or the largest preferred batch size;
   * the oldest member has waited `max_queue_delay_us` (0 = run at once: batches still grow while
     every instance is busy, which is where most batching comes from);
+  * with a delay but no preferred sizes configured: the group holds as many rows as recent
+    batches reached (`CrowdEstimate`; one batch in 256 waits the whole delay to notice rising
+    load). A lone request on a quiet server is then not held back for company that never comes,
+    and under load a batch closes when its usual crowd is in rather than when the delay ends;
   * waiting longer would make a member miss its deadline, given the measured cost of executing a
     batch of that size (`CostModel`), or its queue-policy timeout would pass.
 Among ready groups the one whose best member has the highest priority (level 1 first), then the
@@ -47,7 +51,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -129,6 +133,39 @@ class PolicyConfig:
             max_queue_delay_s=cfg.max_queue_delay_us / 1e6,
             preferred_rows=tuple(sorted(p for p in cfg.preferred_batch_sizes if p > 0)),
         )
+
+
+@dataclass(slots=True)
+class CrowdEstimate:
+    """How many rows a batch gathers within the configured delay, learned from recent batches.
+
+    Triton waits the whole `max_queue_delay` unless the row limit or a preferred size is reached.
+    On a lightly loaded server every request then pays the whole delay and gathers nobody; under
+    steady load a batch waits on after its usual crowd is in. With no preferred sizes
+    configured, the batcher instead closes a batch once it holds the rows recent batches reached
+    (`target`), and lets one batch in `probe_every` wait the whole delay, so that a rising load
+    is noticed. The delay stays the bound on every wait.
+    """
+
+    alpha: float = 0.2
+    probe_every: int = 256
+    rows: float | None = None  # moving average of batch rows; None until a batch has run
+    since_probe: int = 0
+
+    def target(self) -> int | None:
+        """Close a batch at this many rows; None = wait the whole delay (no estimate, or a probe)."""
+        if self.rows is None or self.since_probe >= self.probe_every:
+            return None
+        return max(1, round(self.rows))
+
+    def observe(self, rows: int) -> None:
+        """A batch of `rows` rows ran (in dispatch order, so the batch after a due probe is it)."""
+        if self.rows is None or self.since_probe >= self.probe_every:
+            self.since_probe = 0
+            self.rows = float(rows) if self.rows is None else self.rows + self.alpha * (rows - self.rows)
+            return
+        self.since_probe += 1
+        self.rows += self.alpha * (rows - self.rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +365,9 @@ class Batcher:
         self._name = name
         self._config = config
         self._policy = PolicyConfig.from_batching(config)
+        learns = self._policy.max_queue_delay_s > 0 and not self._policy.preferred_rows and self._policy.max_batch_rows > 0
+        self.crowd = CrowdEstimate() if learns else None
+        self._learned: dict[int, PolicyConfig] = {}  # target rows -> policy closing there
         self._executor = executor
         self._instances = max(1, instances)
         self._max_queue_size = max_queue_size
@@ -433,9 +473,21 @@ class Batcher:
         """The policy's answer for a lone request on an idle batcher with no delay is "run it
         now, alone"; when it would also run on the event loop (cheap), skip the queue and the
         driver altogether. While anything is queued or running, requests queue and batch."""
-        if self._queue or self._in_flight or self._policy.max_queue_delay_s > 0:
+        if self._queue or self._in_flight:
+            return False
+        if self._policy.max_queue_delay_s > 0 and (self.crowd is None or self.crowd.target() != 1):
             return False
         return 0 < estimate_s < self._inline_below_s
+
+    def _current_policy(self) -> PolicyConfig:
+        """The configured policy, closing batches at the learned crowd size when there is one."""
+        target = self.crowd.target() if self.crowd is not None else None
+        if target is None:
+            return self._policy
+        policy = self._learned.get(target)
+        if policy is None:
+            policy = self._learned[target] = replace(self._policy, preferred_rows=(target,))
+        return policy
 
     def _run_inline(self, request: BatchRequest, future: asyncio.Future[Arrays]) -> None:
         """A lone request, run now on the event loop: the batch path minus concatenation,
@@ -449,6 +501,8 @@ class Batcher:
             return
         infer_ns = time.perf_counter_ns() - start
         self.cost.observe(request.rows, infer_ns / 1e9)
+        if self.crowd is not None:
+            self.crowd.observe(request.rows)
         if self._observer is not None:
             self._observer.on_batch(request.rows, (0,), 0, infer_ns, 0)
         self._executed += 1
@@ -506,7 +560,7 @@ class Batcher:
         while True:
             now = self._clock()
             decision = decide(
-                self._queue, now, self._policy, self.cost.estimate, self._instances - self._in_flight
+                self._queue, now, self._current_policy(), self.cost.estimate, self._instances - self._in_flight
             )
             settled = decision.expire + decision.drop + decision.run
             if settled:
@@ -527,6 +581,8 @@ class Batcher:
                 timer.cancel()
 
     def _dispatch(self, items: list[QueuedItem]) -> None:
+        if self.crowd is not None:
+            self.crowd.observe(sum(it.rows for it in items))
         self._in_flight += 1
         self._in_flight_requests += len(items)
         previous = self._last_release

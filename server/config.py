@@ -50,7 +50,8 @@ class BatchingConfig:
 
     `max_queue_delay_us` is the longest a request waits for companions while an instance is
     free; 0 means run as soon as an instance is free (batches still form while all instances
-    are busy). Priority level 1 is the highest."""
+    are busy). Without preferred sizes the batcher waits only for the crowd recent batches
+    reached (see `batching.CrowdEstimate`). Priority level 1 is the highest."""
 
     max_batch_rows: int
     preferred_batch_sizes: tuple[int, ...] = ()

@@ -73,6 +73,29 @@ async def test_concurrent_requests_form_one_batch_and_get_their_own_rows() -> No
     await batcher.stop()
 
 
+async def test_without_preferred_sizes_a_batch_closes_at_the_learned_crowd_not_the_delay() -> None:
+    """A 60 s delay that would time the test out if it were waited: the batcher closes each
+    batch when it holds the rows recent batches reached (1 = a lone request runs at once)."""
+    runner = GatedRunner()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=16, max_queue_delay_us=60_000_000))
+    assert batcher.crowd is not None
+    batcher.crowd.observe(3)  # as if a batch of 3 had run
+    futures = [batcher.submit(request(float(i))) for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*futures), 10)
+    for _ in range(20):
+        batcher.crowd.observe(1)
+    await asyncio.wait_for(batcher.submit(request(7.0)), 10)
+    assert runner.batches == [3, 1]
+    await batcher.stop()
+
+
+async def test_preferred_sizes_keep_the_configured_policy() -> None:
+    batcher = await started(GatedRunner(), BatchingConfig(max_batch_rows=16, max_queue_delay_us=1000,
+                                                          preferred_batch_sizes=(4,)))
+    assert batcher.crowd is None
+    await batcher.stop()
+
+
 async def test_batching_off_executes_requests_one_by_one() -> None:
     runner = GatedRunner()
     batcher = await started(runner, None)

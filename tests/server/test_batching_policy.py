@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from medserve.server.batching import BatchRequest, CostModel, PolicyConfig, QueuedItem, decide
+from medserve.server.batching import BatchRequest, CostModel, CrowdEstimate, PolicyConfig, QueuedItem, decide
 
 KEY_A = ("x", "<f4", (4,))
 KEY_B = ("x", "<f4", (8,))
@@ -183,3 +183,32 @@ def test_cost_model_interpolates_and_extrapolates() -> None:
     assert cost.estimate(18) == pytest.approx(0.018)
     cost.observe(1, 0.003)
     assert cost.estimate(1) == pytest.approx(0.003)
+
+
+def test_crowd_estimate_waits_the_whole_delay_until_a_batch_has_run() -> None:
+    crowd = CrowdEstimate(alpha=0.5, probe_every=4)
+    assert crowd.target() is None
+    crowd.observe(6)
+    assert crowd.target() == 6
+
+
+def test_crowd_estimate_follows_the_batches_and_closes_lone_requests_at_once() -> None:
+    crowd = CrowdEstimate(alpha=0.5, probe_every=100)
+    crowd.observe(10)
+    for _ in range(6):
+        crowd.observe(1)
+    assert crowd.target() == 1  # nobody comes: no waiting
+    for _ in range(6):
+        crowd.observe(12)
+    assert crowd.target() == 12
+
+
+def test_crowd_estimate_probes_the_whole_delay_every_so_often() -> None:
+    crowd = CrowdEstimate(alpha=0.5, probe_every=3)
+    crowd.observe(1)
+    for _ in range(3):
+        assert crowd.target() == 1
+        crowd.observe(1)
+    assert crowd.target() is None  # the next batch waits the whole delay ...
+    crowd.observe(9)  # ... and finds a crowd
+    assert crowd.target() == 5 and crowd.since_probe == 0
