@@ -14,8 +14,8 @@ free and, for one group, any of:
   * the oldest member has waited `max_queue_delay_us` (0 = run at once: batches still grow while
     every instance is busy, which is where most batching comes from);
   * with a delay but no preferred sizes configured: the group holds as many rows as recent
-    batches reached (`CrowdEstimate`; one batch in 256 waits the whole delay to notice rising
-    load). A lone request on a quiet server is then not held back for company that never comes,
+    batches reached (`CrowdEstimate`; now and then a batch waits the whole delay to notice
+    rising load). A lone request on a quiet server is then not held back for company that never comes,
     and under load a batch closes when its usual crowd is in rather than when the delay ends;
   * waiting longer would make a member miss its deadline, given the measured cost of executing a
     batch of that size (`CostModel`), or its queue-policy timeout would pass.
@@ -143,28 +143,35 @@ class CrowdEstimate:
     On a lightly loaded server every request then pays the whole delay and gathers nobody; under
     steady load a batch waits on after its usual crowd is in. With no preferred sizes
     configured, the batcher instead closes a batch once it holds the rows recent batches reached
-    (`target`), and lets one batch in `probe_every` wait the whole delay, so that a rising load
-    is noticed. The delay stays the bound on every wait.
+    (`target`), and now and then lets a batch wait the whole delay (a probe) so that a rising
+    load is noticed: every `probe_every` batches, doubling up to `probe_max` while probes find
+    nobody (a quiet server pays for almost none). The delay stays the bound on every wait.
     """
 
     alpha: float = 0.2
     probe_every: int = 256
+    probe_max: int = 4096
     rows: float | None = None  # moving average of batch rows; None until a batch has run
     since_probe: int = 0
+    interval: int = 0  # batches between probes now (0 = probe_every)
 
     def target(self) -> int | None:
         """Close a batch at this many rows; None = wait the whole delay (no estimate, or a probe)."""
-        if self.rows is None or self.since_probe >= self.probe_every:
+        if self.rows is None or self.since_probe >= (self.interval or self.probe_every):
             return None
         return max(1, round(self.rows))
 
     def observe(self, rows: int) -> None:
         """A batch of `rows` rows ran (in dispatch order, so the batch after a due probe is it)."""
-        if self.rows is None or self.since_probe >= self.probe_every:
-            self.since_probe = 0
-            self.rows = float(rows) if self.rows is None else self.rows + self.alpha * (rows - self.rows)
+        if self.rows is None:
+            self.rows = float(rows)
             return
-        self.since_probe += 1
+        if self.since_probe >= (self.interval or self.probe_every):
+            self.since_probe = 0
+            found = rows > 1
+            self.interval = self.probe_every if found else min(2 * (self.interval or self.probe_every), self.probe_max)
+        else:
+            self.since_probe += 1
         self.rows += self.alpha * (rows - self.rows)
 
 

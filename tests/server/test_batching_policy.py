@@ -212,3 +212,22 @@ def test_crowd_estimate_probes_the_whole_delay_every_so_often() -> None:
     assert crowd.target() is None  # the next batch waits the whole delay ...
     crowd.observe(9)  # ... and finds a crowd
     assert crowd.target() == 5 and crowd.since_probe == 0
+
+
+def test_crowd_estimate_probes_less_often_while_probes_find_nobody() -> None:
+    crowd = CrowdEstimate(alpha=0.5, probe_every=2, probe_max=8)
+
+    def batches_until_probe() -> int:
+        n = 0
+        while crowd.target() is not None:
+            crowd.observe(1)
+            n += 1
+        crowd.observe(1)  # the probe: nobody came
+        return n
+
+    crowd.observe(1)
+    assert [batches_until_probe() for _ in range(5)] == [2, 4, 8, 8, 8]
+    while crowd.target() is not None:
+        crowd.observe(1)
+    crowd.observe(4)  # a probe that found company: back to probing often
+    assert crowd.interval == 2
