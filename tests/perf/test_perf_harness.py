@@ -116,7 +116,8 @@ def test_overloaded_open_loop_latency_counts_from_the_intended_send_time(make_re
     assert rep["send_lag_us"]["p50"] < rep["latency_us"]["p50"] / 10
 
 
-def test_errors_become_status_counts_not_a_crash(affine_repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("generator", ["python", "grpcio"])  # rawh2 and grpc.aio load processes
+def test_errors_become_status_counts_not_a_crash(affine_repo: Path, tmp_path: Path, generator: str) -> None:
     mix = (
         ModelLoad("affine", weight=2),
         ModelLoad("affine", send_as="no_such_model"),  # NOT_FOUND
@@ -124,7 +125,7 @@ def test_errors_become_status_counts_not_a_crash(affine_repo: Path, tmp_path: Pa
     )
     with running_server(affine_repo) as srv:
         sc = Scenario(name="errors", mode="closed", levels=(4,), models=mix,
-                      targets=(Target("medserve", srv.target),), **SHORT)
+                      targets=(Target("medserve", srv.target, generator=generator),), **SHORT)
         results = Runner(sc, work_dir=tmp_path, progress=None).run()
     _check_consistent(results)
     cfg = results["configs"][0]
@@ -136,6 +137,7 @@ def test_errors_become_status_counts_not_a_crash(affine_repo: Path, tmp_path: Pa
     assert rep["per_model"]["affine"]["statuses"] == {"OK": rep["per_model"]["affine"]["requests"]}
     assert rep["goodput_rps"] == rep["ok_rps"] < rep["throughput_rps"]
     assert "NOT_FOUND" in report.summary_table(results)
+    assert rep["harness"]["generator"] == generator
 
 
 def test_deadlines_and_comparison_via_the_command_line(affine_repo: Path, tmp_path: Path, capsys) -> None:
