@@ -333,6 +333,7 @@ class BatcherStats:
     in_flight: int  # batches executing now
     in_flight_requests: int  # requests in those batches
     executed_batches: int
+    close_at_rows: int | None = None  # the learned crowd a batch closes at (None: the configured policy)
 
 
 @dataclass(slots=True)
@@ -425,6 +426,7 @@ class Batcher:
             in_flight=self._in_flight,
             in_flight_requests=self._in_flight_requests,
             executed_batches=self._executed,
+            close_at_rows=self.crowd.target() if self.crowd is not None else None,
         )
 
     # -- submit ----------------------------------------------------------------------------

@@ -39,6 +39,12 @@ class RepositoryCollector(Collector):
             "medserve_batches", "Batches executed, by size in rows", labels=[*_LABELS, "batch_size"]
         )
         queued = GaugeMetricFamily("medserve_queue_depth", "Requests waiting in the batcher", labels=_LABELS)
+        close_at = GaugeMetricFamily(
+            "medserve_batch_close_rows",
+            "Rows at which the batcher now closes a batch, learned from recent batches (models with a "
+            "queue delay and no preferred sizes; absent while it waits the whole delay)",
+            labels=_LABELS,
+        )
         for v in self._repository.loaded_versions():
             labels = [self._worker, v.name, str(v.version)]
             s = v.stats
@@ -57,8 +63,11 @@ class RepositoryCollector(Collector):
             for size, b in sorted(dict(s.batches).items()):
                 batches.add_metric([*labels, str(size)], b.compute_infer.count)
             if v.batcher is not None:
-                queued.add_metric(labels, v.batcher.stats().queued)
-        yield from (requests, request_seconds, phase_seconds, inferences, executions, batches, queued)
+                snapshot = v.batcher.stats()
+                queued.add_metric(labels, snapshot.queued)
+                if snapshot.close_at_rows is not None:
+                    close_at.add_metric(labels, snapshot.close_at_rows)
+        yield from (requests, request_seconds, phase_seconds, inferences, executions, batches, queued, close_at)
 
 
 def start_metrics_server(

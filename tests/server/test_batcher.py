@@ -82,10 +82,11 @@ async def test_without_preferred_sizes_a_batch_closes_at_the_learned_crowd_not_t
     batcher.crowd.observe(3)  # as if a batch of 3 had run
     futures = [batcher.submit(request(float(i))) for i in range(3)]
     await asyncio.wait_for(asyncio.gather(*futures), 10)
+    assert batcher.stats().close_at_rows == 3
     for _ in range(20):
         batcher.crowd.observe(1)
     await asyncio.wait_for(batcher.submit(request(7.0)), 10)
-    assert runner.batches == [3, 1]
+    assert runner.batches == [3, 1] and batcher.stats().close_at_rows == 1
     await batcher.stop()
 
 

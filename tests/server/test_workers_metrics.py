@@ -16,8 +16,8 @@ import onnx_models
 from conftest import running_server, server_process, wait_for
 
 
-def affine_request(rows: int = 1, width: int = 4) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name="m")
+def affine_request(rows: int = 1, width: int = 4, model: str = "m") -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model)
     req.inputs.add(name="x", datatype="FP32", shape=[rows, width])
     req.raw_input_contents.append(to_raw(np.ones((rows, width), np.float32)))
     return req
@@ -48,11 +48,13 @@ def test_two_workers_share_the_port_and_report_per_worker(make_repo) -> None:  #
 
 
 def test_prometheus_metrics_come_from_the_statistics(make_repo) -> None:  # type: ignore[no-untyped-def]
-    repo = make_repo(m=onnx_models.affine)
+    delayed = "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 1000 }\n"
+    repo = make_repo(m=onnx_models.affine, d=(onnx_models.affine, delayed))
     with running_server(repo, metrics_port=0) as srv:
         stub = srv.stub()
         for rows in (1, 3):
             stub.ModelInfer(affine_request(rows), timeout=10)
+        stub.ModelInfer(affine_request(2, model="d"), timeout=10)  # alone: d learns to close at 2 rows
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=10) as resp:
             text = resp.read().decode()
     from prometheus_client.parser import text_string_to_metric_families
@@ -73,6 +75,9 @@ def test_prometheus_metrics_come_from_the_statistics(make_repo) -> None:  # type
     assert value("medserve_batches_total", batch_size="3") == 1
     assert value("medserve_phase_seconds_total", phase="compute_infer") > 0
     assert value("medserve_queue_depth") == 0
+    assert ("medserve_batch_close_rows", base) not in samples  # m has no queue delay
+    d = (("model", "d"), ("version", "1"), ("worker", "medserve"))
+    assert samples[("medserve_batch_close_rows", d)] == 2
 
 
 def test_sigterm_drains(make_repo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
