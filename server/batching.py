@@ -685,8 +685,10 @@ class Batcher:
                     f"model {self._name}: output {bad[0]!r} has dim 0 != batch rows {total}; cannot split"
                 )
                 return [err] * len(requests)
-            offsets = list(itertools.accumulate(rows))[:-1]
-            split = {n: np.split(a, offsets) for n, a in outputs.items()}
-            result = [{n: parts[i] for n, parts in split.items()} for i in range(len(requests))]
+            bounds = list(itertools.accumulate(rows, initial=0))
+            result = [
+                {n: a[start:end] for n, a in outputs.items()}
+                for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
         outcome.output_ns += clock() - t2
         return result

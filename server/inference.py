@@ -78,6 +78,7 @@ class InferenceCore:
             BatchRequest(
                 inputs=inputs,
                 rows=rows,
+                key=signature.fixed_key,
                 deadline_s=request.deadline_s,
                 priority=request.priority,
                 timeout_us=request.timeout_us,

@@ -25,10 +25,14 @@ class Signature:
     outputs: Mapping[str, TensorConfig]
     output_names: tuple[str, ...]
     max_batch_size: int
+    # The batching key every valid request has when no input is optional and no non-batch dim
+    # varies (None otherwise: the batcher derives it per request).
+    fixed_key: tuple[object, ...] | None = None
 
     @classmethod
     def of(cls, config: ModelConfig) -> Signature:
         batch = (-1,) if config.max_batch_size > 0 else ()
+        fixed = config.max_batch_size > 0 and all(not t.optional and min(t.dims, default=0) >= 0 for t in config.inputs)
         return cls(
             inputs={t.name: t for t in config.inputs},
             shapes={t.name: batch + t.dims for t in config.inputs},
@@ -36,6 +40,7 @@ class Signature:
             outputs={t.name: t for t in config.outputs},
             output_names=tuple(t.name for t in config.outputs),
             max_batch_size=config.max_batch_size,
+            fixed_key=("signature", tuple((t.name, t.datatype, t.dims) for t in config.inputs)) if fixed else None,
         )
 
     def check_outputs(self, label: str, wanted: tuple[str, ...]) -> tuple[str, ...]:

@@ -262,3 +262,17 @@ async def test_timeout_override_is_ignored_when_not_allowed() -> None:
     assert np.array_equal((await kept)["y"], np.full((1, 2), 2.0, np.float32))
     now[0] = 110.0
     await batcher.stop()
+
+
+def test_a_fixed_signature_gives_every_valid_request_one_batching_key() -> None:
+    """Requests to a model whose inputs are all required and fixed beyond the batch dim share a
+    key computed once; variable dims or optional inputs leave the key to each request."""
+    from medserve.server.config import ModelConfig, TensorConfig
+    from medserve.server.signature import Signature
+
+    x, seq = TensorConfig("x", "FP32", (4,)), TensorConfig("seq", "FP32", (-1, 3))
+    fixed = Signature.of(ModelConfig("m", max_batch_size=8, inputs=(x,)))
+    assert fixed.fixed_key is not None and fixed.fixed_key == Signature.of(ModelConfig("n", max_batch_size=4, inputs=(x,))).fixed_key
+    assert Signature.of(ModelConfig("m", max_batch_size=8, inputs=(x, seq))).fixed_key is None
+    assert Signature.of(ModelConfig("m", max_batch_size=8, inputs=(TensorConfig("x", "FP32", (4,), optional=True),))).fixed_key is None
+    assert Signature.of(ModelConfig("m", max_batch_size=0, inputs=(x,))).fixed_key is None
