@@ -64,13 +64,11 @@ class LoadedVersion:
     warmup_s: float = 0.0  # duration of the warm-up run: the cost model's first measurement
     batcher: Batcher | None = None
     signature: Signature = field(init=False)
+    label: str = field(init=False)  # "'name' version N", for messages (built once, not per request)
 
     def __post_init__(self) -> None:
         self.signature = Signature.of(self.config)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name!r} version {self.version}"
+        self.label = f"{self.name!r} version {self.version}"
 
     def card_list(self, key: str) -> list[str] | None:
         value = (self.card or {}).get(key)
