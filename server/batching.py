@@ -162,9 +162,14 @@ class CrowdEstimate:
         return max(1, round(self.rows))
 
     def observe(self, rows: int) -> None:
-        """A batch of `rows` rows ran (in dispatch order, so the batch after a due probe is it)."""
-        if self.rows is None:
+        """A batch of `rows` rows ran (in dispatch order, so the batch after a due probe is it).
+        A batch that closed short of the target waited the whole delay for a crowd that did not
+        come: the estimate drops to it at once, so a falling load costs one long wait, not many."""
+        target = self.target()
+        if self.rows is None or (target is not None and rows < target):
             self.rows = float(rows)
+            if target is not None:
+                self.since_probe += 1
             return
         if self.since_probe >= (self.interval or self.probe_every):
             self.since_probe = 0

@@ -196,11 +196,12 @@ def test_crowd_estimate_follows_the_batches_and_closes_lone_requests_at_once() -
     crowd = CrowdEstimate(alpha=0.5, probe_every=100)
     crowd.observe(10)
     for _ in range(6):
-        crowd.observe(1)
-    assert crowd.target() == 1  # nobody comes: no waiting
-    for _ in range(6):
-        crowd.observe(12)
+        crowd.observe(12)  # batches that closed at the target took everyone queued
     assert crowd.target() == 12
+    crowd.observe(3)  # the whole delay passed and only 3 came: the load fell
+    assert crowd.target() == 3
+    crowd.observe(1)
+    assert crowd.target() == 1  # nobody comes: no waiting
 
 
 def test_crowd_estimate_probes_the_whole_delay_every_so_often() -> None:
