@@ -51,7 +51,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -153,11 +153,14 @@ class CrowdEstimate:
     probe_max: int = 4096
     rows: float | None = None  # moving average of batch rows; None until a batch has run
     since_probe: int = 0
-    interval: int = 0  # batches between probes now (0 = probe_every)
+    interval: int = field(init=False)  # batches between probes now
+
+    def __post_init__(self) -> None:
+        self.interval = self.probe_every
 
     def target(self) -> int | None:
         """Close a batch at this many rows; None = wait the whole delay (no estimate, or a probe)."""
-        if self.rows is None or self.since_probe >= (self.interval or self.probe_every):
+        if self.rows is None or self.since_probe >= self.interval:
             return None
         return max(1, round(self.rows))
 
@@ -171,10 +174,10 @@ class CrowdEstimate:
             if target is not None:
                 self.since_probe += 1
             return
-        if self.since_probe >= (self.interval or self.probe_every):
+        if self.since_probe >= self.interval:
             self.since_probe = 0
             found = rows > 1
-            self.interval = self.probe_every if found else min(2 * (self.interval or self.probe_every), self.probe_max)
+            self.interval = self.probe_every if found else min(2 * self.interval, self.probe_max)
         else:
             self.since_probe += 1
         self.rows += self.alpha * (rows - self.rows)
