@@ -1,10 +1,10 @@
 """Load processes: each runs one asyncio loop and sends pre-encoded ModelInferRequest bytes as
-they are (no serializer; the response bytes come back undecoded), over one of two transports:
+they are (no serializer; the response bytes come back undecoded), over the transport its generator names:
 
-* `h2` (default): `rawh2`, hand-framed HTTP/2, a few microseconds of CPU per call, so on a
+* `python` (default): `rawh2`, hand-framed HTTP/2, a few microseconds of CPU per call, so on a
   small host the generator leaves the cores to the server it measures;
 * `grpcio`: grpc.aio channels with a generic method (about 180 µs per call here), the
-  reference client, for checking `h2`'s figures against.
+  reference client, for checking rawh2's figures against.
 
 Closed loop: `concurrency` coroutines, each sending its next request when the previous one is
 answered. Latency = answer time - send time.
@@ -71,7 +71,7 @@ class Job:
     channels: int
     max_outstanding: int
     seed: int
-    transport: str = "h2"  # "h2": rawh2's hand-framed HTTP/2; "grpcio": grpc.aio channels
+    generator: str = "python"  # "python": rawh2's hand-framed HTTP/2; "grpcio": grpc.aio channels
 
 
 def _rusage_s() -> float:
@@ -133,8 +133,8 @@ class _Worker:
         self._raw: dict[str, list[rawh2.Channel]] = {}
         self.window = _WindowCounts()
 
-    async def calls(self, address: str, count: int, transport: str = "h2") -> list[Any]:
-        if transport == "h2":
+    async def calls(self, address: str, count: int, generator: str) -> list[Any]:
+        if generator != "grpcio":
             return await self._raw_calls(address, count)
         chans = self._channels.setdefault(address, [])
         while len(chans) < count:
@@ -164,7 +164,7 @@ class _Worker:
                 await chan.close()
 
     async def run(self, job: Job, start_ns: int) -> dict[str, Any]:
-        calls = await self.calls(job.address, max(1, job.channels), job.transport)
+        calls = await self.calls(job.address, max(1, job.channels), job.generator)
         rec = _Recorder()
         self.window = _WindowCounts()
         m0 = start_ns + int(job.warmup_s * 1e9)
@@ -328,7 +328,7 @@ def _process_main(index: int, conn: multiprocessing.connection.Connection, count
                 if message is None:
                     return
                 job: Job = message
-                await worker.calls(job.address, max(1, job.channels))
+                await worker.calls(job.address, max(1, job.channels), job.generator)  # connect before the start
                 conn.send("ready")
                 start_ns = await loop.run_in_executor(None, conn.recv)
                 if start_ns is None:

@@ -176,7 +176,7 @@ class Runner:
                 address=p.address, mode=sc.mode, concurrency=conc, rate=rate, arrival=sc.arrival, phase_s=phase,
                 warmup_s=sc.warmup_s, measure_s=sc.measure_s, drain_s=sc.drain_s, bodies=p.bodies,
                 timeouts_s=p.timeouts_s, goals_ns=self._goals_ns(p), plan=p.plan, channels=sc.channels, max_outstanding=sc.max_outstanding,
-                seed=sc.seed * 1000 + rep * 100 + i, transport="grpcio" if p.target.generator == "grpcio" else "h2",
+                seed=sc.seed * 1000 + rep * 100 + i, generator=p.target.generator,
             ))
         start_ns = pool.start(jobs)
         m0 = start_ns + int(sc.warmup_s * 1e9)
