@@ -145,10 +145,9 @@ class Connection(asyncio.Protocol):
     def call(self, path: str, body: bytes, timeout_s: float | None = None) -> asyncio.Future[bytes]:
         """Start a unary call of `body` (a serialized message); the future gives the response
         message or raises RpcError."""
+        if self._error is not None:
+            return _unavailable(self._error)
         future: asyncio.Future[bytes] = self._loop.create_future()
-        if self._error is not None:  # resolved on the next iteration: a caller looping on
-            self._loop.call_soon(_fail, future, UNAVAILABLE, self._error)  # failures still yields
-            return future
         key = (path, timeout_s)
         block = self._blocks.get(key)
         if block is None:
@@ -400,6 +399,15 @@ class Connection(asyncio.Protocol):
         self._finish(stream, status, message)
 
 
+def _unavailable(message: str) -> asyncio.Future[bytes]:
+    """A call that fails with UNAVAILABLE on the next loop iteration, not at once: a caller
+    looping on failures still yields to the loop."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bytes] = loop.create_future()
+    loop.call_soon(_fail, future, UNAVAILABLE, message)
+    return future
+
+
 def _fail(future: asyncio.Future[bytes], code: int, message: str) -> None:
     if not future.done():
         future.set_exception(RpcError(code, message))
@@ -429,9 +437,7 @@ class Channel:
                 if self._connecting is None or self._connecting.done():
                     self._connecting = asyncio.get_running_loop().create_task(self.connect())
                 if conn is None:
-                    future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-                    asyncio.get_running_loop().call_soon(_fail, future, UNAVAILABLE, self._last_error)
-                    return future
+                    return _unavailable(self._last_error)
             return conn.call(path, body, timeout)
 
         return call
