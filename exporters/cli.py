@@ -44,7 +44,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--version", type=int, default=None, help="version number (default: latest + 1)")
     parser.add_argument("--description", default=None, help="one line for the model card")
     parser.add_argument("--max-batch-size", type=int, default=64, help="max rows per batch in config.pbtxt")
-    parser.set_defaults(func=run_export)
+    parser.set_defaults(func=run_export, extras=("server", "export"))  # parity runs onnxruntime
     return parser
 
 
@@ -62,7 +62,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="leave demo models that already have a folder in the repository as they are "
         "(so running the README's command again does not publish new versions)",
     )
-    parser.set_defaults(func=run_demo)
+    parser.set_defaults(func=run_demo, extras=("server", "export"))
     return parser
 
 

@@ -154,7 +154,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     p = subparsers.add_parser("perf", help="load-test a server: closed/open loop sweeps, latency percentiles",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _configure(p)
-    p.set_defaults(func=run_command)
+    p.set_defaults(func=run_command, extras=("perf",))
 
 
 def main(argv: list[str] | None = None) -> int:

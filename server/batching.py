@@ -3,7 +3,10 @@ protobuf or gRPC.
 
 What a batch is: requests whose inputs have the same names, datatypes and non-batch dims (their
 `key`), concatenated along dim 0. A batch never holds more than `max_batch_rows` rows (the sum of
-dim 0, Triton's `max_batch_size`); a single request larger than that is refused at `submit`.
+dim 0, Triton's `max_batch_size`). A single request of more than `split_rows` rows (the model's
+`max_batch_size`) is split into parts of at most that many rows, queued together in order (each
+part may share a batch with other requests); its outputs are joined in order, and it fails as a
+whole, with the first error of any part, if any part fails.
 
 Groups without head-of-line blocking: every key has its own group and its own delay clock, so a
 request of another shape never closes or delays the batch that is forming.
@@ -36,9 +39,10 @@ queue and batch as described above.
 Ordering: FIFO within a priority level and key. With `preserve_ordering`, batches release their
 results in the order they were dispatched.
 
-Refusals at `submit`: queue full (`QueueFull`, naming the model and the limit); a deadline that
-cannot be met even if the request ran now (`DeadlineExceeded`, never executed); too many rows
-(`InvalidInput`). Before a batch runs, expired requests fail with `DeadlineExceeded` and cancelled
+Refusals at `submit`: queue full (`QueueFull`, naming the model and the limit; a split request
+needs room for all its parts); a deadline that cannot be met even if the request ran now
+(`DeadlineExceeded`, never executed); a split request with more parts than the queue can ever
+hold (`InvalidInput`). Before a batch runs, expired requests fail with `DeadlineExceeded` and cancelled
 ones are dropped; neither ever runs. If a batch fails, it is bisected and re-run so only the
 requests that cause the failure fail. Every future is resolved exactly once on every path.
 """
@@ -333,6 +337,58 @@ def decide(
     return Decision(expire=tuple(expire), drop=tuple(drop), wait_s=wait)
 
 
+def split_rows(inputs: Arrays, rows: int, limit: int) -> list[tuple[Arrays, int]]:
+    """An oversized request's inputs as consecutive parts of at most `limit` rows (views)."""
+    return [
+        ({n: a[start : start + limit] for n, a in inputs.items()}, min(limit, rows - start))
+        for start in range(0, rows, limit)
+    ]
+
+
+def join_outputs(parts: Sequence[Arrays], rows: Sequence[int], name: str) -> dict[str, np.ndarray]:
+    """The outputs of a split request's parts, joined in order along dim 0."""
+    joined: dict[str, np.ndarray] = {}
+    for out in parts[0]:
+        pieces = [p[out] for p in parts]
+        if any(a.ndim == 0 or a.shape[0] != r for a, r in zip(pieces, rows, strict=True)):
+            raise ExecutionError(f"model {name}: output {out!r} has dim 0 != the part's rows; cannot join the parts")
+        joined[out] = np.concatenate(pieces)
+    return joined
+
+
+def join_parts(
+    futures: Sequence[asyncio.Future[Arrays]], rows: Sequence[int], name: str, loop: asyncio.AbstractEventLoop
+) -> asyncio.Future[Arrays]:
+    """One future for a split request: its parts' outputs joined in order, or the first error of
+    any part (the other parts are then cancelled: the driver drops them unexecuted). Cancelling
+    it cancels every part."""
+    joined: asyncio.Future[Arrays] = loop.create_future()
+
+    def part_done(part: asyncio.Future[Arrays]) -> None:
+        error = None if part.cancelled() else part.exception()  # retrieved either way
+        if joined.done():
+            return
+        if part.cancelled() or error is not None:
+            joined.set_exception(error or ModelNotReady(f"model {name}: part of the request was cancelled"))
+            for f in futures:
+                f.cancel()
+        elif all(f.done() for f in futures):
+            try:
+                joined.set_result(join_outputs([f.result() for f in futures], rows, name))
+            except ExecutionError as exc:
+                joined.set_exception(exc)
+
+    def joined_done(_: asyncio.Future[Arrays]) -> None:
+        if joined.cancelled():
+            for f in futures:
+                f.cancel()
+
+    for f in futures:
+        f.add_done_callback(part_done)
+    joined.add_done_callback(joined_done)
+    return joined
+
+
 @dataclass(slots=True)
 class BatcherStats:
     """A snapshot of the queue, for health and metrics."""
@@ -376,8 +432,10 @@ class Batcher:
         clock: Clock = time.monotonic,
         cost_model: CostModel | None = None,
         inline_below_s: float = 100e-6,
+        split_rows: int = 0,
     ) -> None:
         self._runner = runner
+        self._split_rows = split_rows  # a request of more rows runs in parts of at most this (0 = never)
         self._name = name
         self._config = config
         self._policy = PolicyConfig.from_batching(config)
@@ -444,6 +502,8 @@ class Batcher:
         or to one of the errors in the module docstring."""
         if self._stopping or self._wakeup is None:
             raise ModelNotReady(f"model {self._name} is not accepting requests (unloading or stopped)")
+        if 0 < self._split_rows < request.rows:
+            return self._submit_parts(request)
         limit = self._policy.max_batch_rows
         if limit > 0 and request.rows > limit:
             raise InvalidInput(
@@ -451,22 +511,56 @@ class Batcher:
             )
         level, policy = self._level(request.priority)
         now = self._clock()
+        estimate = self._check_deadline(request, now)
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        if self._runs_now(estimate):
+            self._run_inline(request, future)
+            return future
+        self._check_room(level, policy, 1)
+        self._enqueue(request, future, level, policy, now)
+        return future
+
+    def _submit_parts(self, request: BatchRequest) -> asyncio.Future[Arrays]:
+        """Queue an oversized request as parts of at most `split_rows` rows; one joined future."""
+        parts = [replace(request, inputs=p, rows=r) for p, r in split_rows(request.inputs, request.rows, self._split_rows)]
+        level, policy = self._level(request.priority)
+        now = self._clock()
+        self._check_deadline(parts[0], now)
+        self._check_room(level, policy, len(parts), request.rows)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Arrays]] = []
+        for part in parts:
+            futures.append(loop.create_future())
+            self._enqueue(part, futures[-1], level, policy, now)
+        return join_parts(futures, [p.rows for p in parts], self._name, loop)
+
+    def _check_deadline(self, request: BatchRequest, now: float) -> float:
+        """Refuse a request that would miss its deadline even if it ran now; return the estimate."""
         estimate = self.cost.estimate(request.rows)
         if request.deadline_s is not None and now + estimate > request.deadline_s:
             raise DeadlineExceeded(
                 f"model {self._name}: deadline cannot be met (estimated execution {estimate * 1e3:.3f} ms, "
                 f"time left {max(0.0, request.deadline_s - now) * 1e3:.3f} ms); request not executed"
             )
-        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        if self._runs_now(estimate):
-            self._run_inline(request, future)
-            return future
-        level_limit = policy.max_queue_size
-        if len(self._queue) >= self._max_queue_size or (
-            level_limit and self._level_counts.get(level, 0) >= level_limit
+        return estimate
+
+    def _check_room(self, level: int, policy: QueuePolicy, items: int, rows: int = 0) -> None:
+        """Refuse `items` queue entries that do not fit now (QueueFull) or never can (InvalidInput)."""
+        level_limit = policy.max_queue_size  # 0: only the server-wide cap (>= 1) applies
+        cap = min(self._max_queue_size, level_limit or self._max_queue_size)
+        if items > cap:
+            raise InvalidInput(
+                f"model {self._name}: request has {rows} rows, {items} parts of at most max_batch_size "
+                f"{self._split_rows}; the queue holds at most {cap} (send at most {cap * self._split_rows} rows)"
+            )
+        if len(self._queue) + items > self._max_queue_size or (
+            level_limit and self._level_counts.get(level, 0) + items > level_limit
         ):
-            cap = min(x for x in (self._max_queue_size, level_limit) if x)
             raise QueueFull(f"model {self._name}: queue full ({cap} requests queued); retry later")
+
+    def _enqueue(
+        self, request: BatchRequest, future: asyncio.Future[Arrays], level: int, policy: QueuePolicy, now: float
+    ) -> None:
         timeout_us = policy.default_timeout_us
         if request.timeout_us and policy.allow_timeout_override:  # may only shorten the policy's
             timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
@@ -478,13 +572,14 @@ class Batcher:
             enqueued_s=now,
             timeout_at_s=now + timeout_us / 1e6 if timeout_us else None,
             delay_on_timeout=policy.timeout_action is TimeoutAction.DELAY,
-            key=request.key if request.key is not None else compatibility_key(request.inputs, limit > 0),
+            key=request.key if request.key is not None else compatibility_key(
+                request.inputs, self._policy.max_batch_rows > 0 or self._split_rows > 0
+            ),
         )
         self._queue.append(item)
         self._level_counts[level] = self._level_counts.get(level, 0) + 1
         if self._in_flight < self._instances:  # otherwise the end of a batch wakes the driver
             self._wake()
-        return future
 
     def _runs_now(self, estimate_s: float) -> bool:
         """The policy's answer for a lone request on an idle batcher with no delay is "run it

@@ -1,5 +1,10 @@
 """The `medserve` command: `serve`, plus the exporters' `export` / `demo-repository` and the
-load harness's `perf` (imported lazily so `serve` needs no torch or matplotlib)."""
+load harness's `perf`.
+
+Building the parser imports nothing beyond the standard library: each subcommand imports what
+it needs inside its handler, so every command works with exactly the extras its README section
+installs, and a missing extra is one line naming it (exit 2), never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +41,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--tokens", default=None, help="JSON file token -> [models | '*']: require bearer tokens")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port (worker i: port+i)")
     p.add_argument("--ready-file", type=Path, default=None, help="write {port, pid} JSON here once ready")
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, extras=("server",))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -74,13 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
-    # Their modules import torch / matplotlib only inside the handlers, so `serve` stays light.
+    # These modules import only the standard library; their handlers import the rest.
     from medserve.exporters.cli import add_subcommands as add_export
     from medserve.perf.cli import add_subcommands as add_perf
 
     add_export(subparsers)
     add_perf(subparsers)
     return parser
+
+
+def missing_extra_message(command: str, extras: tuple[str, ...], missing: str) -> str:
+    """The one line a subcommand prints when a module of its extras is not installed."""
+    names = ",".join(extras)
+    return (
+        f"medserve {command}: needs the {names!r} extra{'s' if len(extras) > 1 else ''} (module {missing!r} is "
+        f"not installed): pip install 'medserve[{names}]' (from a checkout: pip install -e '.[{names}]')"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if not missing or missing == "medserve":
+            raise  # our own module missing is a broken install, not a missing extra
+        print(missing_extra_message(args.command, args.extras, missing), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -84,9 +84,30 @@ class VersionPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceGroup:
+    """Triton's ModelInstanceGroup: `count` sessions of the model (per listed GPU for KIND_GPU).
+    KIND_CPU runs on the CPU provider only; KIND_GPU needs a usable CUDA provider (the model fails
+    to load without one) and runs on the listed `gpus` (none listed: device 0); KIND_AUTO takes
+    the best usable providers."""
+
+    kind: Literal["KIND_AUTO", "KIND_CPU", "KIND_GPU"] = "KIND_AUTO"
+    count: int = 1
+    gpus: tuple[int, ...] = ()
+
+    @property
+    def instances(self) -> int:
+        return self.count * max(1, len(self.gpus))
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """A model as served. `max_batch_size` 0 = the model does not batch (no batch dim anywhere).
-    `batching` None = dynamic batching off: each request executes alone."""
+    `batching` None = dynamic batching off: each request executes alone.
+
+    `split_oversized`: a request of more rows than `max_batch_size` runs as several executions of
+    at most `max_batch_size` rows, its outputs joined in order (True, the default; config
+    parameter `oversized_requests: split`), or is refused with INVALID_ARGUMENT as Triton does
+    (`oversized_requests: refuse`)."""
 
     name: str
     platform: str = "onnxruntime_onnx"
@@ -96,10 +117,15 @@ class ModelConfig:
     outputs: tuple[TensorConfig, ...] = ()
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     batching: BatchingConfig | None = None
-    instance_count: int = 1
-    instance_kind: str = "KIND_AUTO"
+    instance_groups: tuple[InstanceGroup, ...] = (InstanceGroup(),)
     default_model_filename: str = "model.onnx"
     parameters: Mapping[str, str] = field(default_factory=_frozen_map)
+    split_oversized: bool = True
+
+    @property
+    def instance_count(self) -> int:
+        """Sessions of this model that may execute at once (the batcher's concurrency)."""
+        return sum(g.instances for g in self.instance_groups)
 
     def input(self, name: str) -> TensorConfig | None:
         return next((t for t in self.inputs if t.name == name), None)

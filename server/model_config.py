@@ -6,16 +6,20 @@ config never loads silently.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from google.protobuf import text_format
+from google.protobuf.message import Message
 
 from medserve.protos import model_config_pb2 as mc
+from medserve.protos.wire import DATATYPES
 
 from .config import (
     BatchingConfig,
+    InstanceGroup,
     ModelConfig,
     QueuePolicy,
     TensorConfig,
@@ -25,18 +29,73 @@ from .config import (
 from .errors import ConfigError
 from .runtime import GraphTensor
 
+log = logging.getLogger(__name__)
+
 SUPPORTED_PLATFORMS = {"", "onnxruntime_onnx"}
 SUPPORTED_BACKENDS = {"", "onnxruntime"}
 DEFAULT_MAX_BATCH_SIZE = 64  # when the config is missing and the graph's dim 0 is dynamic
 
+_V2_BY_ENUM = {mc.DataType.Value(d.config_enum): d.name for d in DATATYPES.values()}
+
+# The fields of each config message that medserve honours; a set field outside these is named
+# in a warning at load (Triton features medserve does not implement are never silently ignored).
+# Fields that cannot be honoured safely are refused in `from_proto` instead.
+HONOURED_FIELDS: Mapping[str, frozenset[str]] = {
+    "inference.ModelConfig": frozenset({
+        "name", "platform", "backend", "max_batch_size", "input", "output", "version_policy",
+        "instance_group", "dynamic_batching", "default_model_filename", "parameters",
+    }),
+    "inference.ModelInput": frozenset({"name", "data_type", "dims", "optional"}),
+    "inference.ModelOutput": frozenset({"name", "data_type", "dims"}),
+    "inference.ModelInstanceGroup": frozenset({"name", "kind", "count", "gpus"}),
+    "inference.ModelDynamicBatching": frozenset({
+        "preferred_batch_size", "max_queue_delay_microseconds", "preserve_ordering", "priority_levels",
+        "default_priority_level", "default_queue_policy", "priority_queue_policy",
+    }),
+    "inference.ModelQueuePolicy": frozenset({
+        "timeout_action", "default_timeout_microseconds", "allow_timeout_override", "max_queue_size",
+    }),
+    "inference.ModelVersionPolicy": frozenset({"latest", "all", "specific"}),
+    "inference.ModelVersionPolicy.Latest": frozenset({"num_versions"}),
+    "inference.ModelVersionPolicy.Specific": frozenset({"versions"}),
+}
+
+# medserve's own config parameters (`parameters { key: ... value: { string_value: ... } }`) and
+# the values each takes; any other key is kept and reported by ModelConfig, with a warning.
+MEDSERVE_PARAMETERS: Mapping[str, tuple[str, ...]] = {
+    "oversized_requests": ("split", "refuse"),
+}
+
 
 def _v2_datatype(enum_value: int) -> str:
-    name = mc.DataType.Name(enum_value)
-    return "BYTES" if name == "TYPE_STRING" else name.removeprefix("TYPE_")
+    return _V2_BY_ENUM[enum_value]
 
 
 def _enum_datatype(datatype: str) -> int:
-    return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+    return mc.DataType.Value(DATATYPES[datatype].config_enum)
+
+
+def unhonoured_fields(message: Message, prefix: str = "") -> list[str]:
+    """Paths of the set fields of a config message (recursively, through the messages listed in
+    `HONOURED_FIELDS`) that medserve does not honour."""
+    honoured = HONOURED_FIELDS[message.DESCRIPTOR.full_name]
+    found: list[str] = []
+    for descriptor, value in message.ListFields():
+        path = f"{prefix}{descriptor.name}"
+        if descriptor.name not in honoured:
+            found.append(path)
+            continue
+        kind = descriptor.message_type
+        if kind is not None and kind.GetOptions().map_entry:
+            kind = kind.fields_by_name["value"].message_type
+            items = dict(value.items()) if kind is not None else {}
+        else:
+            items = dict(enumerate(value)) if descriptor.is_repeated else {None: value}
+        if kind is None or kind.full_name not in HONOURED_FIELDS:
+            continue
+        for key, item in items.items():
+            found += unhonoured_fields(item, f"{path}." if key is None else f"{path}[{key}].")
+    return found
 
 
 def read_config_proto(path: Path) -> mc.ModelConfig:
@@ -111,14 +170,14 @@ def from_proto(path: Path, proto: mc.ModelConfig, model_name: str) -> ModelConfi
             raise ConfigError(f"{path}: version_policy.specific.versions is empty")
         policy = VersionPolicy("specific", versions=versions)
 
-    instances = 0
-    kind = "KIND_AUTO"
-    for i, group in enumerate(proto.instance_group):
-        if group.count < 0:
-            raise ConfigError(f"{path}: instance_group[{i}].count {group.count} must be >= 0")
-        instances += group.count or 1
-        kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
-    instances = max(1, instances)
+    groups = _instance_groups(path, proto.instance_group)
+    split_oversized = _medserve_parameters(path, proto)["oversized_requests"] == "split"
+    ignored = unhonoured_fields(proto)
+    if ignored:
+        log.warning(
+            "%s: medserve does not implement %s; %s ignored", path, ", ".join(ignored),
+            "this field is" if len(ignored) == 1 else "these fields are",
+        )
 
     batching: BatchingConfig | None = None
     if proto.HasField("dynamic_batching"):
@@ -162,11 +221,46 @@ def from_proto(path: Path, proto: mc.ModelConfig, model_name: str) -> ModelConfi
         outputs=_tensors(path, "output", proto.output),
         version_policy=policy,
         batching=batching,
-        instance_count=instances,
-        instance_kind=kind,
+        instance_groups=groups,
         default_model_filename=proto.default_model_filename or "model.onnx",
         parameters={k: v.string_value for k, v in proto.parameters.items()},
+        split_oversized=split_oversized,
     )
+
+
+def _instance_groups(path: Path, groups: Sequence[mc.ModelInstanceGroup]) -> tuple[InstanceGroup, ...]:
+    """Triton's instance groups, honoured: KIND_CPU and KIND_GPU (with `gpus`) pin the provider."""
+    out: list[InstanceGroup] = []
+    for i, group in enumerate(groups):
+        where = f"{path}: instance_group[{i}]"
+        if group.count < 0:
+            raise ConfigError(f"{where}.count {group.count} must be >= 0")
+        kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
+        if kind == "KIND_MODEL":
+            raise ConfigError(f"{where}.kind KIND_MODEL is not supported by medserve (use KIND_CPU, KIND_GPU or KIND_AUTO)")
+        gpus = tuple(int(g) for g in group.gpus)
+        if gpus and kind != "KIND_GPU":
+            raise ConfigError(f"{where}.gpus is only valid with kind KIND_GPU, got {kind}")
+        if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+            raise ConfigError(f"{where}.gpus {list(gpus)}: device ids must be distinct and >= 0")
+        out.append(InstanceGroup(kind, group.count or 1, gpus))  # type: ignore[arg-type]
+    return tuple(out) or (InstanceGroup(),)
+
+
+def _medserve_parameters(path: Path, proto: mc.ModelConfig) -> dict[str, str]:
+    """medserve's own parameters, validated (the first allowed value is the default)."""
+    values = {key: allowed[0] for key, allowed in MEDSERVE_PARAMETERS.items()}
+    for key, param in proto.parameters.items():
+        allowed = MEDSERVE_PARAMETERS.get(key)
+        if allowed is None:
+            log.warning("%s: parameters[%r] is not a medserve parameter; it is ignored", path, key)
+            continue
+        if param.string_value not in allowed:
+            raise ConfigError(
+                f"{path}: parameters[{key!r}] is {param.string_value!r}; expected one of {', '.join(allowed)}"
+            )
+        values[key] = param.string_value
+    return values
 
 
 def _complete_tensors(
@@ -254,9 +348,11 @@ def to_proto(config: ModelConfig, extra_parameters: Mapping[str, str] | None = N
         proto.input.add(name=t.name, data_type=_enum_datatype(t.datatype), dims=t.dims, optional=t.optional)
     for t in config.outputs:
         proto.output.add(name=t.name, data_type=_enum_datatype(t.datatype), dims=t.dims)
-    proto.instance_group.add(
-        name=f"{config.name}_0", kind=mc.ModelInstanceGroup.Kind.Value(config.instance_kind), count=config.instance_count
-    )
+    for i, group in enumerate(config.instance_groups):
+        proto.instance_group.add(
+            name=f"{config.name}_{i}", kind=mc.ModelInstanceGroup.Kind.Value(group.kind), count=group.count,
+            gpus=group.gpus,
+        )
     b = config.batching
     if b is not None:
         db = proto.dynamic_batching

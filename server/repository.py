@@ -32,7 +32,7 @@ from .batching import Batcher, Clock
 from .config import ModelConfig, ServerConfig
 from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady
 from .model_config import complete, from_proto, read_config_proto
-from .runtime import OnnxModel, SessionOptions, zeros_like_spec
+from .runtime import OnnxModel, SessionOptions, instance_providers, zeros_like_spec
 from .signature import Signature
 from .stats import ModelStats
 
@@ -203,6 +203,7 @@ class ModelRepository:
                     max_queue_size=self._config.max_queue_size,
                     observer=version.stats,
                     clock=self._clock,
+                    split_rows=version.config.max_batch_size if version.config.split_oversized else 0,
                 )
                 version.batcher.cost.observe(1, version.warmup_s)
                 version.batcher.start()
@@ -243,7 +244,15 @@ class ModelRepository:
             raise ConfigError(f"{version_dir}: model file {base.default_model_filename!r} is missing")
         sha256 = sha256_of(model_path)
         card = self._read_card(base.name, version, version_dir, sha256)
-        model = OnnxModel(model_path, self._session_options, base.instance_count)
+        try:
+            instances = [
+                plan
+                for g in base.instance_groups
+                for plan in instance_providers(self._session_options, g.kind, g.gpus, g.count)
+            ]
+        except ConfigError as exc:
+            raise ConfigError(f"{config_path}: {exc}") from None
+        model = OnnxModel(model_path, self._session_options, instances)
         where = config_path if config_path.exists() else model_path
         config = complete(where, base, model.inputs, model.outputs)
         warmup_s = self._warm_up(base.name, version, config, model)

@@ -101,35 +101,64 @@ class SessionOptions:
     providers: tuple[str, ...] | None = None
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    use_gpu: bool = True
     allow_spinning: bool = False
+
+
+# What one session asks onnxruntime for: provider names, or (name, provider options) pairs.
+ProviderList = list[str | tuple[str, dict[str, str]]]
+
+
+def instance_providers(options: SessionOptions, kind: str, gpus: Sequence[int], count: int) -> list[ProviderList]:
+    """The providers of each session of one instance group (Triton's kinds): KIND_CPU runs on
+    the CPU provider only; KIND_GPU on the GPU providers, `count` sessions per listed device (none
+    listed: device 0), and refuses to load where no GPU provider is usable; KIND_AUTO takes the
+    best usable providers (or `options.providers`)."""
+    chosen = list(options.providers or usable_providers())
+    if kind == "KIND_CPU":
+        return [[CPU] for _ in range(count)]
+    if kind != "KIND_GPU":
+        return [list(chosen) for _ in range(count)]
+    gpu = [p for p in chosen if p in (TENSORRT, CUDA)]
+    if not gpu:
+        raise ConfigError(
+            f"instance_group kind KIND_GPU, but no GPU execution provider is usable here (providers: {', '.join(chosen)})"
+        )
+    return [
+        [(p, {"device_id": str(device)}) for p in gpu] + [CPU]
+        for device in (gpus or (0,))
+        for _ in range(count)
+    ]
 
 
 class OnnxModel:
     """One or more onnxruntime sessions of the same model file (one per instance), callable as a
     batching `Runner`: name -> array in, name -> array out. Thread-safe: each call borrows a
-    session, so `instances` calls run concurrently."""
+    session, so as many calls run concurrently as there are sessions.
 
-    def __init__(self, path: Path, options: SessionOptions, instances: int = 1) -> None:
+    `instances` gives each session's providers (`instance_providers`); None = one session on
+    the best usable providers."""
+
+    def __init__(self, path: Path, options: SessionOptions, instances: Sequence[ProviderList] | None = None) -> None:
         self.path = path
-        providers = list(options.providers or usable_providers())
-        if not options.use_gpu:
-            providers = [p for p in providers if p == CPU] or [CPU]
+        default: ProviderList = list(options.providers or usable_providers())
+        plans: list[ProviderList] = list(instances or [default])
         self._sessions: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        used: list[str] = []
         first: ort.InferenceSession | None = None
-        for _ in range(max(1, instances)):
+        for providers in plans:
             session = self._session(path, options, providers)
             first = first or session
+            used += [p for p in session.get_providers() if p not in used]
             self._sessions.put(session)
         assert first is not None
-        self.providers: tuple[str, ...] = tuple(first.get_providers())
+        self.providers: tuple[str, ...] = tuple(used)
         self.inputs = tuple(_graph_tensor(path, a) for a in first.get_inputs())
         self.outputs = tuple(_graph_tensor(path, a) for a in first.get_outputs())
         self._output_names = [o.name for o in self.outputs]
-        self._only = first if instances <= 1 else None
+        self._only = first if len(plans) == 1 else None
 
     @staticmethod
-    def _session(path: Path, options: SessionOptions, providers: Sequence[str]) -> ort.InferenceSession:
+    def _session(path: Path, options: SessionOptions, providers: ProviderList) -> ort.InferenceSession:
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only: ORT's info/warnings are noise in a server log
         so.intra_op_num_threads = options.intra_op_threads

@@ -25,6 +25,7 @@ class Signature:
     outputs: Mapping[str, TensorConfig]
     output_names: tuple[str, ...]
     max_batch_size: int
+    split_oversized: bool  # False: more rows than max_batch_size is refused (Triton's rule)
     # The batching key every valid request has when no input is optional and no non-batch dim
     # varies (None otherwise: the batcher derives it per request).
     fixed_key: tuple[object, ...] | None = None
@@ -40,6 +41,7 @@ class Signature:
             outputs={t.name: t for t in config.outputs},
             output_names=tuple(t.name for t in config.outputs),
             max_batch_size=config.max_batch_size,
+            split_oversized=config.split_oversized,
             fixed_key=("signature", tuple((t.name, t.datatype, t.dims) for t in config.inputs)) if fixed else None,
         )
 
@@ -75,10 +77,10 @@ class Signature:
             if batching:
                 if shape[0] < 1:
                     raise InvalidInput(f"model {label}: input {name!r}: batch dimension is 0")
-                if shape[0] > self.max_batch_size:
+                if shape[0] > self.max_batch_size and not self.split_oversized:
                     raise InvalidInput(
                         f"model {label}: input {name!r}: batch size {shape[0]} exceeds max_batch_size "
-                        f"{self.max_batch_size}"
+                        f"{self.max_batch_size} (the model's config sets oversized_requests: refuse)"
                     )
                 if rows not in (-1, shape[0]):
                     raise InvalidInput(

@@ -130,3 +130,23 @@ def test_multiclass_string_labels(tmp_path: Path) -> None:
     assert card["class_labels"] == ["setosa", "versicolor", "virginica"]
     assert report.metrics["accuracy"] > 0.85 and "roc_auc" in report.metrics
     assert_config_matches_graph(tmp_path / "iris")
+
+
+def test_a_ward_of_169_patients_is_answered_in_one_request(tmp_path: Path) -> None:
+    """More rows than max_batch_size: the server runs the request in parts of at most 64 rows and
+    answers it once, equal to the source model's output."""
+    from medserve.clients import Client
+
+    from conftest import running_server
+
+    x_train, y_train, x_test, _ = breast_cancer(n_train=400)
+    model = fit(RandomForestClassifier(n_estimators=25, random_state=0), x_train, y_train)
+    report = export(model, x_train[:32], tmp_path / "repo", "ward_rf", max_batch_size=64)
+    ward = np.concatenate([x_test, x_train])[:169].astype(np.float32)
+    with running_server(tmp_path / "repo") as server, Client(server.target, timeout_s=30) as client:
+        result = client.infer("ward_rf", {report.inputs[0].name: ward})
+        stats = client.model_statistics("ward_rf")[0]
+    assert result["label"].shape == (169,) and result["probabilities"].shape == (169, 2)
+    np.testing.assert_array_equal(result["label"], model.predict(ward))
+    assert_within_recorded_tolerance(report, "probabilities", result["probabilities"], model.predict_proba(ward))
+    assert stats.inference_count == 169 and stats.execution_count == 3  # 64 + 64 + 41 rows

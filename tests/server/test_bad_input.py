@@ -23,7 +23,10 @@ SECRET = 987654.25  # a value that must never appear in an error message
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bad-input") / "repo"
     onnx_models.affine(root / "affine" / "1" / "model.onnx")
-    onnx_models.write_config(root, "affine", "max_batch_size: 8\ndynamic_batching { }\n")
+    onnx_models.write_config(
+        root, "affine",
+        'max_batch_size: 8\ndynamic_batching { }\nparameters { key: "oversized_requests" value: { string_value: "refuse" } }\n',
+    )
     onnx_models.strings(root / "strings" / "1" / "model.onnx")
     onnx_models.gather(root / "gather" / "1" / "model.onnx")
     broken = root / "broken" / "1" / "model.onnx"
@@ -139,7 +142,9 @@ def test_malformed_bytes_length_prefix(server: RunningServer) -> None:
 def test_batch_larger_than_max_batch_size(server: RunningServer) -> None:
     err = refused(server, affine_request(np.zeros((9, 4), np.float32)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "input 'x': batch size 9 exceeds max_batch_size 8" in err.details()
+    assert "input 'x': batch size 9 exceeds max_batch_size 8 (the model's config sets oversized_requests: refuse)" in (
+        err.details()
+    )
 
 
 def test_requested_output_that_does_not_exist(server: RunningServer) -> None:

@@ -115,6 +115,76 @@ async def test_rows_limit_refuses_a_too_large_request() -> None:
     await batcher.stop()
 
 
+def ramp(rows: int, start: float = 0.0) -> BatchRequest:
+    """`rows` rows whose values are their row numbers (from `start`): order is visible in outputs."""
+    x = np.repeat(np.arange(start, start + rows, dtype=np.float32)[:, None], 2, axis=1)
+    return BatchRequest(inputs={"x": x}, rows=rows, key=KEY)
+
+
+async def test_an_oversized_request_runs_in_parts_that_share_batches_and_joins_in_order() -> None:
+    runner = GatedRunner()
+    stats = ModelStats()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=4), split_rows=4, observer=stats)
+    first = await hold_first_batch(batcher, runner)
+    big = batcher.submit(ramp(10))  # parts of 4, 4 and 2 rows
+    small = batcher.submit(ramp(2, start=100))  # joins the last part's batch
+    runner.gate.set()
+    _, out, other = await asyncio.gather(first, big, small)
+    assert np.array_equal(out["y"], ramp(10).inputs["x"] * 2)
+    assert np.array_equal(out["rows"], [0, 1, 2, 3, 0, 1, 2, 3, 0, 1])  # each part's own row numbers
+    assert np.array_equal(other["y"], ramp(2, start=100).inputs["x"] * 2)
+    assert runner.batches == [1, 4, 4, 4]
+    assert stats.execution_count == 4
+    await batcher.stop()
+
+
+async def test_a_failing_part_fails_the_whole_request_and_only_it() -> None:
+    runner = GatedRunner()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=4), split_rows=4)
+    first = await hold_first_batch(batcher, runner)
+    poisoned = ramp(9)
+    poisoned.inputs["x"][5] = np.nan  # in the second part
+    big = batcher.submit(poisoned)
+    bystander = batcher.submit(request(3.0))
+    runner.gate.set()
+    await first
+    with pytest.raises(ExecutionError):
+        await big
+    assert np.array_equal((await bystander)["y"], np.full((1, 2), 6.0, np.float32))
+    await batcher.stop()
+
+
+async def test_cancelling_a_split_request_drops_its_queued_parts() -> None:
+    runner = GatedRunner()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=4), split_rows=4)
+    first = await hold_first_batch(batcher, runner)
+    big = batcher.submit(ramp(12))
+    assert batcher.stats().queued == 3
+    batcher.cancel(big)
+    runner.gate.set()
+    await first
+    after = await batcher.submit(request(1.0))
+    assert after["y"].shape == (1, 2)
+    assert runner.batches == [1, 1]  # no part of the cancelled request ever ran
+    await batcher.stop()
+
+
+async def test_a_split_request_needs_room_for_all_its_parts() -> None:
+    runner = GatedRunner()
+    config = BatchingConfig(max_batch_rows=4, default_queue_policy=QueuePolicy(max_queue_size=3))
+    batcher = await started(runner, config, split_rows=4)
+    first = await hold_first_batch(batcher, runner)
+    queued = batcher.submit(request(1.0))
+    with pytest.raises(QueueFull):
+        batcher.submit(ramp(12))  # 3 parts, 2 places left
+    with pytest.raises(InvalidInput, match="16 rows, 4 parts of at most max_batch_size 4; the queue holds at most 3"):
+        batcher.submit(ramp(16))  # could never fit
+    assert batcher.stats().queued == 1
+    runner.gate.set()
+    await asyncio.gather(first, queued)
+    await batcher.stop()
+
+
 async def test_queue_full_is_refused_at_once() -> None:
     runner = GatedRunner()
     config = BatchingConfig(max_batch_rows=4, default_queue_policy=QueuePolicy(max_queue_size=2))

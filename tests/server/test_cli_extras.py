@@ -1,0 +1,100 @@
+"""Every `medserve` subcommand works with exactly the extras its README section installs, and a
+subcommand whose extra is missing says which one to install (one line, exit 2), never a traceback.
+
+A missing extra is simulated in a child interpreter whose import system refuses the extra's
+modules, as a fresh virtual environment without them would (CI also runs the README's first
+command in a fresh environment with only the extras it names).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from medserve.perf.serverproc import start_process
+from medserve.protos import grpc_service_pb2 as pb
+from medserve.protos import grpc_service_pb2_grpc as pb_grpc
+
+import onnx_models
+
+# The top-level modules of each extra (pyproject.toml [project.optional-dependencies]).
+EXTRA_MODULES = {
+    "server": ("onnxruntime", "grpc_health", "grpc_reflection", "prometheus_client"),
+    "export": ("torch", "sklearn", "skl2onnx", "onnx", "joblib", "onnxscript", "onnx_ir"),
+    "perf": ("hdrh", "matplotlib", "hpack"),
+    "dev": ("pytest", "tritonclient", "hypothesis", "mypy", "ruff"),
+}
+
+# Runs `medserve` (argv[2:]) with the modules named in argv[1] (JSON) made unimportable.
+CHILD = """
+import importlib.abc, json, sys
+blocked = set(json.loads(sys.argv[1]))
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Blocker())
+from medserve.server.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _without(*extras: str) -> list[str]:
+    return sorted(m for e in extras for m in EXTRA_MODULES[e])
+
+
+def _medserve(blocked: list[str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(blocked), *args],
+        capture_output=True, text=True, timeout=120, check=False, cwd=cwd,
+    )
+
+
+def test_the_parser_and_every_help_need_no_extra() -> None:
+    blocked = _without("server", "export", "perf", "dev")
+    for args in (("--help",), ("serve", "--help"), ("export", "--help"), ("demo-repository", "--help"),
+                 ("perf", "--help")):
+        done = _medserve(blocked, *args)
+        assert done.returncode == 0, done.stderr
+        assert "usage: medserve" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "missing_extras", "named"),
+    [
+        (("serve", "--repository", "nowhere"), ("server",), "'server'"),
+        (("demo-repository", "demo"), ("export",), "'server,export'"),
+        (("export", "model.joblib", "--name", "m", "--repository", "r"), ("export",), "'server,export'"),
+        (("perf", "--target", "127.0.0.1:1", "--model", "m"), ("perf",), "'perf'"),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_it(
+    tmp_path: Path, args: tuple[str, ...], missing_extras: tuple[str, ...], named: str
+) -> None:
+    (tmp_path / "model.joblib").write_bytes(b"")
+    done = _medserve(_without(*missing_extras), *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"medserve {args[0]}: needs the {named} extra")
+    assert "Traceback" not in done.stderr
+    assert f"pip install 'medserve[{named.strip(chr(39))}]'" in lines[0]
+
+
+def test_serve_runs_without_the_export_perf_and_dev_extras(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    onnx_models.affine(repo / "affine" / "1" / "model.onnx")
+    ready = tmp_path / "ready.json"
+    cmd = [sys.executable, "-c", CHILD, json.dumps(_without("export", "perf", "dev")),
+           "serve", "--repository", str(repo), "--port", "0", "--ready-file", str(ready)]
+    with start_process(cmd, ready, tmp_path / "serve.log") as handle:
+        with grpc.insecure_channel(handle.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ModelReady(pb.ModelReadyRequest(name="affine"), timeout=10).ready
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log and "READY" in log
