@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable, Mapping
@@ -27,15 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medserve.protos import model_config_pb2 as mc
+from medserve.server.layout import CARD_FILENAME, CONFIG_FILENAME, MODEL_FILENAME, MODEL_NAME_RULE, is_model_name
+from medserve.server.layout import parse_version as _parse_version
 
 from . import triton_config
 from .errors import ExportError, VersionExistsError
 
-MODEL_FILENAME = "model.onnx"
-CARD_FILENAME = "model_card.json"
-CONFIG_FILENAME = "config.pbtxt"
 TEMP_PREFIX = ".tmp-"
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # the server's rule: one plain path segment
+__all__ = ["CARD_FILENAME", "CONFIG_FILENAME", "MODEL_FILENAME", "Published", "check_name", "publish"]
 
 CardFactory = Callable[[int, str], Mapping[str, object]]  # (version, model_sha256) -> card
 
@@ -50,16 +48,16 @@ class Published:
 
 
 def check_name(name: str) -> None:
-    if not _MODEL_NAME.match(name):
-        raise ExportError(f"model name {name!r} is not valid: letters, digits, '_', '.', '-', not starting with '.'")
+    if not is_model_name(name):
+        raise ExportError(f"model name {name!r} is not valid: {MODEL_NAME_RULE}")
 
 
 def existing_versions(model_dir: Path) -> list[int]:
     """Published versions: folders named by a positive integer, in increasing order."""
     if not model_dir.is_dir():
         return []
-    found = (p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    return sorted(v for v in map(int, found) if v > 0)
+    found = (_parse_version(p.name) for p in model_dir.iterdir() if p.is_dir())
+    return sorted(v for v in found if v is not None)
 
 
 def next_version(model_dir: Path) -> int:

@@ -23,9 +23,11 @@ import numpy.typing as npt
 
 __all__ = [
     "DATATYPES",
+    "MAX_RANK",
     "Datatype",
     "datatype_of",
     "deserialize_bytes",
+    "element_count",
     "from_raw",
     "numpy_dtype",
     "serialize_bytes",
@@ -35,6 +37,9 @@ __all__ = [
 ByteBuffer = bytes | bytearray | memoryview
 
 _LENGTH = struct.Struct("<I")  # BYTES element length prefix
+
+MAX_RANK = 64  # numpy's limit on an array's dimensions
+_MAX_BYTES = (1 << 63) - 1  # numpy refuses arrays whose non-zero dims address more bytes than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,21 @@ def numpy_dtype(datatype: str) -> np.dtype[Any]:
     if entry.dtype is None:
         raise ValueError(f"datatype {datatype} has no numpy dtype")
     return entry.dtype
+
+
+def element_count(shape: Sequence[int], itemsize: int = 8) -> int:
+    """The elements of a tensor of `shape`, refusing (ValueError) any shape no array can have:
+    a negative dim, more than `MAX_RANK` dims, or non-zero dims addressing more bytes than numpy
+    can (it refuses those even when another dim is 0, so an empty tensor [2**62, 0] is refused
+    here, before anything is allocated)."""
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape {dims} has a negative dimension")
+    if len(dims) > MAX_RANK:
+        raise ValueError(f"shape has {len(dims)} dimensions; at most {MAX_RANK} are supported")
+    if math.prod(d for d in dims if d) * max(1, itemsize) > _MAX_BYTES:
+        raise ValueError(f"shape {dims} is too large for any tensor")
+    return math.prod(dims)
 
 
 def serialize_bytes(array: npt.ArrayLike) -> bytes:
@@ -181,10 +201,8 @@ def from_raw(buf: ByteBuffer, datatype: str, shape: Sequence[int]) -> npt.NDArra
     immutable, e.g. protobuf ``bytes``); copy before writing to it.
     """
     dims = tuple(int(d) for d in shape)
-    if any(d < 0 for d in dims):
-        raise ValueError(f"shape {list(dims)} has a negative dimension; a raw tensor needs a concrete shape")
-    count = math.prod(dims)
     dtype = numpy_dtype(datatype)
+    count = element_count(dims, dtype.itemsize)
     if datatype == "BYTES":
         return deserialize_bytes(buf, count).reshape(dims)
     got = memoryview(buf).nbytes

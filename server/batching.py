@@ -337,6 +337,17 @@ def decide(
     return Decision(expire=tuple(expire), drop=tuple(drop), wait_s=wait)
 
 
+def execution_failure(name: str, exc: Exception) -> ExecutionError:
+    """A request's execution failure as its caller will see it: the runtime's summary (op type,
+    status; never the engine's text), or for a bug in the runner its type, with the traceback
+    logged under the correlation id the caller gets."""
+    if isinstance(exc, ExecutionError):
+        return ExecutionError(f"model {name}: {exc}", correlation_id=exc.correlation_id)
+    error = ExecutionError(f"model {name}: execution failed: {type(exc).__name__}")
+    log.error("model %s: runner failed [correlation id %s]", name, error.correlation_id, exc_info=exc)
+    return error
+
+
 def split_rows(inputs: Arrays, rows: int, limit: int) -> list[tuple[Arrays, int]]:
     """An oversized request's inputs as consecutive parts of at most `limit` rows (views)."""
     return [
@@ -608,8 +619,7 @@ class Batcher:
         try:
             outputs = self._runner(request.inputs)
         except Exception as exc:  # noqa: BLE001 - the caller gets it as its result
-            log.warning("model %s: execution failed: %s", self._name, type(exc).__name__, exc_info=exc)
-            future.set_exception(ExecutionError(f"model {self._name}: execution failed: {type(exc).__name__}"))
+            future.set_exception(execution_failure(self._name, exc))
             return
         infer_ns = time.perf_counter_ns() - start
         self.cost.observe(request.rows, infer_ns / 1e9)
@@ -770,8 +780,7 @@ class Batcher:
             outcome.failed_runs += 1
             outcome.infer_ns += clock() - t1
             if len(requests) == 1:
-                log.warning("model %s: execution failed: %s", self._name, type(exc).__name__, exc_info=exc)
-                return [ExecutionError(f"model {self._name}: execution failed: {type(exc).__name__}")]
+                return [execution_failure(self._name, exc)]
             half = len(requests) // 2
             return self._run_group(requests[:half], outcome) + self._run_group(requests[half:], outcome)
         t2 = clock()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import ServerConfig
-from .errors import MedserveError
+from .errors import InvalidSetting, MedserveError
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -45,9 +45,31 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        return _refuse(f"--workers {args.workers}: expected >= 1")
+    try:
+        config = _server_config(args)
+    except InvalidSetting as exc:
+        return _refuse(str(exc))
     from . import app, workers
 
-    config = ServerConfig(
+    try:
+        if args.workers > 1:
+            return workers.run_workers(config, args.workers, ready_file=args.ready_file)
+        asyncio.run(app.run(config, ready_file=args.ready_file))
+    except MedserveError as exc:
+        logging.getLogger("medserve").error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def _refuse(message: str) -> int:
+    print(f"medserve serve: {message}", file=sys.stderr)
+    return 2
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
         repository=str(args.repository),
         host=args.host,
         port=args.port,
@@ -64,14 +86,6 @@ def _serve(args: argparse.Namespace) -> int:
         tokens_file=args.tokens,
         metrics_port=args.metrics_port,
     )
-    try:
-        if args.workers > 1:
-            return workers.run_workers(config, args.workers, ready_file=args.ready_file)
-        asyncio.run(app.run(config, ready_file=args.ready_file))
-    except MedserveError as exc:
-        logging.getLogger("medserve").error("cannot start: %s", exc)
-        return 1
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,22 +5,19 @@ read). Errors are `InvalidInput` naming model, version, tensor, expected and got
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from medserve.protos import grpc_service_pb2 as pb
-from medserve.protos.wire import DATATYPES, from_raw, to_raw
+from medserve.protos.wire import DATATYPES, element_count, from_raw, to_raw
 
-from .errors import InvalidInput
+from .errors import InvalidInput, model_label
 from .inference import InferRequest, InferResult
 
 SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 def _label(request: pb.ModelInferRequest) -> str:
-    version = request.model_version or "latest"
-    return f"{request.model_name!r} version {version}"
+    return model_label(request.model_name, request.model_version)
 
 
 def _int_param(label: str, key: str, param: pb.InferParameter) -> int:
@@ -40,8 +37,17 @@ def _typed_array(label: str, tensor: pb.ModelInferRequest.InferInputTensor, shap
         raise InvalidInput(
             f"model {label}: input {tensor.name!r}: datatype {tensor.datatype} can only be sent as raw_input_contents"
         )
+    others = [f.name for f, _ in tensor.contents.ListFields() if f.name != entry.contents_field]
+    if others:
+        raise InvalidInput(
+            f"model {label}: input {tensor.name!r}: datatype {tensor.datatype} is sent in {entry.contents_field}, "
+            f"got {', '.join(others)}"
+        )
     values = getattr(tensor.contents, entry.contents_field)
-    count = math.prod(shape)
+    try:
+        count = element_count(shape, entry.dtype.itemsize if entry.dtype is not None else 8)
+    except ValueError as exc:
+        raise InvalidInput(f"model {label}: input {tensor.name!r}: {exc}") from None
     if len(values) != count:
         raise InvalidInput(
             f"model {label}: input {tensor.name!r}: shape {list(shape)} needs {count} elements, "
@@ -52,12 +58,30 @@ def _typed_array(label: str, tensor: pb.ModelInferRequest.InferInputTensor, shap
         array[:] = list(values)
         return array.reshape(shape)
     assert entry.dtype is not None
-    try:
-        return np.asarray(values, dtype=entry.dtype).reshape(shape) if count else np.zeros(shape, entry.dtype)
-    except OverflowError:
-        raise InvalidInput(
-            f"model {label}: input {tensor.name!r}: a value does not fit datatype {tensor.datatype}"
-        ) from None
+    if not count:
+        return np.zeros(shape, entry.dtype)
+    # The field's own width first: numpy would wrap 1000 into an INT8 silently.
+    wide: np.ndarray = np.asarray(values, dtype=_FIELD_DTYPES[entry.contents_field])
+    if entry.dtype.kind in "iu" and entry.dtype.itemsize < wide.dtype.itemsize:
+        limits = np.iinfo(entry.dtype)
+        if wide.min() < limits.min or wide.max() > limits.max:
+            raise InvalidInput(
+                f"model {label}: input {tensor.name!r}: a value does not fit datatype {tensor.datatype} "
+                f"({limits.min}..{limits.max})"
+            )
+    return wide.astype(entry.dtype, copy=False).reshape(shape)
+
+
+# Each typed-contents field's own element type (the protocol's: int32, uint32, int64, ...).
+_FIELD_DTYPES = {
+    "bool_contents": np.bool_,
+    "int_contents": np.int32,
+    "int64_contents": np.int64,
+    "uint_contents": np.uint32,
+    "uint64_contents": np.uint64,
+    "fp32_contents": np.float32,
+    "fp64_contents": np.float64,
+}
 
 
 def decode_infer_request(request: pb.ModelInferRequest, deadline_s: float | None = None) -> InferRequest:
@@ -86,10 +110,6 @@ def decode_infer_request(request: pb.ModelInferRequest, deadline_s: float | None
                 f"model {_label(request)}: input {name!r}: shared memory is not supported by this server"
             )
         shape = tuple(tensor.shape)
-        if shape and min(shape) < 0:
-            raise InvalidInput(
-                f"model {_label(request)}: input {name!r}: shape {list(shape)} has a negative dimension"
-            )
         has_contents = tensor.HasField("contents")
         if raw:
             if has_contents:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+from .errors import InvalidSetting
+
 
 def _frozen_map(data: Mapping | None = None) -> Mapping:
     return MappingProxyType(dict(data or {}))
@@ -155,5 +157,29 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM server certificate chain; with tls_key, serve TLS only
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA bundle: clients must present a certificate it signed
-    tokens_file: str | None = None
-    metrics_port: int | None = None  # Prometheus /metrics over HTTP on `host`; None = off  # JSON token -> [model names | "*"]; None = no token needed
+    tokens_file: str | None = None  # JSON token -> [model names | "*"]; None = no token needed
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP on `host`; None = off
+
+    def __post_init__(self) -> None:
+        """Refuse, at start-up and naming the flag, any setting the server could not honour (a
+        queue cap of 0, say, would fail every queued request instead)."""
+        checks: tuple[tuple[str, object, bool, str], ...] = (
+            ("--host", self.host, bool(self.host), "an address"),
+            ("--port", self.port, 0 <= self.port <= 65535, "0..65535 (0 = any free port)"),
+            ("--max-message-mb", self.max_message_bytes >> 20, 0 < self.max_message_bytes < 1 << 31, "1..2047"),
+            ("--max-queue-size", self.max_queue_size, self.max_queue_size >= 1, ">= 1"),
+            ("--intra-op-threads", self.intra_op_threads, self.intra_op_threads >= 0, ">= 0 (0 = one per core)"),
+            ("--inter-op-threads", self.inter_op_threads, self.inter_op_threads >= 0, ">= 0 (0 = onnxruntime's choice)"),
+            ("--drain-grace-s", self.drain_grace_s, self.drain_grace_s >= 0, ">= 0 seconds"),
+            ("drain_announce_s", self.drain_announce_s, 0 <= self.drain_announce_s, ">= 0 seconds"),
+            ("--metrics-port", self.metrics_port,
+             self.metrics_port is None or 0 <= self.metrics_port <= 65535, "0..65535 (0 = any free port)"),
+            ("--providers", self.providers, self.providers is None or (
+                bool(self.providers) and all(p.endswith("ExecutionProvider") for p in self.providers)),
+             "comma-separated onnxruntime provider names, e.g. CUDAExecutionProvider,CPUExecutionProvider"),
+        )
+        for flag, value, ok, expected in checks:
+            if not ok:
+                raise InvalidSetting(f"{flag} {value}: expected {expected}")
+        if self.port != 0 and self.port == self.metrics_port:
+            raise InvalidSetting(f"--metrics-port {self.metrics_port}: the same port as --port")

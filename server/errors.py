@@ -13,11 +13,20 @@ these classes to gRPC status codes (walking the MRO), so the core never speaks t
      ├── Unsupported         a protocol feature this server does not implement
      ├── Unauthenticated     no credentials, or credentials this server does not know
      ├── PermissionDenied    valid credentials without access to this model or operation
-     └── ExecutionError      the runtime failed while executing a batch (a bug or ORT failure)
+     ├── ExecutionError      the runtime failed while executing a batch (a bug or ORT failure)
+     └── InvalidSetting      a server setting (command-line flag) is out of range: the server
+                             does not start (never reaches a caller)
 
 Messages name model, version, tensor, expected and got, and never tensor values (patient data).
 """
 from __future__ import annotations
+
+import uuid
+
+
+def model_label(name: str, version: int | str) -> str:
+    """How every message names a model version: "'sepsis' version 3" ("latest" when unset)."""
+    return f"{name!r} version {version or 'latest'}"
 
 
 class MedserveError(Exception):
@@ -69,4 +78,14 @@ class PermissionDenied(MedserveError):
 
 
 class ExecutionError(MedserveError):
-    """The runtime failed executing a batch. The message is for the log, not for the caller."""
+    """The runtime failed executing a batch (INTERNAL). The message names the model, version and
+    the failing node's op type, never the engine's own text (it can quote input values); the
+    correlation id ties the caller's status to the server's log line."""
+
+    def __init__(self, message: str, *, correlation_id: str | None = None) -> None:
+        super().__init__(message)
+        self.correlation_id = correlation_id or uuid.uuid4().hex[:16]
+
+
+class InvalidSetting(MedserveError):
+    """A server setting is invalid; the message names the command-line flag, expected and got."""

@@ -19,7 +19,6 @@ import enum
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,8 @@ import numpy as np
 
 from .batching import Batcher, Clock
 from .config import ModelConfig, ServerConfig
-from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady
+from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady, model_label
+from .layout import CARD_FILENAME, CONFIG_FILENAME, MODEL_NAME_RULE, is_model_name, parse_version
 from .model_config import complete, from_proto, read_config_proto
 from .runtime import OnnxModel, SessionOptions, instance_providers, zeros_like_spec
 from .signature import Signature
@@ -38,8 +38,6 @@ from .stats import ModelStats
 
 log = logging.getLogger(__name__)
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-CARD_FILENAME = "model_card.json"
 
 
 class State(enum.Enum):
@@ -68,7 +66,7 @@ class LoadedVersion:
 
     def __post_init__(self) -> None:
         self.signature = Signature.of(self.config)
-        self.label = f"{self.name!r} version {self.version}"
+        self.label = model_label(self.name, self.version)
 
     def card_list(self, key: str) -> list[str] | None:
         value = (self.card or {}).get(key)
@@ -138,8 +136,8 @@ class ModelRepository:
     def model_dir(self, name: str) -> Path:
         """The folder of model `name`, refusing names that are not one plain path segment and
         folders that resolve outside the repository."""
-        if not _MODEL_NAME.match(name):
-            raise ModelNotFound(f"model name {name!r} is not valid (letters, digits, '_', '.', '-')")
+        if not is_model_name(name):
+            raise ModelNotFound(f"model name {name!r} is not valid ({MODEL_NAME_RULE})")
         path = (self.root / name).resolve()
         if not path.is_relative_to(self.root) or path.parent != self.root:
             raise ModelNotFound(f"model {name!r} resolves outside the model repository")
@@ -196,7 +194,7 @@ class ModelRepository:
             for version in loaded:
                 version.batcher = self._batcher_factory(
                     version.model,
-                    name=f"{name!r} version {version.version}",
+                    name=version.label,
                     config=version.config.batching,
                     executor=version.executor,
                     instances=version.config.instance_count,
@@ -221,12 +219,13 @@ class ModelRepository:
 
     def _load_sync(self, name: str) -> list[LoadedVersion]:
         model_dir = self.model_dir(name)
-        config_path = model_dir / "config.pbtxt"
+        config_path = model_dir / CONFIG_FILENAME
         if config_path.exists():
             base = from_proto(config_path, read_config_proto(config_path), name)
         else:
             base = ModelConfig(name=name)
-        available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0]
+        found = (parse_version(p.name) for p in model_dir.iterdir() if p.is_dir())
+        available = [v for v in found if v is not None]
         selected = base.version_policy.select(available)
         if not selected:
             raise ConfigError(
@@ -273,7 +272,7 @@ class ModelRepository:
         expected = card.get("model_sha256")
         if expected is not None and expected != sha256:
             raise ModelLoadFailed(
-                f"model {name!r} version {version}: model file SHA-256 {sha256} does not match "
+                f"model {model_label(name, version)}: model file SHA-256 {sha256} does not match "
                 f"{CARD_FILENAME} model_sha256 {expected}; refusing a file that is not the published one"
             )
         return card
@@ -289,7 +288,7 @@ class ModelRepository:
             model(inputs)
             return time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001
-            raise ModelLoadFailed(f"model {name!r} version {version}: warm-up inference failed: {exc}") from exc
+            raise ModelLoadFailed(f"model {model_label(name, version)}: warm-up inference failed: {exc}") from exc
 
     # -- unloading -------------------------------------------------------------------------
 
@@ -329,9 +328,10 @@ class ModelRepository:
         if entry is None:
             raise ModelNotFound(f"model {name!r} is not in the model repository")
         if version:
-            if not version.isdigit():
-                raise ModelNotFound(f"model {name!r}: version {version!r} is not a positive integer")
-            v = entry.versions.get(int(version))
+            number = parse_version(version)
+            if number is None:
+                raise ModelNotFound(f"model {name!r}: version {version[:40]!r} is not a positive integer")
+            v = entry.versions.get(number)
             if v is None:
                 raise ModelNotFound(
                     f"model {name!r} has no version {version} (served versions: {sorted(entry.versions)})"
@@ -348,8 +348,8 @@ class ModelRepository:
         if v.state is State.READY and v.loaded is not None:
             return v.loaded
         if v.state is State.UNAVAILABLE and v.reason and v.reason != "unloaded":
-            raise ModelLoadFailed(f"model {name!r} version {v.version} failed to load: {v.reason}")
-        raise ModelNotReady(f"model {name!r} version {v.version} is {v.state.value.lower()}")
+            raise ModelLoadFailed(f"model {model_label(name, v.version)} failed to load: {v.reason}")
+        raise ModelNotReady(f"model {model_label(name, v.version)} is {v.state.value.lower()}")
 
     def index(self, *, ready_only: bool = False) -> list[IndexRow]:
         """Every model folder in the repository, loaded or not, with each version's state."""

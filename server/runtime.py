@@ -10,6 +10,7 @@ import ctypes
 import functools
 import logging
 import queue
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,9 @@ class OnnxModel:
     @staticmethod
     def _session(path: Path, options: SessionOptions, providers: ProviderList) -> ort.InferenceSession:
         so = ort.SessionOptions()
-        so.log_severity_level = 3  # errors only: ORT's info/warnings are noise in a server log
+        # Fatal only: onnxruntime's own error lines quote input values (a Gather prints the index
+        # it was given); failures reach the log and the caller as `describe_failure` says them.
+        so.log_severity_level = 4
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -186,9 +189,23 @@ class OnnxModel:
     def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             results = session.run(self._output_names, feeds)
-        except Exception as exc:
-            raise ExecutionError(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the engine's text must not travel on
+            raise ExecutionError(describe_failure(exc)) from None
         return dict(zip(self._output_names, results, strict=True))
+
+
+_ORT_STATUS = re.compile(r"\[ONNXRuntimeError\] : \d+ : ([A-Z_]+) :")
+_ORT_NODE = re.compile(r"while running ([A-Za-z0-9_.]+) node")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What an execution failure may say outside the engine: the failing node's op type and
+    onnxruntime's status name, never its message (it can quote input values)."""
+    text = str(exc)
+    status = _ORT_STATUS.search(text)
+    node = _ORT_NODE.search(text)
+    where = f"a {node.group(1)} node failed" if node else "execution failed"
+    return f"{where} (onnxruntime {status.group(1) if status else type(exc).__name__})"
 
 
 def _graph_tensor(path: Path, arg: ort.NodeArg) -> GraphTensor:

@@ -76,10 +76,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
                 message = message[: MAX_MESSAGE_CHARS - 3] + "..."
             log.info("request refused: %s: %s", code.name, message)
             return code, message
+    if isinstance(exc, ExecutionError):  # its text is safe to show: the engine's own never is in it
+        log.error("execution failed [correlation id %s]: %s", exc.correlation_id, exc)
+        return grpc.StatusCode.INTERNAL, f"{str(exc)[:400]} (correlation id {exc.correlation_id})"
     correlation = uuid.uuid4().hex[:16]
-    if isinstance(exc, ExecutionError):
-        log.error("execution failed [correlation id %s]: %s", correlation, exc, exc_info=exc)
-        return grpc.StatusCode.INTERNAL, f"{str(exc)[:200]} (correlation id {correlation}; details in the server log)"
     log.error("internal error [correlation id %s]", correlation, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation}; details in the server log)"
 

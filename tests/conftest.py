@@ -50,9 +50,12 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(repository: Path, repository_cls: Any = None, **overrides: Any) -> Iterator[RunningServer]:
+def running_server(
+    repository: Path, repository_cls: Any = None, *, reuse_port: bool = False, **overrides: Any
+) -> Iterator[RunningServer]:
     """Start a real grpc.aio medserve server on 127.0.0.1, port 0, in a background thread.
-    `overrides` are ServerConfig fields; `repository_cls` a ModelRepository subclass."""
+    `overrides` are ServerConfig fields; `repository_cls` a ModelRepository subclass;
+    `reuse_port` binds with SO_REUSEPORT (to share a port the test holds reserved)."""
     from medserve.server.app import MedserveServer
     from medserve.server.config import ServerConfig
 
@@ -63,7 +66,7 @@ def running_server(repository: Path, repository_cls: Any = None, **overrides: An
     thread = threading.Thread(target=loop.run_forever, name="medserve-test-loop", daemon=True)
     thread.start()
     repo = repository_cls(config, clock=time.monotonic) if repository_cls is not None else None
-    server = MedserveServer(config, repository=repo)
+    server = MedserveServer(config, repository=repo, reuse_port=reuse_port)
     try:
         port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
     except BaseException:

@@ -2,6 +2,7 @@
 replicas balanced round-robin, and failover when one of them goes away."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -77,9 +78,14 @@ def test_a_replica_restarted_on_the_same_port_costs_the_caller_nothing(repo: Pat
         retries.append(seconds)
         time.sleep(seconds)
 
-    first = running_server(repo)
+    # The port stays reserved across the restart (a bound, never listening SO_REUSEPORT
+    # socket), so nothing else can take it while the replica is down.
+    reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reservation.bind(("127.0.0.1", 0))
+    port = reservation.getsockname()[1]
+    first = running_server(repo, port=port, reuse_port=True)
     server = first.__enter__()
-    port = server.port
     try:
         with Client(server.target, timeout_s=60, retries=PATIENT_ACROSS_RESTART, sleep=sleep) as client:
             caller = Caller(client).__enter__()
@@ -88,7 +94,7 @@ def test_a_replica_restarted_on_the_same_port_costs_the_caller_nothing(repo: Pat
                 first.__exit__(None, None, None)  # drain and stop: calls now fail and are retried
                 first = None
                 wait_for(lambda: len(retries) >= 3)  # the caller is in its retry loop
-                with running_server(repo, port=port) as again:
+                with running_server(repo, port=port, reuse_port=True) as again:
                     assert again.port == port
                     caller.wait_for_more(20)
                     caller.__exit__(None, None, None)  # before this server stops too
@@ -97,6 +103,7 @@ def test_a_replica_restarted_on_the_same_port_costs_the_caller_nothing(repo: Pat
     finally:
         if first is not None:
             first.__exit__(None, None, None)
+        reservation.close()
     assert caller.errors == []
     assert set(caller.answers) == {6.0}
 

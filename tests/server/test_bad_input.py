@@ -155,14 +155,25 @@ def test_requested_output_that_does_not_exist(server: RunningServer) -> None:
     assert "unknown output 'risk'" in err.details() and "['s', 'y']" in err.details()
 
 
-def test_runtime_failure_is_internal_with_a_correlation_id(server: RunningServer) -> None:
+def test_runtime_failure_is_internal_with_the_op_and_a_correlation_id_but_never_the_engine_text(
+    server: RunningServer, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
     req = pb.ModelInferRequest(model_name="gather")
     req.inputs.add(name="idx", datatype="INT64", shape=[1, 1])
-    req.raw_input_contents.append(to_raw(np.array([[1000]], np.int64)))  # outside the table
-    err = refused(server, req)
+    req.raw_input_contents.append(to_raw(np.array([[987654]], np.int64)))  # outside the table
+    with caplog.at_level("DEBUG"):
+        err = refused(server, req)
     assert err.code() == grpc.StatusCode.INTERNAL
-    assert "'gather' version 1" in err.details() and "correlation id" in err.details()
-    assert "Traceback" not in err.details()
+    details = err.details()
+    assert details.startswith("model 'gather' version 1: a Gather node failed (onnxruntime INVALID_ARGUMENT)")
+    correlation = details.rsplit("correlation id ", 1)[1].rstrip(")")
+    assert len(correlation) == 16
+    assert "Traceback" not in details and "idx=" not in details
+    # The server's log has the same correlation id, and neither it nor onnxruntime's own output
+    # (stderr) quotes the index that was sent.
+    assert any(correlation in r.getMessage() for r in caplog.records)
+    logged = "\n".join(r.getMessage() + str(r.exc_info) for r in caplog.records) + "".join(capfd.readouterr())
+    assert "987654" not in logged
 
 
 def test_server_survives_and_still_answers(server: RunningServer) -> None:

@@ -273,19 +273,34 @@ async def test_priority_levels_are_validated() -> None:
     await batcher.stop()
 
 
-async def test_stop_resolves_everything_and_refuses_new_work() -> None:
+async def test_stop_refuses_new_work_and_lets_queued_requests_run_within_the_grace() -> None:
     runner = GatedRunner()
     batcher = await started(runner, BatchingConfig(max_batch_rows=1))
     first = await hold_first_batch(batcher, runner)
     queued = batcher.submit(request(1.0))
-    stopping = asyncio.create_task(batcher.stop(grace_s=0.05))
+    stopping = asyncio.create_task(batcher.stop(grace_s=60))
     await asyncio.sleep(0)
-    with pytest.raises(ModelNotReady):
+    with pytest.raises(ModelNotReady, match="not accepting requests"):
         batcher.submit(request(2.0))
     runner.gate.set()
     await stopping
-    await asyncio.gather(first, queued, return_exceptions=True)
-    assert first.done() and queued.done()
+    assert np.array_equal(first.result()["y"], np.full((1, 2), 200.0, np.float32))
+    assert np.array_equal(queued.result()["y"], np.full((1, 2), 2.0, np.float32))
+    assert runner.batches == [1, 1]
+
+
+async def test_stop_past_the_grace_fails_queued_requests_unrun_and_still_answers_the_running_one() -> None:
+    runner = GatedRunner()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=1))
+    first = await hold_first_batch(batcher, runner)
+    queued = batcher.submit(request(1.0))
+    await batcher.stop(grace_s=0)
+    with pytest.raises(ModelNotReady, match="unloaded before the request ran"):
+        await queued
+    assert not first.done()  # still executing: stop never abandons a running batch's future
+    runner.gate.set()
+    assert np.array_equal((await first)["y"], np.full((1, 2), 200.0, np.float32))
+    assert runner.batches == [1]
 
 
 async def test_timeout_override_only_shortens_the_policy_timeout() -> None:
@@ -330,7 +345,6 @@ async def test_timeout_override_is_ignored_when_not_allowed() -> None:
     runner.gate.set()
     await first
     assert np.array_equal((await kept)["y"], np.full((1, 2), 2.0, np.float32))
-    now[0] = 110.0
     await batcher.stop()
 
 

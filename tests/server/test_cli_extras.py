@@ -98,3 +98,27 @@ def test_serve_runs_without_the_export_perf_and_dev_extras(tmp_path: Path) -> No
             assert stub.ModelReady(pb.ModelReadyRequest(name="affine"), timeout=10).ready
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log and "READY" in log
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-queue-size", "0", "--max-queue-size 0: expected >= 1"),
+        ("--port", "70000", "--port 70000: expected 0..65535"),
+        ("--max-message-mb", "0", "--max-message-mb 0: expected 1..2047"),
+        ("--max-message-mb", "4096", "--max-message-mb 4096: expected 1..2047"),
+        ("--intra-op-threads", "-1", "--intra-op-threads -1: expected >= 0"),
+        ("--drain-grace-s", "-1", "--drain-grace-s -1.0: expected >= 0 seconds"),
+        ("--workers", "0", "--workers 0: expected >= 1"),
+        ("--metrics-port", "-5", "--metrics-port -5: expected 0..65535"),
+        ("--providers", "CUDA", "--providers ('CUDA',): expected comma-separated onnxruntime provider names"),
+    ],
+)
+def test_a_bad_setting_stops_the_server_at_start_naming_the_flag(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    done = _medserve([], "serve", "--repository", str(tmp_path), flag, value)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"medserve serve: {message}"), done.stderr
+    assert "Traceback" not in done.stderr

@@ -16,7 +16,7 @@ import pytest
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import model_config_pb2 as mc
 from medserve.protos.wire import to_raw
-from medserve.server.errors import ConfigError, ModelLoadFailed, ModelNotFound
+from medserve.server.errors import ModelLoadFailed, ModelNotFound
 
 import onnx_models
 from conftest import running_server, server_process
@@ -113,8 +113,14 @@ def test_specific_version_policy(make_repo) -> None:  # type: ignore[no-untyped-
         ("platform: 'tensorflow_savedmodel'", "platform 'tensorflow_savedmodel' is not served"),
         ("name: 'other'", "name 'other' does not match the model folder 'm'"),
         ("version_policy: { specific: { versions: [ 9 ] } }", "no version folder selected by version_policy specific"),
+        ("instance_group [ { kind: KIND_MODEL } ]", "instance_group[0].kind KIND_MODEL is not supported"),
+        ("instance_group [ { kind: KIND_CPU gpus: [ 0 ] } ]", "instance_group[0].gpus is only valid with kind KIND_GPU"),
+        ("instance_group [ { kind: KIND_GPU } ]", "instance_group kind KIND_GPU, but no GPU execution provider is usable"),
+        ("parameters { key: 'oversized_requests' value: { string_value: 'clip' } }",
+         "parameters['oversized_requests'] is 'clip'; expected one of split, refuse"),
     ],
-    ids=["dims", "datatype", "unknown-input", "preferred", "syntax", "platform", "name", "no-version"],
+    ids=["dims", "datatype", "unknown-input", "preferred", "syntax", "platform", "name", "no-version", "kind-model",
+         "cpu-gpus", "gpu-without-gpu", "bad-parameter"],
 )
 def test_broken_config_fails_at_start_naming_file_and_field(make_repo, config: str, message: str) -> None:  # type: ignore[no-untyped-def]
     repo = make_repo(m=(onnx_models.affine, config))
@@ -197,5 +203,48 @@ def test_serve_cli_reports_port_and_answers(make_repo) -> None:  # type: ignore[
         assert infer_x(stub, "m").model_name == "m"
 
 
-def test_config_error_class_is_a_load_failure() -> None:
-    assert issubclass(ConfigError, ModelLoadFailed)
+
+
+def test_kind_cpu_instances_run_on_the_cpu_provider_only(make_repo) -> None:  # type: ignore[no-untyped-def]
+    """KIND_CPU is honoured even where a GPU provider is usable (on a CPU-only host this still
+    checks that each group's instances are built and reported)."""
+    config = "instance_group [ { count: 2, kind: KIND_CPU }, { count: 1, kind: KIND_AUTO } ]"
+    repo = make_repo(m=(onnx_models.affine, config))
+    with running_server(repo) as srv:
+        loaded = srv.server.repository.get("m")
+        assert loaded.config.instance_count == 3
+        assert len(loaded.config.instance_groups) == 2
+        reported = srv.stub().ModelConfig(pb.ModelConfigRequest(name="m")).config
+        assert [(g.kind, g.count) for g in reported.instance_group] == [
+            (mc.ModelInstanceGroup.KIND_CPU, 2), (mc.ModelInstanceGroup.KIND_AUTO, 1)
+        ]
+        assert infer_x(srv.stub(), "m").model_name == "m"
+
+
+def test_kind_cpu_sessions_ask_for_the_cpu_provider_alone() -> None:
+    from medserve.server.runtime import CPU, CUDA, SessionOptions, instance_providers
+
+    gpu_host = SessionOptions(providers=(CUDA, CPU))
+    assert instance_providers(gpu_host, "KIND_CPU", (), 2) == [[CPU], [CPU]]
+    assert instance_providers(gpu_host, "KIND_AUTO", (), 1) == [[CUDA, CPU]]
+    assert instance_providers(gpu_host, "KIND_GPU", (0, 1), 1) == [
+        [(CUDA, {"device_id": "0"}), CPU], [(CUDA, {"device_id": "1"}), CPU]
+    ]
+
+
+def test_unimplemented_triton_fields_are_named_in_a_warning(make_repo, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    config = (
+        "optimization { graph { level: 1 } }\n"
+        "model_warmup [ { name: 'w' batch_size: 1 } ]\n"
+        "response_cache { enable: true }\n"
+        "instance_group [ { count: 1 kind: KIND_CPU rate_limiter { priority: 2 } } ]\n"
+        "parameters { key: 'intra_op_thread_count' value: { string_value: '4' } }\n"
+    )
+    repo = make_repo(m=(onnx_models.affine, config))
+    with caplog.at_level("WARNING"), running_server(repo) as srv:
+        assert infer_x(srv.stub(), "m").model_name == "m"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    (unimplemented,) = [w for w in warnings if "medserve does not implement" in w]
+    for field in ("optimization", "model_warmup", "response_cache", "instance_group[0].rate_limiter"):
+        assert field in unimplemented
+    assert any("parameters['intra_op_thread_count'] is not a medserve parameter" in w for w in warnings), warnings

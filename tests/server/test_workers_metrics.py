@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import grpc_service_pb2_grpc as pb_grpc
@@ -36,8 +37,11 @@ def test_two_workers_share_the_port_and_report_per_worker(make_repo) -> None:  #
             if len(seen) == 2 and min(seen.values()) >= 2:
                 break
         assert set(seen) == {"medserve-w0", "medserve-w1"}
-        for name in seen:  # per-worker statistics: each worker counts only what it answered
-            while True:
+        # Per-worker statistics: each worker counts only what it answered. Reaching a given
+        # worker takes new connections until the kernel routes one there (bounded: with two
+        # workers, 200 misses in a row would mean the kernel does not spread connections).
+        for name in seen:
+            for _ in range(200):
                 with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                     stub = pb_grpc.GRPCInferenceServiceStub(channel)
                     if stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).name != name:
@@ -45,6 +49,8 @@ def test_two_workers_share_the_port_and_report_per_worker(make_repo) -> None:  #
                     stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="m"), timeout=10).model_stats[0]
                     assert stats.inference_stats.success.count >= seen[name]
                     break
+            else:
+                pytest.fail(f"no connection reached worker {name} in 200 attempts")
 
 
 def test_prometheus_metrics_come_from_the_statistics(make_repo) -> None:  # type: ignore[no-untyped-def]
