@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from . import batch_size, triton_config
 from . import publish as publishing
-from . import triton_config
 from .card import TrainingData, build_card
 from .conversion import Conversion
 from .errors import ExportError, UnsupportedModelError
@@ -42,6 +42,7 @@ class ExportReport:
     outputs: tuple[TensorSpec, ...]
     parity: tuple[OutputParity, ...]
     metrics: Mapping[str, float | int]
+    batching: batch_size.BatchingChoice  # the max_batch_size in config.pbtxt and how it was chosen
 
     def parity_table(self) -> str:
         """The parity figures as an aligned text table (for the CLI and logs)."""
@@ -121,7 +122,7 @@ def _feature_ranges(
     return ranges or None
 
 
-def _check_batch_axis(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch_size: int) -> None:
+def _check_batch_axis(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch_size: int | None) -> None:
     if max_batch_size == 0:
         return
     fixed = [t.name for t in (*inputs, *outputs) if not t.shape or t.shape[0] != -1]
@@ -144,7 +145,7 @@ def export(
     training_data: TrainingData | Mapping[str, Any] | None = None,
     heldout: Any = None,
     tolerance: Tolerance | None = None,
-    max_batch_size: int = 64,
+    max_batch_size: int | None = None,
     opset: int | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     output_names: Sequence[str] | None = None,
@@ -157,6 +158,9 @@ def export(
     targets the card records quality metrics measured on the exported graph. `tolerance`
     overrides the per-family default for value outputs; labels must always match exactly.
     `dynamic_axes` / `output_names` are torch-only (see `medserve.exporters.torch`).
+    `max_batch_size` None (the default) measures it for a tabular model (the largest batch whose
+    execution stays within 2 ms, at least 64; see `medserve.exporters.batch_size`) and uses 64
+    otherwise; an integer is used as given (0 = no batching). The card records the choice.
 
         report = export(clf, X_train[:32], "models", "sepsis_risk",
                         heldout=(X_test, y_test), class_labels=["no", "yes"])
@@ -164,8 +168,10 @@ def export(
     Raises ParityError (nothing published), VersionExistsError, SignatureMismatchError,
     UnsupportedModelError, ExportError."""
     publishing.check_name(name)
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0:
-        raise ExportError(f"max_batch_size must be an integer >= 0, got {max_batch_size!r}")
+    if max_batch_size is not None and (
+        isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0
+    ):
+        raise ExportError(f"max_batch_size must be an integer >= 0 or None (measure it), got {max_batch_size!r}")
     if isinstance(training_data, Mapping):
         training_data = TrainingData(str(training_data["description"]), int(training_data["n_samples"]))
 
@@ -193,6 +199,15 @@ def export(
         answers = dict(zip(names, session.run(names, conversion.feeds(heldout_inputs)), strict=True))
         quality = conversion.metrics(answers, targets)
 
+    batching = batch_size.decide(max_batch_size, inputs, conversion.model_bytes, conversion.feeds(sample_inputs))
+    if batching.chosen_by == "measured":
+        log.info(
+            "max_batch_size %d for %r (median ms by rows: %s)",
+            batching.max_batch_size,
+            name,
+            ", ".join(f"{rows} {s * 1e3:.3f}" for rows, s in (batching.medians_s or {}).items()),
+        )
+
     columns = None
     if conversion.column_groups is not None:
         labels = feature_names or tuple(f"column_{i}" for i in range(conversion.n_features or 0))
@@ -218,10 +233,11 @@ def export(
             training_data=training_data,
             metrics=quality,
             parity=parity,
+            batching=batching,
             model_sha256=sha256,
         )
 
-    config = triton_config.build_config(name, inputs, outputs, max_batch_size)
+    config = triton_config.build_config(name, inputs, outputs, batching.max_batch_size)
     published = publishing.publish(
         Path(repository),
         name,
@@ -245,4 +261,5 @@ def export(
         outputs=outputs,
         parity=parity,
         metrics=quality,
+        batching=batching,
     )

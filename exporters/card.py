@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 
+from .batch_size import BatchingChoice
 from .parity import OutputParity
 from .specs import TensorSpec
 
@@ -53,6 +54,7 @@ def build_card(
     training_data: TrainingData | None,
     metrics: Mapping[str, float | int],
     parity: Sequence[OutputParity],
+    batching: BatchingChoice | None = None,
     model_sha256: str,
     created_at: datetime | None = None,
 ) -> dict[str, object]:
@@ -79,6 +81,7 @@ def build_card(
         "training_data": training_data.as_dict() if training_data is not None else None,
         "metrics": dict(metrics),
         "parity": [p.as_card_entry() for p in parity],
+        "batching": batching.as_card_entry() if batching is not None else None,
         "model_sha256": model_sha256,
         "created_at": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
     }

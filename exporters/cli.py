@@ -43,7 +43,13 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", type=int, default=None, help="version number (default: latest + 1)")
     parser.add_argument("--description", default=None, help="one line for the model card")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="max rows per batch in config.pbtxt")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="most rows one execution runs, written to config.pbtxt (0 = no batching); default: measured for "
+        "tabular models (the largest batch within 2 ms on one CPU thread, at least 64), 64 for others",
+    )
     parser.set_defaults(func=run_export, extras=("server", "export"))  # parity runs onnxruntime
     return parser
 
@@ -164,6 +170,7 @@ def run_export(args: argparse.Namespace) -> int:
     print(report.parity_table())
     print(f"published {report.name!r} version {report.version}: {report.model_path.parent}")
     print(f"sha256 {report.model_sha256}")
+    print(f"max_batch_size {report.batching.max_batch_size} ({report.batching.chosen_by})")
     return 0
 
 
@@ -189,6 +196,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     for r in reports:
         figures = ", ".join(f"{k} {v:.3f}" for k, v in r.metrics.items() if k != "n_samples")
-        print(f"  {r.name:22} v{r.version}  {r.model_sha256[:16]}  {figures}")
+        batch = f"batch {r.batching.max_batch_size}"
+        print(f"  {r.name:22} v{r.version}  {r.model_sha256[:16]}  {batch:10}  {figures}")
     print(f"{len(reports)} models in {time.perf_counter() - started:.1f} s")
     return 0

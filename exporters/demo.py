@@ -4,8 +4,10 @@ anyone trying medserve without their own models.
 
 Data ships with the packages (scikit-learn's breast_cancer, diabetes and digits) or is seeded
 synthetic data (`demo_data`). The build is reproducible: the same seed gives the same
-model.onnx bytes (same SHA-256) on the same machine and library versions. It takes well under
-two minutes on two CPU cores.
+model.onnx bytes (same SHA-256) on the same machine and library versions. The tabular models'
+max_batch_size is measured (`batch_size`), so it follows the machine's speed and may differ
+by one doubling between builds where a size times close to the budget. It takes well under two
+minutes on two CPU cores.
 """
 
 from __future__ import annotations

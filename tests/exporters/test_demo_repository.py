@@ -14,7 +14,7 @@ import pytest
 from medserve.exporters import ExportReport
 from medserve.exporters.demo import DEMO_MODELS, build_demo_repository
 
-from exporter_helpers import assert_config_matches_graph, read_card, run_published, sha256_file
+from exporter_helpers import assert_config_matches_graph, read_card, read_config, run_published, sha256_file
 
 EXPECTED = {
     "breast_cancer_svm",
@@ -32,6 +32,8 @@ EXPECTED = {
 # Rebuilt in a child process under another string-hash seed: one scikit-learn classifier,
 # one tree ensemble regressor, one torch model.
 REBUILT = ["breast_cancer_svm", "diabetes_gbm", "notes_transformer"]
+# Images, signals and sequences keep max_batch_size 64; the tables (the MLP included) are measured.
+NOT_TABULAR = {"digits_cnn", "ecg_cnn1d", "vitals_gru", "notes_transformer"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,13 @@ def test_every_family_is_published_and_consistent(demo: tuple[Path, dict[str, Ex
         assert card["model_sha256"] == sha256_file(report.model_path), name
         assert card["metrics"]["n_samples"] > 0 and card["training_data"]["n_samples"] > 0, name
         assert_config_matches_graph(path / name)
+        batching = card["batching"]
+        assert batching["chosen_by"] == ("default" if name in NOT_TABULAR else "measured"), name
+        assert batching["max_batch_size"] == read_config(path / name / "config.pbtxt").max_batch_size, name
+        if name in NOT_TABULAR:
+            assert batching["max_batch_size"] == 64 and batching["median_ms_by_rows"] is None, name
+        else:
+            assert batching["max_batch_size"] >= 64 and "64" in batching["median_ms_by_rows"], name
     breast = read_card(reports["breast_cancer_rf"].card_path)
     assert breast["class_labels"] == ["malignant", "benign"] and len(breast["feature_names"]) == 30
     assert breast["feature_names"][0] == "mean radius"

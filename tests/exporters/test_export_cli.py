@@ -13,7 +13,7 @@ import torch
 from medserve.exporters.cli import add_subcommands
 from medserve.exporters.demo_nets import RiskMLP
 
-from exporter_helpers import breast_cancer, read_card
+from exporter_helpers import breast_cancer, read_card, read_config
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -47,7 +47,11 @@ def test_export_joblib_prints_warning_progress_and_parity_table(
     assert "loading a pickle" not in out and "runs any code the pickle contains" in err
     assert "output" in out and "max abs diff" in out and "probabilities" in out and "ok" in out
     assert "published 'bc_rf' version 1" in out
-    assert read_card(tmp_path / "bc_rf" / "1" / "model_card.json")["framework"] == "scikit-learn"
+    card = read_card(tmp_path / "bc_rf" / "1" / "model_card.json")
+    assert card["framework"] == "scikit-learn"
+    assert card["batching"]["chosen_by"] == "measured"  # --max-batch-size not given: measured
+    assert f"max_batch_size {card['batching']['max_batch_size']} (measured)" in out
+    assert read_config(tmp_path / "bc_rf" / "config.pbtxt").max_batch_size == card["batching"]["max_batch_size"]
 
     args = _parse(
         "export",
@@ -63,6 +67,19 @@ def test_export_joblib_prints_warning_progress_and_parity_table(
     )
     assert args.func(args) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_keeps_an_explicit_max_batch_size(
+    joblib_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_file, sample_file = joblib_model
+    argv = ["export", str(model_file), "--name", "bc", "--repository", str(tmp_path), "--sample", str(sample_file)]
+    assert _parse(*argv).max_batch_size is None
+    args = _parse(*argv, "--max-batch-size", "16")
+    assert args.func(args) == 0
+    assert "max_batch_size 16 (caller)" in capsys.readouterr().out
+    assert read_config(tmp_path / "bc" / "config.pbtxt").max_batch_size == 16
+    assert read_card(tmp_path / "bc" / "1" / "model_card.json")["batching"]["chosen_by"] == "caller"
 
 
 def test_export_scikit_learn_needs_a_sample(joblib_model: tuple[Path, Path], tmp_path: Path) -> None:
@@ -85,6 +102,7 @@ def test_export_pt2_uses_the_programs_example_inputs(tmp_path: Path, capsys: pyt
     card = read_card(tmp_path / "repo" / "risk" / "1" / "model_card.json")
     assert card["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}]
     assert card["parity"][0]["n_samples"] == 5
+    assert card["batching"]["chosen_by"] == "measured"  # an MLP over a table
 
 
 def test_demo_repository_parser_is_wired() -> None:

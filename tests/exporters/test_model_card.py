@@ -14,7 +14,7 @@ from sklearn.ensemble import GradientBoostingClassifier
 
 from medserve.exporters import TrainingData, export
 
-from exporter_helpers import breast_cancer, read_card
+from exporter_helpers import breast_cancer, read_card, read_config
 
 
 def test_card_describes_the_published_version(tmp_path: Path) -> None:
@@ -62,6 +62,10 @@ def test_card_describes_the_published_version(tmp_path: Path) -> None:
     label, proba = card["parity"]
     assert label["tolerance"] == "exact" and label["max_abs_diff"] == 0 and label["n_samples"] == 12 + len(y_test)
     assert proba["tolerance"] == {"atol": 1e-4, "rtol": 1e-4} and 0 <= proba["max_abs_diff"] < 1e-4
+    batching = card["batching"]
+    assert batching["chosen_by"] == "measured" and batching["budget_ms"] == 2.0
+    assert batching["max_batch_size"] == read_config(report.config_path).max_batch_size >= 64
+    assert batching["median_ms_by_rows"] and all(v > 0 for v in batching["median_ms_by_rows"].values())
     created = datetime.fromisoformat(card["created_at"])
     assert card["created_at"].endswith("Z") and before <= created <= datetime.now(UTC) + timedelta(seconds=1)
 
@@ -72,6 +76,7 @@ def test_card_without_optional_facts(tmp_path: Path) -> None:
     card = read_card(export(model, x_train[:5], tmp_path, "bare").card_path)
     assert card["feature_names"] is None and card["class_labels"] is None and card["training_data"] is None
     assert card["metrics"] == {} and card["description"] is None
+    assert card["batching"]["chosen_by"] == "measured"  # a table, and no max_batch_size was given
 
 
 def test_card_has_percentile_feature_ranges_for_numeric_tables(tmp_path: Path) -> None:

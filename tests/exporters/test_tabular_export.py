@@ -84,6 +84,9 @@ def test_mixed_table_becomes_typed_inputs(classifier: object, tmp_path: Path) ->
         "categorical_int": mc.TYPE_INT64,
     }
     assert_config_matches_graph(tmp_path / "admission")
+    # A mixed table is a table: its max_batch_size is measured on the sample's rows (text included).
+    assert card["batching"]["chosen_by"] == "measured"
+    assert config.max_batch_size == card["batching"]["max_batch_size"] >= 64
 
     # A client sends the columns grouped by kind, as the card lists them.
     feeds = {
