@@ -19,15 +19,14 @@ import enum
 import hashlib
 import json
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .batching import Batcher, Clock
+from .batching import Batcher, BatcherConfig, Clock, work_of
 from .config import ModelConfig, ServerConfig
 from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady, model_label
 from .layout import CARD_FILENAME, CONFIG_FILENAME, MODEL_NAME_RULE, is_model_name, parse_version
@@ -59,7 +58,7 @@ class LoadedVersion:
     sha256: str
     card: Mapping[str, object] | None
     executor: ThreadPoolExecutor
-    warmup_s: float = 0.0  # duration of the warm-up run: the cost model's first measurement
+    warmups: tuple[tuple[int, float], ...] = ()  # (work, engine seconds) of the warm-ups: the cost model's seed
     batcher: Batcher | None = None
     signature: Signature = field(init=False)
     label: str = field(init=False)  # "'name' version N", for messages (built once, not per request)
@@ -117,7 +116,6 @@ class ModelRepository:
         *,
         clock: Clock,
         session_options: SessionOptions | None = None,
-        batcher_factory: Callable[..., Batcher] = Batcher,
     ) -> None:
         self.root = Path(config.repository).resolve()
         self._config = config
@@ -127,7 +125,6 @@ class ModelRepository:
             intra_op_threads=config.intra_op_threads,
             inter_op_threads=config.inter_op_threads,
         )
-        self._batcher_factory = batcher_factory
         self._models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -192,18 +189,21 @@ class ModelRepository:
                     entry.state = State.UNAVAILABLE
                 raise ModelLoadFailed(f"model {name!r} failed to load: {type(exc).__name__}") from exc
             for version in loaded:
-                version.batcher = self._batcher_factory(
+                config = version.config
+                version.batcher = Batcher(
                     version.model,
-                    name=version.label,
-                    config=version.config.batching,
+                    BatcherConfig(
+                        name=version.label,
+                        batching=config.batching,
+                        instances=config.instance_count,
+                        max_queue_size=self._config.max_queue_size,
+                        split_rows=config.max_batch_size if config.split_oversized else 0,
+                        warmups=version.warmups,
+                    ),
+                    self._clock,
                     executor=version.executor,
-                    instances=version.config.instance_count,
-                    max_queue_size=self._config.max_queue_size,
                     observer=version.stats,
-                    clock=self._clock,
-                    split_rows=version.config.max_batch_size if version.config.split_oversized else 0,
                 )
-                version.batcher.cost.observe(1, version.warmup_s)
                 version.batcher.start()
             entry.versions = {v.version: VersionEntry(v.version, State.READY, loaded=v) for v in loaded}
             entry.latest = max(loaded, key=lambda v: v.version)
@@ -254,9 +254,9 @@ class ModelRepository:
         model = OnnxModel(model_path, self._session_options, instances)
         where = config_path if config_path.exists() else model_path
         config = complete(where, base, model.inputs, model.outputs)
-        warmup_s = self._warm_up(base.name, version, config, model)
+        warmups = self._warm_up(base.name, version, config, model)
         executor = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"ort-{base.name}")
-        return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor, warmup_s)
+        return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor, warmups)
 
     @staticmethod
     def _read_card(name: str, version: int, version_dir: Path, sha256: str) -> Mapping[str, object] | None:
@@ -278,17 +278,23 @@ class ModelRepository:
         return card
 
     @staticmethod
-    def _warm_up(name: str, version: int, config: ModelConfig, model: OnnxModel) -> float:
-        """Run batch-1 zeros twice (the first run pays one-time allocations); return the second
-        run's seconds. Failure means the version never becomes READY."""
-        inputs = warm_inputs(config)
-        try:
-            model(inputs)
-            start = time.perf_counter()
-            model(inputs)
-            return time.perf_counter() - start
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadFailed(f"model {model_label(name, version)}: warm-up inference failed: {exc}") from exc
+    def _warm_up(name: str, version: int, config: ModelConfig, model: OnnxModel) -> tuple[tuple[int, float], ...]:
+        """Run zeros at a few sizes, each twice (the first run pays one-time allocations), and
+        return each size's (work, engine seconds) of the second run: the cost model's seed.
+        The smallest (batch 1, variable dims 1) must succeed or the version never becomes READY;
+        a larger one the model refuses (a variable dim it bounds, say) is only left out."""
+        measured: list[tuple[int, float]] = []
+        for i, inputs in enumerate(warm_inputs(config)):
+            try:
+                model(inputs)
+                start = model.engine_clock()
+                model(inputs)
+                measured.append((work_of(inputs), model.engine_clock() - start))
+            except Exception as exc:  # noqa: BLE001
+                if i == 0:
+                    raise ModelLoadFailed(f"model {model_label(name, version)}: warm-up inference failed: {exc}") from exc
+                log.debug("model %s: warm-up %d not measured (%s)", model_label(name, version), i, type(exc).__name__)
+        return tuple(measured)
 
     # -- unloading -------------------------------------------------------------------------
 
@@ -390,7 +396,19 @@ class ModelRepository:
         return [v.loaded for e in self.entries() for v in sorted(e.versions.values(), key=lambda x: x.version) if v.loaded]
 
 
-def warm_inputs(config: ModelConfig) -> dict[str, np.ndarray]:
-    """All-zero inputs of batch 1 (dynamic dims 1) that every servable version must accept."""
-    batch = (1,) if config.max_batch_size > 0 else ()
-    return {t.name: zeros_like_spec(t.datatype, batch + t.dims) for t in config.inputs if not t.optional}
+WARM_ROWS = (1, 8, 64)  # batch sizes measured at load (up to max_batch_size)
+WARM_LENGTH = 16  # a variable dim's second measured size
+
+
+def warm_inputs(config: ModelConfig) -> list[dict[str, np.ndarray]]:
+    """All-zero inputs for warm-up, smallest first: batch 1 with variable dims 1 (what every
+    servable version must accept), then larger batches, then variable dims at `WARM_LENGTH`."""
+    batched = config.max_batch_size > 0
+    required = [t for t in config.inputs if not t.optional]
+    rows = sorted({min(r, config.max_batch_size) for r in WARM_ROWS}) if batched else [0]
+    variable = any(d < 0 for t in required for d in t.dims)
+    sizes = [(r, 1) for r in rows] + ([(1 if batched else 0, WARM_LENGTH)] if variable else [])
+    return [
+        {t.name: zeros_like_spec(t.datatype, ((r,) if batched else ()) + t.dims, length) for t in required}
+        for r, length in sizes
+    ]

@@ -11,7 +11,8 @@ import functools
 import logging
 import queue
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,11 @@ class OnnxModel:
             self._sessions.put(session)
         assert first is not None
         self.providers: tuple[str, ...] = tuple(used)
+        # The engine's own time for the cost model, read in the executing thread: its CPU time
+        # when onnxruntime runs the whole graph on that thread (CPU, one intra-op thread: no GIL
+        # wait or hand-off counted); wall time when other threads or a GPU do the work.
+        single = self.providers == (CPU,) and options.intra_op_threads == 1 and options.inter_op_threads <= 1
+        self.engine_clock: Callable[[], float] = time.thread_time if single else time.perf_counter
         self.inputs = tuple(_graph_tensor(path, a) for a in first.get_inputs())
         self.outputs = tuple(_graph_tensor(path, a) for a in first.get_outputs())
         self._output_names = [o.name for o in self.outputs]
@@ -216,9 +222,9 @@ def _graph_tensor(path: Path, arg: ort.NodeArg) -> GraphTensor:
     return GraphTensor(arg.name, datatype, shape)
 
 
-def zeros_like_spec(datatype: str, shape: Sequence[int]) -> np.ndarray:
-    """A small all-zero input for warm-up: dynamic dims become 1."""
-    concrete = tuple(1 if d < 0 else d for d in shape)
+def zeros_like_spec(datatype: str, shape: Sequence[int], length: int = 1) -> np.ndarray:
+    """An all-zero input for warm-up: dynamic dims become `length`."""
+    concrete = tuple(length if d < 0 else d for d in shape)
     if datatype == "BYTES":
         return np.full(concrete, "", dtype=object)
     return np.zeros(concrete, dtype=numpy_dtype(datatype))

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from medserve.server.batching import Batcher, BatchRequest
+from medserve.server.batching import Batcher, BatcherConfig, BatchRequest
 from medserve.server.config import BatchingConfig, QueuePolicy
 from medserve.server.errors import DeadlineExceeded, ExecutionError, InvalidInput, ModelNotReady, QueueFull
 from medserve.server.stats import ModelStats
@@ -42,10 +42,53 @@ def request(value: float, rows: int = 1, **kw: object) -> BatchRequest:
     return BatchRequest(inputs={"x": np.full((rows, 2), value, np.float32)}, rows=rows, key=KEY, **kw)  # type: ignore[arg-type]
 
 
+CONFIG_FIELDS = ("instances", "max_queue_size", "split_rows", "inline_below_s", "warmups")
+
+
 async def started(runner: GatedRunner, config: BatchingConfig | None, **kw: object) -> Batcher:
-    batcher = Batcher(runner, name="'m' version 1", config=config, executor=ThreadPoolExecutor(2), **kw)  # type: ignore[arg-type]
+    """A started batcher; `kw` holds BatcherConfig fields and Batcher keywords (clock, observer, ...).
+    Nothing runs inline unless a test asks: a gated runner blocks, and on the event loop it
+    would block the test itself (its measured CPU time is tiny, so it would count as cheap)."""
+    fields = {k: kw.pop(k) for k in CONFIG_FIELDS if k in kw}
+    fields.setdefault("inline_below_s", 0.0)
+    batcher = Batcher(
+        runner, BatcherConfig("'m' version 1", config, **fields),  # type: ignore[arg-type]
+        executor=ThreadPoolExecutor(2), **kw,  # type: ignore[arg-type]
+    )
     batcher.start()
     return batcher
+
+
+class FakeTimer:
+    """The batcher's timer in tests: callbacks fire only when the test advances the clock."""
+
+    def __init__(self, start: float = 100.0) -> None:
+        self.now = start
+        self.pending: list[tuple[float, object, list[bool]]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def __call__(self, delay_s: float, callback):  # type: ignore[no-untyped-def]
+        cancelled = [False]
+        self.pending.append((self.now + delay_s, callback, cancelled))
+
+        class Handle:
+            def cancel(self) -> None:
+                cancelled[0] = True
+
+        return Handle()
+
+    def armed(self) -> list[float]:
+        return sorted(due for due, _, cancelled in self.pending if not cancelled[0])
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock and fire every timer now due (in due order)."""
+        self.now += seconds
+        due = sorted((t for t in self.pending if t[0] <= self.now and not t[2][0]), key=lambda t: t[0])
+        self.pending = [t for t in self.pending if t not in due]
+        for _, callback, _ in due:
+            callback()  # type: ignore[operator]
 
 
 async def hold_first_batch(batcher: Batcher, runner: GatedRunner) -> asyncio.Future:
@@ -74,26 +117,37 @@ async def test_concurrent_requests_form_one_batch_and_get_their_own_rows() -> No
 
 
 async def test_without_preferred_sizes_a_batch_closes_at_the_learned_crowd_not_the_delay() -> None:
-    """A 60 s delay that would time the test out if it were waited: the batcher closes each
-    batch when it holds the rows recent batches reached (1 = a lone request runs at once)."""
+    """Fake clock and timer, a 60 s delay: nothing waits in real time. The first batch waits the
+    whole delay (no estimate yet); then batches close at the crowd recent batches reached, and a
+    crowd that does not come drops the estimate to what came."""
     runner = GatedRunner()
-    batcher = await started(runner, BatchingConfig(max_batch_rows=16, max_queue_delay_us=60_000_000))
-    assert batcher.crowd is not None
-    batcher.crowd.observe(3)  # as if a batch of 3 had run
+    fake = FakeTimer()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=16, max_queue_delay_us=60_000_000),
+                            clock=fake.clock, timer=fake)
     futures = [batcher.submit(request(float(i))) for i in range(3)]
+    await asyncio.sleep(0)  # the pump runs: it arms the delay's timer
+    assert fake.armed() == [160.0] and runner.batches == []
+    fake.advance(60.0)
     await asyncio.wait_for(asyncio.gather(*futures), 10)
-    assert batcher.stats().close_at_rows == 3
-    for _ in range(20):
-        batcher.crowd.observe(1)
-    await asyncio.wait_for(batcher.submit(request(7.0)), 10)
-    assert runner.batches == [3, 1] and batcher.stats().close_at_rows == 1
+    assert runner.batches == [3] and batcher.stats().close_at_rows == 3
+    futures = [batcher.submit(request(float(i))) for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*futures), 10)  # closed at 3: no timer fired
+    assert runner.batches == [3, 3]
+    lone = batcher.submit(request(7.0))
+    await asyncio.sleep(0)
+    assert fake.armed() == [220.0]
+    fake.advance(60.0)  # the crowd did not come
+    await asyncio.wait_for(lone, 10)
+    assert batcher.stats().close_at_rows == 1
+    await asyncio.wait_for(batcher.submit(request(8.0)), 10)  # a lone request now runs at once
+    assert runner.batches == [3, 3, 1, 1]
     await batcher.stop()
 
 
 async def test_preferred_sizes_keep_the_configured_policy() -> None:
     batcher = await started(GatedRunner(), BatchingConfig(max_batch_rows=16, max_queue_delay_us=1000,
                                                           preferred_batch_sizes=(4,)))
-    assert batcher.crowd is None
+    assert batcher.stats().close_at_rows is None
     await batcher.stop()
 
 
@@ -201,8 +255,8 @@ async def test_queue_full_is_refused_at_once() -> None:
 async def test_deadline_that_cannot_be_met_is_refused_and_never_runs() -> None:
     runner = GatedRunner()
     now = [100.0]
-    batcher = await started(runner, BatchingConfig(max_batch_rows=4), clock=lambda: now[0])
-    batcher.cost.observe(1, 0.050)  # measured: a batch of one takes 50 ms
+    batcher = await started(runner, BatchingConfig(max_batch_rows=4), clock=lambda: now[0],
+                            warmups=((2, 0.050),))  # measured: a batch of one row (2 elements) takes 50 ms
     with pytest.raises(DeadlineExceeded, match="not executed"):
         batcher.submit(request(1.0, deadline_s=100.001))
     assert runner.batches == []
@@ -254,15 +308,20 @@ async def test_poisoned_request_fails_alone() -> None:
 
 
 async def test_output_without_batch_rows_fails_every_member() -> None:
-    def runner(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"y": np.zeros(3, np.float32)}
+    class Unsplittable(GatedRunner):
+        def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            super().__call__(inputs)
+            return {"y": np.zeros(3, np.float32)}
 
-    batcher = Batcher(runner, name="m", config=BatchingConfig(max_batch_rows=8), executor=ThreadPoolExecutor(1))
-    batcher.start()
-    # Both are queued before the driver runs, so they form one batch of 4 rows.
-    futures = [batcher.submit(request(1.0, rows=2)), batcher.submit(request(1.0, rows=2))]
+    runner = Unsplittable()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=8))
+    first = await hold_first_batch(batcher, runner)
+    futures = [batcher.submit(request(1.0, rows=2)), batcher.submit(request(1.0, rows=2))]  # one batch of 4 rows
+    runner.gate.set()
+    await first  # alone: nothing to split
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert all(isinstance(r, ExecutionError) and "cannot split" in str(r) for r in results)
+    assert runner.batches == [1, 4]
     await batcher.stop()
 
 
@@ -360,3 +419,50 @@ def test_a_fixed_signature_gives_every_valid_request_one_batching_key() -> None:
     assert Signature.of(ModelConfig("m", max_batch_size=8, inputs=(x, seq))).fixed_key is None
     assert Signature.of(ModelConfig("m", max_batch_size=8, inputs=(TensorConfig("x", "FP32", (4,), optional=True),))).fixed_key is None
     assert Signature.of(ModelConfig("m", max_batch_size=0, inputs=(x,))).fixed_key is None
+
+
+class ThreadRecorder:
+    """A fast runner that records which thread ran each batch."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.append(threading.get_ident())
+        return {"y": inputs["x"] * 2}
+
+
+def ticking(step_s: float):  # type: ignore[no-untyped-def]
+    """An engine clock that advances `step_s` per reading: every run 'costs' `step_s`."""
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += step_s
+        return now[0]
+
+    return clock
+
+
+async def test_a_cheap_measured_request_runs_inline_and_a_larger_one_on_an_instance() -> None:
+    runner = ThreadRecorder()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=64), inline_below_s=100e-6,
+                            warmups=((2, 10e-6), (16, 40e-6)), engine_clock=ticking(5e-6))
+    out = await batcher.submit(request(1.0))  # work 2: measured, 10 µs
+    assert np.array_equal(out["y"], np.full((1, 2), 2.0, np.float32))
+    assert runner.threads == [threading.get_ident()]  # on the event loop: no hand-off
+    await batcher.submit(request(1.0, rows=9))  # work 18: more than anything measured
+    assert runner.threads[1] != threading.get_ident()
+    assert batcher.stats().inline_batches == 1 and batcher.stats().executed_batches == 2
+    await batcher.stop()
+
+
+async def test_a_batch_measured_slower_than_the_bound_moves_off_the_event_loop() -> None:
+    runner = ThreadRecorder()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=64), inline_below_s=100e-6,
+                            warmups=((2, 10e-6),), engine_clock=ticking(300e-6))  # each run: 300 µs
+    await batcher.submit(request(1.0))  # estimated 10 µs: inline, measured ~300 µs
+    for _ in range(12):  # the estimate follows the measurements past the bound
+        await batcher.submit(request(1.0))
+    assert runner.threads[0] == threading.get_ident() and runner.threads[-1] != threading.get_ident()
+    assert batcher.estimate_s(2) > 100e-6
+    await batcher.stop()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from medserve.server.batching import BatchRequest, CostModel, CrowdEstimate, PolicyConfig, QueuedItem, decide
+from medserve.server.batching import BatchRequest, CostModel, CrowdEstimate, PolicyConfig, QueuedItem, decide, work_of
 
 KEY_A = ("x", "<f4", (4,))
 KEY_B = ("x", "<f4", (8,))
@@ -36,13 +36,25 @@ def item(loop: asyncio.AbstractEventLoop) -> Callable[..., QueuedItem]:
         delay: bool = False,
     ) -> QueuedItem:
         request = BatchRequest(inputs={"x": np.zeros((rows, 4), np.float32)}, rows=rows, key=key, deadline_s=deadline)
-        return QueuedItem(request, loop.create_future(), seq, level, at, timeout_at, delay, key)
+        return QueuedItem(request, loop.create_future(), seq, level, at, timeout_at, delay, key, work_of(request.inputs))
 
     return make
 
 
-def no_cost(rows: int) -> float:
-    return 0.0
+class FixedCost:
+    """Every batch costs `seconds`; `measured` up to `largest` work (a CostEstimate)."""
+
+    def __init__(self, seconds: float, largest: int = 1 << 30) -> None:
+        self.seconds, self.largest = seconds, largest
+
+    def estimate(self, work: int) -> float:
+        return self.seconds
+
+    def measured(self, work: int) -> bool:
+        return work <= self.largest
+
+
+no_cost = FixedCost(0.0)
 
 
 def seqs(items: tuple[QueuedItem, ...]) -> list[int]:
@@ -135,13 +147,13 @@ def test_expired_deadline_is_failed_not_run(item) -> None:
 
 def test_deadline_that_execution_cannot_meet_expires(item) -> None:
     q = [item(0, 0.0, deadline=1.004)]
-    d = decide(q, 1.0, PolicyConfig(max_batch_rows=8), lambda rows: 0.005, free_slots=1)
+    d = decide(q, 1.0, PolicyConfig(max_batch_rows=8), FixedCost(0.005), free_slots=1)
     assert seqs(d.expire) == [0]
 
 
 def test_batch_closes_early_for_a_deadline(item) -> None:
     cfg = PolicyConfig(max_batch_rows=8, max_queue_delay_s=1.0)
-    cost = lambda rows: 0.25  # noqa: E731
+    cost = FixedCost(0.25)
     q = [item(0, 0.0, deadline=0.5)]
     d = decide(q, 0.125, cfg, cost, free_slots=1)
     assert d.run == () and d.wait_s == pytest.approx(0.125)  # must start by 0.25, not at 1.0
@@ -232,3 +244,48 @@ def test_crowd_estimate_probes_less_often_while_probes_find_nobody() -> None:
         crowd.observe(1)
     crowd.observe(4)  # a probe that found company: back to probing often
     assert crowd.interval == 2
+
+
+def test_cost_model_knows_what_it_has_measured() -> None:
+    cost = CostModel(alpha=0.5)
+    assert not cost.measured(1)
+    cost.observe(8, 0.001)  # bucket [8, 16)
+    cost.observe(12, 0.003)  # same bucket: the means move halfway
+    assert cost.estimate(10) == pytest.approx(0.002)
+    assert cost.estimate(2) == pytest.approx(0.002)  # below the smallest: the smallest's time
+    assert cost.measured(12) and not cost.measured(13)
+    assert cost.estimate(40) == pytest.approx(0.002 * 40 / 10)  # beyond: scaled by work
+
+
+def test_a_cheap_measured_batch_runs_inline_and_anything_larger_than_measured_does_not(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=8, inline_below_s=100e-6)
+    q = [item(0, 0.0, rows=2)]  # work 8
+    assert decide(q, 0.0, cfg, FixedCost(50e-6), free_slots=1).inline
+    assert not decide(q, 0.0, cfg, FixedCost(150e-6), free_slots=1).inline  # too slow for the loop
+    assert not decide(q, 0.0, cfg, FixedCost(50e-6, largest=4), free_slots=1).inline  # never measured
+    assert decide(q, 0.0, cfg, FixedCost(50e-6, largest=4), free_slots=1).run  # ... runs, on an instance
+
+
+def test_the_learned_crowd_closes_a_batch_before_the_delay(item) -> None:
+    cfg = PolicyConfig(max_batch_rows=8, max_queue_delay_s=10.0)
+    q = [item(i, 0.0) for i in range(3)]
+    assert decide(q, 0.0, cfg, no_cost, free_slots=1).run == ()  # no estimate: wait for the delay
+    assert seqs(decide(q, 0.0, cfg, no_cost, free_slots=1, close_at_rows=3).run) == [0, 1, 2]
+    assert seqs(decide(q, 0.0, cfg, no_cost, free_slots=1, close_at_rows=2).run) == [0, 1]
+    d = decide(q[:1], 0.0, cfg, no_cost, free_slots=1, close_at_rows=2)
+    assert d.run == () and d.wait_s == pytest.approx(10.0)
+
+
+def test_a_batch_is_costed_by_its_work_not_its_rows(item) -> None:
+    """One long sequence costs what its elements cost: the deadline check sees it."""
+    cost = CostModel(alpha=1.0)
+    cost.observe(4, 0.001)  # one row of 4 elements: 1 ms
+    cost.observe(64, 0.016)
+    cfg = PolicyConfig(max_batch_rows=8)
+    short = item(0, 0.0, deadline=0.010)  # work 4: fits its 10 ms
+    assert seqs(decide([short], 0.0, cfg, cost, free_slots=1).run) == [0]
+    long = QueuedItem(
+        BatchRequest(inputs={"x": np.zeros((1, 64), np.float32)}, rows=1, key=KEY_A, deadline_s=0.010),
+        short.future.get_loop().create_future(), 1, 0, 0.0, None, False, KEY_A, 64,
+    )
+    assert seqs(decide([long], 0.0, cfg, cost, free_slots=1).expire) == [1]  # 16 ms > 10 ms

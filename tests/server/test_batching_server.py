@@ -6,6 +6,7 @@ state."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,3 +212,32 @@ def test_poisoned_request_fails_alone(server: RunningServer, hold) -> None:  # t
     after = stats(server, "gather")
     assert after.execution_count - before.execution_count == 2  # the busy one, then all six together
     assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
+
+
+def test_a_long_input_to_a_cheap_model_never_runs_on_the_event_loop(tmp_path: Path) -> None:
+    """The cubic model costs microseconds at its warm-up sizes (T = 1 and 16) and about a second
+    at T = 2600: larger than anything measured, so it runs on a worker thread, and health checks
+    keep answering within 100 ms while it executes."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    repo = tmp_path / "repo"
+    onnx_models.cubic(repo / "cubic" / "1" / "model.onnx")
+    with running_server(repo) as srv:
+        stub = srv.stub()
+        small = request("cubic", "x", "FP32", np.full((1, 16), 1e-3, np.float32))
+        for _ in range(20):  # cheap and measured: these normally run inline
+            stub.ModelInfer(small, timeout=30)
+        batcher = srv.server.repository.get("cubic").batcher
+        inline = batcher.stats().inline_batches
+        long = stub.ModelInfer.future(request("cubic", "x", "FP32", np.full((1, 2600), 1e-3, np.float32)), timeout=60)
+        wait_for(lambda: in_flight(srv, "cubic") == 1)
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(srv.target))
+        latencies = []
+        while in_flight(srv, "cubic") == 1 and len(latencies) < 5:
+            start = time.perf_counter()
+            answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            latencies.append(time.perf_counter() - start)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        assert long.result().outputs[0].shape == [1, 1]
+        assert latencies and max(latencies) < 0.100, latencies
+        assert batcher.stats().inline_batches == inline  # the long one ran on the worker thread

@@ -1,0 +1,97 @@
+"""Dynamic batching for one model version. Knows numpy and the standard library, nothing of
+protobuf or gRPC.
+
+    policy.py       queued items, `Decision` and the pure `decide` (what runs, when, where)
+    estimators.py   the cost model (execution seconds by work) and the learned crowd size
+    execute.py      concatenate / run / bisect / split one batch; split and join oversized requests
+    driver.py       `Batcher`: the asyncio driver (queue, pump, timers, futures, statistics)
+
+What a batch is: requests whose inputs have the same names, datatypes and non-batch dims (their
+`key`), concatenated along dim 0. A batch never holds more than `max_batch_rows` rows (the sum of
+dim 0, Triton's `max_batch_size`). A single request of more than `split_rows` rows (the model's
+`max_batch_size`) is split into parts of at most that many rows, queued together in order (each
+part may share a batch with other requests); its outputs are joined in order, and it fails as a
+whole, with the first error of any part, if any part fails.
+
+Groups without head-of-line blocking: every key has its own group and its own delay clock, so a
+request of another shape never closes or delays the batch that is forming.
+
+When a batch closes (`decide`), as soon as an instance is free and, for one group, any of:
+  * the rows waiting reach `max_batch_rows` or the largest preferred batch size;
+  * the oldest member has waited `max_queue_delay_us` (0 = run at once: batches still grow while
+    every instance is busy, which is where most batching comes from);
+  * with a delay but no preferred sizes configured: the group holds as many rows as recent
+    batches reached (`CrowdEstimate`; now and then a batch waits the whole delay to notice
+    rising load), so a lone request on a quiet server is not held back for company that never
+    comes, and under load a batch closes when its usual crowd is in rather than when the delay ends;
+  * waiting longer would make a member miss its deadline, given the measured cost of the batch
+    (`CostModel`), or its queue-policy timeout would pass.
+Among ready groups the one whose best member has the highest priority (level 1 first), then the
+earliest arrival, runs first. Requests whose queue timeout passed under `timeout_action: DELAY`
+rank after all others.
+
+Worst-case queueing delay for a request while an instance is free: `max_queue_delay_us`; while
+all instances are busy it also waits for one to finish (bounded by its deadline).
+
+Where a batch runs (also `decide`'s answer): on a worker thread of `executor` (onnxruntime
+releases the GIL), except a batch whose measured cost is under `inline_below_s` (100 µs), which
+runs on the event loop itself: a thread hand-off each way would cost more than the execution.
+Costs are the engine's own time, measured in the executing thread and keyed by the batch's work
+(its input elements), so a long sequence sent to a normally cheap model is not mistaken for a
+cheap batch: a batch larger than anything measured never runs on the event loop. A request that
+finds the batcher idle is answered by `decide` at once (usually "run it now"), without a trip
+through the queue.
+
+Ordering: FIFO within a priority level and key. With `preserve_ordering`, batches release their
+results in the order they were dispatched.
+
+Refusals at `submit`: queue full (`QueueFull`, naming the model and the limit; a split request
+needs room for all its parts); a deadline that cannot be met even if the request ran now
+(`DeadlineExceeded`, never executed); a split request with more parts than the queue can ever
+hold (`InvalidInput`). Before a batch runs, expired requests fail with `DeadlineExceeded` and
+cancelled ones are dropped; neither ever runs. If a batch fails, it is bisected and re-run so only
+the requests that cause the failure fail. Every future is resolved exactly once on every path.
+"""
+from .driver import Batcher, BatcherConfig, BatcherStats, BatchObserver, Clock, Timer, TimerHandle, join_parts
+from .estimators import CostModel, CrowdEstimate, work_of
+from .execute import Outcome, Runner, execute, execution_failure, join_outputs, split_rows
+from .policy import (
+    Arrays,
+    BatchRequest,
+    CostEstimate,
+    Decision,
+    PolicyConfig,
+    QueuedItem,
+    compatibility_key,
+    decide,
+    runs_inline,
+)
+
+__all__ = [
+    "Arrays",
+    "BatchObserver",
+    "BatchRequest",
+    "Batcher",
+    "BatcherConfig",
+    "BatcherStats",
+    "Clock",
+    "CostEstimate",
+    "CostModel",
+    "CrowdEstimate",
+    "Decision",
+    "Outcome",
+    "PolicyConfig",
+    "QueuedItem",
+    "Runner",
+    "Timer",
+    "TimerHandle",
+    "compatibility_key",
+    "decide",
+    "execute",
+    "execution_failure",
+    "join_outputs",
+    "join_parts",
+    "runs_inline",
+    "split_rows",
+    "work_of",
+]

@@ -1,0 +1,495 @@
+"""The asyncio driver of one model version's batcher: it owns the queue, asks `policy.decide` what
+to do, starts batches (inline, or on an instance's worker thread through `executor`), records
+what they cost, and resolves every future. No task of its own: it runs as short callbacks (a
+"pump") scheduled when something arrives, finishes, or a timer the policy asked for fires.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from ..config import BatchingConfig, QueuePolicy, TimeoutAction
+from ..errors import DeadlineExceeded, ExecutionError, InvalidInput, ModelNotReady, QueueFull
+from .estimators import CostModel, CrowdEstimate, work_of
+from .execute import Outcome, Runner, execute, join_outputs, split_rows
+from .policy import Arrays, BatchRequest, Decision, PolicyConfig, QueuedItem, compatibility_key, decide
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+# timer(delay_s, callback) -> handle: asyncio's `loop.call_later` in production, a fake in tests.
+Timer = Callable[[float, Callable[[], None]], TimerHandle]
+
+
+class BatchObserver(Protocol):
+    """Receives what happened to each executed batch (statistics)."""
+
+    def on_batch(
+        self, rows: int, queue_ns: Sequence[int], input_ns: int, infer_ns: int, output_ns: int
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherConfig:
+    """Everything a batcher is built with, validated before it is built.
+
+    `batching` None = dynamic batching off (each request runs alone). `split_rows`: a request of
+    more rows runs as parts of at most this many (0 = never split). `warmups`: (work, engine
+    seconds) pairs measured at load; they seed the cost model. `inline_below_s`: a batch measured
+    to execute faster than this runs on the event loop (a hand-off would cost more)."""
+
+    name: str  # "'sepsis' version 3", for messages
+    batching: BatchingConfig | None = None
+    instances: int = 1
+    max_queue_size: int = 4096
+    split_rows: int = 0
+    inline_below_s: float = 100e-6
+    warmups: tuple[tuple[int, float], ...] = ()
+
+    def policy(self) -> PolicyConfig:
+        cfg = self.batching
+        if cfg is None:
+            return PolicyConfig(max_batch_rows=0, inline_below_s=self.inline_below_s)
+        return PolicyConfig(
+            max_batch_rows=cfg.max_batch_rows,
+            max_queue_delay_s=cfg.max_queue_delay_us / 1e6,
+            preferred_rows=tuple(sorted(p for p in cfg.preferred_batch_sizes if p > 0)),
+            inline_below_s=self.inline_below_s,
+        )
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    """A snapshot of the batcher, for health, metrics and tests."""
+
+    queued: int
+    in_flight: int  # batches executing now
+    in_flight_requests: int  # requests in those batches
+    executed_batches: int
+    close_at_rows: int | None = None  # the learned crowd a batch closes at (None: the configured policy)
+    inline_batches: int = 0  # of `executed_batches`, those run on the event loop
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """A dispatched batch, until its results are released."""
+
+    items: list[QueuedItem]
+    started_s: float
+    outcome: Outcome | BaseException | None = None
+    work: int = 0
+
+
+@dataclass(slots=True)
+class _Counters:
+    in_flight: int = 0
+    in_flight_requests: int = 0
+    executed: int = 0
+    inline: int = 0
+    level_counts: dict[int, int] = field(default_factory=dict)
+
+
+class Batcher:
+    """Queues requests for one model version and executes them in batches on `instances`
+    concurrent runners.
+
+        batcher = Batcher(runner, BatcherConfig("'sepsis' version 3", batching), executor=pool)
+        batcher.start()                       # on the running event loop
+        outputs = await batcher.submit(BatchRequest(inputs, rows=1, key=key))
+        await batcher.stop(grace_s=5)
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        config: BatcherConfig,
+        clock: Clock = time.monotonic,
+        timer: Timer | None = None,
+        *,
+        executor: Executor,
+        observer: BatchObserver | None = None,
+        engine_clock: Clock | None = None,
+    ) -> None:
+        self._runner = runner
+        self._config = config
+        self._name = config.name
+        self._policy = config.policy()
+        self._clock = clock
+        self._timer_factory = timer
+        self._executor = executor
+        self._observer = observer
+        # The engine's own time, read in the thread that executes (see `execute`).
+        self._engine_clock: Clock = engine_clock or getattr(runner, "engine_clock", None) or time.thread_time
+        self._instances = max(1, config.instances)
+        policy = self._policy
+        learns = policy.max_queue_delay_s > 0 and not policy.preferred_rows and policy.max_batch_rows > 0
+        self._crowd = CrowdEstimate() if learns else None
+        self._cost = CostModel()
+        for work, seconds in config.warmups:
+            self._cost.observe(work, seconds)
+        self._batched = policy.max_batch_rows > 0 or config.split_rows > 0
+        self._queue: list[QueuedItem] = []
+        self._seq = itertools.count()
+        self._n = _Counters()
+        self._flights: collections.deque[_Flight] = collections.deque()  # dispatch order (preserve_ordering)
+        self._ordered = config.batching is not None and config.batching.preserve_ordering
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pump_scheduled = False
+        self._pumping = False  # inside `_pump`, whose loop re-decides anyway: no need to schedule it
+        self._timer: TimerHandle | None = None
+        self._stopping = False
+        self._drained: asyncio.Future[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind to the running event loop (asyncio objects are made here, never at import)."""
+        self._loop = asyncio.get_running_loop()
+        if self._timer_factory is None:
+            self._timer_factory = self._loop.call_later
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Refuse new requests, let queued and running ones finish for up to `grace_s`, then
+        fail whatever is still queued with ModelNotReady (it never runs); running batches are
+        waited for up to `grace_s` again and always answer their callers."""
+        self._stopping = True
+        if self._loop is None:
+            return
+        if self._queue or self._n.in_flight:
+            self._drained = self._loop.create_future()
+            self._schedule_pump()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), grace_s)
+            except TimeoutError:
+                pass
+        for item in self._queue:
+            self._fail(item, ModelNotReady(f"model {self._name} was unloaded before the request ran"))
+        self._settle(self._queue)
+        self._queue.clear()
+        self._cancel_timer()
+        if self._n.in_flight:
+            self._drained = self._loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), grace_s)
+            except TimeoutError:
+                log.warning("model %s: %d batches still running after the grace period", self._name, self._n.in_flight)
+
+    def stats(self) -> BatcherStats:
+        return BatcherStats(
+            queued=len(self._queue),
+            in_flight=self._n.in_flight,
+            in_flight_requests=self._n.in_flight_requests,
+            executed_batches=self._n.executed,
+            close_at_rows=self._crowd.target() if self._crowd is not None else None,
+            inline_batches=self._n.inline,
+        )
+
+    def estimate_s(self, work: int) -> float:
+        """The cost model's estimate for a batch of `work` (input elements), in seconds."""
+        return self._cost.estimate(work)
+
+    # -- submit ----------------------------------------------------------------------------
+
+    def submit(self, request: BatchRequest) -> asyncio.Future[Arrays]:
+        """Queue a request; the future resolves to its outputs (views into the batch's outputs)
+        or to one of the errors in the package docstring."""
+        loop = self._loop
+        if self._stopping or loop is None:
+            raise ModelNotReady(f"model {self._name} is not accepting requests (unloading or stopped)")
+        split = self._config.split_rows
+        if 0 < split < request.rows:
+            return self._submit_parts(request, loop)
+        limit = self._policy.max_batch_rows
+        if limit > 0 and request.rows > limit:
+            raise InvalidInput(f"model {self._name}: request has {request.rows} rows, more than max_batch_size {limit}")
+        level, policy = self._level(request.priority)
+        now = self._clock()
+        work = work_of(request.inputs)
+        self._check_deadline(request, work, now)
+        item = self._item(request, loop.create_future(), level, policy, now, work)
+        if not self._queue and self._n.in_flight < self._instances:
+            # An idle batcher asks the policy about this request alone: usually "run it now"
+            # (inline when cheap), without a trip through the queue and the pump.
+            decision = decide((item,), now, self._policy, self._cost, self._instances, self._close_at())
+            if decision.run:
+                self._count_level(level, +1)
+                self._start(decision)
+                return item.future
+        self._check_room(level, policy, 1)
+        self._enqueue(item)
+        return item.future
+
+    def _submit_parts(self, request: BatchRequest, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Arrays]:
+        """Queue an oversized request as parts of at most `split_rows` rows; one joined future."""
+        parts = [replace(request, inputs=p, rows=r) for p, r in split_rows(request.inputs, request.rows, self._config.split_rows)]
+        level, policy = self._level(request.priority)
+        now = self._clock()
+        works = [work_of(p.inputs) for p in parts]
+        self._check_deadline(parts[0], works[0], now)
+        self._check_room(level, policy, len(parts), request.rows)
+        items = [self._item(p, loop.create_future(), level, policy, now, w) for p, w in zip(parts, works, strict=True)]
+        for item in items:
+            self._enqueue(item)
+        return join_parts([it.future for it in items], [p.rows for p in parts], self._name, loop)
+
+    def _check_deadline(self, request: BatchRequest, work: int, now: float) -> None:
+        """Refuse a request that would miss its deadline even if it ran now."""
+        estimate = self._cost.estimate(work)
+        if request.deadline_s is not None and now + estimate > request.deadline_s:
+            raise DeadlineExceeded(
+                f"model {self._name}: deadline cannot be met (estimated execution {estimate * 1e3:.3f} ms, "
+                f"time left {max(0.0, request.deadline_s - now) * 1e3:.3f} ms); request not executed"
+            )
+
+    def _check_room(self, level: int, policy: QueuePolicy, items: int, rows: int = 0) -> None:
+        """Refuse `items` queue entries that do not fit now (QueueFull) or never can (InvalidInput)."""
+        server_cap = self._config.max_queue_size
+        level_limit = policy.max_queue_size  # 0: only the server-wide cap (>= 1) applies
+        cap = min(server_cap, level_limit or server_cap)
+        if items > cap:
+            raise InvalidInput(
+                f"model {self._name}: request has {rows} rows, {items} parts of at most max_batch_size "
+                f"{self._config.split_rows}; the queue holds at most {cap} (send at most "
+                f"{cap * self._config.split_rows} rows)"
+            )
+        if len(self._queue) + items > server_cap or (
+            level_limit and self._n.level_counts.get(level, 0) + items > level_limit
+        ):
+            raise QueueFull(f"model {self._name}: queue full ({cap} requests queued); retry later")
+
+    def _item(
+        self, request: BatchRequest, future: asyncio.Future[Arrays], level: int, policy: QueuePolicy, now: float,
+        work: int,
+    ) -> QueuedItem:
+        timeout_us = policy.default_timeout_us
+        if request.timeout_us and policy.allow_timeout_override:  # may only shorten the policy's
+            timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
+        return QueuedItem(
+            request=request,
+            future=future,
+            seq=next(self._seq),
+            level=level,
+            enqueued_s=now,
+            timeout_at_s=now + timeout_us / 1e6 if timeout_us else None,
+            delay_on_timeout=policy.timeout_action is TimeoutAction.DELAY,
+            key=request.key if request.key is not None else compatibility_key(request.inputs, self._batched),
+            work=work,
+        )
+
+    def _enqueue(self, item: QueuedItem) -> None:
+        self._queue.append(item)
+        self._count_level(item.level, +1)
+        if self._n.in_flight < self._instances:  # otherwise the end of a batch pumps
+            self._schedule_pump()
+
+    def _level(self, priority: int) -> tuple[int, QueuePolicy]:
+        cfg = self._config.batching
+        if cfg is None:
+            return 0, QueuePolicy()
+        levels = cfg.priority_levels
+        if levels <= 0:
+            return 0, cfg.default_queue_policy
+        if priority == 0:
+            level = cfg.default_priority_level or levels
+        elif priority > levels:
+            raise InvalidInput(f"model {self._name}: priority {priority} out of range, expected 1..{levels} (0 = default)")
+        else:
+            level = priority
+        return level, cfg.policy_for(level)
+
+    def _count_level(self, level: int, delta: int) -> None:
+        counts = self._n.level_counts
+        counts[level] = counts.get(level, 0) + delta
+
+    def cancel(self, future: asyncio.Future[Arrays]) -> None:
+        """The caller went away: cancel its request so the pump drops it now (it never runs)."""
+        future.cancel()  # (asyncio has usually cancelled it already, with the awaiting task)
+        self._schedule_pump()
+
+    # -- the pump --------------------------------------------------------------------------
+
+    def _close_at(self) -> int | None:
+        return self._crowd.target() if self._crowd is not None else None
+
+    def _schedule_pump(self) -> None:
+        if not (self._pump_scheduled or self._pumping) and self._loop is not None:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Apply the policy's answers until it says wait; then arm a timer if it asked for one."""
+        self._pump_scheduled = False
+        self._pumping = True
+        try:
+            self._pump_until_wait()
+        finally:
+            self._pumping = False
+
+    def _pump_until_wait(self) -> None:
+        while True:
+            now = self._clock()
+            decision = decide(
+                self._queue, now, self._policy, self._cost, self._instances - self._n.in_flight, self._close_at()
+            )
+            settled = decision.expire + decision.drop + decision.run
+            if settled:
+                gone = set(map(id, settled))
+                self._queue = [it for it in self._queue if id(it) not in gone]
+                self._settle(decision.expire + decision.drop)
+            for item in decision.expire:
+                self._fail(item, DeadlineExceeded(f"model {self._name}: request expired in the queue; not executed"))
+            if decision.run:
+                self._start(decision)
+                continue
+            self._arm_timer(decision.wait_s)
+            self._check_drained()
+            return
+
+    def _arm_timer(self, wait_s: float | None) -> None:
+        self._cancel_timer()
+        if wait_s is not None and self._timer_factory is not None:
+            self._timer = self._timer_factory(wait_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _settle(self, items: Sequence[QueuedItem]) -> None:
+        for it in items:
+            self._count_level(it.level, -1)
+
+    def _check_drained(self) -> None:
+        drained = self._drained
+        if drained is not None and not drained.done() and not self._n.in_flight and not self._queue:
+            drained.set_result(None)
+
+    # -- running batches -------------------------------------------------------------------
+
+    def _start(self, decision: Decision) -> None:
+        """Run one batch the policy chose: now, on this thread, if inline; else on an instance."""
+        items = list(decision.run)
+        self._settle(items)
+        if self._crowd is not None:
+            self._crowd.observe(sum(it.rows for it in items))
+        flight = _Flight(items, self._clock(), work=sum(it.work for it in items))
+        self._flights.append(flight)
+        self._n.in_flight += 1
+        self._n.in_flight_requests += len(items)
+        members = [it.request.inputs for it in items]
+        rows = [it.rows for it in items]
+        if decision.inline:
+            self._n.inline += 1
+            try:
+                flight.outcome = execute(self._runner, members, rows, self._name, self._engine_clock)
+            except BaseException as exc:  # noqa: BLE001 - every future must be resolved
+                flight.outcome = exc
+            self._finished()
+            return
+        assert self._loop is not None
+        done = self._loop.run_in_executor(
+            self._executor, execute, self._runner, members, rows, self._name, self._engine_clock
+        )
+        done.add_done_callback(lambda f: self._on_executed(flight, f))
+
+    def _on_executed(self, flight: _Flight, done: asyncio.Future[Outcome]) -> None:
+        if done.cancelled():
+            flight.outcome = asyncio.CancelledError()
+        else:
+            flight.outcome = done.exception() or done.result()
+        self._finished()
+
+    def _finished(self) -> None:
+        """Release finished batches (in dispatch order with preserve_ordering) and pump."""
+        flights = self._flights
+        while flights and flights[0].outcome is not None:
+            self._release(flights.popleft())
+        if not self._ordered:  # without ordering any finished batch is released at once
+            for flight in [f for f in flights if f.outcome is not None]:
+                flights.remove(flight)
+                self._release(flight)
+        if self._queue:
+            self._schedule_pump()
+        self._check_drained()
+
+    def _release(self, flight: _Flight) -> None:
+        items, outcome = flight.items, flight.outcome
+        self._n.in_flight -= 1
+        self._n.in_flight_requests -= len(items)
+        self._n.executed += 1
+        if not isinstance(outcome, Outcome):
+            log.error("model %s: batch of %d requests failed outside the runtime", self._name, len(items),
+                      exc_info=outcome)
+            for item in items:
+                self._fail(item, ExecutionError(f"model {self._name}: batch failed: {type(outcome).__name__}"))
+            return
+        rows = sum(it.rows for it in items)
+        if outcome.clean:
+            self._cost.observe(flight.work, outcome.infer_s)
+        if self._observer is not None:
+            self._observer.on_batch(
+                rows, [int((flight.started_s - it.enqueued_s) * 1e9) for it in items],
+                int(outcome.input_s * 1e9), int(outcome.infer_s * 1e9), int(outcome.output_s * 1e9),
+            )
+        for item, result in zip(items, outcome.outputs, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    @staticmethod
+    def _fail(item: QueuedItem, error: BaseException) -> None:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
+def join_parts(
+    futures: Sequence[asyncio.Future[Arrays]], rows: Sequence[int], name: str, loop: asyncio.AbstractEventLoop
+) -> asyncio.Future[Arrays]:
+    """One future for a split request: its parts' outputs joined in order, or the first error of
+    any part (the other parts are then cancelled: the pump drops them unexecuted). Cancelling
+    it cancels every part."""
+    joined: asyncio.Future[Arrays] = loop.create_future()
+
+    def part_done(part: asyncio.Future[Arrays]) -> None:
+        error = None if part.cancelled() else part.exception()  # retrieved either way
+        if joined.done():
+            return
+        if part.cancelled() or error is not None:
+            joined.set_exception(error or ModelNotReady(f"model {name}: part of the request was cancelled"))
+            for f in futures:
+                f.cancel()
+        elif all(f.done() for f in futures):
+            try:
+                joined.set_result(join_outputs([f.result() for f in futures], rows, name))
+            except ExecutionError as exc:
+                joined.set_exception(exc)
+
+    def joined_done(_: asyncio.Future[Arrays]) -> None:
+        if joined.cancelled():
+            for f in futures:
+                f.cancel()
+
+    for f in futures:
+        f.add_done_callback(part_done)
+    joined.add_done_callback(joined_done)
+    return joined

@@ -1,0 +1,117 @@
+"""Executing one batch: concatenate the members' inputs, run, check and split the outputs back per
+member; if the run fails, bisect and re-run the halves so only the culprits fail. And the pure
+helpers for requests larger than a batch (split into parts, join their outputs).
+
+No asyncio: this runs on an instance's worker thread, or on the event loop for a batch measured
+cheaper than a hand-off. Times come from `engine_clock`, read in the executing thread, so they
+are the engine's own time (thread CPU time by default), never the hand-off or a GIL wait.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import ExecutionError
+
+log = logging.getLogger(__name__)
+
+Arrays = Mapping[str, np.ndarray]
+Clock = Callable[[], float]
+
+
+class Runner(Protocol):
+    """Executes one batch: input name -> array in, output name -> array out. Called in a worker
+    thread (onnxruntime releases the GIL while it runs) or, for cheap batches, on the event loop."""
+
+    def __call__(self, inputs: Arrays) -> Arrays: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One executed batch: each member's outputs or error (in member order), and the engine
+    seconds spent concatenating, running and splitting. `clean` is False if any run failed
+    (its time then says nothing about the cost of a successful run)."""
+
+    outputs: list[Arrays | BaseException] = field(default_factory=list)
+    input_s: float = 0.0
+    infer_s: float = 0.0
+    output_s: float = 0.0
+    clean: bool = True
+
+
+def execution_failure(name: str, exc: Exception) -> ExecutionError:
+    """A request's execution failure as its caller will see it: the runtime's summary (op type,
+    status; never the engine's text), or for a bug in the runner its type, with the traceback
+    logged under the correlation id the caller gets."""
+    if isinstance(exc, ExecutionError):
+        return ExecutionError(f"model {name}: {exc}", correlation_id=exc.correlation_id)
+    error = ExecutionError(f"model {name}: execution failed: {type(exc).__name__}")
+    log.error("model %s: runner failed [correlation id %s]", name, error.correlation_id, exc_info=exc)
+    return error
+
+
+def execute(runner: Runner, members: Sequence[Arrays], rows: Sequence[int], name: str, engine_clock: Clock) -> Outcome:
+    """Concatenate, run and split one batch; on failure bisect so only culprits fail."""
+    outcome = Outcome()
+    outcome.outputs = _run_group(runner, list(members), list(rows), name, engine_clock, outcome)
+    return outcome
+
+
+def _run_group(
+    runner: Runner, members: list[Arrays], rows: list[int], name: str, clock: Clock, outcome: Outcome
+) -> list[Arrays | BaseException]:
+    t0 = clock()
+    if len(members) == 1:
+        inputs = members[0]
+    else:
+        inputs = {n: np.concatenate([m[n] for m in members]) for n in members[0]}
+    t1 = clock()
+    try:
+        outputs = runner(inputs)
+    except Exception as exc:  # noqa: BLE001 - isolate the culprit below
+        outcome.clean = False
+        outcome.infer_s += clock() - t1
+        if len(members) == 1:
+            return [execution_failure(name, exc)]
+        half = len(members) // 2
+        return (_run_group(runner, members[:half], rows[:half], name, clock, outcome)
+                + _run_group(runner, members[half:], rows[half:], name, clock, outcome))
+    t2 = clock()
+    outcome.input_s += t1 - t0
+    outcome.infer_s += t2 - t1
+    if len(members) == 1:
+        result: list[Arrays | BaseException] = [dict(outputs)]
+    else:
+        total = sum(rows)
+        bad = [n for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != total]
+        if bad:
+            err = ExecutionError(f"model {name}: output {bad[0]!r} has dim 0 != batch rows {total}; cannot split")
+            return [err] * len(members)
+        bounds = list(itertools.accumulate(rows, initial=0))
+        result = [{n: a[start:end] for n, a in outputs.items()} for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    outcome.output_s += clock() - t2
+    return result
+
+
+def split_rows(inputs: Arrays, rows: int, limit: int) -> list[tuple[Arrays, int]]:
+    """An oversized request's inputs as consecutive parts of at most `limit` rows (views)."""
+    return [
+        ({n: a[start : start + limit] for n, a in inputs.items()}, min(limit, rows - start))
+        for start in range(0, rows, limit)
+    ]
+
+
+def join_outputs(parts: Sequence[Arrays], rows: Sequence[int], name: str) -> dict[str, np.ndarray]:
+    """The outputs of a split request's parts, joined in order along dim 0."""
+    joined: dict[str, np.ndarray] = {}
+    for out in parts[0]:
+        pieces = [p[out] for p in parts]
+        if any(a.ndim == 0 or a.shape[0] != r for a, r in zip(pieces, rows, strict=True)):
+            raise ExecutionError(f"model {name}: output {out!r} has dim 0 != the part's rows; cannot join the parts")
+        joined[out] = np.concatenate(pieces)
+    return joined
