@@ -141,12 +141,15 @@ def serialize_bytes(array: npt.ArrayLike) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes(buf: ByteBuffer, count: int | None = None) -> npt.NDArray[np.object_]:
+def deserialize_bytes(
+    buf: ByteBuffer, count: int | None = None, max_element_bytes: int | None = None
+) -> npt.NDArray[np.object_]:
     """Decode raw BYTES into a 1-D object array of ``bytes``, validating every length prefix.
 
     ``count``, when given, is the element count the shape promises; the buffer must hold exactly
-    that many elements. Raises ValueError on a truncated prefix, a length running past the end,
-    trailing bytes or a count mismatch.
+    that many elements. ``max_element_bytes`` caps one element's length. Raises ValueError on a
+    truncated prefix, a length running past the end or over the cap, trailing bytes or a count
+    mismatch.
     """
     view = memoryview(buf).cast("B")
     size = view.nbytes
@@ -174,6 +177,8 @@ def deserialize_bytes(buf: ByteBuffer, count: int | None = None) -> npt.NDArray[
                 f"BYTES element {index} at byte offset {offset} declares {length} bytes "
                 f"but only {size - start} remain"
             )
+        if max_element_bytes is not None and length > max_element_bytes:
+            raise ValueError(f"BYTES element {index} has {length} bytes; at most {max_element_bytes} are accepted")
         elements.append(bytes(view[start : start + length]))
         offset = start + length
     if count is not None and len(elements) != count:
@@ -194,8 +199,11 @@ def to_raw(array: npt.ArrayLike) -> bytes:
     return little.tobytes(order="C")
 
 
-def from_raw(buf: ByteBuffer, datatype: str, shape: Sequence[int]) -> npt.NDArray[Any]:
-    """Decode a raw tensor of the given V2 datatype and (concrete) shape.
+def from_raw(
+    buf: ByteBuffer, datatype: str, shape: Sequence[int], max_element_bytes: int | None = None
+) -> npt.NDArray[Any]:
+    """Decode a raw tensor of the given V2 datatype and (concrete) shape (`max_element_bytes`
+    caps a BYTES element).
 
     Fixed-size types come back as a zero-copy ``np.frombuffer`` view (read-only when ``buf`` is
     immutable, e.g. protobuf ``bytes``); copy before writing to it.
@@ -204,7 +212,7 @@ def from_raw(buf: ByteBuffer, datatype: str, shape: Sequence[int]) -> npt.NDArra
     dtype = numpy_dtype(datatype)
     count = element_count(dims, dtype.itemsize)
     if datatype == "BYTES":
-        return deserialize_bytes(buf, count).reshape(dims)
+        return deserialize_bytes(buf, count, max_element_bytes).reshape(dims)
     got = memoryview(buf).nbytes
     expected = count * dtype.itemsize
     if got != expected:

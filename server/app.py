@@ -19,13 +19,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from medserve.protos import grpc_service_pb2, grpc_service_pb2_grpc
+from medserve.protos import grpc_service_pb2
 
-from .auth import TokenAuthorizer
+from .audit import AuditLog
+from .codec import DecodeLimits
 from .config import ServerConfig
-from .errors import ConfigError
+from .errors import ConfigError, InvalidSetting
+from .gate import Gate
+from .identities import IdentityFile
 from .inference import InferenceCore
 from .metrics import start_metrics_server
+from .ratelimit import RateLimiter
 from .repository import ModelRepository
 from .runtime import usable_providers
 from .service import InferenceServicer, Lifecycle
@@ -56,30 +60,75 @@ class MedserveServer:
         self.lifecycle = Lifecycle()
         self.repository = repository or ModelRepository(config, clock=clock)
         self.core = InferenceCore(self.repository, clock)
-        authorizer = TokenAuthorizer.from_file(Path(config.tokens_file)) if config.tokens_file else None
+        self._identities = IdentityFile.load(Path(config.tokens_file)) if config.tokens_file else None
+        self.audit = (
+            AuditLog(Path(config.audit_log), max_bytes=config.audit_max_bytes, retention=config.audit_retention)
+            if config.audit_log else None
+        )
+        self.gate = Gate(
+            identities=lambda: self._identities,
+            plaintext=not (config.tls_cert or config.tls_key),
+            rate_limiter=RateLimiter(clock),
+            audit=self.audit,
+            clock=clock,
+        )
         self._servicer = InferenceServicer(
             self.repository, self.core, self.lifecycle, clock=clock, server_name=config.server_name,
-            authorizer=authorizer,
+            model_control_mode=config.model_control_mode, authenticated=self._identities is not None,
+            on_stream_item=self.gate.finish,
+            limits=DecodeLimits(config.max_tensor_elements, config.max_bytes_elements, config.max_bytes_element_size),
         )
         self._health = health_aio.HealthServicer()
         self._reuse_port = reuse_port
         self._server: grpc.aio.Server | None = None
         self._metrics: WSGIServer | None = None
         self._stopped = False
+        self._poller: asyncio.Task[None] | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
 
+    def reload_identities(self) -> None:
+        """Re-read the identities file (SIGHUP: token rotation without a restart). A file that
+        does not load leaves the identities in force as they were."""
+        if self.config.tokens_file is None:
+            return
+        try:
+            self._identities = IdentityFile.load(Path(self.config.tokens_file))
+        except InvalidSetting as exc:
+            log.error("identities not reloaded, the previous ones stay in force: %s", exc)
+            return
+        log.info("identities reloaded: %d", len(self._identities.identities))
+
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        cfg = self.config
+
+        def ms(seconds: float) -> int:
+            return int(seconds * 1000)
+
+        return [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+            ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+            ("grpc.keepalive_time_ms", ms(cfg.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", ms(cfg.keepalive_timeout_s)),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(cfg.min_ping_interval_s)),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_connection_idle_ms", ms(cfg.max_connection_idle_s)),
+            ("grpc.max_connection_age_ms", ms(cfg.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(cfg.max_connection_age_grace_s)),
+        ]
+
     async def start(self) -> int:
-        await self.repository.load_all(exit_on_error=self.config.exit_on_error)
-        limit = self.config.max_message_bytes
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
-            ]
-        )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
+        cfg = self.config
+        if cfg.model_control_mode == "explicit":
+            await self.repository.load_named(cfg.load_models, exit_on_error=cfg.exit_on_error)
+        else:
+            await self.repository.load_all(exit_on_error=cfg.exit_on_error)
+        if self.audit is not None:
+            self.audit.start()
+        server = grpc.aio.server(options=self._grpc_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        server.add_generic_rpc_handlers((self.gate.handler(self._servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -90,8 +139,9 @@ class MedserveServer:
             address = f"[{self.config.host}]:{self.config.port}"
         credentials = self._credentials()
         if credentials is None:
-            if self.config.host not in ("127.0.0.1", "localhost", "::1"):
-                log.warning("serving WITHOUT TLS on %s: patient data will cross the network in clear text", address)
+            if not self.config.loopback:  # only with --allow-plaintext (ServerConfig refuses otherwise)
+                log.warning("serving WITHOUT TLS on %s (--allow-plaintext): TLS must be terminated in front "
+                            "of this server", address)
             self.port = server.add_insecure_port(address)
         else:
             self.port = server.add_secure_port(address, credentials)
@@ -105,6 +155,8 @@ class MedserveServer:
         # The models, sessions and imported modules live as long as the process: keep the
         # garbage collector from rescanning them on every collection of the request path.
         gc.freeze()
+        if cfg.model_control_mode == "poll":
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository poll")
         self.lifecycle.started = True
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -139,6 +191,8 @@ class MedserveServer:
         if self._stopped:
             return
         self._stopped = True
+        if self._poller is not None:
+            self._poller.cancel()
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         self.lifecycle.draining = True
         await self._health.enter_graceful_shutdown()
@@ -151,7 +205,19 @@ class MedserveServer:
             self._metrics.shutdown()
             self._metrics.server_close()
         await self.repository.close()
+        if self.audit is not None:
+            self.audit.close()
         log.info("medserve stopped")
+
+    async def _poll(self) -> None:
+        """Poll mode: follow the repository (new models and versions load, removed ones go; a
+        version that fails to load leaves the serving one in place)."""
+        while True:
+            await asyncio.sleep(self.config.repository_poll_s)
+            try:
+                await self.repository.poll()
+            except Exception:  # noqa: BLE001 - the poller must outlive any one bad scan
+                log.exception("repository poll failed; trying again in %.0f s", self.config.repository_poll_s)
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -175,6 +241,7 @@ async def run(config: ServerConfig, *, ready_file: Path | None = None, reuse_por
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_identities)
     await stop.wait()
     log.info("signal received: draining (grace %.1f s)", config.drain_grace_s)
     await server.stop()

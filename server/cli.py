@@ -23,7 +23,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: patient data stays local)")
     p.add_argument("--port", type=int, default=8001, help="port (0 = any free port; see --ready-file)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
-    p.add_argument("--max-message-mb", type=int, default=1024, help="cap on one gRPC message, MiB")
+    p.add_argument("--max-message-mb", type=int, default=64, help="cap on one gRPC message, MiB (default 64)")
     p.add_argument("--max-queue-size", type=int, default=4096, help="cap on queued requests per model version")
     p.add_argument(
         "--intra-op-threads", type=int, default=1,
@@ -38,7 +38,31 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates (mutual TLS)")
-    p.add_argument("--tokens", default=None, help="JSON file token -> [models | '*']: require bearer tokens")
+    p.add_argument("--tokens", default=None,
+                   help="identities file (`medserve tokens add`): require a bearer token or a known client "
+                        "certificate; SIGHUP re-reads it")
+    p.add_argument("--allow-plaintext", action="store_true",
+                   help="serve plaintext on a non-loopback --host (only behind a mesh that terminates mTLS)")
+    p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none",
+                   help="none: load every model at start, no load/unload RPCs (default); poll: follow the "
+                        "repository; explicit: load --load-model models, load/unload by RPC (admin)")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="explicit mode: a model to load at start (repeatable; '*' = all)")
+    p.add_argument("--repository-poll-s", type=float, default=15.0, help="poll mode: seconds between scans")
+    p.add_argument("--audit-log", default=None, metavar="FILE",
+                   help="JSON-lines audit trail of inference, admin and refused calls (hash-chained)")
+    p.add_argument("--audit-max-mb", type=int, default=100, help="rotate the audit log past this size")
+    p.add_argument("--audit-retention", type=int, default=10, help="rotated audit logs kept")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=4096,
+                   help="calls in progress at once (more: RESOURCE_EXHAUSTED)")
+    p.add_argument("--max-streams-per-connection", type=int, default=1024, help="HTTP/2 streams per connection")
+    p.add_argument("--max-connection-idle-s", type=float, default=900.0, help="close connections idle this long")
+    p.add_argument("--max-connection-age-s", type=float, default=3600.0, help="recycle connections this old")
+    p.add_argument("--min-ping-interval-s", type=float, default=10.0,
+                   help="a client pinging more often is disconnected (keepalive enforcement)")
+    p.add_argument("--max-tensor-elements", type=int, default=1 << 26, help="elements of one input tensor")
+    p.add_argument("--max-bytes-elements", type=int, default=1 << 20, help="elements of one BYTES input tensor")
+    p.add_argument("--max-bytes-element-size", type=int, default=1 << 20, help="bytes of one BYTES element")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port (worker i: port+i)")
     p.add_argument("--ready-file", type=Path, default=None, help="write {port, pid} JSON here once ready")
     p.set_defaults(func=_serve, extras=("server",))
@@ -85,7 +109,90 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         tokens_file=args.tokens,
         metrics_port=args.metrics_port,
+        allow_plaintext=args.allow_plaintext,
+        model_control_mode=args.model_control_mode,
+        load_models=tuple(args.load_model),
+        repository_poll_s=args.repository_poll_s,
+        audit_log=args.audit_log,
+        audit_max_bytes=args.audit_max_mb << 20,
+        audit_retention=args.audit_retention,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_streams_per_connection=args.max_streams_per_connection,
+        max_connection_idle_s=args.max_connection_idle_s,
+        max_connection_age_s=args.max_connection_age_s,
+        min_ping_interval_s=args.min_ping_interval_s,
+        max_tensor_elements=args.max_tensor_elements,
+        max_bytes_elements=args.max_bytes_elements,
+        max_bytes_element_size=args.max_bytes_element_size,
     )
+
+
+def _add_tokens(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("tokens", help="manage the identities file of --tokens (add, list, revoke)")
+    actions = p.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add an identity; prints its new token once")
+    add.add_argument("name")
+    add.add_argument("--models", action="append", default=[], required=True,
+                     help="model name or pattern it may use (repeatable; '*' = all)")
+    add.add_argument("--admin", action="store_true", help="may load and unload models (explicit mode)")
+    add.add_argument("--certificate", default=None, metavar="SUBJECT",
+                     help="a mutual-TLS client certificate subject (SAN, else CN) instead of a token")
+    add.add_argument("--rate", type=float, default=0.0, help="requests per second (0 = unlimited)")
+    add.add_argument("--burst", type=int, default=0, help="bucket size (default: one second's worth)")
+    add.add_argument("--file", required=True, type=Path)
+    listing = actions.add_parser("list", help="list identities (never a token)")
+    listing.add_argument("--file", required=True, type=Path)
+    revoke = actions.add_parser("revoke", help="remove an identity (a running server: send SIGHUP)")
+    revoke.add_argument("name")
+    revoke.add_argument("--file", required=True, type=Path)
+    p.set_defaults(func=_tokens, extras=())
+
+
+def _tokens(args: argparse.Namespace) -> int:
+    import json
+
+    from .identities import IdentityFile
+
+    try:
+        identities = IdentityFile.load(args.file)
+        if args.action == "list":
+            print(json.dumps(identities.describe(), indent=1))
+            return 0
+        if args.action == "add":
+            token = identities.add(args.name, args.models, admin=args.admin, certificate=args.certificate,
+                                   rate_per_s=args.rate, burst=args.burst)
+            identities.save()
+            if token is not None:
+                print(token)  # shown once: only its SHA-256 is stored
+                print(f"identity {args.name!r} added; keep the token above, it is not stored", file=sys.stderr)
+            return 0
+        identities.revoke(args.name)
+        identities.save()
+        print(f"identity {args.name!r} revoked; send SIGHUP to running servers", file=sys.stderr)
+        return 0
+    except InvalidSetting as exc:
+        print(f"medserve tokens: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_audit(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("audit", help="check an audit log's hash chain")
+    actions = p.add_subparsers(dest="action", required=True)
+    verify = actions.add_parser("verify", help="verify FILE (and its rotated predecessors)")
+    verify.add_argument("file", type=Path)
+    verify.add_argument("--only-this-file", action="store_true", help="do not read FILE.1, FILE.2, ...")
+    p.set_defaults(func=_audit, extras=())
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from .audit import verify
+
+    if not args.file.is_file():
+        print(f"medserve audit: {args.file}: no such file", file=sys.stderr)
+        return 2
+    result = verify(args.file, rotated=not args.only_this_file)
+    print(result.message, file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
+    _add_tokens(subparsers)
+    _add_audit(subparsers)
     # These modules import only the standard library; their handlers import the rest.
     from medserve.exporters.cli import add_subcommands as add_export
     from medserve.perf.cli import add_subcommands as add_perf

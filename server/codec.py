@@ -5,6 +5,8 @@ read). Errors are `InvalidInput` naming model, version, tensor, expected and got
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from medserve.protos import grpc_service_pb2 as pb
@@ -31,7 +33,9 @@ def _int_param(label: str, key: str, param: pb.InferParameter) -> int:
     return value
 
 
-def _typed_array(label: str, tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...]) -> np.ndarray:
+def _typed_array(
+    label: str, tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...], limits: DecodeLimits
+) -> np.ndarray:
     entry = DATATYPES[tensor.datatype]
     if entry.contents_field is None:
         raise InvalidInput(
@@ -54,6 +58,12 @@ def _typed_array(label: str, tensor: pb.ModelInferRequest.InferInputTensor, shap
             f"{entry.contents_field} has {len(values)}"
         )
     if tensor.datatype == "BYTES":
+        longest = max(map(len, values), default=0)
+        if longest > limits.bytes_element_size:
+            raise InvalidInput(
+                f"model {label}: input {tensor.name!r}: a BYTES element has {longest} bytes; at most "
+                f"{limits.bytes_element_size} are accepted"
+            )
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
@@ -63,11 +73,11 @@ def _typed_array(label: str, tensor: pb.ModelInferRequest.InferInputTensor, shap
     # The field's own width first: numpy would wrap 1000 into an INT8 silently.
     wide: np.ndarray = np.asarray(values, dtype=_FIELD_DTYPES[entry.contents_field])
     if entry.dtype.kind in "iu" and entry.dtype.itemsize < wide.dtype.itemsize:
-        limits = np.iinfo(entry.dtype)
-        if wide.min() < limits.min or wide.max() > limits.max:
+        bounds = np.iinfo(entry.dtype)
+        if wide.min() < bounds.min or wide.max() > bounds.max:
             raise InvalidInput(
                 f"model {label}: input {tensor.name!r}: a value does not fit datatype {tensor.datatype} "
-                f"({limits.min}..{limits.max})"
+                f"({bounds.min}..{bounds.max})"
             )
     return wide.astype(entry.dtype, copy=False).reshape(shape)
 
@@ -84,7 +94,41 @@ _FIELD_DTYPES = {
 }
 
 
-def decode_infer_request(request: pb.ModelInferRequest, deadline_s: float | None = None) -> InferRequest:
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """Caps checked before anything is allocated (`--max-tensor-elements`, `--max-bytes-elements`,
+    `--max-bytes-element-size`): a request within the message size can still ask for millions
+    of tiny BYTES elements, each a Python object."""
+
+    tensor_elements: int = 1 << 26
+    bytes_elements: int = 1 << 20
+    bytes_element_size: int = 1 << 20
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def _check_limits(label: str, name: str, datatype: str, shape: tuple[int, ...], limits: DecodeLimits) -> None:
+    entry = DATATYPES[datatype]
+    try:
+        count = element_count(shape, entry.itemsize or 8)
+    except ValueError as exc:
+        raise InvalidInput(f"model {label}: input {name!r}: {exc}") from None
+    if count > limits.tensor_elements:
+        raise InvalidInput(
+            f"model {label}: input {name!r}: shape {list(shape)} has {count} elements; the server accepts at most "
+            f"{limits.tensor_elements} per tensor"
+        )
+    if datatype == "BYTES" and count > limits.bytes_elements:
+        raise InvalidInput(
+            f"model {label}: input {name!r}: {count} BYTES elements; the server accepts at most "
+            f"{limits.bytes_elements} per tensor"
+        )
+
+
+def decode_infer_request(
+    request: pb.ModelInferRequest, deadline_s: float | None = None, limits: DecodeLimits = DEFAULT_LIMITS
+) -> InferRequest:
     """Validate the message's structure and turn it into arrays (the model checks the rest).
     This runs for every request: checks are ordered so the common, valid case does the least."""
     raw = request.raw_input_contents
@@ -110,6 +154,7 @@ def decode_infer_request(request: pb.ModelInferRequest, deadline_s: float | None
                 f"model {_label(request)}: input {name!r}: shared memory is not supported by this server"
             )
         shape = tuple(tensor.shape)
+        _check_limits(_label(request), name, datatype, shape, limits)
         has_contents = tensor.HasField("contents")
         if raw:
             if has_contents:
@@ -118,11 +163,11 @@ def decode_infer_request(request: pb.ModelInferRequest, deadline_s: float | None
                     "is used"
                 )
             try:
-                inputs[name] = from_raw(raw[i], datatype, shape)
+                inputs[name] = from_raw(raw[i], datatype, shape, limits.bytes_element_size)
             except ValueError as exc:
                 raise InvalidInput(f"model {_label(request)}: input {name!r}: {exc}") from None
         elif has_contents:
-            inputs[name] = _typed_array(_label(request), tensor, shape)
+            inputs[name] = _typed_array(_label(request), tensor, shape, limits)
         else:
             raise InvalidInput(
                 f"model {_label(request)}: input {name!r} has no data (neither contents nor raw_input_contents)"

@@ -7,6 +7,7 @@ Triton ONNX repository means the same thing here.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -109,7 +110,11 @@ class ModelConfig:
     `split_oversized`: a request of more rows than `max_batch_size` runs as several executions of
     at most `max_batch_size` rows, its outputs joined in order (True, the default; config
     parameter `oversized_requests: split`), or is refused with INVALID_ARGUMENT as Triton does
-    (`oversized_requests: refuse`)."""
+    (`oversized_requests: refuse`).
+
+    `refuse_non_finite`: a NaN or infinite value in a floating-point input is refused with
+    INVALID_ARGUMENT naming the tensor (config parameter `refuse_non_finite: true`); by default
+    it is passed to the model, as Triton does."""
 
     name: str
     platform: str = "onnxruntime_onnx"
@@ -123,6 +128,7 @@ class ModelConfig:
     default_model_filename: str = "model.onnx"
     parameters: Mapping[str, str] = field(default_factory=_frozen_map)
     split_oversized: bool = True
+    refuse_non_finite: bool = False  # parameter refuse_non_finite: NaN/Inf inputs are INVALID_ARGUMENT
 
     @property
     def instance_count(self) -> int:
@@ -143,7 +149,7 @@ class ServerConfig:
     repository: str
     host: str = "127.0.0.1"
     port: int = 8001
-    max_message_bytes: int = 1 << 30  # explicit cap; large enough for imaging tensors
+    max_message_bytes: int = 64 << 20  # one gRPC message, either way (an imaging repository may raise it)
     max_queue_size: int = 4096  # server-wide cap on queued requests per model version
     # onnxruntime threads per session (0 = onnxruntime's choice, one per core). 1 by default: the
     # event loop needs a core of its own, and instances and workers give the parallelism.
@@ -157,8 +163,28 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM server certificate chain; with tls_key, serve TLS only
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA bundle: clients must present a certificate it signed
-    tokens_file: str | None = None  # JSON token -> [model names | "*"]; None = no token needed
+    tokens_file: str | None = None  # identities file (see identities.py); None = no credentials needed
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on `host`; None = off
+    allow_plaintext: bool = False  # serve plaintext off loopback (behind a mesh that terminates mTLS)
+    # Triton's model control: none = load everything at start, no load/unload RPCs; explicit =
+    # load `load_models` at start ("*" = all), load/unload by RPC; poll = follow the repository.
+    model_control_mode: Literal["none", "poll", "explicit"] = "none"
+    load_models: tuple[str, ...] = ()
+    repository_poll_s: float = 15.0  # poll mode: seconds between repository scans
+    audit_log: str | None = None  # JSON-lines audit trail; None = off
+    audit_max_bytes: int = 100 << 20  # rotate the audit log past this size
+    audit_retention: int = 10  # rotated audit files kept
+    max_concurrent_rpcs: int = 4096  # calls in progress at once; more are refused RESOURCE_EXHAUSTED
+    max_streams_per_connection: int = 1024  # HTTP/2 concurrent streams one connection may open
+    keepalive_time_s: float = 60.0  # the server pings an idle connection this often ...
+    keepalive_timeout_s: float = 20.0  # ... and closes it when the ping goes unanswered this long
+    min_ping_interval_s: float = 10.0  # a client pinging more often than this is sent GOAWAY
+    max_connection_idle_s: float = 900.0  # a connection without calls this long is closed
+    max_connection_age_s: float = 3600.0  # connections are recycled after this long (GOAWAY) ...
+    max_connection_age_grace_s: float = 60.0  # ... their calls in progress get this long to finish
+    max_tensor_elements: int = 1 << 26  # elements of one input tensor
+    max_bytes_elements: int = 1 << 20  # elements of one BYTES input tensor
+    max_bytes_element_size: int = 1 << 20  # bytes of one BYTES element
 
     def __post_init__(self) -> None:
         """Refuse, at start-up and naming the flag, any setting the server could not honour (a
@@ -174,6 +200,19 @@ class ServerConfig:
             ("drain_announce_s", self.drain_announce_s, 0 <= self.drain_announce_s, ">= 0 seconds"),
             ("--metrics-port", self.metrics_port,
              self.metrics_port is None or 0 <= self.metrics_port <= 65535, "0..65535 (0 = any free port)"),
+            ("--model-control-mode", self.model_control_mode,
+             self.model_control_mode in ("none", "poll", "explicit"), "none, poll or explicit"),
+            ("--load-model", self.load_models, not self.load_models or self.model_control_mode == "explicit",
+             "only with --model-control-mode explicit"),
+            ("--repository-poll-s", self.repository_poll_s, self.repository_poll_s > 0, "> 0 seconds"),
+            ("--audit-max-mb", self.audit_max_bytes >> 20, self.audit_max_bytes > 0, ">= 1"),
+            ("--audit-retention", self.audit_retention, self.audit_retention >= 0, ">= 0"),
+            ("--max-concurrent-rpcs", self.max_concurrent_rpcs, self.max_concurrent_rpcs >= 1, ">= 1"),
+            ("--max-streams-per-connection", self.max_streams_per_connection, self.max_streams_per_connection >= 1,
+             ">= 1"),
+            ("--max-tensor-elements", self.max_tensor_elements, self.max_tensor_elements >= 1, ">= 1"),
+            ("--max-bytes-elements", self.max_bytes_elements, self.max_bytes_elements >= 1, ">= 1"),
+            ("--max-bytes-element-size", self.max_bytes_element_size, self.max_bytes_element_size >= 1, ">= 1"),
             ("--providers", self.providers, self.providers is None or (
                 bool(self.providers) and all(p.endswith("ExecutionProvider") for p in self.providers)),
              "comma-separated onnxruntime provider names, e.g. CUDAExecutionProvider,CPUExecutionProvider"),
@@ -183,3 +222,22 @@ class ServerConfig:
                 raise InvalidSetting(f"{flag} {value}: expected {expected}")
         if self.port != 0 and self.port == self.metrics_port:
             raise InvalidSetting(f"--metrics-port {self.metrics_port}: the same port as --port")
+        if not self.loopback and not (self.tls_cert or self.tls_key) and not self.allow_plaintext:
+            raise InvalidSetting(
+                f"--host {self.host}: serving another interface without TLS would send patient data in clear "
+                "text; give --tls-cert and --tls-key, or --allow-plaintext behind a mesh that terminates mTLS"
+            )
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the server binds a loopback address only (the default)."""
+        return is_loopback_host(self.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -47,6 +47,7 @@ class InferResult:
     id: str
     sha256: str
     outputs: tuple[OutputTensor, ...]
+    rows: int = 0
 
 
 class InferenceCore:
@@ -95,4 +96,4 @@ class InferenceCore:
             if array is None:
                 raise ExecutionError(f"model {label}: runtime returned no output {name!r}")
             tensors.append(OutputTensor(name, signature.outputs[name].datatype, array))
-        return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors))
+        return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors), rows)

@@ -64,6 +64,7 @@ HONOURED_FIELDS: Mapping[str, frozenset[str]] = {
 # the values each takes; any other key is kept and reported by ModelConfig, with a warning.
 MEDSERVE_PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "oversized_requests": ("split", "refuse"),
+    "refuse_non_finite": ("false", "true"),  # NaN/Inf in a floating-point input: INVALID_ARGUMENT
 }
 
 
@@ -98,16 +99,17 @@ def unhonoured_fields(message: Message, prefix: str = "") -> list[str]:
     return found
 
 
-def read_config_proto(path: Path) -> mc.ModelConfig:
-    """Parse a config.pbtxt; a syntax error names the file, line and column."""
+def read_config_proto(path: Path, shown: Path | None = None) -> mc.ModelConfig:
+    """Parse a config.pbtxt; a syntax error names the file (as `shown`), line and column."""
+    shown = shown or path
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+        raise ConfigError(f"{shown}: cannot read: {type(exc).__name__}") from exc
     try:
         return text_format.Parse(text, mc.ModelConfig())
     except text_format.ParseError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{shown}: {exc}") from exc
 
 
 def _queue_policy(path: Path, where: str, p: mc.ModelQueuePolicy) -> QueuePolicy:
@@ -171,7 +173,8 @@ def from_proto(path: Path, proto: mc.ModelConfig, model_name: str) -> ModelConfi
         policy = VersionPolicy("specific", versions=versions)
 
     groups = _instance_groups(path, proto.instance_group)
-    split_oversized = _medserve_parameters(path, proto)["oversized_requests"] == "split"
+    medserve_parameters = _medserve_parameters(path, proto)
+    split_oversized = medserve_parameters["oversized_requests"] == "split"
     ignored = unhonoured_fields(proto)
     if ignored:
         log.warning(
@@ -225,6 +228,7 @@ def from_proto(path: Path, proto: mc.ModelConfig, model_name: str) -> ModelConfi
         default_model_filename=proto.default_model_filename or "model.onnx",
         parameters={k: v.string_value for k, v in proto.parameters.items()},
         split_oversized=split_oversized,
+        refuse_non_finite=medserve_parameters["refuse_non_finite"] == "true",
     )
 
 

@@ -19,18 +19,21 @@ import enum
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from .batching import Batcher, BatcherConfig, Clock, work_of
 from .config import ModelConfig, ServerConfig
 from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady, model_label
 from .layout import CARD_FILENAME, CONFIG_FILENAME, MODEL_NAME_RULE, is_model_name, parse_version
 from .model_config import complete, from_proto, read_config_proto
+from .onnx_refs import external_files
 from .runtime import OnnxModel, SessionOptions, instance_providers, zeros_like_spec
 from .signature import Signature
 from .stats import ModelStats
@@ -99,6 +102,11 @@ class ModelEntry:
     latest: LoadedVersion | None = None  # the highest READY version: what "no version" means
 
 
+def unknown_model(name: str) -> ModelNotFound:
+    """The answer for a model that is not there (or that the caller may not see: the same words)."""
+    return ModelNotFound(f"model {name!r} is not in the model repository")
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -127,6 +135,7 @@ class ModelRepository:
         )
         self._models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._fingerprints: dict[str, tuple[object, ...]] = {}  # poll mode: the files last loaded
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -141,6 +150,10 @@ class ModelRepository:
         if not path.is_dir():
             raise ModelNotFound(f"model {name!r} is not in the model repository")
         return path
+
+    def _relative(self, text: str) -> str:
+        """A message with the repository's own location taken out of every path in it."""
+        return text.replace(f"{self.root}{os.sep}", "").replace(str(self.root), ".")
 
     def scan(self) -> list[str]:
         if not self.root.is_dir():
@@ -160,6 +173,45 @@ class ModelRepository:
                     raise
                 log.error("model %r failed to load; serving the others", name)
 
+    async def load_named(self, names: Sequence[str], *, exit_on_error: bool) -> None:
+        """Explicit model control: load just these models at start ("*" = every model)."""
+        for name in self.scan() if "*" in names else names:
+            try:
+                await self.load(name)
+            except MedserveError:
+                if exit_on_error:
+                    raise
+                log.error("model %r failed to load; serving the others", name)
+
+    async def poll(self) -> None:
+        """Poll model control: load models and versions that appeared or changed (a version that
+        fails to load leaves the serving ones in place), unload models that went away."""
+        present = set(self.scan())
+        for name in sorted(present):
+            if self._fingerprint(name) == self._fingerprints.get(name):
+                continue
+            try:
+                await self.load(name)
+            except MedserveError as exc:
+                log.error("model %r: new files did not load; what was serving still serves: %s", name, exc)
+        for name in sorted(set(self._models) - present):
+            self._fingerprints.pop(name, None)
+            if self._models[name].versions:
+                log.info("model %r left the repository: unloading", name)
+                await self.unload(name)
+
+    def _fingerprint(self, name: str) -> tuple[object, ...]:
+        """What changes when a model's files do: names, sizes and modification times."""
+        root = self.root / name
+        items = []
+        for path in sorted(root.glob("*")) + sorted(root.glob("*/*")):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            items.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns))
+        return tuple(items)
+
     async def load(self, name: str) -> None:
         """Load (or reload) one model: new versions are loaded and warmed up first, then swapped
         in; versions no longer selected are drained and unloaded."""
@@ -172,19 +224,22 @@ class ModelRepository:
             previous = dict(entry.versions)
             if not previous:
                 entry.state = State.LOADING
+            # What was tried is remembered either way: poll mode retries a broken model only
+            # when its files change again.
+            self._fingerprints[name] = self._fingerprint(name)
             try:
                 loaded = await asyncio.to_thread(self._load_sync, name)
             except MedserveError as exc:
-                entry.reason = str(exc)
+                entry.reason = self._relative(str(exc))
                 if not previous:
                     entry.state = State.UNAVAILABLE
-                log.error("model %r: load failed: %s", name, exc)
+                log.error("model %r: load failed: %s", name, entry.reason)
                 if isinstance(exc, ModelNotFound):
                     raise
-                raise ModelLoadFailed(str(exc)) from exc
+                raise ModelLoadFailed(entry.reason) from exc
             except Exception as exc:  # noqa: BLE001 - an unexpected failure is still a load failure
                 log.exception("model %r: load failed unexpectedly", name)
-                entry.reason = f"{type(exc).__name__}: {exc}"
+                entry.reason = self._relative(f"{type(exc).__name__}: {exc}")
                 if not previous:
                     entry.state = State.UNAVAILABLE
                 raise ModelLoadFailed(f"model {name!r} failed to load: {type(exc).__name__}") from exc
@@ -221,7 +276,8 @@ class ModelRepository:
         model_dir = self.model_dir(name)
         config_path = model_dir / CONFIG_FILENAME
         if config_path.exists():
-            base = from_proto(config_path, read_config_proto(config_path), name)
+            real = self._inside(config_path, "the model config")
+            base = from_proto(self.shown(config_path), read_config_proto(real, self.shown(config_path)), name)
         else:
             base = ModelConfig(name=name)
         found = (parse_version(p.name) for p in model_dir.iterdir() if p.is_dir())
@@ -229,20 +285,34 @@ class ModelRepository:
         selected = base.version_policy.select(available)
         if not selected:
             raise ConfigError(
-                f"{model_dir}: no version folder selected by version_policy {base.version_policy.kind} "
+                f"{self.shown(model_dir)}: no version folder selected by version_policy {base.version_policy.kind} "
                 f"(found versions {sorted(available)})"
             )
         return [self._load_version(model_dir, config_path, base, v) for v in selected]
 
+    def _inside(self, path: Path, what: str) -> Path:
+        """`path` resolved (symlinks followed), refused unless it stays inside the repository."""
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise ConfigError(f"{self.shown(path)}: {what} resolves outside the model repository")
+        return resolved
+
+    def shown(self, path: Path) -> Path:
+        """A path as messages name it: relative to the repository (never the host's layout)."""
+        try:
+            return path.relative_to(self.root)
+        except ValueError:
+            return Path(path.name)
+
     def _load_version(self, model_dir: Path, config_path: Path, base: ModelConfig, version: int) -> LoadedVersion:
-        version_dir = model_dir / str(version)
-        model_path = (version_dir / base.default_model_filename).resolve()
-        if not model_path.is_relative_to(self.root):
-            raise ConfigError(f"{version_dir / base.default_model_filename}: resolves outside the model repository")
+        version_dir = self._inside(model_dir / str(version), "the version folder")
+        model_path = self._inside(version_dir / base.default_model_filename, "the model file")
         if not model_path.is_file():
-            raise ConfigError(f"{version_dir}: model file {base.default_model_filename!r} is missing")
-        sha256 = sha256_of(model_path)
+            raise ConfigError(f"{self.shown(version_dir)}: model file {base.default_model_filename!r} is missing")
+        model_bytes = model_path.read_bytes()  # hashed, checked and handed to onnxruntime: one read
+        sha256 = hashlib.sha256(model_bytes).hexdigest()
         card = self._read_card(base.name, version, version_dir, sha256)
+        external = self._check_external_data(model_path, model_bytes, card)
         try:
             instances = [
                 plan
@@ -250,25 +320,51 @@ class ModelRepository:
                 for plan in instance_providers(self._session_options, g.kind, g.gpus, g.count)
             ]
         except ConfigError as exc:
-            raise ConfigError(f"{config_path}: {exc}") from None
-        model = OnnxModel(model_path, self._session_options, instances)
+            raise ConfigError(f"{self.shown(config_path)}: {exc}") from None
+        # A model with external data is opened from its file (onnxruntime reads the listed,
+        # checked files beside it); any other from the very bytes that were hashed.
+        source = model_path if external else model_bytes
+        model = OnnxModel(source, self._session_options, instances, shown=self.shown(model_path))
         where = config_path if config_path.exists() else model_path
-        config = complete(where, base, model.inputs, model.outputs)
+        config = complete(self.shown(where), base, model.inputs, model.outputs)
         warmups = self._warm_up(base.name, version, config, model)
         executor = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"ort-{base.name}")
         return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor, warmups)
 
-    @staticmethod
-    def _read_card(name: str, version: int, version_dir: Path, sha256: str) -> Mapping[str, object] | None:
+    def _check_external_data(self, model_path: Path, model_bytes: bytes, card: Mapping[str, object] | None) -> bool:
+        """Refuse external data unless each file is a plain relative path inside the version
+        folder and listed with its SHA-256 in the card's `external_data`; True if there is any."""
+        version_dir = model_path.parent
+        try:
+            files = external_files(model_bytes)
+        except DecodeError as exc:
+            raise ConfigError(f"{self.shown(model_path)}: not a valid ONNX model file") from exc
+        if not files:
+            return False
+        listed = (card or {}).get("external_data")
+        listed = listed if isinstance(listed, dict) else {}
+        for name in sorted(files):
+            shown = f"{self.shown(version_dir)}: external data {name!r}"
+            if name not in listed:
+                raise ConfigError(f"{shown} is not listed with its SHA-256 in {CARD_FILENAME} external_data")
+            path = version_dir / name
+            if Path(name).is_absolute() or ".." in Path(name).parts or path.resolve().parent != version_dir:
+                raise ConfigError(f"{shown} must be a file directly inside the version folder")
+            if not path.is_file() or sha256_of(path) != listed[name]:
+                raise ConfigError(f"{shown}: missing, or its SHA-256 does not match {CARD_FILENAME}")
+        return True
+
+    def _read_card(self, name: str, version: int, version_dir: Path, sha256: str) -> Mapping[str, object] | None:
         card_path = version_dir / CARD_FILENAME
         if not card_path.exists():
             return None
+        card_path = self._inside(card_path, "the model card")
         try:
             card = json.loads(card_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{card_path}: not valid JSON: {exc}") from exc
+            raise ConfigError(f"{self.shown(card_path)}: not valid JSON: {exc}") from exc
         if not isinstance(card, dict):
-            raise ConfigError(f"{card_path}: expected a JSON object")
+            raise ConfigError(f"{self.shown(card_path)}: expected a JSON object")
         expected = card.get("model_sha256")
         if expected is not None and expected != sha256:
             raise ModelLoadFailed(
@@ -332,7 +428,7 @@ class ModelRepository:
         """The version that serves a request: the given one, or the highest READY one."""
         entry = self._models.get(name)
         if entry is None:
-            raise ModelNotFound(f"model {name!r} is not in the model repository")
+            raise unknown_model(name)
         if version:
             number = parse_version(version)
             if number is None:

@@ -137,18 +137,27 @@ class OnnxModel:
     batching `Runner`: name -> array in, name -> array out. Thread-safe: each call borrows a
     session, so as many calls run concurrently as there are sessions.
 
+    `source` is the model's bytes (what was hashed is what runs) or, for a model with external
+    data, its file. `shown` names it in messages (a path relative to the repository).
     `instances` gives each session's providers (`instance_providers`); None = one session on
     the best usable providers."""
 
-    def __init__(self, path: Path, options: SessionOptions, instances: Sequence[ProviderList] | None = None) -> None:
-        self.path = path
+    def __init__(
+        self,
+        source: Path | bytes,
+        options: SessionOptions,
+        instances: Sequence[ProviderList] | None = None,
+        *,
+        shown: str | Path = "model.onnx",
+    ) -> None:
+        path = Path(shown)
         default: ProviderList = list(options.providers or usable_providers())
         plans: list[ProviderList] = list(instances or [default])
         self._sessions: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         used: list[str] = []
         first: ort.InferenceSession | None = None
         for providers in plans:
-            session = self._session(path, options, providers)
+            session = self._session(source, path, options, providers)
             first = first or session
             used += [p for p in session.get_providers() if p not in used]
             self._sessions.put(session)
@@ -165,7 +174,7 @@ class OnnxModel:
         self._only = first if len(plans) == 1 else None
 
     @staticmethod
-    def _session(path: Path, options: SessionOptions, providers: ProviderList) -> ort.InferenceSession:
+    def _session(source: Path | bytes, path: Path, options: SessionOptions, providers: ProviderList) -> ort.InferenceSession:
         so = ort.SessionOptions()
         # Fatal only: onnxruntime's own error lines quote input values (a Gather prints the index
         # it was given); failures reach the log and the caller as `describe_failure` says them.
@@ -178,7 +187,8 @@ class OnnxModel:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
-            return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+            model = source if isinstance(source, bytes) else str(source)
+            return ort.InferenceSession(model, sess_options=so, providers=list(providers))
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types here
             raise ConfigError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
 

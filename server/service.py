@@ -1,8 +1,10 @@
 """GRPCInferenceService servicer: translates protobuf <-> domain and domain errors <-> gRPC
-status codes, and nothing else.
+status codes (`status.STATUS_BY_ERROR`, the one table), and nothing else.
 
-The one error table is `STATUS_BY_ERROR`, looked up along the exception's MRO. Anything not in it
-is a bug: the caller gets INTERNAL with a correlation id, the traceback goes to the log only.
+It runs behind the gate (`gate.py`), which has authenticated the caller: each method asks the
+call's identity whether it may use the model, and a model it may not use answers exactly as a
+model that does not exist. Repository load/unload exist only in explicit model-control mode and
+need an admin identity whenever authentication is on.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import functools
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,66 +24,28 @@ from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 
 from . import model_config
-from .auth import ALL_MODELS, TokenAuthorizer
-from .codec import decode_infer_request, encode_infer_response
+from .codec import DEFAULT_LIMITS, DecodeLimits, decode_infer_request, encode_infer_response
 from .errors import (
-    Cancelled,
-    ConfigError,
-    DeadlineExceeded,
-    ExecutionError,
-    InvalidInput,
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
     PermissionDenied,
-    QueueFull,
-    Unauthenticated,
     Unsupported,
 )
-from .inference import InferenceCore
-from .repository import LoadedVersion, ModelRepository
+from .gate import CURRENT, PARSE_IN_THREAD_BYTES, Call, current_identity
+from .inference import InferenceCore, InferRequest
+from .repository import LoadedVersion, ModelRepository, unknown_model
 from .runtime import usable_providers
+from .status import MAX_MESSAGE_CHARS, STATUS_BY_ERROR, status_for
+
+__all__ = ["MAX_MESSAGE_CHARS", "STATUS_BY_ERROR", "InferenceServicer", "Lifecycle", "rpc", "status_for"]
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-MAX_MESSAGE_CHARS = 1024
 MAX_STREAM_IN_FLIGHT = 1024  # requests one ModelStreamInfer stream may have outstanding
 
-STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
-    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
-    ModelLoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
-    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Cancelled: grpc.StatusCode.CANCELLED,
-    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-}
-
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy", "parameters")
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and caller-facing message for an exception (logs what the caller must not see)."""
-    for cls in type(exc).__mro__:
-        code = STATUS_BY_ERROR.get(cls)
-        if code is not None:
-            message = str(exc)
-            if len(message) > MAX_MESSAGE_CHARS:
-                message = message[: MAX_MESSAGE_CHARS - 3] + "..."
-            log.info("request refused: %s: %s", code.name, message)
-            return code, message
-    if isinstance(exc, ExecutionError):  # its text is safe to show: the engine's own never is in it
-        log.error("execution failed [correlation id %s]: %s", exc.correlation_id, exc)
-        return grpc.StatusCode.INTERNAL, f"{str(exc)[:400]} (correlation id {exc.correlation_id})"
-    correlation = uuid.uuid4().hex[:16]
-    log.error("internal error [correlation id %s]", correlation, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation}; details in the server log)"
-
 
 Response = TypeVar("Response")
 
@@ -98,6 +61,9 @@ def rpc(method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Respons
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             code, message = status_for(exc)
+            call = CURRENT.get()
+            if call is not None:
+                call.status = code.name
             await context.abort(code, message)
             raise  # unreachable: abort raises
 
@@ -124,9 +90,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         lifecycle: Lifecycle,
         clock: Callable[[], float] = time.monotonic,
         server_name: str = "medserve",
-        authorizer: TokenAuthorizer | None = None,
+        model_control_mode: str = "none",
+        authenticated: bool = False,
+        on_stream_item: Callable[[Call], None] = lambda call: None,
+        limits: DecodeLimits = DEFAULT_LIMITS,
     ) -> None:
-        self._authorizer = authorizer
+        self._limits = limits
+        self._model_control_mode = model_control_mode
+        self._authenticated = authenticated
+        self._on_stream_item = on_stream_item  # the gate's audit record for each stream request
         self._repository = repository
         self._core = core
         self._lifecycle = lifecycle
@@ -135,9 +107,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _authorize(self, context: grpc.aio.ServicerContext, model: str | None) -> None:
-        if self._authorizer is not None:
-            self._authorizer.check(context.invocation_metadata() or (), model)
+    @staticmethod
+    def _allow(model: str) -> None:
+        """A model the caller may not use answers exactly as one that does not exist."""
+        if not current_identity().may_use(model):
+            raise unknown_model(model)
+
+    def _administer(self, operation: str) -> None:
+        if self._model_control_mode != "explicit":
+            raise Unsupported(
+                f"{operation} needs the server to run with --model-control-mode explicit "
+                f"(it runs with --model-control-mode {self._model_control_mode})"
+            )
+        identity = current_identity()
+        if self._authenticated and not identity.admin:
+            raise PermissionDenied(f"identity {identity.name!r} may not {operation} (it is not an admin)")
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
@@ -157,7 +141,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        self._authorize(context, request.name)
+        self._allow(request.name)
         try:
             self._repository.get(request.name, request.version)
         except (ModelNotReady, ModelLoadFailed):
@@ -168,7 +152,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        self._authorize(context, None)
         providers = ",".join(usable_providers())
         return pb.ServerMetadataResponse(
             name=self._server_name,
@@ -180,7 +163,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        self._authorize(context, request.name)
+        self._allow(request.name)
         loaded = self._repository.get(request.name, request.version)
         config = loaded.config
         batch = (-1,) if config.max_batch_size > 0 else ()
@@ -197,7 +180,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        self._authorize(context, request.name)
+        self._allow(request.name)
         loaded = self._repository.get(request.name, request.version)
         extra = {"execution_providers": ",".join(loaded.model.providers), **_card_parameters(loaded)}
         return pb.ModelConfigResponse(config=model_config.to_proto(loaded.config, extra))
@@ -206,29 +189,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        self._authorize(context, request.name or ALL_MODELS)
-        versions = self._repository.loaded_versions(request.name, request.version)
+        if request.name:
+            self._allow(request.name)
+        identity = current_identity()
+        versions = [v for v in self._repository.loaded_versions(request.name, request.version) if identity.may_use(v.name)]
         return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in versions])
 
     # -- inference -------------------------------------------------------------------------
 
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        self._authorize(context, request.model_name)
+        call = CURRENT.get()
+        if call is not None:
+            call.model, call.version, call.request_id = request.model_name, request.model_version, request.id
+        self._allow(request.model_name)
         self._check_accepting()
-        result = await self._core.infer(decode_infer_request(request, self._deadline(context)))
+        result = await self._core.infer(await self._decode(request, context, call))
+        if call is not None:
+            call.version, call.model_sha256, call.rows = result.version, result.sha256, result.rows
         return encode_infer_response(result)
+
+    async def _decode(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext,
+                      call: Call | None) -> InferRequest:
+        """Tensors from the message; a large one on a worker thread (BYTES decoding loops in Python)."""
+        deadline = self._deadline(context)
+        if call is not None and call.body_bytes >= PARSE_IN_THREAD_BYTES:
+            return await asyncio.to_thread(decode_infer_request, request, deadline, self._limits)
+        return decode_infer_request(request, deadline, self._limits)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream run concurrently; each response (or in-band error) carries its
         request id and is sent when ready, so callers can pipeline."""
-        try:
-            self._authorize(context, None)
-        except Exception as exc:  # noqa: BLE001 - a stream without credentials ends at once
-            code, message = status_for(exc)
-            await context.abort(code, message)
         # Bounded: a stream holds at most MAX_STREAM_IN_FLIGHT requests; past that the reader
         # stops reading and HTTP/2 flow control pushes back on the client.
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(MAX_STREAM_IN_FLIGHT)
@@ -241,20 +234,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 slots.release()
 
+        stream_call = CURRENT.get()
+
         async def answer(request: pb.ModelInferRequest) -> None:
+            item = Call("ModelStreamInfer", current_identity(), stream_call.peer if stream_call else "",
+                        self._clock(), model=request.model_name, version=request.model_version,
+                        request_id=request.id, audited=True)
             try:
-                self._authorize(context, request.model_name)
+                self._allow(request.model_name)
                 self._check_accepting()
-                result = await self._core.infer(decode_infer_request(request, deadline))
+                result = await self._core.infer(decode_infer_request(request, deadline, self._limits))
+                item.version, item.model_sha256, item.rows = result.version, result.sha256, result.rows
                 await responses.put(pb.ModelStreamInferResponse(infer_response=encode_infer_response(result)))
             except Exception as exc:  # noqa: BLE001 - reported in-band; the stream stays open
                 code, message = status_for(exc)
+                item.status = code.name
                 failed = pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
                 # The stream message has no status field; the code travels as a parameter.
                 failed.parameters["status_code"].string_param = code.name
                 await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+            finally:
+                self._on_stream_item(item)
 
         async def read() -> None:
             tasks: set[asyncio.Task[None]] = set()
@@ -287,10 +289,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        self._authorize(context, None)
         self._check_repository_name(request.repository_name)
+        identity = current_identity()
         response = pb.RepositoryIndexResponse()
         for row in self._repository.index(ready_only=request.ready):
+            if not identity.may_use(row.name):
+                continue  # a model the caller may not use is not there for it
             response.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
         return response
 
@@ -298,7 +302,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        self._authorize(context, ALL_MODELS)
+        call = CURRENT.get()
+        if call is not None:
+            call.model = request.model_name
+        self._administer("load models")
         self._check_repository_name(request.repository_name)
         if request.parameters:
             raise Unsupported(
@@ -312,7 +319,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        self._authorize(context, ALL_MODELS)
+        call = CURRENT.get()
+        if call is not None:
+            call.model = request.model_name
+        self._administer("unload models")
         self._check_repository_name(request.repository_name)
         await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()

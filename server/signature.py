@@ -26,6 +26,7 @@ class Signature:
     output_names: tuple[str, ...]
     max_batch_size: int
     split_oversized: bool  # False: more rows than max_batch_size is refused (Triton's rule)
+    refuse_non_finite: bool  # NaN/Inf in a floating-point input is refused
     # The batching key every valid request has when no input is optional and no non-batch dim
     # varies (None otherwise: the batcher derives it per request).
     fixed_key: tuple[object, ...] | None = None
@@ -42,6 +43,7 @@ class Signature:
             output_names=tuple(t.name for t in config.outputs),
             max_batch_size=config.max_batch_size,
             split_oversized=config.split_oversized,
+            refuse_non_finite=config.refuse_non_finite,
             fixed_key=("signature", tuple((t.name, t.datatype, t.dims) for t in config.inputs)) if fixed else None,
         )
 
@@ -89,6 +91,11 @@ class Signature:
                 rows = shape[0]
             if spec.datatype == "BYTES":
                 array = _utf8(label, name, array)
+            elif self.refuse_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise InvalidInput(
+                    f"model {label}: input {name!r}: holds NaN or infinite values, which this model refuses "
+                    "(refuse_non_finite)"
+                )
             ready[name] = array
         return ready, max(rows, 1)
 

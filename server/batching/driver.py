@@ -221,10 +221,13 @@ class Batcher:
         self._check_deadline(request, work, now)
         item = self._item(request, loop.create_future(), level, policy, now, work)
         if not self._queue and self._n.in_flight < self._instances:
-            # An idle batcher asks the policy about this request alone: usually "run it now"
-            # (inline when cheap), without a trip through the queue and the pump.
+            # An idle batcher asks the policy about this request alone: usually "run it now".
+            # On an instance, that happens at once, without a trip through the queue and the
+            # pump (what arrives meanwhile batches behind it). Inline, it happens at the end of
+            # this loop iteration, from the pump, so that requests decoded in the same iteration
+            # join the batch (unless the model does not batch: then at once, too).
             decision = decide((item,), now, self._policy, self._cost, self._instances, self._close_at())
-            if decision.run:
+            if decision.run and (not decision.inline or self._policy.max_batch_rows <= 0):
                 self._count_level(level, +1)
                 self._start(decision)
                 return item.future

@@ -104,7 +104,7 @@ def test_retries_absorb_resource_exhausted(server: RunningServer) -> None:
 def test_unavailable_from_a_stopped_server(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     onnx_models.affine(repo / "affine" / "1" / "model.onnx")
-    with running_server(repo) as server:
+    with running_server(repo, model_control_mode="explicit", load_models=("*",)) as server:
         target = server.target
         with Client(target) as client:
             assert client.server_live()

@@ -40,7 +40,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[RunningServer]:
-    with running_server(repo, exit_on_error=False) as s:
+    with running_server(repo, exit_on_error=False, model_control_mode="explicit", load_models=("*",)) as s:
         yield s
 
 

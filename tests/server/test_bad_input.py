@@ -196,7 +196,7 @@ def test_model_loading_is_unavailable(tmp_path: Path) -> None:
 
     root = tmp_path / "repo"
     onnx_models.affine(root / "early" / "1" / "model.onnx")
-    with running_server(root, repository_cls=GatedRepository) as srv:
+    with running_server(root, repository_cls=GatedRepository, model_control_mode="explicit", load_models=("*",)) as srv:
         onnx_models.affine(root / "late" / "1" / "model.onnx")
         load = srv.stub().RepositoryModelLoad.future(pb.RepositoryModelLoadRequest(model_name="late"), timeout=60)
         wait_for(lambda: any(e.name == "late" for e in srv.server.repository.entries()))

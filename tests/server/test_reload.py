@@ -26,7 +26,7 @@ def test_new_version_replaces_the_old_one_without_losing_requests(make_repo) -> 
     repo = make_repo(m=onnx_models.slow)
     gate = threading.Event()
     gate.set()
-    with running_server(repo, repository_cls=gated_repository({"m": gate})) as srv:
+    with running_server(repo, repository_cls=gated_repository({"m": gate}), model_control_mode="explicit", load_models=("*",)) as srv:
         stub = srv.stub()
         assert stub.ModelInfer(slow_request(), timeout=60).model_version == "1"
         gate.clear()

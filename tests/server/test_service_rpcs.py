@@ -52,7 +52,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[RunningServer]:
-    with running_server(repo) as srv:
+    with running_server(repo, model_control_mode="explicit", load_models=("*",)) as srv:
         yield srv
 
 
@@ -230,6 +230,31 @@ def test_repository_index_unload_and_load(server: RunningServer) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="never_heard_of"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_load_and_unload_need_explicit_model_control(make_repo) -> None:  # type: ignore[no-untyped-def]
+    """The default mode (none) serves what was there at start; nobody can unload a model."""
+    repo = make_repo(affine=onnx_models.affine)
+    with running_server(repo) as srv:
+        stub = srv.stub()
+        for call, request in ((stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="affine")),
+                              (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="affine"))):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "--model-control-mode explicit" in info.value.details()
+        assert stub.ModelReady(pb.ModelReadyRequest(name="affine")).ready
+
+
+def test_explicit_mode_loads_only_the_named_models(make_repo) -> None:  # type: ignore[no-untyped-def]
+    repo = make_repo(affine=onnx_models.affine, neg=onnx_models.not_batching)
+    with running_server(repo, model_control_mode="explicit", load_models=("affine",)) as srv:
+        stub = srv.stub()
+        assert stub.ModelReady(pb.ModelReadyRequest(name="affine")).ready
+        index = {m.name: m.state for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        assert index == {"affine": "READY", "neg": "UNAVAILABLE"}
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="neg"))
+        assert stub.ModelReady(pb.ModelReadyRequest(name="neg")).ready
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,61 @@
+"""The one table from domain errors to gRPC status codes, looked up along the exception's MRO.
+Anything not in it is a bug: the caller gets INTERNAL with a correlation id, the traceback goes
+to the log only. Used by the servicer and by the gate in front of it."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from .errors import (
+    Cancelled,
+    ConfigError,
+    DeadlineExceeded,
+    ExecutionError,
+    InvalidInput,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    PermissionDenied,
+    QueueFull,
+    Unauthenticated,
+    Unsupported,
+)
+
+log = logging.getLogger("medserve.server.service")
+
+MAX_MESSAGE_CHARS = 1024
+
+STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+    ModelLoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and caller-facing message for an exception (logs what the caller must not see)."""
+    for cls in type(exc).__mro__:
+        code = STATUS_BY_ERROR.get(cls)
+        if code is not None:
+            message = str(exc)
+            if len(message) > MAX_MESSAGE_CHARS:
+                message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+            log.info("request refused: %s: %s", code.name, message)
+            return code, message
+    if isinstance(exc, ExecutionError):  # its text is safe to show: the engine's own never is in it
+        log.error("execution failed [correlation id %s]: %s", exc.correlation_id, exc)
+        return grpc.StatusCode.INTERNAL, f"{str(exc)[:400]} (correlation id {exc.correlation_id})"
+    correlation = uuid.uuid4().hex[:16]
+    log.error("internal error [correlation id %s]", correlation, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation}; details in the server log)"
+
+
