@@ -1,0 +1,169 @@
+"""Limits that hold before work is done, against a real server: message size, concurrent calls,
+streams per connection, keepalive enforcement, connection age, tensor and BYTES element caps,
+and `refuse_non_finite`."""
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from medserve.protos import grpc_service_pb2 as pb
+from medserve.protos import grpc_service_pb2_grpc as pb_grpc
+from medserve.protos.wire import to_raw
+from medserve.server.config import ServerConfig
+
+import onnx_models
+from conftest import gated_repository, running_server, wait_for
+
+
+def affine(x: np.ndarray, model: str = "affine") -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="x", datatype="FP32", shape=x.shape)
+    req.raw_input_contents.append(to_raw(x))
+    return req
+
+
+def text(n: int, size: int = 1) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="strings")
+    req.inputs.add(name="text", datatype="BYTES", shape=[n, 1])
+    req.raw_input_contents.append(b"".join(struct.pack("<I", size) + b"a" * size for _ in range(n)))
+    return req
+
+
+def code_of(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    try:
+        call()
+        return grpc.StatusCode.OK
+    except grpc.RpcError as err:
+        return err.code()
+
+
+def watch(channel: grpc.Channel) -> list[grpc.ChannelConnectivity]:
+    """The channel's connectivity states as they change (public API: `subscribe`)."""
+    states: list[grpc.ChannelConnectivity] = []
+    channel.subscribe(states.append, try_to_connect=False)
+    return states
+
+
+def dropped(states: list[grpc.ChannelConnectivity]) -> bool:
+    """The connection was READY and then was closed."""
+    ready = grpc.ChannelConnectivity.READY
+    return ready in states and any(s != ready for s in states[states.index(ready) + 1:])
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    onnx_models.affine(root / "affine" / "1" / "model.onnx")
+    onnx_models.strings(root / "strings" / "1" / "model.onnx")
+    onnx_models.slow(root / "slow" / "1" / "model.onnx", layers=4)
+    onnx_models.write_config(root, "slow", "max_batch_size: 1\ndynamic_batching { }\n")
+    onnx_models.affine(root / "strict" / "1" / "model.onnx")
+    onnx_models.write_config(root, "strict", 'parameters { key: "refuse_non_finite" value: { string_value: "true" } }\n')
+    return root
+
+
+def test_the_default_message_cap_is_64_mib() -> None:
+    assert ServerConfig(repository="r").max_message_bytes == 64 << 20
+
+
+def test_a_message_over_the_cap_is_refused_before_it_is_parsed(repo: Path) -> None:
+    with running_server(repo, max_message_bytes=1 << 20) as server:
+        stub = server.stub()
+        big = affine(np.zeros((70_000, 4), np.float32))  # 1.1 MB
+        assert code_of(lambda: stub.ModelInfer(big, timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert code_of(lambda: stub.ModelInfer(affine(np.zeros((2, 4), np.float32)), timeout=30)) == grpc.StatusCode.OK
+
+
+def test_tensor_and_bytes_element_caps(repo: Path) -> None:
+    with running_server(repo, max_tensor_elements=400, max_bytes_elements=8, max_bytes_element_size=16) as server:
+        stub = server.stub()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(affine(np.zeros((101, 4), np.float32)), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "shape [101, 4] has 404 elements; the server accepts at most 400 per tensor" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(text(9), timeout=30)
+        assert "9 BYTES elements; the server accepts at most 8" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(text(2, size=17), timeout=30)
+        assert "BYTES element 0 has 17 bytes; at most 16 are accepted" in info.value.details()
+        typed = pb.ModelInferRequest(model_name="strings")
+        typed.inputs.add(name="text", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(b"b" * 17)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(typed, timeout=30)
+        assert "a BYTES element has 17 bytes; at most 16" in info.value.details()
+        assert stub.ModelInfer(text(8, size=16), timeout=30).outputs[0].name == "upper"
+
+
+def test_refuse_non_finite_names_the_tensor_and_never_the_value(repo: Path) -> None:
+    with running_server(repo) as server:
+        stub = server.stub()
+        poisoned = np.array([[1.0, np.nan, 3.0, np.inf]], np.float32)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(affine(poisoned, "strict"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == (
+            "model 'strict' version 1: input 'x': holds NaN or infinite values, which this model refuses "
+            "(refuse_non_finite)"
+        )
+        assert stub.ModelInfer(affine(poisoned), timeout=30).outputs  # the default passes them on, as Triton
+
+
+def test_calls_beyond_the_concurrency_cap_are_refused(repo: Path) -> None:
+    gate = threading.Event()
+    with running_server(repo, repository_cls=gated_repository({"slow": gate}), max_concurrent_rpcs=2) as server:
+        stub = server.stub()
+        x = affine(np.zeros((1, 1024), np.float32), "slow")
+        held = [stub.ModelInfer.future(x, timeout=60) for _ in range(2)]
+        batcher = server.server.repository.get("slow").batcher
+        wait_for(lambda: batcher.stats().in_flight_requests + batcher.stats().queued == 2)
+        assert code_of(lambda: stub.ModelInfer(x, timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        gate.set()
+        assert all(f.result().outputs for f in held)
+        assert code_of(lambda: stub.ModelInfer(x, timeout=30)) == grpc.StatusCode.OK
+
+
+def test_one_connection_opens_at_most_the_stream_cap_at_once(repo: Path) -> None:
+    """The third call on one connection waits for a stream (HTTP/2 flow control, not an error)."""
+    gate = threading.Event()
+    with running_server(repo, repository_cls=gated_repository({"slow": gate}), max_streams_per_connection=2) as server:
+        stub = server.stub()  # one channel: one connection
+        x = affine(np.zeros((1, 1024), np.float32), "slow")
+        calls = [stub.ModelInfer.future(x, timeout=60) for _ in range(3)]
+        batcher = server.server.repository.get("slow").batcher
+        wait_for(lambda: batcher.stats().in_flight_requests + batcher.stats().queued == 2)
+        time.sleep(0.3)  # give the third stream every chance to arrive: it must not
+        assert batcher.stats().in_flight_requests + batcher.stats().queued == 2
+        gate.set()
+        assert all(c.result().outputs for c in calls)
+
+
+def test_keepalive_enforcement_and_connection_limits_reach_grpc(repo: Path) -> None:
+    """The HTTP/2 policy is gRPC's own (its ping strikes, GOAWAY): what medserve owns is handing
+    it the configured values. (A Python client cannot ping fast enough to show the GOAWAY.)"""
+    from medserve.server.app import MedserveServer
+
+    config = ServerConfig(repository=str(repo), min_ping_interval_s=7.5, keepalive_time_s=30.0,
+                          keepalive_timeout_s=5.0, max_connection_idle_s=60.0, max_streams_per_connection=3)
+    options = dict(MedserveServer(config)._grpc_options())  # noqa: SLF001 - the options handed to grpc
+    assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] == 7500
+    assert options["grpc.http2.max_ping_strikes"] == 2
+    assert options["grpc.keepalive_time_ms"] == 30000 and options["grpc.keepalive_timeout_ms"] == 5000
+    assert options["grpc.max_connection_idle_ms"] == 60000 and options["grpc.max_concurrent_streams"] == 3
+
+
+def test_connections_are_recycled_at_their_maximum_age(repo: Path) -> None:
+    with running_server(repo, max_connection_age_s=0.3, max_connection_age_grace_s=5.0) as server:
+        channel = grpc.insecure_channel(server.target)
+        states = watch(channel)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+        wait_for(lambda: dropped(states), timeout_s=10)  # the server recycled the connection
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live  # and the channel reconnects
+        channel.close()
