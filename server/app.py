@@ -26,17 +26,20 @@ from .codec import DecodeLimits
 from .config import ServerConfig
 from .errors import ConfigError, InvalidSetting
 from .gate import Gate
+from .httpd import start_http
 from .identities import IdentityFile
 from .inference import InferenceCore
-from .metrics import start_metrics_server
+from .metrics import registry_for
 from .ratelimit import RateLimiter
 from .repository import ModelRepository
 from .runtime import usable_providers
 from .service import InferenceServicer, Lifecycle
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HOLD_BEFORE_SHUTDOWN_S = 0.1  # the last moment of a drain (see `MedserveServer.stop`)
 
 
 class MedserveServer:
@@ -55,6 +58,7 @@ class MedserveServer:
         clock: Callable[[], float] = time.monotonic,
         repository: ModelRepository | None = None,
         reuse_port: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.lifecycle = Lifecycle()
@@ -77,6 +81,7 @@ class MedserveServer:
             model_control_mode=config.model_control_mode, authenticated=self._identities is not None,
             on_stream_item=self.gate.finish,
             limits=DecodeLimits(config.max_tensor_elements, config.max_bytes_elements, config.max_bytes_element_size),
+            tracing=tracing or Tracing(),
         )
         self._health = health_aio.HealthServicer()
         self._reuse_port = reuse_port
@@ -84,6 +89,7 @@ class MedserveServer:
         self._metrics: WSGIServer | None = None
         self._stopped = False
         self._poller: asyncio.Task[None] | None = None
+        self._health_tasks: set[asyncio.Future[None]] = set()
         self.port: int | None = None
         self.metrics_port: int | None = None
 
@@ -121,10 +127,22 @@ class MedserveServer:
 
     async def start(self) -> int:
         cfg = self.config
-        if cfg.model_control_mode == "explicit":
-            await self.repository.load_named(cfg.load_models, exit_on_error=cfg.exit_on_error)
-        else:
-            await self.repository.load_all(exit_on_error=cfg.exit_on_error)
+        # Probes can reach the HTTP health paths while the models load (live, not ready).
+        if cfg.metrics_port is not None:
+            self._metrics, self.metrics_port = start_http(
+                self.repository, registry_for(self.repository, cfg.server_name), cfg.host, cfg.metrics_port,
+                live=lambda: True, ready=lambda: self.lifecycle.ready,
+            )
+            log.info("metrics on http://%s:%d/metrics, health on /v2/health/{live,ready}", self.config.host,
+                     self.metrics_port)
+        try:
+            if cfg.model_control_mode == "explicit":
+                await self.repository.load_named(cfg.load_models, exit_on_error=cfg.exit_on_error)
+            else:
+                await self.repository.load_all(exit_on_error=cfg.exit_on_error)
+        except BaseException:
+            self._close_http()
+            raise
         if self.audit is not None:
             self.audit.start()
         server = grpc.aio.server(options=self._grpc_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
@@ -147,11 +165,6 @@ class MedserveServer:
             self.port = server.add_secure_port(address, credentials)
         await server.start()
         self._server = server
-        if self.config.metrics_port is not None:
-            self._metrics, _, self.metrics_port = start_metrics_server(
-                self.repository, self.config.host, self.config.metrics_port, self.config.server_name
-            )
-            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         # The models, sessions and imported modules live as long as the process: keep the
         # garbage collector from rescanning them on every collection of the request path.
         gc.freeze()
@@ -160,6 +173,13 @@ class MedserveServer:
         self.lifecycle.started = True
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # grpc.health.v1 answers per model too (service name = model name), kept current as
+        # models load and unload.
+        for entry in self.repository.entries():
+            await self._set_model_health(entry.name, entry.latest is not None)
+        self.repository.watch(
+            lambda name, ready: self._health_tasks.add(asyncio.ensure_future(self._set_model_health(name, ready)))
+        )
         ready = [e.name for e in self.repository.entries() if e.state.value == "READY"]
         log.info(
             "medserve ready on %s:%d: %d model(s) READY (%s); providers available: %s",
@@ -186,8 +206,10 @@ class MedserveServer:
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: refuse new work (UNAVAILABLE, health NOT_SERVING), let in-flight requests
-        finish for up to `grace_s`, then unload the models."""
+        """Drain, answering every call with a status: first announce (health NOT_SERVING, new
+        requests UNAVAILABLE) for `drain_announce_s`, then let queued and running requests finish
+        for up to `grace_s`; requests still queued then are answered UNAVAILABLE; only then does
+        the transport stop (so no accepted call ends CANCELLED), and the models unload."""
         if self._stopped:
             return
         self._stopped = True
@@ -197,17 +219,33 @@ class MedserveServer:
         self.lifecycle.draining = True
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
-            # For a moment new calls still reach the servicer and get UNAVAILABLE (retryable
-            # elsewhere); once grpc stops, calls it received but had not started end CANCELLED.
             await asyncio.sleep(min(grace, self.config.drain_announce_s))
-            await self._server.stop(grace)
-        if self._metrics is not None:
-            self._metrics.shutdown()
-            self._metrics.server_close()
-        await self.repository.close()
+        await self.repository.close(grace)
+        if self._server is not None:
+            # Everything accepted has its answer. Calls arriving now are held, then the transport
+            # shuts down (GOAWAY: later calls are refused, UNAVAILABLE at the caller), and only
+            # then are the held calls answered UNAVAILABLE: so no caller has a call in transit
+            # when gRPC shuts down, which it would cancel (CANCELLED is not a drain's answer).
+            self.gate.hold()
+            await asyncio.sleep(HOLD_BEFORE_SHUTDOWN_S)
+            stopping = asyncio.ensure_future(self._server.stop(max(1.0, HOLD_BEFORE_SHUTDOWN_S * 10)))
+            await asyncio.sleep(HOLD_BEFORE_SHUTDOWN_S)
+            self.gate.release()
+            await stopping
+        self._close_http()
         if self.audit is not None:
             self.audit.close()
         log.info("medserve stopped")
+
+    def _close_http(self) -> None:
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+            self._metrics = None
+
+    async def _set_model_health(self, name: str, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._health.set(name, status)
 
     async def _poll(self) -> None:
         """Poll mode: follow the repository (new models and versions load, removed ones go; a

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import ServerConfig
 from .errors import InvalidSetting, MedserveError
+from .logs import configure as configure_logging
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,6 +33,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--inter-op-threads", type=int, default=0, help="onnxruntime inter-op threads (0 = its choice)")
     p.add_argument("--providers", default=None, help="comma-separated execution providers (default: best usable)")
     p.add_argument("--drain-grace-s", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--drain-announce-s", type=float, default=0.5,
+                   help="on shutdown, answer UNAVAILABLE (health NOT_SERVING) this long before draining, so load "
+                        "balancers move callers away first")
     p.add_argument(
         "--no-exit-on-error", action="store_true", help="start even if a model fails to load (it stays UNAVAILABLE)"
     )
@@ -79,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         if args.workers > 1:
-            return workers.run_workers(config, args.workers, ready_file=args.ready_file)
+            return workers.run_workers(config, args.workers, ready_file=args.ready_file, log_format=args.log_format)
         asyncio.run(app.run(config, ready_file=args.ready_file))
     except MedserveError as exc:
         logging.getLogger("medserve").error("cannot start: %s", exc)
@@ -104,6 +108,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         providers=tuple(args.providers.split(",")) if args.providers else None,
         exit_on_error=not args.no_exit_on_error,
         drain_grace_s=args.drain_grace_s,
+        drain_announce_s=args.drain_announce_s,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
@@ -198,6 +203,8 @@ def _audit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text, or one JSON object per line (for log search)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
     _add_tokens(subparsers)
@@ -222,11 +229,11 @@ def missing_extra_message(command: str, extras: tuple[str, ...], missing: str) -
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ModuleNotFoundError as exc:
+        print(missing_extra_message(args.command, ("server",), exc.name or "pythonjsonlogger"), file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except ModuleNotFoundError as exc:

@@ -197,7 +197,7 @@ class ServerConfig:
             ("--intra-op-threads", self.intra_op_threads, self.intra_op_threads >= 0, ">= 0 (0 = one per core)"),
             ("--inter-op-threads", self.inter_op_threads, self.inter_op_threads >= 0, ">= 0 (0 = onnxruntime's choice)"),
             ("--drain-grace-s", self.drain_grace_s, self.drain_grace_s >= 0, ">= 0 seconds"),
-            ("drain_announce_s", self.drain_announce_s, 0 <= self.drain_announce_s, ">= 0 seconds"),
+            ("--drain-announce-s", self.drain_announce_s, 0 <= self.drain_announce_s, ">= 0 seconds"),
             ("--metrics-port", self.metrics_port,
              self.metrics_port is None or 0 <= self.metrics_port <= 65535, "0..65535 (0 = any free port)"),
             ("--model-control-mode", self.model_control_mode,

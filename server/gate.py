@@ -106,6 +106,20 @@ class Gate:
         self._audit = audit
         self._clock = clock
         self._wall = wall_clock
+        self._held: asyncio.Event | None = None
+
+    # -- the end of a drain ----------------------------------------------------------------
+
+    def hold(self) -> None:
+        """New calls wait instead of being answered (until `release`). Used for the last moment of
+        a drain: every caller then waits on a call of its own, so none has one in transit when
+        the transport shuts down (gRPC cancels calls it received but had not handed out, and the
+        caller would see CANCELLED instead of UNAVAILABLE)."""
+        self._held = asyncio.Event()
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.set()
 
     # -- admission -------------------------------------------------------------------------
 
@@ -188,6 +202,8 @@ class Gate:
 
     def _unary(self, rpc: str, behavior: Callable[[Any, Any], Awaitable[Any]], parse: Callable[[bytes], Any]):  # type: ignore[no-untyped-def]
         async def handle(body: bytes, context: grpc.aio.ServicerContext) -> Any:
+            if self._held is not None:
+                await self._held.wait()
             try:
                 call = self._admit(rpc, context, len(body))
             except MedserveError as exc:

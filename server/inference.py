@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import BatchRequest, Clock
+from .batching import BatchRequest, Clock, RequestTiming
 from .errors import ExecutionError
 from .repository import LoadedVersion, ModelRepository
 
@@ -29,6 +29,7 @@ class InferRequest:
     priority: int = 0
     timeout_us: int | None = None
     deadline_s: float | None = None
+    timing: RequestTiming | None = None  # a traced request: the batcher notes its phases here
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,14 +60,18 @@ class InferenceCore:
 
     async def infer(self, request: InferRequest) -> InferResult:
         loaded = self._repository.get(request.model, request.version)
+        stats = loaded.stats
         started_ns = time.perf_counter_ns()
-        ok = False
+        stats.in_flight += 1
         try:
             result = await self._infer(loaded, request)
-            ok = True
-            return result
+        except BaseException as exc:
+            stats.on_request(type(exc), time.perf_counter_ns() - started_ns)
+            raise
         finally:
-            loaded.stats.on_request(ok, time.perf_counter_ns() - started_ns)
+            stats.in_flight -= 1
+        stats.on_request(None, time.perf_counter_ns() - started_ns)
+        return result
 
     async def _infer(self, loaded: LoadedVersion, request: InferRequest) -> InferResult:
         signature = loaded.signature
@@ -83,6 +88,7 @@ class InferenceCore:
                 deadline_s=request.deadline_s,
                 priority=request.priority,
                 timeout_us=request.timeout_us,
+                timing=request.timing,
             )
         )
         try:

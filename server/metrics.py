@@ -5,21 +5,28 @@ process-wide state). Served over HTTP by prometheus-client on `--metrics-port`; 
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Iterator
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .repository import ModelRepository
+from .stats import Histogram
+from .status import status_code_name
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], h: Histogram) -> None:
+    family.add_metric(labels, h.cumulative(), h.total)
 
 _LABELS = ["worker", "model", "version"]
 
 
 class RepositoryCollector(Collector):
     """Yields the repository's per-version counters in Prometheus form on each scrape."""
+
 
     def __init__(self, repository: ModelRepository, worker: str) -> None:
         self._repository = repository
@@ -45,9 +52,33 @@ class RepositoryCollector(Collector):
             "queue delay and no preferred sizes; absent while it waits the whole delay)",
             labels=_LABELS,
         )
+        request_h = HistogramMetricFamily("medserve_request_duration_seconds",
+                                          "Server time of each answered request", labels=_LABELS)
+        queue_h = HistogramMetricFamily("medserve_queue_duration_seconds", "Time each request waited in the batcher",
+                                        labels=_LABELS)
+        compute_h = HistogramMetricFamily("medserve_compute_duration_seconds",
+                                          "Execution time of each batch (inputs, inference, outputs)", labels=_LABELS)
+        batch_h = HistogramMetricFamily("medserve_batch_rows", "Rows of each executed batch", labels=_LABELS)
+        failures = CounterMetricFamily("medserve_request_failures", "Failed requests by gRPC status code",
+                                       labels=[*_LABELS, "code"])
+        in_flight = GaugeMetricFamily("medserve_requests_in_flight", "Requests being served now", labels=_LABELS)
+        state = GaugeMetricFamily("medserve_model_state", "1 for each model version's current state",
+                                  labels=[*_LABELS, "state"])
+        for row in self._repository.index():
+            state.add_metric([self._worker, row.name, row.version, row.state], 1)
         for v in self._repository.loaded_versions():
             labels = [self._worker, v.name, str(v.version)]
             s = v.stats
+            for h, family in ((s.request_seconds, request_h), (s.queue_seconds, queue_h),
+                              (s.compute_seconds, compute_h), (s.batch_rows, batch_h)):
+                _histogram(family, labels, h)
+            by_code: dict[str, int] = {}
+            for error, count in s.failures.items():
+                code = status_code_name(error)
+                by_code[code] = by_code.get(code, 0) + count
+            for code, count in sorted(by_code.items()):
+                failures.add_metric([*labels, code], count)
+            in_flight.add_metric(labels, s.in_flight)
             for outcome, d in (("success", s.success), ("fail", s.fail)):
                 requests.add_metric([*labels, outcome], d.count)
                 request_seconds.add_metric([*labels, outcome], d.ns / 1e9)
@@ -67,14 +98,58 @@ class RepositoryCollector(Collector):
                 queued.add_metric(labels, snapshot.queued)
                 if snapshot.close_at_rows is not None:
                     close_at.add_metric(labels, snapshot.close_at_rows)
-        yield from (requests, request_seconds, phase_seconds, inferences, executions, batches, queued, close_at)
+        yield from (requests, request_seconds, phase_seconds, inferences, executions, batches, queued, close_at,
+                    request_h, queue_h, compute_h, batch_h, failures, in_flight, state)
+        yield from gpu_metrics()
 
 
-def start_metrics_server(
-    repository: ModelRepository, host: str, port: int, worker: str
-) -> tuple[WSGIServer, Thread, int]:
-    """Serve /metrics on host:port (0 = any free port); returns the server, its thread and port."""
+def registry_for(repository: ModelRepository, worker: str) -> CollectorRegistry:
+    """A registry of this server's own (no process-wide state): the repository's metrics and
+    the process's (CPU, memory, file descriptors)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(RepositoryCollector(repository, worker))
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    return server, thread, server.server_port
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+class _Utilization(ctypes.Structure):
+    _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
+
+
+class _Memory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+@functools.cache
+def _nvml() -> ctypes.CDLL | None:
+    """NVIDIA's management library when a GPU driver is present (None elsewhere: no GPU metrics)."""
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    return lib if lib.nvmlInit_v2() == 0 else None
+
+
+def gpu_metrics() -> Iterator[Metric]:
+    """GPU utilisation and memory per device, read from NVML at scrape time (nothing without a GPU)."""
+    lib = _nvml()
+    if lib is None:
+        return
+    count = ctypes.c_uint(0)
+    if lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+        return
+    util = GaugeMetricFamily("medserve_gpu_utilization_ratio", "GPU busy fraction (NVML)", labels=["gpu"])
+    used = GaugeMetricFamily("medserve_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"])
+    total = GaugeMetricFamily("medserve_gpu_memory_total_bytes", "GPU memory (NVML)", labels=["gpu"])
+    for i in range(count.value):
+        handle = ctypes.c_void_p()
+        if lib.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(handle)) != 0:
+            continue
+        rates, memory = _Utilization(), _Memory()
+        if lib.nvmlDeviceGetUtilizationRates(handle, ctypes.byref(rates)) == 0:
+            util.add_metric([str(i)], rates.gpu / 100)
+        if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) == 0:
+            used.add_metric([str(i)], memory.used)
+            total.add_metric([str(i)], memory.total)
+    yield from (util, used, total)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +136,16 @@ class ModelRepository:
         self._models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._fingerprints: dict[str, tuple[object, ...]] = {}  # poll mode: the files last loaded
+        self._watchers: list[Callable[[str, bool], None]] = []
+
+    def watch(self, callback: Callable[[str, bool], None]) -> None:
+        """Call `callback(model, ready)` whenever a model's servable state may have changed."""
+        self._watchers.append(callback)
+
+    def _notify(self, name: str) -> None:
+        entry = self._models.get(name)
+        for callback in self._watchers:
+            callback(name, entry is not None and entry.latest is not None)
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -171,7 +181,7 @@ class ModelRepository:
             except MedserveError:
                 if exit_on_error:
                     raise
-                log.error("model %r failed to load; serving the others", name)
+                log.error("model %r failed to load; serving the others", name, extra={"model": name})
 
     async def load_named(self, names: Sequence[str], *, exit_on_error: bool) -> None:
         """Explicit model control: load just these models at start ("*" = every model)."""
@@ -181,7 +191,7 @@ class ModelRepository:
             except MedserveError:
                 if exit_on_error:
                     raise
-                log.error("model %r failed to load; serving the others", name)
+                log.error("model %r failed to load; serving the others", name, extra={"model": name})
 
     async def poll(self) -> None:
         """Poll model control: load models and versions that appeared or changed (a version that
@@ -193,11 +203,12 @@ class ModelRepository:
             try:
                 await self.load(name)
             except MedserveError as exc:
-                log.error("model %r: new files did not load; what was serving still serves: %s", name, exc)
+                log.error("model %r: new files did not load; what was serving still serves: %s", name, exc,
+                          extra={"model": name})
         for name in sorted(set(self._models) - present):
             self._fingerprints.pop(name, None)
             if self._models[name].versions:
-                log.info("model %r left the repository: unloading", name)
+                log.info("model %r left the repository: unloading", name, extra={"model": name})
                 await self.unload(name)
 
     def _fingerprint(self, name: str) -> tuple[object, ...]:
@@ -230,18 +241,14 @@ class ModelRepository:
             try:
                 loaded = await asyncio.to_thread(self._load_sync, name)
             except MedserveError as exc:
-                entry.reason = self._relative(str(exc))
-                if not previous:
-                    entry.state = State.UNAVAILABLE
-                log.error("model %r: load failed: %s", name, entry.reason)
+                self._failed(entry, bool(previous), self._relative(str(exc)))
+                log.error("model %r: load failed: %s", name, entry.reason, extra={"model": name})
                 if isinstance(exc, ModelNotFound):
                     raise
                 raise ModelLoadFailed(entry.reason) from exc
             except Exception as exc:  # noqa: BLE001 - an unexpected failure is still a load failure
                 log.exception("model %r: load failed unexpectedly", name)
-                entry.reason = self._relative(f"{type(exc).__name__}: {exc}")
-                if not previous:
-                    entry.state = State.UNAVAILABLE
+                self._failed(entry, bool(previous), self._relative(f"{type(exc).__name__}: {exc}"))
                 raise ModelLoadFailed(f"model {name!r} failed to load: {type(exc).__name__}") from exc
             for version in loaded:
                 config = version.config
@@ -269,8 +276,37 @@ class ModelRepository:
                     "instances %d, sha256 %s",
                     name, v.version, ",".join(v.model.providers), v.config.max_batch_size,
                     "on" if v.config.batching else "off", v.config.instance_count, v.sha256[:16],
+                    extra={"model": name, "version": v.version, "model_sha256": v.sha256},
                 )
-            await self._retire([e for e in previous.values() if e.loaded is not None])
+            self._notify(name)
+            retired = [e for e in previous.values() if e.loaded is not None]  # replaced by fresh sessions
+            await self._retire(retired)
+            for e in retired:
+                log.info("model %r version %d unloaded (drained)", name, e.version,
+                         extra={"model": name, "version": e.version})
+
+    def _failed(self, entry: ModelEntry, serving: bool, reason: str) -> None:
+        """A load failed: the versions it tried are UNAVAILABLE with the reason (the repository
+        index says why), and whatever was serving keeps serving."""
+        entry.reason = reason
+        if not serving:
+            entry.state = State.UNAVAILABLE
+        for version in self._selected_versions(entry.name):
+            current = entry.versions.get(version)
+            if current is None or current.loaded is None:
+                entry.versions[version] = VersionEntry(version, State.UNAVAILABLE, reason)
+
+    def _selected_versions(self, name: str) -> list[int]:
+        """The version folders the model's policy selects (none when its config does not parse)."""
+        try:
+            model_dir = self.model_dir(name)
+            config_path = model_dir / CONFIG_FILENAME
+            policy = (from_proto(self.shown(config_path), read_config_proto(config_path), name).version_policy
+                      if config_path.exists() else ModelConfig(name=name).version_policy)
+        except MedserveError:
+            return []
+        found = (parse_version(p.name) for p in model_dir.iterdir() if p.is_dir())
+        return policy.select([v for v in found if v is not None])
 
     def _load_sync(self, name: str) -> list[LoadedVersion]:
         model_dir = self.model_dir(name)
@@ -400,6 +436,7 @@ class ModelRepository:
         async with self._locks.setdefault(name, asyncio.Lock()):
             entry = self._models[name]
             entry.state, entry.latest = State.UNLOADING, None
+            self._notify(name)
             versions = [e for e in entry.versions.values() if e.loaded is not None]
             for e in versions:
                 e.state = State.UNLOADING
@@ -407,20 +444,21 @@ class ModelRepository:
             entry.state, entry.reason = State.UNAVAILABLE, "unloaded"
             for e in entry.versions.values():
                 e.state, e.reason, e.loaded = State.UNAVAILABLE, "unloaded", None
+            self._notify(name)
+            log.info("model %r unloaded", name, extra={"model": name})
 
-    async def _retire(self, entries: list[VersionEntry]) -> None:
-        for e in entries:
-            loaded = e.loaded
-            if loaded is None:
-                continue
-            if loaded.batcher is not None:
-                await loaded.batcher.stop(self._config.drain_grace_s)
-            loaded.executor.shutdown(wait=False)
+    async def _retire(self, entries: list[VersionEntry], grace_s: float | None = None) -> None:
+        """Drain these versions at once (each gets the whole grace, not a share of it)."""
+        grace = self._config.drain_grace_s if grace_s is None else grace_s
+        loaded = [e.loaded for e in entries if e.loaded is not None]
+        await asyncio.gather(*(v.batcher.stop(grace) for v in loaded if v.batcher is not None))
+        for v in loaded:
+            v.executor.shutdown(wait=False)
 
-    async def close(self) -> None:
-        for name in list(self._models):
-            entry = self._models[name]
-            await self._retire([e for e in entry.versions.values() if e.loaded is not None])
+    async def close(self, grace_s: float | None = None) -> None:
+        """Drain every version: queued requests run within the grace; those still queued after it
+        are answered UNAVAILABLE (never dropped, never left to the transport)."""
+        await self._retire([e for entry in self._models.values() for e in entry.versions.values()], grace_s)
 
     # -- lookup ----------------------------------------------------------------------------
 

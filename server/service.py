@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -24,6 +24,7 @@ from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 
 from . import model_config
+from .batching import RequestTiming
 from .codec import DEFAULT_LIMITS, DecodeLimits, decode_infer_request, encode_infer_response
 from .errors import (
     ModelLoadFailed,
@@ -36,7 +37,8 @@ from .gate import CURRENT, PARSE_IN_THREAD_BYTES, Call, current_identity
 from .inference import InferenceCore, InferRequest
 from .repository import LoadedVersion, ModelRepository, unknown_model
 from .runtime import usable_providers
-from .status import MAX_MESSAGE_CHARS, STATUS_BY_ERROR, status_for
+from .status import MAX_MESSAGE_CHARS, STATUS_BY_ERROR, status_code_name, status_for
+from .tracing import Tracing
 
 __all__ = ["MAX_MESSAGE_CHARS", "STATUS_BY_ERROR", "InferenceServicer", "Lifecycle", "rpc", "status_for"]
 
@@ -94,8 +96,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         authenticated: bool = False,
         on_stream_item: Callable[[Call], None] = lambda call: None,
         limits: DecodeLimits = DEFAULT_LIMITS,
+        tracing: Tracing | None = None,
     ) -> None:
         self._limits = limits
+        self._tracing = tracing or Tracing(environ={})
         self._model_control_mode = model_control_mode
         self._authenticated = authenticated
         self._on_stream_item = on_stream_item  # the gate's audit record for each stream request
@@ -202,9 +206,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         call = CURRENT.get()
         if call is not None:
             call.model, call.version, call.request_id = request.model_name, request.model_version, request.id
-        self._allow(request.model_name)
-        self._check_accepting()
-        result = await self._core.infer(await self._decode(request, context, call))
+        with self._tracing.span("ModelInfer", context.invocation_metadata()) as span:
+            try:
+                self._allow(request.model_name)
+                self._check_accepting()
+                decoded = await self._decode(request, context, call)
+                if span is not None:
+                    decoded = replace(decoded, timing=RequestTiming())
+                result = await self._core.infer(decoded)
+            except Exception as exc:
+                self._tracing.fail(span, status_code_name(type(exc)))
+                raise
+            if span is not None and decoded.timing is not None:
+                span.set_attributes({"medserve.model": result.model, "medserve.version": result.version,
+                                     "medserve.model_sha256": result.sha256, "medserve.rows": result.rows})
+                t = decoded.timing
+                self._tracing.phases(span, t.queued_ns, t.started_ns, t.finished_ns)
         if call is not None:
             call.version, call.model_sha256, call.rows = result.version, result.sha256, result.rows
         return encode_infer_response(result)
@@ -312,6 +329,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"model {request.model_name!r}: load parameters {sorted(request.parameters)} (config override, "
                 "file upload) are not supported; edit the repository instead"
             )
+        log.info("model %r: load requested by %s", request.model_name, current_identity().name,
+                 extra={"model": request.model_name, "identity": current_identity().name})
         await self._repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -324,6 +343,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             call.model = request.model_name
         self._administer("unload models")
         self._check_repository_name(request.repository_name)
+        log.info("model %r: unload requested by %s", request.model_name, current_identity().name,
+                 extra={"model": request.model_name, "identity": current_identity().name})
         await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

@@ -5,10 +5,14 @@ The kernel spreads new connections over the workers; a gRPC channel sticks to on
 so load spreads across channels (clients, or perf's load processes), not across calls of one
 channel. Statistics are per worker: ServerMetadata.name says which worker answered
 (`medserve-w<i>`).
+
+The supervisor (`supervise`, generic over what a worker runs) restarts a worker that dies, with
+exponential backoff, while the others keep serving; it exits only on SIGTERM/SIGINT (forwarded:
+each worker drains on its own) or when restarts keep failing (`max_restarts` within
+`restart_window_s`).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import multiprocessing
@@ -17,7 +21,8 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import ServerConfig
@@ -25,7 +30,19 @@ from .config import ServerConfig
 log = logging.getLogger(__name__)
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """Backoff between restarts of one worker, and when to give up on the whole group."""
+
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    max_restarts: int = 5  # restarts of one worker within the window before the supervisor gives up
+    restart_window_s: float = 60.0
+    start_timeout_s: float = 300.0
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Hold `port` (0 = pick one) with SO_REUSEPORT while the workers bind it too."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -33,10 +50,111 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker_main(config: ServerConfig, index: int, ready_file: Path, log_level: int) -> None:
-    from . import app
+@dataclass(slots=True, eq=False)
+class _Worker:
+    index: int
+    ready_file: Path
+    process: multiprocessing.process.BaseProcess | None = None
+    restarts: list[float] | None = None  # monotonic times of recent restarts
+    restart_at: float | None = None
 
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s w{index} %(name)s: %(message)s")
+
+def supervise(
+    start: Callable[[int, Path], multiprocessing.process.BaseProcess],
+    workers: int,
+    *,
+    on_ready: Callable[[list[int]], None] = lambda pids: None,
+    policy: RestartPolicy = RestartPolicy(),
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Run `workers` processes made by `start(index, ready_file)` (each writes its ready file,
+    JSON with its pid, once serving), call `on_ready(pids)` when all are, keep them running,
+    and return the exit status: 0 after a clean SIGTERM/SIGINT, 1 when a worker cannot be kept up."""
+    with tempfile.TemporaryDirectory(prefix="medserve-workers-") as tmp:
+        group = [_Worker(i, Path(tmp) / f"worker-{i}.json", restarts=[]) for i in range(workers)]
+        stopping = False
+
+        def forward(signum: int, _frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+            for w in group:
+                if w.process is not None and w.process.is_alive() and w.process.pid is not None:
+                    os.kill(w.process.pid, signum)  # each worker drains on its own
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for w in group:
+                w.process = start(w.index, w.ready_file)
+            deadline = clock() + policy.start_timeout_s
+            while not all(w.ready_file.exists() for w in group):
+                if stopping or any(not w.process.is_alive() for w in group if w.process) or clock() > deadline:
+                    log.error("a worker failed to start; stopping the others")
+                    _terminate(group)
+                    return 1
+                time.sleep(0.05)
+            on_ready([json.loads(w.ready_file.read_text())["pid"] for w in group])
+            return _keep_up(group, start, policy, clock, lambda: stopping)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _keep_up(group: list[_Worker], start: Callable[[int, Path], multiprocessing.process.BaseProcess],
+             policy: RestartPolicy, clock: Callable[[], float], stopping: Callable[[], bool]) -> int:
+    while True:
+        if stopping():
+            for w in group:
+                if w.process is not None:
+                    w.process.join()
+            return 0 if all(w.process is None or w.process.exitcode == 0 for w in group) else 1
+        now = clock()
+        for w in group:
+            assert w.restarts is not None
+            if w.process is not None and not w.process.is_alive():
+                if stopping():
+                    break
+                code = w.process.exitcode
+                w.process = None
+                w.restarts = [t for t in w.restarts if now - t < policy.restart_window_s]
+                if len(w.restarts) >= policy.max_restarts:
+                    log.error("worker %d keeps dying (exit %s; %d restarts in %.0f s): stopping the others",
+                              w.index, code, len(w.restarts), policy.restart_window_s)
+                    _terminate(group)
+                    return 1
+                backoff = min(policy.max_backoff_s, policy.initial_backoff_s * 2 ** len(w.restarts))
+                w.restart_at = now + backoff
+                log.error("worker %d exited (%s); restarting it in %.1f s, the others keep serving",
+                          w.index, code, backoff)
+            if w.process is None and w.restart_at is not None and now >= w.restart_at and not stopping():
+                w.restarts.append(now)
+                w.restart_at = None
+                w.ready_file.unlink(missing_ok=True)
+                w.process = start(w.index, w.ready_file)
+                log.info("worker %d restarted (pid %s)", w.index, w.process.pid)
+        for w in group:
+            if w.process is not None:
+                w.process.join(timeout=0.1)
+                break
+        else:
+            time.sleep(0.1)
+
+
+def _terminate(group: list[_Worker]) -> None:
+    for w in group:
+        if w.process is not None and w.process.is_alive():
+            w.process.terminate()
+    for w in group:
+        if w.process is not None:
+            w.process.join()
+
+
+def _worker_main(config: ServerConfig, index: int, ready_file: Path, log_level: str, log_format: str) -> None:
+    import asyncio
+
+    from . import app
+    from .logs import configure
+
+    configure(log_level, log_format, worker=f"w{index}")
     asyncio.run(app.run(config, ready_file=ready_file, reuse_port=True))
 
 
@@ -45,63 +163,29 @@ def _worker_config(config: ServerConfig, port: int, index: int) -> ServerConfig:
     return replace(config, port=port, server_name=f"medserve-w{index}", metrics_port=metrics)
 
 
-def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None = None, start_timeout_s: float = 300.0) -> int:
-    """Start the workers, wait until all are ready, forward SIGTERM/SIGINT, and return non-zero
-    if any worker fails."""
-    reservation = _reserve_port(config.host, config.port)
+def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None = None, log_format: str = "text",
+                policy: RestartPolicy = RestartPolicy()) -> int:
+    """Start the workers on one port, keep them up, forward SIGTERM/SIGINT; the exit status."""
+    reservation = reserve_port(config.host, config.port)
     port = reservation.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
-    level = logging.getLogger().getEffectiveLevel()
-    with tempfile.TemporaryDirectory(prefix="medserve-workers-") as tmp:
-        files = [Path(tmp) / f"worker-{i}.json" for i in range(workers)]
-        procs = [
-            ctx.Process(
-                target=_worker_main,
-                args=(_worker_config(config, port, i), i, files[i], level),
-                name=f"medserve-w{i}",
-            )
-            for i in range(workers)
-        ]
-        stopping = False
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
 
-        def forward(signum: int, _frame: object) -> None:
-            nonlocal stopping
-            stopping = True
-            for p in procs:
-                if p.is_alive() and p.pid is not None:
-                    os.kill(p.pid, signum)  # each worker drains on its own
+    def start(index: int, worker_ready: Path) -> multiprocessing.process.BaseProcess:
+        process = ctx.Process(target=_worker_main, args=(_worker_config(config, port, index), index, worker_ready,
+                                                         level, log_format), name=f"medserve-w{index}")
+        process.start()
+        return process
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, forward)
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + start_timeout_s
-        while not all(f.exists() for f in files):
-            if any(not p.is_alive() for p in procs) or time.monotonic() > deadline:
-                log.error("a worker failed to start; stopping the others")
-                for p in procs:
-                    p.terminate()
-                for p in procs:
-                    p.join()
-                return 1
-            time.sleep(0.05)
-        reservation.close()
+    def ready(pids: list[int]) -> None:
+        reservation.close()  # every worker holds the port now (a restarted one binds beside them)
         if ready_file is not None:
-            pids = [json.loads(f.read_text())["pid"] for f in files]
             tmp_file = ready_file.with_suffix(ready_file.suffix + ".tmp")
-            tmp_file.write_text(json.dumps({"port": port, "pid": multiprocessing.current_process().pid, "workers": pids}))
+            tmp_file.write_text(json.dumps({"port": port, "pid": os.getpid(), "workers": pids}))
             tmp_file.replace(ready_file)
         log.info("medserve: %d workers ready on %s:%d", workers, config.host, port)
-        failed = False
-        while any(p.is_alive() for p in procs):
-            for p in procs:
-                p.join(timeout=0.2)
-                if not p.is_alive() and p.exitcode not in (0, None) and not stopping:
-                    failed = True
-            if failed and not stopping:
-                log.error("a worker exited unexpectedly; stopping the others")
-                stopping = True
-                for p in procs:
-                    if p.is_alive():
-                        p.terminate()
-        return 1 if failed else 0
+
+    try:
+        return supervise(start, workers, on_ready=ready, policy=policy)
+    finally:
+        reservation.close()

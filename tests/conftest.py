@@ -51,7 +51,7 @@ class RunningServer:
 
 @contextlib.contextmanager
 def running_server(
-    repository: Path, repository_cls: Any = None, *, reuse_port: bool = False, **overrides: Any
+    repository: Path, repository_cls: Any = None, *, reuse_port: bool = False, tracing: Any = None, **overrides: Any
 ) -> Iterator[RunningServer]:
     """Start a real grpc.aio medserve server on 127.0.0.1, port 0, in a background thread.
     `overrides` are ServerConfig fields; `repository_cls` a ModelRepository subclass;
@@ -66,7 +66,7 @@ def running_server(
     thread = threading.Thread(target=loop.run_forever, name="medserve-test-loop", daemon=True)
     thread.start()
     repo = repository_cls(config, clock=time.monotonic) if repository_cls is not None else None
-    server = MedserveServer(config, repository=repo, reuse_port=reuse_port)
+    server = MedserveServer(config, repository=repo, reuse_port=reuse_port, tracing=tracing)
     try:
         port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
     except BaseException:

@@ -277,6 +277,8 @@ class Batcher:
         self, request: BatchRequest, future: asyncio.Future[Arrays], level: int, policy: QueuePolicy, now: float,
         work: int,
     ) -> QueuedItem:
+        if request.timing is not None:
+            request.timing.queued_ns = time.time_ns()
         timeout_us = policy.default_timeout_us
         if request.timeout_us and policy.allow_timeout_override:  # may only shorten the policy's
             timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
@@ -398,6 +400,9 @@ class Batcher:
         self._n.in_flight_requests += len(items)
         members = [it.request.inputs for it in items]
         rows = [it.rows for it in items]
+        for it in items:
+            if it.request.timing is not None:
+                it.request.timing.started_ns = time.time_ns()
         if decision.inline:
             self._n.inline += 1
             try:
@@ -452,6 +457,8 @@ class Batcher:
                 int(outcome.input_s * 1e9), int(outcome.infer_s * 1e9), int(outcome.output_s * 1e9),
             )
         for item, result in zip(items, outcome.outputs, strict=True):
+            if item.request.timing is not None:
+                item.request.timing.finished_ns = time.time_ns()
             if item.future.done():
                 continue
             if isinstance(result, BaseException):

@@ -18,6 +18,16 @@ import numpy as np
 Arrays = Mapping[str, np.ndarray]
 
 
+@dataclass(slots=True)
+class RequestTiming:
+    """Wall-clock nanoseconds of a request's phases in the batcher, filled in by the driver when
+    the caller asks (a traced request): queued, its batch started, its batch finished."""
+
+    queued_ns: int = 0
+    started_ns: int = 0
+    finished_ns: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class BatchRequest:
     """One caller's request as the batcher sees it.
@@ -32,6 +42,7 @@ class BatchRequest:
     deadline_s: float | None = None
     priority: int = 0
     timeout_us: int | None = None
+    timing: RequestTiming | None = None  # filled in by the driver when given
 
 
 @dataclass(slots=True, eq=False)

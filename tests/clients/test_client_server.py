@@ -98,8 +98,8 @@ def test_statistics_and_repository_index(client: Client) -> None:
     assert {s.name for s in client.model_statistics()} >= {"affine", "tumour"}
     index = {(m.name, m.version): m for m in client.repository_index()}
     assert index[("affine", "2")].state == "READY"
-    assert index[("broken", "")].state == "UNAVAILABLE" and "model.onnx" in index[("broken", "")].reason
-    assert ("broken", "") not in {(m.name, m.version) for m in client.repository_index(ready=True)}
+    assert index[("broken", "1")].state == "UNAVAILABLE" and "model.onnx" in index[("broken", "1")].reason
+    assert "broken" not in {m.name for m in client.repository_index(ready=True)}
 
 
 def test_unload_and_load(client: Client) -> None:
