@@ -103,6 +103,29 @@ class InstanceGroup:
 
 
 @dataclass(frozen=True, slots=True)
+class PadSpec:
+    """A graph input whose `axis` (counting the batch dim) may be padded with `value` so that
+    requests of different lengths share a batch (config parameter `pad`)."""
+
+    input: str
+    axis: int
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerConfig:
+    """A tokenizer stage the server runs before the graph (config parameters `tokenizer`,
+    `tokenizer_max_length`, `tokenizer_truncation`, `tokenizer_inputs`): the client sends text,
+    the graph gets `inputs` (input_ids, attention_mask, token_type_ids), truncated at
+    `max_length` tokens."""
+
+    file: str
+    max_length: int
+    truncation: str
+    inputs: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """A model as served. `max_batch_size` 0 = the model does not batch (no batch dim anywhere).
     `batching` None = dynamic batching off: each request executes alone.
@@ -129,6 +152,10 @@ class ModelConfig:
     parameters: Mapping[str, str] = field(default_factory=_frozen_map)
     split_oversized: bool = True
     refuse_non_finite: bool = False  # parameter refuse_non_finite: NaN/Inf inputs are INVALID_ARGUMENT
+    tokenizer: TokenizerConfig | None = None
+    padding: tuple[PadSpec, ...] = ()  # padded batching (see PadSpec); () = one batch group per shape
+    pad_mask: str | None = None  # the mask input of a padded model (padded with 0)
+    graph_inputs: tuple[TensorConfig, ...] = ()  # the graph's own inputs, when a tokenizer feeds them
 
     @property
     def instance_count(self) -> int:

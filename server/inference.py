@@ -51,6 +51,9 @@ class InferResult:
     rows: int = 0
 
 
+TOKENIZE_INLINE_CHARS = 4096  # more text than this is tokenized off the event loop
+
+
 class InferenceCore:
     """Runs decoded requests against the repository's model versions."""
 
@@ -73,11 +76,23 @@ class InferenceCore:
         stats.on_request(None, time.perf_counter_ns() - started_ns)
         return result
 
+    @staticmethod
+    async def _tokenize(loaded: LoadedVersion, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A text model's strings as token ids (a long request on a worker thread)."""
+        stage = loaded.stage
+        assert stage is not None
+        (texts,) = inputs.values()
+        if sum(len(t) for t in texts.reshape(-1)) > TOKENIZE_INLINE_CHARS:
+            return await asyncio.to_thread(stage, texts)
+        return stage(texts)
+
     async def _infer(self, loaded: LoadedVersion, request: InferRequest) -> InferResult:
         signature = loaded.signature
         label = loaded.label
         wanted = signature.check_outputs(label, request.outputs)
         inputs, rows = signature.validate(label, request.inputs)
+        if loaded.stage is not None:
+            inputs = await self._tokenize(loaded, inputs)
         batcher = loaded.batcher
         assert batcher is not None
         future = batcher.submit(

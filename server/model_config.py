@@ -21,9 +21,11 @@ from .config import (
     BatchingConfig,
     InstanceGroup,
     ModelConfig,
+    PadSpec,
     QueuePolicy,
     TensorConfig,
     TimeoutAction,
+    TokenizerConfig,
     VersionPolicy,
 )
 from .errors import ConfigError
@@ -66,6 +68,11 @@ MEDSERVE_PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "oversized_requests": ("split", "refuse"),
     "refuse_non_finite": ("false", "true"),  # NaN/Inf in a floating-point input: INVALID_ARGUMENT
 }
+# medserve's parameters that take a value of their own (parsed by `_tokenizer` and `_padding`).
+FREE_PARAMETERS = frozenset({"tokenizer", "tokenizer_max_length", "tokenizer_truncation", "tokenizer_inputs", "pad",
+                             "pad_mask"})
+TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TRUNCATIONS = ("longest_first", "only_first", "only_second")
 
 
 def _v2_datatype(enum_value: int) -> str:
@@ -174,6 +181,7 @@ def from_proto(path: Path, proto: mc.ModelConfig, model_name: str) -> ModelConfi
 
     groups = _instance_groups(path, proto.instance_group)
     medserve_parameters = _medserve_parameters(path, proto)
+    padding, pad_mask = _padding(path, proto)
     split_oversized = medserve_parameters["oversized_requests"] == "split"
     ignored = unhonoured_fields(proto)
     if ignored:
@@ -229,6 +237,9 @@ def from_proto(path: Path, proto: mc.ModelConfig, model_name: str) -> ModelConfi
         parameters={k: v.string_value for k, v in proto.parameters.items()},
         split_oversized=split_oversized,
         refuse_non_finite=medserve_parameters["refuse_non_finite"] == "true",
+        tokenizer=_tokenizer(path, proto),
+        padding=padding,
+        pad_mask=pad_mask,
     )
 
 
@@ -251,11 +262,70 @@ def _instance_groups(path: Path, groups: Sequence[mc.ModelInstanceGroup]) -> tup
     return tuple(out) or (InstanceGroup(),)
 
 
+def _param(proto: mc.ModelConfig, key: str) -> str | None:
+    return proto.parameters[key].string_value if key in proto.parameters else None
+
+
+def _tokenizer(path: Path, proto: mc.ModelConfig) -> TokenizerConfig | None:
+    file = _param(proto, "tokenizer")
+    if file is None:
+        return None
+    where = f"{path}: parameters"
+    if not file or "/" in file or file.startswith("."):
+        raise ConfigError(f"{where}['tokenizer'] {file!r}: expected a file name in the version folder")
+    try:
+        max_length = int(_param(proto, "tokenizer_max_length") or "")
+    except ValueError:
+        raise ConfigError(f"{where}['tokenizer_max_length']: expected an integer (the truncation length)") from None
+    if max_length < 1:
+        raise ConfigError(f"{where}['tokenizer_max_length'] {max_length}: expected >= 1")
+    truncation = _param(proto, "tokenizer_truncation") or "longest_first"
+    if truncation not in TRUNCATIONS:
+        raise ConfigError(f"{where}['tokenizer_truncation'] {truncation!r}: expected one of {', '.join(TRUNCATIONS)}")
+    inputs = tuple(i.strip() for i in (_param(proto, "tokenizer_inputs") or "").split(",") if i.strip())
+    if not inputs or any(i not in TOKENIZER_OUTPUTS for i in inputs):
+        raise ConfigError(f"{where}['tokenizer_inputs'] {inputs}: expected graph inputs among {', '.join(TOKENIZER_OUTPUTS)}")
+    return TokenizerConfig(file, max_length, truncation, inputs)
+
+
+def _padding(path: Path, proto: mc.ModelConfig) -> tuple[tuple[PadSpec, ...], str | None]:
+    """Parameter `pad` = "input:axis:value,..." and `pad_mask` = the mask input."""
+    text = _param(proto, "pad")
+    if text is None:
+        if _param(proto, "pad_mask") is not None:
+            raise ConfigError(f"{path}: parameters['pad_mask'] needs parameters['pad']")
+        return (), None
+    specs = []
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        parts = entry.split(":")
+        try:
+            name, axis, value = parts[0], int(parts[1]), float(parts[2])
+            if len(parts) != 3 or not name:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ConfigError(f"{path}: parameters['pad'] entry {entry!r}: expected input:axis:value") from None
+        specs.append(PadSpec(name, axis, value))
+    mask = _param(proto, "pad_mask")
+    if mask is None:  # the one padded input named as a mask
+        masks = [p.input for p in specs if "mask" in p.input]
+        mask = masks[0] if len(masks) == 1 else None
+    if mask is None or mask not in {p.input for p in specs}:
+        raise ConfigError(
+            f"{path}: parameters['pad'] pads {[p.input for p in specs]} but names no mask input among them "
+            "(parameters['pad_mask']): padding is only correct for a graph that masks it out"
+        )
+    if next(p for p in specs if p.input == mask).value != 0:
+        raise ConfigError(f"{path}: parameters['pad']: the mask input {mask!r} must be padded with 0")
+    return tuple(specs), mask
+
+
 def _medserve_parameters(path: Path, proto: mc.ModelConfig) -> dict[str, str]:
     """medserve's own parameters, validated (the first allowed value is the default)."""
     values = {key: allowed[0] for key, allowed in MEDSERVE_PARAMETERS.items()}
     for key, param in proto.parameters.items():
         allowed = MEDSERVE_PARAMETERS.get(key)
+        if allowed is None and key in FREE_PARAMETERS:
+            continue
         if allowed is None:
             log.warning("%s: parameters[%r] is not a medserve parameter; it is ignored", path, key)
             continue
@@ -327,9 +397,45 @@ def complete(
                 f"{path}: max_batch_size {max_batch} > 0 but dim 0 of {not_batchable} in the ONNX graph is "
                 "not dynamic; set max_batch_size: 0 or export with a dynamic batch axis"
             )
-    inputs = _complete_tensors(path, "input", config.inputs, graph_inputs, max_batch > 0, require_all=True)
-    outputs = _complete_tensors(path, "output", config.outputs, graph_outputs, max_batch > 0, require_all=False)
-    return replace(config, max_batch_size=max_batch, batching=batching, inputs=inputs, outputs=outputs)
+    batched = max_batch > 0
+    if config.tokenizer is not None:
+        inputs = _text_inputs(path, config)
+        graph = _complete_tensors(path, "input", (), graph_inputs, batched, require_all=True)
+        if {g.name for g in graph} != set(config.tokenizer.inputs):
+            raise ConfigError(f"{path}: parameters['tokenizer_inputs'] {list(config.tokenizer.inputs)} must be the "
+                              f"graph's inputs {[g.name for g in graph]}")
+        if any(g.datatype != "INT64" for g in graph):
+            raise ConfigError(f"{path}: the tokenizer feeds INT64 token ids; the graph's inputs are "
+                              f"{[(g.name, g.datatype) for g in graph]}")
+    else:
+        inputs = graph = _complete_tensors(path, "input", config.inputs, graph_inputs, batched, require_all=True)
+    outputs = _complete_tensors(path, "output", config.outputs, graph_outputs, batched, require_all=False)
+    _check_padding(path, config, graph, batched)
+    return replace(config, max_batch_size=max_batch, batching=batching, inputs=inputs, outputs=outputs,
+                   graph_inputs=graph)
+
+
+def _text_inputs(path: Path, config: ModelConfig) -> tuple[TensorConfig, ...]:
+    """A tokenizer model's client-facing input: one BYTES string per row."""
+    if len(config.inputs) != 1 or config.inputs[0].datatype != "BYTES" or config.inputs[0].dims != (1,):
+        raise ConfigError(f"{path}: a model with parameters['tokenizer'] takes one input of data_type TYPE_STRING "
+                          "and dims [ 1 ] (the text, one string per row)")
+    if config.max_batch_size <= 0:
+        raise ConfigError(f"{path}: a model with parameters['tokenizer'] must batch (max_batch_size > 0)")
+    return config.inputs
+
+
+def _check_padding(path: Path, config: ModelConfig, graph: tuple[TensorConfig, ...], batched: bool) -> None:
+    by_name = {t.name: t for t in graph}
+    for spec in config.padding:
+        tensor = by_name.get(spec.input)
+        if tensor is None:
+            raise ConfigError(f"{path}: parameters['pad'] names {spec.input!r}, not an input of the graph "
+                              f"({sorted(by_name)})")
+        dims = ((-1,) if batched else ()) + tensor.dims
+        if not batched or not 1 <= spec.axis < len(dims) or dims[spec.axis] != -1:
+            raise ConfigError(f"{path}: parameters['pad'] {spec.input}:{spec.axis}: the axis must be a variable "
+                              f"dim after the batch dim (the input's dims are {list(dims)})")
 
 
 def to_proto(config: ModelConfig, extra_parameters: Mapping[str, str] | None = None) -> mc.ModelConfig:

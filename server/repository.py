@@ -37,6 +37,7 @@ from .onnx_refs import external_files
 from .runtime import OnnxModel, SessionOptions, instance_providers, zeros_like_spec
 from .signature import Signature
 from .stats import ModelStats
+from .tokenize import TokenizerStage
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class LoadedVersion:
     card: Mapping[str, object] | None
     executor: ThreadPoolExecutor
     warmups: tuple[tuple[int, float], ...] = ()  # (work, engine seconds) of the warm-ups: the cost model's seed
+    stage: TokenizerStage | None = None  # text models: strings -> the graph's token ids
     batcher: Batcher | None = None
     signature: Signature = field(init=False)
     label: str = field(init=False)  # "'name' version N", for messages (built once, not per request)
@@ -261,6 +263,8 @@ class ModelRepository:
                         max_queue_size=self._config.max_queue_size,
                         split_rows=config.max_batch_size if config.split_oversized else 0,
                         warmups=version.warmups,
+                        padding=config.padding,
+                        padded_outputs=padded_outputs(config),
                     ),
                     self._clock,
                     executor=version.executor,
@@ -363,9 +367,35 @@ class ModelRepository:
         model = OnnxModel(source, self._session_options, instances, shown=self.shown(model_path))
         where = config_path if config_path.exists() else model_path
         config = complete(self.shown(where), base, model.inputs, model.outputs)
+        stage = self._stage(version_dir, config, card)
         warmups = self._warm_up(base.name, version, config, model)
         executor = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"ort-{base.name}")
-        return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor, warmups)
+        return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor, warmups, stage=stage)
+
+    def _stage(self, version_dir: Path, config: ModelConfig, card: Mapping[str, object] | None) -> TokenizerStage | None:
+        """A text model's tokenizer, from the very bytes whose SHA-256 the card lists."""
+        tokenizer = config.tokenizer
+        if tokenizer is None:
+            return None
+        path = self._inside(version_dir / tokenizer.file, "the tokenizer")
+        shown = self.shown(version_dir / tokenizer.file)
+        listed = (card or {}).get("files")
+        expected = listed.get(tokenizer.file) if isinstance(listed, dict) else None
+        if expected is None:
+            raise ConfigError(f"{shown}: not listed with its SHA-256 in {CARD_FILENAME} files")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{shown}: cannot read the tokenizer: {type(exc).__name__}") from exc
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ConfigError(f"{shown}: its SHA-256 does not match {CARD_FILENAME}; refusing a swapped tokenizer")
+        pad_id = next((int(p.value) for p in config.padding if p.input == "input_ids"), 0)
+        try:
+            return TokenizerStage(data.decode("utf-8"), tokenizer, pad_id)
+        except ModuleNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises its own types
+            raise ConfigError(f"{shown}: the tokenizers library cannot load it: {type(exc).__name__}") from exc
 
     def _check_external_data(self, model_path: Path, model_bytes: bytes, card: Mapping[str, object] | None) -> bool:
         """Refuse external data unless each file is a plain relative path inside the version
@@ -534,11 +564,20 @@ WARM_ROWS = (1, 8, 64)  # batch sizes measured at load (up to max_batch_size)
 WARM_LENGTH = 16  # a variable dim's second measured size
 
 
+def padded_outputs(config: ModelConfig) -> tuple[tuple[str, int], ...]:
+    """The outputs that carry a padded model's padded axis: a variable dim at that axis."""
+    axes = {p.axis for p in config.padding}
+    batch = (-1,) if config.max_batch_size > 0 else ()
+    return tuple((t.name, axis) for t in config.outputs for axis in sorted(axes)
+                 if axis < len(batch + t.dims) and (batch + t.dims)[axis] == -1)
+
+
 def warm_inputs(config: ModelConfig) -> list[dict[str, np.ndarray]]:
-    """All-zero inputs for warm-up, smallest first: batch 1 with variable dims 1 (what every
-    servable version must accept), then larger batches, then variable dims at `WARM_LENGTH`."""
+    """All-zero inputs of the graph for warm-up, smallest first: batch 1 with variable dims 1
+    (what every servable version must accept), then larger batches, then variable dims at
+    `WARM_LENGTH`."""
     batched = config.max_batch_size > 0
-    required = [t for t in config.inputs if not t.optional]
+    required = [t for t in config.graph_inputs or config.inputs if not t.optional]
     rows = sorted({min(r, config.max_batch_size) for r in WARM_ROWS}) if batched else [0]
     variable = any(d < 0 for t in required for d in t.dims)
     sizes = [(r, 1) for r in rows] + ([(1 if batched else 0, WARM_LENGTH)] if variable else [])

@@ -34,7 +34,8 @@ class Signature:
     @classmethod
     def of(cls, config: ModelConfig) -> Signature:
         batch = (-1,) if config.max_batch_size > 0 else ()
-        fixed = config.max_batch_size > 0 and all(not t.optional and min(t.dims, default=0) >= 0 for t in config.inputs)
+        fixed = (config.max_batch_size > 0 and config.tokenizer is None and not config.padding
+                 and all(not t.optional and min(t.dims, default=0) >= 0 for t in config.inputs))
         return cls(
             inputs={t.name: t for t in config.inputs},
             shapes={t.name: batch + t.dims for t in config.inputs},

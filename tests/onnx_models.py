@@ -51,6 +51,31 @@ def variable_length(path: Path) -> Path:
     return _save(helper.make_graph(nodes, "varlen", [x], [m]), path)
 
 
+def masked_mean(path: Path) -> Path:
+    """A masked sequence model: seq FP32 [N, T, 3] and mask INT64 [N, T] -> m [N, 3] (the mean
+    over the unmasked steps) and h [N, T, 3] (2 x seq: an output that carries the time axis).
+    Padding with mask 0 changes neither answer for the real steps."""
+    seq = helper.make_tensor_value_info("seq", TensorProto.FLOAT, ["N", "T", 3])
+    mask = helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", "T"])
+    m = helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", 3])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", "T", 3])
+    nodes = [
+        helper.make_node("Cast", ["mask"], ["fm"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["fm", "last"], ["fm3"]),
+        helper.make_node("Mul", ["seq", "fm3"], ["kept"]),
+        helper.make_node("ReduceSum", ["kept", "time"], ["total"], keepdims=0),
+        helper.make_node("ReduceSum", ["fm3", "time"], ["count"], keepdims=0),
+        helper.make_node("Div", ["total", "count"], ["m"]),
+        helper.make_node("Mul", ["seq", "two"], ["h"]),
+    ]
+    init = [
+        numpy_helper.from_array(np.array([2], np.int64), "last"),
+        numpy_helper.from_array(np.array([1], np.int64), "time"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+    ]
+    return _save(helper.make_graph(nodes, "masked_mean", [seq, mask], [m, h], init), path)
+
+
 def gather(path: Path, table_size: int = 8, slow_layers: int = 0) -> Path:
     """Looks up rows of a fixed table: INT64 idx [N, 1] -> v [N, 1, 2]. An index outside the table
     makes onnxruntime fail at run time: the poisoned request of failure-isolation tests. With

@@ -15,11 +15,20 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from ..config import BatchingConfig, QueuePolicy, TimeoutAction
+from ..config import BatchingConfig, PadSpec, QueuePolicy, TimeoutAction
 from ..errors import DeadlineExceeded, ExecutionError, InvalidInput, ModelNotReady, QueueFull
 from .estimators import CostModel, CrowdEstimate, work_of
-from .execute import Outcome, Runner, execute, join_outputs, split_rows
-from .policy import Arrays, BatchRequest, Decision, PolicyConfig, QueuedItem, compatibility_key, decide
+from .execute import Outcome, Padding, Runner, execute, join_outputs, split_rows
+from .policy import (
+    Arrays,
+    BatchRequest,
+    Decision,
+    PolicyConfig,
+    QueuedItem,
+    batch_work,
+    compatibility_key,
+    decide,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,10 @@ class BatcherConfig:
     split_rows: int = 0
     inline_below_s: float = 100e-6
     warmups: tuple[tuple[int, float], ...] = ()
+    # Padded batching: inputs whose axis may be padded, and the outputs that carry that axis
+    # (output name, axis), sliced back to each request's own length.
+    padding: tuple[PadSpec, ...] = ()
+    padded_outputs: tuple[tuple[str, int], ...] = ()
 
     def policy(self) -> PolicyConfig:
         cfg = self.batching
@@ -81,6 +94,8 @@ class BatcherStats:
     executed_batches: int
     close_at_rows: int | None = None  # the learned crowd a batch closes at (None: the configured policy)
     inline_batches: int = 0  # of `executed_batches`, those run on the event loop
+    work_requested: int = 0  # input elements the executed requests carried ...
+    work_executed: int = 0  # ... and the batches ran (more with padding: the waste is the difference)
 
 
 @dataclass(slots=True, eq=False)
@@ -99,6 +114,8 @@ class _Counters:
     in_flight_requests: int = 0
     executed: int = 0
     inline: int = 0
+    work_requested: int = 0
+    work_executed: int = 0
     level_counts: dict[int, int] = field(default_factory=dict)
 
 
@@ -141,6 +158,9 @@ class Batcher:
         for work, seconds in config.warmups:
             self._cost.observe(work, seconds)
         self._batched = policy.max_batch_rows > 0 or config.split_rows > 0
+        self._padded_axes = {p.input: p.axis for p in config.padding}
+        self._pad_values = {p.input: (p.axis, p.value) for p in config.padding}
+        self._padded_outputs = dict(config.padded_outputs)
         self._queue: list[QueuedItem] = []
         self._seq = itertools.count()
         self._n = _Counters()
@@ -195,6 +215,8 @@ class Batcher:
             executed_batches=self._n.executed,
             close_at_rows=self._crowd.target() if self._crowd is not None else None,
             inline_batches=self._n.inline,
+            work_requested=self._n.work_requested,
+            work_executed=self._n.work_executed,
         )
 
     def estimate_s(self, work: int) -> float:
@@ -279,6 +301,7 @@ class Batcher:
     ) -> QueuedItem:
         if request.timing is not None:
             request.timing.queued_ns = time.time_ns()
+        length = self._length(request) if self._padded_axes else 0
         timeout_us = policy.default_timeout_us
         if request.timeout_us and policy.allow_timeout_override:  # may only shorten the policy's
             timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
@@ -290,9 +313,19 @@ class Batcher:
             enqueued_s=now,
             timeout_at_s=now + timeout_us / 1e6 if timeout_us else None,
             delay_on_timeout=policy.timeout_action is TimeoutAction.DELAY,
-            key=request.key if request.key is not None else compatibility_key(request.inputs, self._batched),
+            key=request.key if request.key is not None else compatibility_key(
+                request.inputs, self._batched, self._padded_axes),
             work=work,
+            length=length,
         )
+
+    def _length(self, request: BatchRequest) -> int:
+        """The request's length along the padded axis (every padded input must agree)."""
+        lengths = {name: request.inputs[name].shape[axis] for name, axis in self._padded_axes.items()
+                   if name in request.inputs}
+        if len(set(lengths.values())) > 1:
+            raise InvalidInput(f"model {self._name}: the padded inputs disagree on their length: {lengths}")
+        return max(1, next(iter(lengths.values()), 1))
 
     def _enqueue(self, item: QueuedItem) -> None:
         self._queue.append(item)
@@ -394,7 +427,7 @@ class Batcher:
         self._settle(items)
         if self._crowd is not None:
             self._crowd.observe(sum(it.rows for it in items))
-        flight = _Flight(items, self._clock(), work=sum(it.work for it in items))
+        flight = _Flight(items, self._clock(), work=batch_work(items))
         self._flights.append(flight)
         self._n.in_flight += 1
         self._n.in_flight_requests += len(items)
@@ -403,17 +436,19 @@ class Batcher:
         for it in items:
             if it.request.timing is not None:
                 it.request.timing.started_ns = time.time_ns()
+        padding = (Padding(self._pad_values, self._padded_outputs, [it.length for it in items])
+                   if self._pad_values else None)
         if decision.inline:
             self._n.inline += 1
             try:
-                flight.outcome = execute(self._runner, members, rows, self._name, self._engine_clock)
+                flight.outcome = execute(self._runner, members, rows, self._name, self._engine_clock, padding)
             except BaseException as exc:  # noqa: BLE001 - every future must be resolved
                 flight.outcome = exc
             self._finished()
             return
         assert self._loop is not None
         done = self._loop.run_in_executor(
-            self._executor, execute, self._runner, members, rows, self._name, self._engine_clock
+            self._executor, execute, self._runner, members, rows, self._name, self._engine_clock, padding
         )
         done.add_done_callback(lambda f: self._on_executed(flight, f))
 
@@ -449,6 +484,8 @@ class Batcher:
                 self._fail(item, ExecutionError(f"model {self._name}: batch failed: {type(outcome).__name__}"))
             return
         rows = sum(it.rows for it in items)
+        self._n.work_requested += sum(it.work for it in items)
+        self._n.work_executed += flight.work
         if outcome.clean:
             self._cost.observe(flight.work, outcome.infer_s)
         if self._observer is not None:

@@ -55,21 +55,58 @@ def execution_failure(name: str, exc: Exception) -> ExecutionError:
     return error
 
 
-def execute(runner: Runner, members: Sequence[Arrays], rows: Sequence[int], name: str, engine_clock: Clock) -> Outcome:
-    """Concatenate, run and split one batch; on failure bisect so only culprits fail."""
+@dataclass(frozen=True, slots=True)
+class Padding:
+    """How a padded model's batch is assembled: `inputs` maps each padded input to (axis, pad
+    value); `outputs` maps each output that carries the padded axis to that axis (sliced back
+    per member); `lengths[i]` is member i's own length."""
+
+    inputs: Mapping[str, tuple[int, float]]
+    outputs: Mapping[str, int]
+    lengths: Sequence[int]
+
+
+def pad_to(array: np.ndarray, axis: int, length: int, value: float) -> np.ndarray:
+    """`array` padded with `value` along `axis` to `length`."""
+    short = length - array.shape[axis]
+    if short <= 0:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, short)
+    return np.pad(array, widths, constant_values=value)
+
+
+def concatenate(members: Sequence[Arrays], padding: Padding | None = None) -> dict[str, np.ndarray]:
+    """The members' inputs as one batch: concatenated along dim 0, padded inputs first padded to
+    the longest member."""
+    if len(members) == 1:
+        return dict(members[0])
+    out = {}
+    for n in members[0]:
+        arrays = [m[n] for m in members]
+        if padding is not None and n in padding.inputs:
+            axis, value = padding.inputs[n]
+            longest = max(a.shape[axis] for a in arrays)
+            arrays = [pad_to(a, axis, longest, value) for a in arrays]
+        out[n] = np.concatenate(arrays)
+    return out
+
+
+def execute(runner: Runner, members: Sequence[Arrays], rows: Sequence[int], name: str, engine_clock: Clock,
+            padding: Padding | None = None) -> Outcome:
+    """Concatenate (padding where declared), run and split one batch; on failure bisect so only
+    culprits fail."""
     outcome = Outcome()
-    outcome.outputs = _run_group(runner, list(members), list(rows), name, engine_clock, outcome)
+    outcome.outputs = _run_group(runner, list(members), list(rows), name, engine_clock, outcome, padding)
     return outcome
 
 
 def _run_group(
-    runner: Runner, members: list[Arrays], rows: list[int], name: str, clock: Clock, outcome: Outcome
+    runner: Runner, members: list[Arrays], rows: list[int], name: str, clock: Clock, outcome: Outcome,
+    padding: Padding | None = None,
 ) -> list[Arrays | BaseException]:
     t0 = clock()
-    if len(members) == 1:
-        inputs = members[0]
-    else:
-        inputs = {n: np.concatenate([m[n] for m in members]) for n in members[0]}
+    inputs = concatenate(members, padding)
     t1 = clock()
     try:
         outputs = runner(inputs)
@@ -79,8 +116,11 @@ def _run_group(
         if len(members) == 1:
             return [execution_failure(name, exc)]
         half = len(members) // 2
-        return (_run_group(runner, members[:half], rows[:half], name, clock, outcome)
-                + _run_group(runner, members[half:], rows[half:], name, clock, outcome))
+        first, second = (padding, padding) if padding is None else (
+            Padding(padding.inputs, padding.outputs, padding.lengths[:half]),
+            Padding(padding.inputs, padding.outputs, padding.lengths[half:]))
+        return (_run_group(runner, members[:half], rows[:half], name, clock, outcome, first)
+                + _run_group(runner, members[half:], rows[half:], name, clock, outcome, second))
     t2 = clock()
     outcome.input_s += t1 - t0
     outcome.infer_s += t2 - t1
@@ -93,9 +133,24 @@ def _run_group(
             err = ExecutionError(f"model {name}: output {bad[0]!r} has dim 0 != batch rows {total}; cannot split")
             return [err] * len(members)
         bounds = list(itertools.accumulate(rows, initial=0))
-        result = [{n: a[start:end] for n, a in outputs.items()} for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        parts = [{n: a[start:end] for n, a in outputs.items()} for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        if padding is not None and padding.outputs:
+            parts = [
+                {n: _unpad(a, padding.outputs.get(n), length) for n, a in member.items()}
+                for member, length in zip(parts, padding.lengths, strict=True)
+            ]
+        result = list(parts)
     outcome.output_s += clock() - t2
     return result
+
+
+def _unpad(array: np.ndarray, axis: int | None, length: int) -> np.ndarray:
+    """An output that carries the padded axis, cut back to its member's own length."""
+    if axis is None or array.ndim <= axis:
+        return array
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(0, length)
+    return array[tuple(index)]
 
 
 def split_rows(inputs: Arrays, rows: int, limit: int) -> list[tuple[Arrays, int]]:

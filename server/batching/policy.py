@@ -60,6 +60,7 @@ class QueuedItem:
     delay_on_timeout: bool
     key: Hashable
     work: int
+    length: int = 0  # the padded axis' length (padded batching); 0 = the model does not pad
 
     @property
     def rows(self) -> int:
@@ -102,9 +103,25 @@ class Decision:
 WAIT = Decision()
 
 
-def compatibility_key(inputs: Arrays, batched: bool) -> Hashable:
-    """Requests share a batch only if input names, dtypes and non-batch dims all match."""
-    return tuple((name, a.dtype.str, a.shape[1:] if batched else a.shape) for name, a in sorted(inputs.items()))
+def compatibility_key(inputs: Arrays, batched: bool, padded: Mapping[str, int] | None = None) -> Hashable:
+    """Requests share a batch only if input names, dtypes and non-batch dims all match — except
+    a padded axis (`padded`: input -> axis), whose length may differ."""
+    def dims(name: str, a: np.ndarray) -> tuple[int, ...]:
+        shape = a.shape
+        if padded and name in padded:
+            axis = padded[name]
+            shape = shape[:axis] + (-1,) + shape[axis + 1 :]
+        return shape[1:] if batched else shape
+
+    return tuple((name, a.dtype.str, dims(name, a)) for name, a in sorted(inputs.items()))
+
+
+def batch_work(batch: Sequence[QueuedItem]) -> int:
+    """The work a batch carries as executed: with padding, every member at the longest length."""
+    longest = max((it.length for it in batch), default=0)
+    if not longest:
+        return sum(it.work for it in batch)
+    return round(sum(it.work * longest / it.length for it in batch))
 
 
 def runs_inline(work: int, cfg: PolicyConfig, cost: CostEstimate) -> bool:
@@ -191,7 +208,7 @@ def decide(
             batch, ready_at = members[:1], now
         else:
             batch, full = _candidate(members, cfg, close_at)
-            work = sum(it.work for it in batch)
+            work = batch_work(batch)
             oldest = min(it.enqueued_s for it in batch)
             ready_at = now if full else oldest + cfg.max_queue_delay_s
             for it in batch:
@@ -204,7 +221,7 @@ def decide(
             wake_at = min(wake_at, ready_at)
 
     if best is not None and free_slots > 0:
-        work = sum(it.work for it in best[1])
+        work = batch_work(best[1])
         return Decision(run=tuple(best[1]), inline=runs_inline(work, cfg, cost), expire=tuple(expire),
                         drop=tuple(drop))
     if free_slots <= 0:

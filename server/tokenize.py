@@ -1,0 +1,48 @@
+"""The tokenizer stage of a text model: the client sends one string per row, the server turns the
+strings into the graph's token ids and attention mask with the Hugging Face `tokenizers`
+library, from the `tokenizer.json` published beside the model (and covered by the card's
+hashes), truncated at the configured maximum length. A request's rows are padded to its own
+longest row; the batcher pads requests of different lengths to a common one (`PadSpec`).
+
+Why a stage in the server rather than tokenization inside the ONNX graph (onnxruntime-
+extensions): the same `tokenizer.json` the model was trained with runs unchanged, with the
+library's own truncation rules; no custom-op library has to load into every session; and
+`perf/bench_text.py` measures the two side by side.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .config import TokenizerConfig
+
+
+class TokenizerStage:
+    """Text rows -> {input_ids, attention_mask[, token_type_ids]} INT64 [rows, longest]."""
+
+    def __init__(self, tokenizer_json: str, config: TokenizerConfig, pad_id: int) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_str(tokenizer_json)
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=config.max_length, strategy=config.truncation)
+        self._inputs = config.inputs
+        self._pad_id = pad_id
+        self.max_length = config.max_length
+
+    def __call__(self, texts: np.ndarray) -> dict[str, np.ndarray]:
+        """`texts`: str objects [rows, 1] (validated and decoded already)."""
+        encodings = self._tokenizer.encode_batch([str(t) for t in texts.reshape(-1)])
+        longest = max((len(e.ids) for e in encodings), default=1) or 1
+        rows = len(encodings)
+        ids = np.full((rows, longest), self._pad_id, np.int64)
+        mask = np.zeros((rows, longest), np.int64)
+        types = np.zeros((rows, longest), np.int64)
+        for i, e in enumerate(encodings):
+            n = len(e.ids)
+            ids[i, :n] = e.ids
+            mask[i, :n] = e.attention_mask
+            types[i, :n] = e.type_ids
+        out: Mapping[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: out[name] for name in self._inputs}
