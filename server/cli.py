@@ -64,6 +64,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--max-connection-age-s", type=float, default=3600.0, help="recycle connections this old")
     p.add_argument("--min-ping-interval-s", type=float, default=10.0,
                    help="a client pinging more often is disconnected (keepalive enforcement)")
+    p.add_argument("--inline-below-us", type=int, default=100,
+                   help="batches measured faster than this run on the event loop, not a worker thread (0 = never)")
     p.add_argument("--max-tensor-elements", type=int, default=1 << 26, help="elements of one input tensor")
     p.add_argument("--max-bytes-elements", type=int, default=1 << 20, help="elements of one BYTES input tensor")
     p.add_argument("--max-bytes-element-size", type=int, default=1 << 20, help="bytes of one BYTES element")
@@ -127,6 +129,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         max_connection_age_s=args.max_connection_age_s,
         min_ping_interval_s=args.min_ping_interval_s,
         max_tensor_elements=args.max_tensor_elements,
+        inline_below_us=args.inline_below_us,
         max_bytes_elements=args.max_bytes_elements,
         max_bytes_element_size=args.max_bytes_element_size,
     )

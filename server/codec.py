@@ -5,6 +5,7 @@ read). Errors are `InvalidInput` naming model, version, tensor, expected and got
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,6 +211,8 @@ def decode_infer_request(
 def encode_infer_response(result: InferResult) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
     response.parameters["model_sha256"].string_param = result.sha256
+    if result.out_of_range:
+        response.parameters["out_of_range_features"].string_param = json.dumps(list(result.out_of_range))
     outputs = response.outputs
     raw = response.raw_output_contents
     for out in result.outputs:

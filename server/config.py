@@ -209,6 +209,9 @@ class ServerConfig:
     max_connection_idle_s: float = 900.0  # a connection without calls this long is closed
     max_connection_age_s: float = 3600.0  # connections are recycled after this long (GOAWAY) ...
     max_connection_age_grace_s: float = 60.0  # ... their calls in progress get this long to finish
+    # A batch measured to execute faster than this runs on the event loop (a thread hand-off each
+    # way would cost more); 0 = always on a worker thread.
+    inline_below_us: int = 100
     max_tensor_elements: int = 1 << 26  # elements of one input tensor
     max_bytes_elements: int = 1 << 20  # elements of one BYTES input tensor
     max_bytes_element_size: int = 1 << 20  # bytes of one BYTES element
@@ -237,6 +240,7 @@ class ServerConfig:
             ("--max-concurrent-rpcs", self.max_concurrent_rpcs, self.max_concurrent_rpcs >= 1, ">= 1"),
             ("--max-streams-per-connection", self.max_streams_per_connection, self.max_streams_per_connection >= 1,
              ">= 1"),
+            ("--inline-below-us", self.inline_below_us, self.inline_below_us >= 0, ">= 0 microseconds"),
             ("--max-tensor-elements", self.max_tensor_elements, self.max_tensor_elements >= 1, ">= 1"),
             ("--max-bytes-elements", self.max_bytes_elements, self.max_bytes_elements >= 1, ">= 1"),
             ("--max-bytes-element-size", self.max_bytes_element_size, self.max_bytes_element_size >= 1, ">= 1"),

@@ -49,6 +49,7 @@ class InferResult:
     sha256: str
     outputs: tuple[OutputTensor, ...]
     rows: int = 0
+    out_of_range: tuple[str, ...] = ()  # features with a value outside the training range (scored, flagged)
 
 
 TOKENIZE_INLINE_CHARS = 4096  # more text than this is tokenized off the event loop
@@ -91,6 +92,7 @@ class InferenceCore:
         label = loaded.label
         wanted = signature.check_outputs(label, request.outputs)
         inputs, rows = signature.validate(label, request.inputs)
+        flagged = loaded.monitor.check(inputs) if loaded.monitor is not None else ()
         if loaded.stage is not None:
             inputs = await self._tokenize(loaded, inputs)
         batcher = loaded.batcher
@@ -117,4 +119,5 @@ class InferenceCore:
             if array is None:
                 raise ExecutionError(f"model {label}: runtime returned no output {name!r}")
             tensors.append(OutputTensor(name, signature.outputs[name].datatype, array))
-        return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors), rows)
+        return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors), rows,
+                           flagged)

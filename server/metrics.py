@@ -64,6 +64,12 @@ class RepositoryCollector(Collector):
         in_flight = GaugeMetricFamily("medserve_requests_in_flight", "Requests being served now", labels=_LABELS)
         state = GaugeMetricFamily("medserve_model_state", "1 for each model version's current state",
                                   labels=[*_LABELS, "state"])
+        out_of_range = CounterMetricFamily(
+            "medserve_out_of_range", "Requests with a value outside the training 1st-99th percentile range, by feature",
+            labels=[*_LABELS, "feature"])
+        psi = GaugeMetricFamily("medserve_feature_psi",
+                                "Population stability index of recent rows against the training deciles",
+                                labels=[*_LABELS, "feature"])
         for row in self._repository.index():
             state.add_metric([self._worker, row.name, row.version, row.state], 1)
         for v in self._repository.loaded_versions():
@@ -79,6 +85,11 @@ class RepositoryCollector(Collector):
             for code, count in sorted(by_code.items()):
                 failures.add_metric([*labels, code], count)
             in_flight.add_metric(labels, s.in_flight)
+            if v.monitor is not None:
+                for feature, count in v.monitor.out_of_range.items():
+                    out_of_range.add_metric([*labels, feature], count)
+                for feature, value in v.monitor.psi().items():
+                    psi.add_metric([*labels, feature], value)
             for outcome, d in (("success", s.success), ("fail", s.fail)):
                 requests.add_metric([*labels, outcome], d.count)
                 request_seconds.add_metric([*labels, outcome], d.ns / 1e9)
@@ -99,7 +110,7 @@ class RepositoryCollector(Collector):
                 if snapshot.close_at_rows is not None:
                     close_at.add_metric(labels, snapshot.close_at_rows)
         yield from (requests, request_seconds, phase_seconds, inferences, executions, batches, queued, close_at,
-                    request_h, queue_h, compute_h, batch_h, failures, in_flight, state)
+                    request_h, queue_h, compute_h, batch_h, failures, in_flight, state, out_of_range, psi)
         yield from gpu_metrics()
 
 

@@ -33,6 +33,7 @@ from .config import ModelConfig, ServerConfig
 from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady, model_label
 from .layout import CARD_FILENAME, CONFIG_FILENAME, MODEL_NAME_RULE, is_model_name, parse_version
 from .model_config import complete, from_proto, read_config_proto
+from .monitor import FeatureMonitor
 from .onnx_refs import external_files
 from .runtime import OnnxModel, SessionOptions, instance_providers, zeros_like_spec
 from .signature import Signature
@@ -64,6 +65,7 @@ class LoadedVersion:
     executor: ThreadPoolExecutor
     warmups: tuple[tuple[int, float], ...] = ()  # (work, engine seconds) of the warm-ups: the cost model's seed
     stage: TokenizerStage | None = None  # text models: strings -> the graph's token ids
+    monitor: FeatureMonitor | None = None  # tabular models: clinical limits, range flags, drift
     batcher: Batcher | None = None
     signature: Signature = field(init=False)
     label: str = field(init=False)  # "'name' version N", for messages (built once, not per request)
@@ -71,6 +73,7 @@ class LoadedVersion:
     def __post_init__(self) -> None:
         self.signature = Signature.of(self.config)
         self.label = model_label(self.name, self.version)
+        self.monitor = FeatureMonitor.from_card(self.label, self.card, {t.name: t.dims for t in self.config.inputs})
 
     def card_list(self, key: str) -> list[str] | None:
         value = (self.card or {}).get(key)
@@ -263,6 +266,7 @@ class ModelRepository:
                         max_queue_size=self._config.max_queue_size,
                         split_rows=config.max_batch_size if config.split_oversized else 0,
                         warmups=version.warmups,
+                        inline_below_s=self._config.inline_below_us / 1e6,
                         padding=config.padding,
                         padded_outputs=padded_outputs(config),
                     ),
@@ -353,6 +357,7 @@ class ModelRepository:
         sha256 = hashlib.sha256(model_bytes).hexdigest()
         card = self._read_card(base.name, version, version_dir, sha256)
         external = self._check_external_data(model_path, model_bytes, card)
+        self._check_listed_files(version_dir, card)
         try:
             instances = [
                 plan
@@ -371,6 +376,23 @@ class ModelRepository:
         warmups = self._warm_up(base.name, version, config, model)
         executor = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"ort-{base.name}")
         return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor, warmups, stage=stage)
+
+    def _check_listed_files(self, version_dir: Path, card: Mapping[str, object] | None) -> None:
+        """Every file the card lists (`files`: name -> SHA-256) is there, inside the version
+        folder, with that hash: a version whose files were swapped does not load."""
+        listed = (card or {}).get("files")
+        if listed is None:
+            return
+        if not isinstance(listed, dict):
+            raise ConfigError(f"{self.shown(version_dir / CARD_FILENAME)}: files must map file names to SHA-256")
+        for name, digest in sorted(listed.items()):
+            path = version_dir / str(name)
+            shown = self.shown(path)
+            if Path(str(name)).is_absolute() or ".." in Path(str(name)).parts:
+                raise ConfigError(f"{shown}: a listed file must be inside the version folder")
+            self._inside(path, "a listed file")
+            if not path.is_file() or sha256_of(path) != digest:
+                raise ConfigError(f"{shown}: missing, or its SHA-256 does not match {CARD_FILENAME} files")
 
     def _stage(self, version_dir: Path, config: ModelConfig, card: Mapping[str, object] | None) -> TokenizerStage | None:
         """A text model's tokenizer, from the very bytes whose SHA-256 the card lists."""

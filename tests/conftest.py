@@ -126,9 +126,10 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
 
 class GatedModel:
     """Wraps a loaded model so a test decides when executions may proceed: while `gate` is
-    clear, every execution waits in its worker thread (the instance stays busy). Gate only slow
-    models (onnx_models.slow, gather with slow_layers): batches estimated under 100 µs run on
-    the event loop itself, where a closed gate would stall the whole server."""
+    clear, every execution waits in its worker thread (the instance stays busy). Gate slow models
+    (onnx_models.slow, gather with slow_layers), or start the server with `inline_below_us=0`:
+    batches measured under 100 µs run on the event loop itself, where a closed gate would stall
+    the whole server."""
 
     def __init__(self, model: Any, gate: threading.Event) -> None:
         self._model = model
@@ -144,10 +145,14 @@ class GatedModel:
 
 
 def gated_repository(gates: dict[str, threading.Event]) -> Any:
-    """A ModelRepository class whose models named in `gates` execute only while their gate is set."""
+    """A ModelRepository class whose models named in `gates` execute only while their gate is
+    set; nothing runs inline on the event loop (a closed gate there would stall the server)."""
     from medserve.server.repository import ModelRepository
 
     class GatedRepository(ModelRepository):
+        def __init__(self, config: Any, **kw: Any) -> None:
+            super().__init__(replace(config, inline_below_us=0), **kw)
+
         def _load_version(self, *args: Any) -> Any:
             loaded = super()._load_version(*args)
             gate = gates.get(loaded.name)

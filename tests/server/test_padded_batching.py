@@ -102,7 +102,8 @@ def outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
 
 def test_concurrent_requests_of_different_lengths_run_in_shared_batches(repo: Path) -> None:
     gate = threading.Event()
-    with running_server(repo, repository_cls=gated_repository({"seqmean": gate})) as server:
+    # A gate blocks the thread that executes: never the event loop (inline execution off).
+    with running_server(repo, repository_cls=gated_repository({"seqmean": gate}), inline_below_us=0) as server:
         stub = server.stub()
         alone = {}
         gate.set()
@@ -185,7 +186,7 @@ def test_the_transformer_demo_answers_the_same_padded_and_alone(tmp_path: Path) 
             req.raw_input_contents.append(to_raw(array))
         return req
 
-    with running_server(repo, repository_cls=gated_repository({"notes": gate})) as server:
+    with running_server(repo, repository_cls=gated_repository({"notes": gate}), inline_below_us=0) as server:
         stub = server.stub()
         gate.set()
         alone = [outputs(stub.ModelInfer(request(t), timeout=30)) for t in notes]
