@@ -1,0 +1,98 @@
+"""Serving-time checks from the model card: clinical limits refused naming the feature (never
+the value), training-range flags and their counter, and PSI that rises on a shifted stream while
+staying low on an in-distribution one."""
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from medserve.protos import grpc_service_pb2 as pb
+from medserve.protos.wire import to_raw
+from medserve.server.monitor import PSI_CHUNKS, PSI_WINDOW_ROWS, FeatureMonitor
+
+import onnx_models
+from conftest import running_server
+
+FEATURES = ["heart_rate", "resp_rate", "temp", "spo2"]
+RANGES = {"heart_rate": [50, 130], "resp_rate": [10, 30], "temp": [35.5, 39.5], "spo2": [88, 100]}
+LIMITS = {"heart_rate": [0, 300], "spo2": [0, 100]}
+RNG = np.random.default_rng(0)
+TRAINING = np.column_stack([RNG.normal(80, 15, 20000), RNG.normal(18, 4, 20000), RNG.normal(37, 0.7, 20000),
+                            RNG.normal(96, 2, 20000)])
+DECILES = {n: np.percentile(TRAINING[:, i], np.arange(10, 100, 10)).tolist() for i, n in enumerate(FEATURES)}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    path = onnx_models.affine(root / "vitals" / "1" / "model.onnx")
+    import hashlib
+
+    card = {"model_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "feature_names": FEATURES,
+            "feature_ranges": RANGES, "feature_limits": LIMITS, "feature_deciles": DECILES}
+    (path.parent / "model_card.json").write_text(json.dumps(card))
+    return root
+
+
+def request(x: np.ndarray) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="vitals")
+    req.inputs.add(name="x", datatype="FP32", shape=x.shape)
+    req.raw_input_contents.append(to_raw(x.astype(np.float32)))
+    return req
+
+
+def test_a_value_outside_a_clinical_limit_is_refused_naming_the_feature(repo: Path) -> None:
+    with running_server(repo) as server:
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub().ModelInfer(request(np.array([[80, 18, 37, 96], [912.5, 18, 37, 96]])), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "feature 'heart_rate' is outside its clinical limits" in info.value.details()
+    assert "912" not in info.value.details()
+
+
+def test_a_value_outside_the_training_range_is_scored_flagged_and_counted(repo: Path) -> None:
+    with running_server(repo, metrics_port=0) as server:
+        stub = server.stub()
+        normal = stub.ModelInfer(request(np.array([[80, 18, 37, 96]])), timeout=30)
+        assert "out_of_range_features" not in normal.parameters
+        odd = stub.ModelInfer(request(np.array([[80, 18, 37, 96], [150, 18, 41, 96]])), timeout=30)
+        assert json.loads(odd.parameters["out_of_range_features"].string_param) == ["heart_rate", "temp"]
+        assert odd.outputs  # scored all the same
+        stub.ModelInfer(request(np.array([[80, 45, 37, 96]])), timeout=30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {s.labels["feature"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == "medserve_out_of_range_total"}
+    assert counts == {"heart_rate": 1, "resp_rate": 1, "temp": 1, "spo2": 0}
+
+
+def test_psi_rises_on_a_shifted_stream_and_stays_low_in_distribution() -> None:
+    rng = np.random.default_rng(7)
+
+    def stream(shift: float) -> dict[str, float]:
+        monitor = FeatureMonitor("'m' version 1", "x", FEATURES, range(4), {}, {}, DECILES)
+        sample = np.column_stack([rng.normal(80 + shift, 15, PSI_WINDOW_ROWS), rng.normal(18, 4, PSI_WINDOW_ROWS),
+                                  rng.normal(37, 0.7, PSI_WINDOW_ROWS), rng.normal(96, 2, PSI_WINDOW_ROWS)])
+        for start in range(0, PSI_WINDOW_ROWS, 50):
+            monitor.check({"x": sample[start:start + 50].astype(np.float32)})
+        return monitor.psi()
+
+    steady, shifted = stream(0.0), stream(20.0)
+    assert max(steady.values()) < 0.02
+    assert shifted["heart_rate"] > 0.25  # the usual threshold for a significant shift
+    assert shifted["resp_rate"] < 0.02 and shifted["temp"] < 0.02  # only the shifted feature moves
+
+
+def test_psi_needs_a_chunk_of_rows_before_it_reports() -> None:
+    monitor = FeatureMonitor("'m' version 1", "x", FEATURES, range(4), {}, {}, DECILES)
+    monitor.check({"x": TRAINING[: PSI_WINDOW_ROWS // PSI_CHUNKS - 1].astype(np.float32)})
+    assert monitor.psi() == {}
+    monitor.check({"x": TRAINING[:2].astype(np.float32)})
+    assert set(monitor.psi()) == set(FEATURES)
