@@ -34,6 +34,15 @@ def _int_param(label: str, key: str, param: pb.InferParameter) -> int:
     return value
 
 
+def _bool_param(label: str, key: str, param: pb.InferParameter) -> bool:
+    which = param.WhichOneof("parameter_choice")
+    if which == "bool_param":
+        return bool(param.bool_param)
+    if which == "string_param" and param.string_param.lower() in ("true", "false"):
+        return param.string_param.lower() == "true"
+    raise InvalidInput(f"model {label}: parameter {key!r} must be true or false, got {which or 'nothing'}")
+
+
 def _typed_array(
     label: str, tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...], limits: DecodeLimits
 ) -> np.ndarray:
@@ -189,13 +198,15 @@ def decode_infer_request(
             raise InvalidInput(f"model {_label(request)}: output {out.name!r} is requested twice")
         outputs.append(out.name)
 
-    priority, timeout_us = 0, None
+    priority, timeout_us, explain = 0, None, False
     params = request.parameters
     if params:  # most requests carry none
         if "priority" in params:
             priority = _int_param(_label(request), "priority", params["priority"])
         if "timeout" in params:
             timeout_us = _int_param(_label(request), "timeout", params["timeout"]) or None
+        if "explain" in params:
+            explain = _bool_param(_label(request), "explain", params["explain"])
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
@@ -205,6 +216,7 @@ def decode_infer_request(
         priority=priority,
         timeout_us=timeout_us,
         deadline_s=deadline_s,
+        explain=explain,
     )
 
 
@@ -213,6 +225,8 @@ def encode_infer_response(result: InferResult) -> pb.ModelInferResponse:
     response.parameters["model_sha256"].string_param = result.sha256
     if result.out_of_range:
         response.parameters["out_of_range_features"].string_param = json.dumps(list(result.out_of_range))
+    for key, value in result.parameters:
+        response.parameters[key].string_param = value
     outputs = response.outputs
     raw = response.raw_output_contents
     for out in result.outputs:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import BatchRequest, Clock, RequestTiming
-from .errors import ExecutionError
+from .batching import BACKGROUND, BatchRequest, Clock, RequestTiming
+from .errors import ExecutionError, InvalidInput
+from .explain import Explainer, Explanation
 from .repository import LoadedVersion, ModelRepository
 
 
@@ -30,6 +31,7 @@ class InferRequest:
     timeout_us: int | None = None
     deadline_s: float | None = None
     timing: RequestTiming | None = None  # a traced request: the batcher notes its phases here
+    explain: bool = False  # request parameter `explain`: add attributions to the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,7 @@ class InferResult:
     outputs: tuple[OutputTensor, ...]
     rows: int = 0
     out_of_range: tuple[str, ...] = ()  # features with a value outside the training range (scored, flagged)
+    parameters: tuple[tuple[str, str], ...] = ()  # more response parameters (explain_method, explain_output)
 
 
 TOKENIZE_INLINE_CHARS = 4096  # more text than this is tokenized off the event loop
@@ -119,5 +122,37 @@ class InferenceCore:
             if array is None:
                 raise ExecutionError(f"model {label}: runtime returned no output {name!r}")
             tensors.append(OutputTensor(name, signature.outputs[name].datatype, array))
+        parameters: tuple[tuple[str, str], ...] = ()
+        if request.explain:
+            explanation = await self._explain(loaded, inputs, outputs)
+            single = len(explanation.attributions) == 1
+            for input_name, attribution in sorted(explanation.attributions.items()):
+                tensors.append(OutputTensor("attributions" if single else f"attributions.{input_name}", "FP32",
+                                            attribution))
+            tensors.append(OutputTensor("base_value", "FP32", explanation.base_value))
+            parameters = (("explain_method", explanation.method), ("explain_output", explanation.output))
         return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors), rows,
-                           flagged)
+                           flagged, parameters)
+
+    async def _explain(self, loaded: LoadedVersion, inputs: Mapping[str, np.ndarray],
+                       outputs: Mapping[str, np.ndarray]) -> Explanation:
+        batcher = loaded.batcher
+        assert batcher is not None
+        limit = max(1, loaded.config.max_batch_size)
+
+        async def evaluate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            """Perturbed rows through the model's own batcher, after every caller's request."""
+            total = next(iter(batch.values())).shape[0]
+            parts = [batcher.submit(BatchRequest({n: a[start:start + limit] for n, a in batch.items()},
+                                                 rows=min(limit, total - start), priority=BACKGROUND))
+                     for start in range(0, total, limit)]
+            answers = await asyncio.gather(*parts)
+            return {n: np.concatenate([a[n] for a in answers]) for n in answers[0]}
+
+        if loaded.explainer is None:  # one per version, made on its first explanation
+            loaded.explainer = Explainer(loaded.label, loaded.config, loaded.card, evaluate)
+        explainer = loaded.explainer
+        output = outputs[str(explainer.output)] if explainer.output in outputs else None
+        if output is None:
+            raise InvalidInput(f"model {loaded.label} cannot be explained: {explainer.refuse() or 'no output'}")
+        return await explainer.explain(inputs, output)

@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 from .batching import Batcher, BatcherConfig, Clock, work_of
 from .config import ModelConfig, ServerConfig
 from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady, model_label
+from .explain import Explainer
 from .layout import CARD_FILENAME, CONFIG_FILENAME, MODEL_NAME_RULE, is_model_name, parse_version
 from .model_config import complete, from_proto, read_config_proto
 from .monitor import FeatureMonitor
@@ -66,6 +67,7 @@ class LoadedVersion:
     warmups: tuple[tuple[int, float], ...] = ()  # (work, engine seconds) of the warm-ups: the cost model's seed
     stage: TokenizerStage | None = None  # text models: strings -> the graph's token ids
     monitor: FeatureMonitor | None = None  # tabular models: clinical limits, range flags, drift
+    explainer: Explainer | None = None  # made on the version's first explanation
     batcher: Batcher | None = None
     signature: Signature = field(init=False)
     label: str = field(init=False)  # "'name' version N", for messages (built once, not per request)

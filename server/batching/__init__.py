@@ -56,6 +56,7 @@ from .driver import Batcher, BatcherConfig, BatcherStats, BatchObserver, Clock, 
 from .estimators import CostModel, CrowdEstimate, work_of
 from .execute import Outcome, Runner, execute, execution_failure, join_outputs, split_rows
 from .policy import (
+    BACKGROUND,
     Arrays,
     BatchRequest,
     CostEstimate,
@@ -69,6 +70,7 @@ from .policy import (
 )
 
 __all__ = [
+    "BACKGROUND",
     "Arrays",
     "BatchObserver",
     "BatchRequest",

@@ -20,6 +20,8 @@ from ..errors import DeadlineExceeded, ExecutionError, InvalidInput, ModelNotRea
 from .estimators import CostModel, CrowdEstimate, work_of
 from .execute import Outcome, Padding, Runner, execute, join_outputs, split_rows
 from .policy import (
+    BACKGROUND,
+    BACKGROUND_LEVEL,
     Arrays,
     BatchRequest,
     Decision,
@@ -335,6 +337,8 @@ class Batcher:
 
     def _level(self, priority: int) -> tuple[int, QueuePolicy]:
         cfg = self._config.batching
+        if priority == BACKGROUND:  # after every caller's request, whatever the model's levels
+            return BACKGROUND_LEVEL, cfg.default_queue_policy if cfg is not None else QueuePolicy()
         if cfg is None:
             return 0, QueuePolicy()
         levels = cfg.priority_levels

@@ -17,6 +17,11 @@ import numpy as np
 
 Arrays = Mapping[str, np.ndarray]
 
+# The priority of the server's own work (an explanation's perturbed rows): its requests rank
+# after every caller's, so explanations never starve predictions.
+BACKGROUND = -1
+BACKGROUND_LEVEL = 1 << 20
+
 
 @dataclass(slots=True)
 class RequestTiming:
@@ -33,7 +38,7 @@ class BatchRequest:
     """One caller's request as the batcher sees it.
 
     `deadline_s` is absolute on the batcher's clock (None = no deadline). `priority` 0 means the
-    model's default level. `timeout_us` is the caller's queue timeout (Triton's `timeout`
+    model's default level, `BACKGROUND` after everything else. `timeout_us` is the caller's queue timeout (Triton's `timeout`
     parameter); it may only shorten the policy's timeout, and only where the policy allows."""
 
     inputs: Arrays

@@ -1,0 +1,252 @@
+"""Per-prediction explanations, served from the ONNX graph itself (request parameter `explain`).
+
+- **Tables** (every input 2-D: scikit-learn models, tabular torch nets, mixed tables):
+  interventional Shapley values against the card's reference rows (`reference`: cluster
+  centroids or quantile-built rows, never raw training rows). A coalition's value is the model's
+  mean output over the reference rows with the coalition's features taken from the request.
+  Exact (every coalition) when 2^features x reference rows fits the budget, else KernelSHAP: the
+  Shapley-kernel weighted regression over sampled coalitions (sizes drawn by the kernel, each
+  paired with its complement), constrained so that the attributions add up exactly to the
+  output minus `base_value` (the mean output over the reference rows).
+- **Images, signals and sequences**: occlusion over segments (image patches, time windows,
+  tokens): a segment's attribution is the output drop when it alone is replaced by the
+  reference, spread over its elements; `base_value` is the output on the reference.
+
+The perturbed rows ride the model's batcher at background priority (after every caller's
+request), in parts of at most max_batch_size rows. The work is bounded per model:
+`explain_max_evaluations` model rows per explained row, `explain_max_rows` explained rows per
+request (config parameters).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import InvalidInput, ModelLoadFailed
+
+Evaluate = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
+DEFAULT_MAX_EVALUATIONS = 4096
+DEFAULT_MAX_ROWS = 8
+SEGMENTS = 16  # occlusion: about this many segments per input (a 4 x 4 grid for an image)
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Attributions per explained input: [rows, targets, *the input's non-batch dims]; the base
+    value [rows, targets]; the method and the explained output."""
+
+    attributions: Mapping[str, np.ndarray]
+    base_value: np.ndarray
+    method: str
+    output: str
+
+
+def _param_int(config: ModelConfig, key: str, default: int) -> int:
+    value = config.parameters.get(key)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ModelLoadFailed(f"model {config.name!r}: parameters[{key!r}] must be an integer") from None
+    if number < 1:
+        raise ModelLoadFailed(f"model {config.name!r}: parameters[{key!r}] must be >= 1")
+    return number
+
+
+def explained_output(config: ModelConfig, card: Mapping[str, object] | None) -> str | None:
+    """The output an explanation is about: the card's or config's `explain_output`, else
+    `probabilities`, else the first floating-point output of one value per target."""
+    chosen = config.parameters.get("explain_output") or (card or {}).get("explain_output")
+    names = [t.name for t in config.outputs]
+    if isinstance(chosen, str) and chosen in names:
+        return chosen
+    if "probabilities" in names:
+        return "probabilities"
+    return next((t.name for t in config.outputs if t.datatype in ("FP32", "FP64") and len(t.dims) == 1), None)
+
+
+class Explainer:
+    """Explains one model version's predictions; `evaluate` runs perturbed rows through it."""
+
+    def __init__(self, label: str, config: ModelConfig, card: Mapping[str, object] | None, evaluate: Evaluate,
+                 seed: int = 0) -> None:
+        self._label = label
+        self._config = config
+        self._evaluate = evaluate
+        self._rng = np.random.default_rng(seed)
+        self.max_evaluations = _param_int(config, "explain_max_evaluations", DEFAULT_MAX_EVALUATIONS)
+        self.max_rows = _param_int(config, "explain_max_rows", DEFAULT_MAX_ROWS)
+        self.output = explained_output(config, card)
+        reference = (card or {}).get("reference")
+        self._reference = {k: np.asarray(v) for k, v in reference.items()} if isinstance(reference, dict) else {}
+        inputs = {t.name: t for t in config.graph_inputs or config.inputs}
+        self._tabular = config.max_batch_size > 0 and all(len(t.dims) == 1 for t in inputs.values())
+
+    def refuse(self) -> str | None:
+        """Why this model cannot be explained (None when it can)."""
+        if self.output is None:
+            return "it has no output of one value per target to explain"
+        if self._config.max_batch_size <= 0:
+            return "it does not batch (explanations evaluate many perturbed rows as one batch)"
+        if self._config.tokenizer is not None:
+            return "explanations of text models are not available yet"
+        if self._tabular and not self._reference:
+            return "its model card has no reference rows (re-export it: the exporters add them)"
+        return None
+
+    async def explain(self, inputs: Mapping[str, np.ndarray], output: np.ndarray) -> Explanation:
+        """Attributions for every row of a request; `output` is its explained output."""
+        why = self.refuse()
+        if why is not None:
+            raise InvalidInput(f"model {self._label} cannot be explained: {why}")
+        rows = next(iter(inputs.values())).shape[0]
+        if rows > self.max_rows:
+            raise InvalidInput(f"model {self._label}: explain takes at most {self.max_rows} rows per request "
+                               f"(explain_max_rows), got {rows}")
+        targets = _as_targets(output)
+        if self._tabular:
+            return await self._shapley(inputs, targets)
+        return await self._occlusion(inputs, targets)
+
+    # -- tables: Shapley values ------------------------------------------------------------
+
+    async def _shapley(self, inputs: Mapping[str, np.ndarray], f_x: np.ndarray) -> Explanation:
+        names = sorted(inputs)
+        features = [(n, c) for n in names for c in range(inputs[n].shape[1])]
+        reference = {n: self._reference[n] for n in names}
+        m = len(next(iter(reference.values())))
+        count = len(features)
+        exact = (1 << count) * m <= self.max_evaluations
+        masks = _all_masks(count) if exact else self._sampled_masks(count, max(4, self.max_evaluations // m))
+        rows = next(iter(inputs.values())).shape[0]
+        batch = {}
+        for n in names:
+            cols = [i for i, (name, _) in enumerate(features) if name == n]
+            z = masks[:, cols]  # [K, F_n]
+            x = inputs[n]  # [rows, F_n]
+            r = reference[n].astype(x.dtype, copy=False)  # [m, F_n]
+            mixed = np.where(z[None, :, None, :], x[:, None, None, :], r[None, None, :, :])  # [rows, K, m, F_n]
+            batch[n] = mixed.reshape(-1, x.shape[1])
+        values = _as_targets((await self._evaluate(batch))[str(self.output)])
+        v = values.reshape(rows, len(masks), m, -1).mean(axis=2)  # [rows, K, targets]
+        empty, full = v[:, 0], f_x  # masks[0] is the empty coalition; the full one is x itself
+        if exact:
+            phi = np.einsum("fk,rkt->rtf", _shapley_weights(masks), v)
+        else:
+            phi = _kernel_shap(masks[1:], v[:, 1:], empty, full)
+        attributions = {}
+        for n in names:
+            cols = [i for i, (name, _) in enumerate(features) if name == n]
+            attributions[n] = phi[:, :, cols].astype(np.float32)
+        return Explanation(attributions, empty.astype(np.float32), "shapley_exact" if exact else "kernel_shap",
+                           str(self.output))
+
+    def _sampled_masks(self, count: int, budget: int) -> np.ndarray:
+        """The empty coalition, then pairs (a coalition and its complement) drawn by the
+        Shapley kernel's size distribution."""
+        sizes = np.arange(1, count)
+        weights = (count - 1) / (sizes * (count - sizes))
+        pairs = max(2, (budget - 1) // 2)
+        drawn = self._rng.choice(sizes, size=pairs, p=weights / weights.sum())
+        masks = [np.zeros(count, bool)]
+        for size in drawn:
+            z = np.zeros(count, bool)
+            z[self._rng.choice(count, size=size, replace=False)] = True
+            masks += [z, ~z]
+        return np.array(masks)
+
+    # -- images, signals, sequences: occlusion ----------------------------------------------
+
+    async def _occlusion(self, inputs: Mapping[str, np.ndarray], f_x: np.ndarray) -> Explanation:
+        target = next((n for n in sorted(inputs) if "mask" not in n), sorted(inputs)[0])
+        x = inputs[target]
+        rows = x.shape[0]
+        baseline = self._baseline(target, x)
+        segments = _segments(x.shape[1:])
+        perturbed = np.repeat(x[:, None], len(segments) + 1, axis=1)  # [rows, S + 1, *dims]; the last: all baseline
+        for s, index in enumerate(segments):
+            where: tuple[int | slice, ...] = (slice(None), s, *index)
+            perturbed[where] = baseline[index]
+        perturbed[:, -1] = baseline
+        batch = {n: (perturbed.reshape(-1, *x.shape[1:]) if n == target
+                     else np.repeat(a, len(segments) + 1, axis=0)) for n, a in inputs.items()}
+        values = _as_targets((await self._evaluate(batch))[str(self.output)]).reshape(rows, len(segments) + 1, -1)
+        drops = f_x[:, None, :] - values[:, :-1, :]  # [rows, S, targets]
+        attribution = np.zeros((rows, f_x.shape[1], *x.shape[1:]), np.float32)
+        for s, index in enumerate(segments):
+            size = math.prod(len(range(*i.indices(d))) for i, d in zip(index, x.shape[1:], strict=True))
+            attribution[(slice(None), slice(None), *index)] = (drops[:, s, :] / size)[
+                (slice(None), slice(None), *([None] * len(index)))]
+        return Explanation({target: attribution}, values[:, -1, :].astype(np.float32), "occlusion", str(self.output))
+
+    def _baseline(self, name: str, x: np.ndarray) -> np.ndarray:
+        ref = self._reference.get(name)
+        if ref is not None and ref.shape[1:] == x.shape[1:]:
+            return ref.mean(axis=0).astype(x.dtype) if ref.dtype.kind == "f" else ref[0].astype(x.dtype)
+        return np.zeros(x.shape[1:], x.dtype)
+
+
+def _as_targets(output: np.ndarray) -> np.ndarray:
+    """An output as [rows, targets] float64."""
+    array = np.asarray(output, np.float64)
+    return array.reshape(array.shape[0], -1)
+
+
+def _all_masks(count: int) -> np.ndarray:
+    """Every coalition of `count` features, the empty one first: [2**count, count]."""
+    ids = np.arange(1 << count)
+    return ((ids[:, None] >> np.arange(count)) & 1).astype(bool)
+
+
+def _shapley_weights(masks: np.ndarray) -> np.ndarray:
+    """W [features, coalitions] with phi = W @ v: +w(|S|-1) where j is in S, -w(|S|) where not,
+    w(s) = s! (F - s - 1)! / F!."""
+    count = masks.shape[1]
+    sizes = masks.sum(axis=1)
+
+    def w(s: np.ndarray) -> np.ndarray:
+        s = np.clip(s, 0, count - 1)
+        return np.exp([math.lgamma(k + 1) + math.lgamma(count - k) - math.lgamma(count + 1) for k in s])
+
+    inside, outside = w(sizes - 1), w(sizes)
+    return np.where(masks.T, inside[None, :], -outside[None, :])
+
+
+def _kernel_shap(masks: np.ndarray, v: np.ndarray, empty: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """Constrained least squares (coalitions sampled by the kernel, so equally weighted):
+    min sum_k (v_k - empty - z_k . phi)^2 subject to sum(phi) = full - empty, per row and target."""
+    z = masks.astype(np.float64)  # [K, F]
+    count = z.shape[1]
+    x = z[:, :-1] - z[:, -1:]  # eliminate the last feature with the constraint
+    gram = x.T @ x + 1e-9 * np.eye(count - 1)
+    total = full - empty  # [rows, targets]
+    y = v - empty[:, None, :] - z[None, :, -1:] * total[:, None, :]  # [rows, K, targets]
+    rhs = np.einsum("kg,rkt->rgt", x, y)  # [rows, F - 1, targets]
+    beta = np.einsum("fg,rgt->rft", np.linalg.inv(gram), rhs)
+    last = total - beta.sum(axis=1)
+    return np.concatenate([beta, last[:, None, :]], axis=1).transpose(0, 2, 1)  # [rows, targets, F]
+
+
+def _segments(dims: Sequence[int]) -> list[tuple[slice, ...]]:
+    """About SEGMENTS segments of an input's non-batch dims: a grid of patches over the last two
+    dims of an image, windows over the last (time or token) dim of signals and sequences."""
+    if not dims:
+        return [()]
+    spatial = 2 if len(dims) >= 3 and min(dims[-2:]) >= 2 else 1
+    per_axis = round(SEGMENTS ** (1 / spatial))
+    axes = list(range(len(dims) - spatial, len(dims)))
+    cuts = []
+    for axis in axes:
+        n = min(per_axis, dims[axis])
+        edges = np.linspace(0, dims[axis], n + 1).round().astype(int)
+        cuts.append([slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a])
+    grid: list[tuple[slice, ...]] = [()]
+    for options in cuts:
+        grid = [g + (o,) for g in grid for o in options]
+    lead = tuple(slice(None) for _ in range(len(dims) - spatial))
+    return [lead + g for g in grid]

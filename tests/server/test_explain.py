@@ -1,0 +1,180 @@
+"""Explanations over the same protocol (request parameter `explain`): ground truth on a linear
+model, additivity on tabular models, planted signals found by occlusion in images and signals,
+and the sanity check after Adebayo et al. (2018): randomised weights change the attributions."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from medserve.protos import grpc_service_pb2 as pb
+from medserve.protos.wire import from_raw, to_raw
+
+from conftest import running_server
+
+torch = pytest.importorskip("torch")
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+
+def with_reference(repo: Path, name: str, reference: dict[str, np.ndarray]) -> None:
+    """Add reference rows to a published version's card (what the exporters write)."""
+    card_path = repo / name / "1" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["reference"] = {k: v.tolist() for k, v in reference.items()}
+    card_path.write_text(json.dumps(card))
+
+
+def explain(stub, model: str, name: str, x: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, str]]:  # type: ignore[no-untyped-def]
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name=name, datatype="FP32", shape=x.shape)
+    req.raw_input_contents.append(to_raw(x.astype(np.float32)))
+    req.parameters["explain"].bool_param = True
+    response = stub.ModelInfer(req, timeout=120)
+    out = {o.name: from_raw(raw, o.datatype, o.shape) for o, raw in zip(response.outputs, response.raw_output_contents,
+                                                                         strict=True)}
+    return out, {k: v.string_param for k, v in response.parameters.items()}
+
+
+def test_linear_model_attributions_are_coef_times_the_distance_to_the_reference_mean(tmp_path: Path) -> None:
+    from sklearn.linear_model import LinearRegression
+
+    from medserve.exporters import export
+
+    x, y = sklearn_datasets.load_diabetes(return_X_y=True)
+    model = LinearRegression().fit(x, y)
+    repo = tmp_path / "repo"
+    report = export(model, x[:32], repo, "lin")
+    reference = x[np.random.default_rng(0).choice(len(x), 8, replace=False)].astype(np.float32)
+    with_reference(repo, "lin", {report.inputs[0].name: reference})
+    rows = x[100:104].astype(np.float32)
+    with running_server(repo) as server:
+        out, params = explain(server.stub(), "lin", report.inputs[0].name, rows)
+    assert params["explain_method"] in ("kernel_shap", "shapley_exact") and params["explain_output"] == "prediction"
+    expected = model.coef_ * (rows - reference.mean(axis=0))
+    np.testing.assert_allclose(out["attributions"][:, 0, :], expected, atol=1e-4)
+    np.testing.assert_allclose(out["base_value"][:, 0], model.predict(reference).mean(), rtol=1e-5)
+    np.testing.assert_allclose(out["attributions"].sum(axis=2) + out["base_value"], out["prediction"], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["random_forest", "logistic_regression"])
+def test_tabular_attributions_add_up_to_the_output(tmp_path: Path, family: str) -> None:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from medserve.exporters import export
+
+    x, y = sklearn_datasets.load_breast_cancer(return_X_y=True)
+    model = (RandomForestClassifier(30, random_state=0) if family == "random_forest"
+             else make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))).fit(x, y)
+    repo = tmp_path / "repo"
+    report = export(model, x[:32], repo, "bc")
+    reference = np.percentile(x, np.linspace(5, 95, 8), axis=0).astype(np.float32)  # quantile rows
+    with_reference(repo, "bc", {report.inputs[0].name: reference})
+    with running_server(repo) as server:
+        out, params = explain(server.stub(), "bc", report.inputs[0].name, x[:3])
+    assert params["explain_method"] == "kernel_shap"  # 30 features: sampled
+    assert out["attributions"].shape == (3, 2, 30) and out["base_value"].shape == (3, 2)
+    np.testing.assert_allclose(out["attributions"].sum(axis=2) + out["base_value"], out["probabilities"], atol=1e-3)
+
+
+def _planted(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images [n, 1, 16, 16] (class 1: a bright 4 x 4 patch) or signals [n, 1, 128] (class 1: a
+    pulse 16 steps wide), at a random place; returns data, labels and the planted region's start."""
+    shape = (n, 1, 16, 16) if kind == "image" else (n, 1, 128)
+    data = rng.normal(0, 0.3, size=shape).astype(np.float32)
+    labels = rng.integers(0, 2, n)
+    starts = rng.integers(0, 13, size=(n, 2)) if kind == "image" else rng.integers(0, 113, size=(n, 1))
+    for i in np.flatnonzero(labels):
+        if kind == "image":
+            r, c = starts[i]
+            data[i, 0, r:r + 4, c:c + 4] += 3.0
+        else:
+            data[i, 0, starts[i, 0]:starts[i, 0] + 16] += 3.0
+    return data, labels, starts
+
+
+def _net(kind: str) -> torch.nn.Module:
+    conv = torch.nn.Conv2d if kind == "image" else torch.nn.Conv1d
+    pool = torch.nn.AdaptiveMaxPool2d(1) if kind == "image" else torch.nn.AdaptiveMaxPool1d(1)
+    return torch.nn.Sequential(conv(1, 8, 3, padding=1), torch.nn.ReLU(), conv(8, 8, 3, padding=1), torch.nn.ReLU(),
+                               pool, torch.nn.Flatten(), torch.nn.Linear(8, 2))
+
+
+def _train(net: torch.nn.Module, data: np.ndarray, labels: np.ndarray) -> None:
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    x, y = torch.from_numpy(data), torch.from_numpy(labels)
+    for _ in range(60):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+
+
+def _served_attributions(tmp_path: Path, net: torch.nn.Module, data: np.ndarray, name: str) -> np.ndarray:
+    from medserve.exporters import export
+
+    repo = tmp_path / name
+    report = export(net.eval(), torch.from_numpy(data[:8]), repo, name)
+    input_name = report.inputs[0].name
+    with_reference(repo, name, {input_name: np.zeros((1, *data.shape[1:]), np.float32)})
+    parts = []
+    with running_server(repo) as server:
+        for start in range(0, len(data), 8):
+            out, params = explain(server.stub(), name, input_name, data[start:start + 8])
+            assert params["explain_method"] == "occlusion"
+            parts.append(out["attributions"][:, 1])  # toward class 1
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("kind", ["image", "signal"])
+def test_occlusion_finds_the_planted_signal_and_not_a_randomised_model(tmp_path: Path, kind: str) -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    data, labels, _ = _planted(kind, 256, rng)
+    net = _net(kind)
+    _train(net, data, labels)
+    test, test_labels, starts = _planted(kind, 64, np.random.default_rng(1))
+    positive = np.flatnonzero(test_labels)
+    attributions = _served_attributions(tmp_path, net, test[positive], f"{kind}_trained")
+    hits = 0
+    for a, start in zip(attributions, starts[positive], strict=True):
+        if kind == "image":
+            r, c = np.unravel_index(np.argmax(a[0]), a[0].shape)
+            hits += start[0] - 2 <= r < start[0] + 6 and start[1] - 2 <= c < start[1] + 6
+        else:
+            t = int(np.argmax(a[0]))
+            hits += start[0] - 8 <= t < start[0] + 24
+    assert hits / len(positive) >= 0.9, hits / len(positive)
+    # Sanity (Adebayo et al. 2018): the same explanation of a model with randomised weights
+    # must not look like the trained model's.
+    random_net = _net(kind)
+    random_attr = _served_attributions(tmp_path, random_net, test[positive], f"{kind}_random")
+    from scipy.stats import spearmanr
+
+    rho = np.nanmean([spearmanr(a.ravel(), b.ravel())[0] for a, b in zip(attributions, random_attr, strict=True)])
+    assert rho < 0.5, rho
+
+
+def test_explain_refuses_clearly_when_it_cannot(tmp_path: Path) -> None:
+    from sklearn.linear_model import LinearRegression
+
+    from medserve.exporters import export
+
+    x, y = sklearn_datasets.load_diabetes(return_X_y=True)
+    repo = tmp_path / "repo"
+    report = export(LinearRegression().fit(x, y), x[:32], repo, "noref")
+    with running_server(repo) as server:
+        with pytest.raises(grpc.RpcError) as info:
+            explain(server.stub(), "noref", report.inputs[0].name, x[:1])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "cannot be explained: its model card has no reference rows" in info.value.details()
+        with_reference(repo, "noref", {report.inputs[0].name: x[:4]})
+    with running_server(repo) as server:
+        with pytest.raises(grpc.RpcError) as info:
+            explain(server.stub(), "noref", report.inputs[0].name, x[:20])
+        assert "explain takes at most 8 rows per request" in info.value.details()
