@@ -14,6 +14,7 @@ synchronous and thread-safe; :class:`AsyncClient` is its grpc.aio twin. Errors a
 from ._types import (
     BatchStatistics,
     Duration,
+    Explanation,
     InferRequest,
     InferResult,
     ModelConfig,
@@ -61,6 +62,7 @@ __all__ = [
     "DataLoss",
     "DeadlineExceeded",
     "Duration",
+    "Explanation",
     "FailedPrecondition",
     "InferRequest",
     "InferResult",

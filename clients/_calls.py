@@ -157,10 +157,11 @@ def infer(
     timeout_s: float | None,
     request_id: str | None,
     priority: int | None,
+    explain: bool = False,
 ) -> Call[InferResult]:
     """The ModelInfer call (raises :class:`InvalidInputError` for inputs refused before sending)."""
     request = _codec.encode_infer_request(
-        model, inputs, version=version, outputs=outputs, request_id=request_id, priority=priority
+        model, inputs, version=version, outputs=outputs, request_id=request_id, priority=priority, explain=explain
     )
     return Call("ModelInfer", request, _codec.decode_infer_response, timeout_s, request_id)
 
@@ -244,6 +245,7 @@ class Core:
         timeout_s: float | None,
         request_id: str | None,
         priority: int | None,
+        explain: bool = False,
     ) -> Flow[InferResult]:
         """``Client.infer_records`` as a flow: schema, infer; when the answer comes from another
         model file, refresh the schema and, if its columns changed, infer again."""
@@ -262,6 +264,7 @@ class Core:
                     "timeout_s": left,
                     "request_id": request_id,
                     "priority": priority,
+                    **({"explain": True} if explain else {}),
                 },
             )
 

@@ -56,6 +56,7 @@ def encode_infer_request(
     outputs: Sequence[str] | str | None = None,
     request_id: str | None = None,
     priority: int | None = None,
+    explain: bool = False,
 ) -> pb.ModelInferRequest:
     """A ModelInferRequest carrying every input as ``raw_input_contents`` (one entry per input).
 
@@ -93,6 +94,8 @@ def encode_infer_request(
                 f"model {model_label(model, version)}: priority must be an integer >= 0 (1 = highest), got {priority!r}"
             )
         request.parameters["priority"].uint64_param = priority
+    if explain:
+        request.parameters["explain"].bool_param = True
     return request
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from medserve.protos import model_config_pb2
@@ -138,6 +139,61 @@ class InferResult(Mapping[str, npt.NDArray[Any]]):
             f"InferResult(model={self.model_name!r}, version={self.model_version!r}, "
             f"request_id={self.request_id!r}, outputs={{{shapes}}})"
         )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Explanation:
+    """Why a model answered as it did, per row: attributions per input ([rows, targets, *the
+    input's dims]: for tables one value per feature and target), the base value each row's
+    attributions start from ([rows, targets]; for tables they add up to output - base value),
+    the method (``shapley_exact``, ``kernel_shap``, ``occlusion``) and the explained output.
+
+        why = client.explain("sepsis", records=[{"heart_rate": 112, ...}])
+        why.top(3)        # [("lactate", 0.21), ("heart_rate", 0.12), ("age", -0.05)] for row 0
+    """
+
+    result: InferResult
+    attributions: Mapping[str, npt.NDArray[Any]]
+    base_value: npt.NDArray[Any]
+    method: str
+    output: str
+    feature_names: tuple[str, ...] | None = None
+    targets: tuple[str, ...] | None = None  # class labels, when the model publishes them
+
+    def top(self, k: int = 5, *, row: int = 0, target: int | str | None = None) -> list[tuple[str, float]]:
+        """The ``k`` features (or elements) that moved ``target`` most for ``row``, by absolute
+        attribution, with their signed values; ``target`` defaults to the row's highest output."""
+        if target is None:
+            column = int(np.argmax(np.asarray(self.result[self.output]).reshape(len(self.base_value), -1)[row]))
+        elif isinstance(target, str):
+            if self.targets is None or target not in self.targets:
+                raise KeyError(f"target {target!r} is not one of the model's class labels {self.targets}")
+            column = self.targets.index(target)
+        else:
+            column = target
+        named: list[tuple[str, float]] = []
+        for input_name, values in sorted(self.attributions.items()):
+            flat = np.asarray(values)[row, column].reshape(-1)
+            names = self.feature_names if (self.feature_names is not None and len(self.attributions) == 1
+                                           and len(self.feature_names) == flat.size) else None
+            for i, value in enumerate(flat):
+                label = names[i] if names is not None else (
+                    f"{input_name}[{i}]" if len(self.attributions) > 1 else f"[{i}]")
+                named.append((label, float(value)))
+        return sorted(named, key=lambda kv: -abs(kv[1]))[:k]
+
+    @classmethod
+    def of(cls, result: InferResult, feature_names: tuple[str, ...] | None,
+           targets: tuple[str, ...] | None) -> Explanation:
+        """Read an explanation out of an answer to a request made with ``explain``."""
+        attributions = {
+            name.partition(".")[2] or "": array for name, array in result.outputs.items()
+            if name == "attributions" or name.startswith("attributions.")
+        }
+        method, output = result.parameters.get("explain_method"), result.parameters.get("explain_output")
+        if not attributions or "base_value" not in result.outputs or not isinstance(output, str):
+            raise ValueError(f"model {result.model_name!r} answered without an explanation")
+        return cls(result, attributions, result["base_value"], str(method), output, feature_names, targets)
 
 
 # -- metadata --------------------------------------------------------------------------------

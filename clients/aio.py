@@ -30,6 +30,7 @@ from ._calls import StreamItem, StreamState
 from ._resilience import Clock, Random
 from ._settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, Settings, build_settings
 from ._types import (
+    Explanation,
     InferRequest,
     InferResult,
     ModelConfig,
@@ -194,6 +195,7 @@ class AsyncClient:
         timeout_s: float | None = None,
         request_id: str | None = None,
         priority: int | None = None,
+        explain: bool = False,
     ) -> InferResult:
         """See :meth:`Client.infer <medserve.clients.Client.infer>`."""
         return await self._call(
@@ -205,8 +207,33 @@ class AsyncClient:
                 timeout_s=timeout_s,
                 request_id=request_id,
                 priority=priority,
+                explain=explain,
             )
         )
+
+    async def explain(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.ArrayLike] | None = None,
+        *,
+        records: Sequence[Mapping[str, Any]] | None = None,
+        version: str | int | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> Explanation:
+        """See :meth:`Client.explain <medserve.clients.Client.explain>`."""
+        if (inputs is None) == (records is None):
+            raise UsageError("explain: give inputs or records, not both")
+        if records is not None:
+            result = await self._run(self._core.infer_records(
+                model, records, version=version, outputs=None, timeout_s=timeout_s, request_id=request_id,
+                priority=None, explain=True))
+        else:
+            assert inputs is not None
+            result = await self.infer(model, inputs, version=version, timeout_s=timeout_s, request_id=request_id,
+                                      explain=True)
+        metadata = await self.model_metadata(model, result.model_version, timeout_s=timeout_s)
+        return Explanation.of(result, metadata.feature_names, metadata.class_labels)
 
     async def infer_records(
         self,

@@ -30,6 +30,7 @@ from ._calls import StreamState
 from ._resilience import Clock, Random
 from ._settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, Settings, build_settings
 from ._types import (
+    Explanation,
     InferRequest,
     InferResult,
     ModelConfig,
@@ -197,6 +198,7 @@ class Client:
         timeout_s: float | None = None,
         request_id: str | None = None,
         priority: int | None = None,
+        explain: bool = False,
     ) -> InferResult:
         """Run ``model`` on ``inputs`` (input name -> array; BYTES from bytes/str arrays).
 
@@ -214,8 +216,40 @@ class Client:
                 timeout_s=timeout_s,
                 request_id=request_id,
                 priority=priority,
+                explain=explain,
             )
         )
+
+    def explain(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.ArrayLike] | None = None,
+        *,
+        records: Sequence[Mapping[str, Any]] | None = None,
+        version: str | int | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> Explanation:
+        """Run ``model`` and say why it answered so: attributions per input feature (tables:
+        Shapley values that add up to output - base value) or per element (images, signals,
+        sequences: occlusion), named by the model card's features, with a ``top(k)`` view.
+        Give ``inputs`` (as for :meth:`infer`) or ``records`` (as for :meth:`infer_records`).
+
+            why = client.explain("sepsis", records=[{"heart_rate": 112, "lactate": 4.1, ...}])
+            why.top(3), why.method, why.base_value
+        """
+        if (inputs is None) == (records is None):
+            raise UsageError("explain: give inputs or records, not both")
+        if records is not None:
+            result = self._run(self._core.infer_records(
+                model, records, version=version, outputs=None, timeout_s=timeout_s, request_id=request_id,
+                priority=None, explain=True))
+        else:
+            assert inputs is not None
+            result = self.infer(model, inputs, version=version, timeout_s=timeout_s, request_id=request_id,
+                                explain=True)
+        metadata = self.model_metadata(model, result.model_version, timeout_s=timeout_s)
+        return Explanation.of(result, metadata.feature_names, metadata.class_labels)
 
     def infer_records(
         self,

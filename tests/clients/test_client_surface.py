@@ -12,7 +12,7 @@ from medserve.clients import errors
 
 EXPORTED = {
     "Aborted", "AlreadyExists", "AsyncClient", "BatchStatistics", "Cancelled", "Client", "DataLoss",
-    "DeadlineExceeded", "Duration", "FailedPrecondition", "InferRequest", "InferResult", "Internal",
+    "DeadlineExceeded", "Duration", "Explanation", "FailedPrecondition", "InferRequest", "InferResult", "Internal",
     "InvalidArgument", "InvalidInputError", "MedserveClientError", "ModelConfig", "ModelMetadata",
     "ModelStatistics", "NotFound", "OutOfRange", "PermissionDenied", "RepositoryModel", "ResourceExhausted",
     "RetryPolicy", "ServerMetadata", "StreamRequestError", "TLSConfig", "TensorConfig", "TensorMetadata",

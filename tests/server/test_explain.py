@@ -178,3 +178,38 @@ def test_explain_refuses_clearly_when_it_cannot(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as info:
             explain(server.stub(), "noref", report.inputs[0].name, x[:20])
         assert "explain takes at most 8 rows per request" in info.value.details()
+
+
+def test_the_client_library_explains_records_by_feature_name(tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from medserve.clients import AsyncClient, Client
+    from medserve.exporters import export
+
+    data = sklearn_datasets.load_breast_cancer()
+    names = [str(n) for n in data.feature_names[:6]]
+    x = data.data[:, :6]
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, data.target)
+    repo = tmp_path / "repo"
+    report = export(model, x[:32], repo, "bc6", feature_names=names, class_labels=["malignant", "benign"])
+    with_reference(repo, "bc6", {report.inputs[0].name: np.percentile(x, [10, 30, 50, 70, 90], axis=0)})
+    record = dict(zip(names, x[0].tolist(), strict=True))
+    with running_server(repo) as server, Client(server.target, timeout_s=60) as client:
+        why = client.explain("bc6", records=[record])
+        assert why.method == "shapley_exact" and why.output == "probabilities"  # 2^6 x 5 fits the budget
+        top = why.top(3, target="benign")
+        assert len(top) == 3 and {n for n, _ in top} <= set(names)
+        assert abs(top[0][1]) >= abs(top[1][1]) >= abs(top[2][1])
+        total = why.attributions[""][0].sum(axis=-1) + why.base_value[0]
+        np.testing.assert_allclose(total, why.result["probabilities"][0], atol=1e-3)
+
+        async def via_asyncio() -> np.ndarray:
+            async with AsyncClient(server.target, timeout_s=60) as aclient:
+                explained = await aclient.explain("bc6", {report.inputs[0].name: x[:1].astype(np.float32)})
+                return np.asarray(explained.attributions[""])
+
+        import asyncio
+
+        np.testing.assert_allclose(asyncio.run(via_asyncio()), why.attributions[""], atol=1e-6)
