@@ -54,7 +54,12 @@ class ConfigError(ModelLoadFailed):
 
 
 class QueueFull(MedserveError):
-    """A bounded queue is full; the caller should back off and retry."""
+    """A bounded queue is full (or a rate limit is reached); the caller should back off and retry,
+    after `retry_after_s` when known (sent as `grpc-retry-pushback-ms`)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(MedserveError):

@@ -172,16 +172,13 @@ class Gate:
             model_sha256=call.model_sha256, rows=call.rows, request_id=call.request_id,
         ))
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, call: Call, exc: MedserveError) -> None:
+    def _refuse(self, context: grpc.aio.ServicerContext, call: Call, exc: MedserveError) -> None:
         from .service import status_for  # the one error table
 
         code, message = status_for(exc)
         call.status = code.name
         self.finish(call)
-        trailing: tuple[tuple[str, str], ...] = ()
-        if isinstance(exc, RateLimited):
-            trailing = (("grpc-retry-pushback-ms", str(max(1, round(exc.retry_after_s * 1e3)))),)
-        await context.abort(code, message, trailing_metadata=trailing)
+        answer_with_status(context, code, message, retry_hint(exc))
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -207,13 +204,13 @@ class Gate:
             try:
                 call = self._admit(rpc, context, len(body))
             except MedserveError as exc:
-                await self._refuse(context, Call(rpc, ANONYMOUS, context.peer(), self._clock()), exc)
-                raise  # unreachable: abort raises
+                self._refuse(context, Call(rpc, ANONYMOUS, context.peer(), self._clock()), exc)
+                return None
             try:
                 request = await _parse(parse, body, rpc)
             except InvalidInput as exc:
-                await self._refuse(context, call, exc)
-                raise
+                self._refuse(context, call, exc)
+                return None
             token = CURRENT.set(call)
             try:
                 return await behavior(request, context)
@@ -228,7 +225,7 @@ class Gate:
             try:
                 call = self._admit(rpc, context, 0)
             except MedserveError as exc:
-                await self._refuse(context, Call(rpc, ANONYMOUS, context.peer(), self._clock()), exc)
+                self._refuse(context, Call(rpc, ANONYMOUS, context.peer(), self._clock()), exc)
                 return
 
             async def requests() -> AsyncIterator[Any]:
@@ -248,9 +245,22 @@ class Gate:
 class RateLimited(QueueFull):
     """An identity is over its rate limit (RESOURCE_EXHAUSTED, with a retry hint)."""
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+
+def answer_with_status(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                       trailing: tuple[tuple[str, str], ...] = ()) -> None:
+    """End a call with a status by setting it, not by aborting: gRPC turns an abort during the
+    server's graceful shutdown into CANCELLED (grpc/grpc#37239), a status set and returned with
+    travels as it is. The handler then returns None: with a non-OK status no message is sent."""
+    context.set_code(code)
+    context.set_details(message)
+    if trailing:
+        context.set_trailing_metadata(trailing)
+
+
+def retry_hint(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """`grpc-retry-pushback-ms` for a refusal that knows when to retry (gRPC clients honour it)."""
+    after = getattr(exc, "retry_after_s", None)
+    return (("grpc-retry-pushback-ms", str(max(1, round(after * 1e3)))),) if after else ()
 
 
 async def _parse(parse: Callable[[bytes], Any], body: bytes, rpc: str) -> Any:

@@ -33,7 +33,7 @@ from .errors import (
     PermissionDenied,
     Unsupported,
 )
-from .gate import CURRENT, PARSE_IN_THREAD_BYTES, Call, current_identity
+from .gate import CURRENT, PARSE_IN_THREAD_BYTES, Call, answer_with_status, current_identity, retry_hint
 from .inference import InferenceCore, InferRequest
 from .repository import LoadedVersion, ModelRepository, unknown_model
 from .runtime import usable_providers
@@ -66,8 +66,8 @@ def rpc(method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Respons
             call = CURRENT.get()
             if call is not None:
                 call.status = code.name
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
+            answer_with_status(context, code, message, retry_hint(exc))
+            return None  # type: ignore[return-value]  # with a non-OK status no message is sent
 
     return wrapper
 

@@ -295,7 +295,11 @@ class Batcher:
         if len(self._queue) + items > server_cap or (
             level_limit and self._n.level_counts.get(level, 0) + items > level_limit
         ):
-            raise QueueFull(f"model {self._name}: queue full ({cap} requests queued); retry later")
+            # The hint: about the time the instances need to work off what is queued.
+            queued_s = sum(self._cost.estimate(it.work) for it in self._queue[:64]) * len(self._queue) / max(
+                1, min(64, len(self._queue))) / self._instances
+            raise QueueFull(f"model {self._name}: queue full ({cap} requests queued); retry later",
+                            retry_after_s=min(1.0, max(0.001, queued_s)))
 
     def _item(
         self, request: BatchRequest, future: asyncio.Future[Arrays], level: int, policy: QueuePolicy, now: float,
