@@ -60,7 +60,7 @@ def _tiny_model(path: Path, features: int) -> None:
 
 
 @contextlib.contextmanager
-def _own_server(features: int) -> Iterator[str]:
+def tiny_server(features: int) -> Iterator[str]:
     """`medserve serve` in a child process on a free port, serving one tiny model."""
     from medserve.perf.serverproc import medserve
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with contextlib.ExitStack() as stack:
-        target = args.target or stack.enter_context(_own_server(args.features))
+        target = args.target or stack.enter_context(tiny_server(args.features))
         report = bench(target, args.model, args.features, args.calls, args.blocks)
     for name in ("raw", "client"):
         s = report[name]

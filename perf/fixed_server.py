@@ -20,9 +20,7 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -89,44 +87,34 @@ def _worker(responses: dict[str, bytes], host: str, port: int, ready_file: str) 
 
 
 def run_workers(responses: dict[str, bytes], workers: int, host: str, port: int, ready_file: Path | None) -> int:
-    """`workers` processes on one port (SO_REUSEPORT), like `medserve serve --workers N`."""
+    """`workers` processes on one port (SO_REUSEPORT), kept up by the supervisor of
+    `medserve serve --workers N` (`medserve.server.workers.supervise`)."""
     if workers <= 1:
         asyncio.run(serve(responses, host=host, port=port, ready_file=ready_file))
         return 0
-    reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    reservation.bind((host, port))
+    from medserve.server.workers import reserve_port, supervise
+
+    reservation = reserve_port(host, port)
     port = reservation.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
-    base = ready_file or Path(f"/tmp/fixed-{os.getpid()}.json")
-    files = [base.with_name(f"{base.name}.w{i}") for i in range(workers)]
-    procs = [ctx.Process(target=_worker, args=(responses, host, port, str(f)), daemon=True) for f in files]
 
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
-            if p.pid is not None and p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
+    def start(index: int, worker_ready: Path) -> multiprocessing.process.BaseProcess:
+        process = ctx.Process(target=_worker, args=(responses, host, port, str(worker_ready)),
+                              name=f"medserve-fixed-w{index}", daemon=True)
+        process.start()
+        return process
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    for p in procs:
-        p.start()
-    while not all(f.exists() for f in files):
-        if any(p.exitcode not in (None, 0) for p in procs):
-            forward(signal.SIGTERM, None)
-            return 1
-        time.sleep(0.02)
-    reservation.close()
-    pids = [json.loads(f.read_text())["pid"] for f in files]
-    for f in files:
-        f.unlink()
-    if ready_file is not None:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": port, "pid": os.getpid(), "workers": pids}))
-        os.replace(tmp, ready_file)
-    for p in procs:
-        p.join()
-    return 0
+    def ready(pids: list[int]) -> None:
+        reservation.close()
+        if ready_file is not None:
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"port": port, "pid": os.getpid(), "workers": pids}))
+            os.replace(tmp, ready_file)
+
+    try:
+        return supervise(start, workers, on_ready=ready)
+    finally:
+        reservation.close()
 
 
 def main(argv: list[str] | None = None) -> int:

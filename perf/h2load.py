@@ -4,18 +4,20 @@ almost nothing — the yardstick for the Python generator's saturation check.
 
 h2load sends one pre-encoded gRPC frame (1-byte compressed flag, 4-byte big-endian length,
 serialized ModelInferRequest) on every request. It counts HTTP 200 as success even when gRPC
-failed (the gRPC status is in the trailers), so the truth comes from elsewhere: `nghttp -v`
-reads the trailers of one identical request before the run (`check_grpc_status`), and the
-runner compares h2load's count with the server's own success counter over the window.
+failed (the gRPC status is in the trailers: RESOURCE_EXHAUSTED under load still answers HTTP
+200), so the truth comes from elsewhere: the server's own ModelStatistics success and fail
+counts over the window give the successes (`reconcile`), and `nghttp -v` reads the trailers of
+one identical request before the run (`check_grpc_status`) for the code of the failures. Where
+h2load's count of successes and the server's differ, the result says so.
 
 Closed loop only: `-c` connections, `-m` streams each (concurrency = c * m). Latencies come
 from h2load's per-request `--log-file` (main duration only, warm-up excluded).
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
-import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +25,22 @@ from typing import Any
 
 import numpy as np
 
-from .scenario import INFER_PATH
+from .measure import FAILED
+from .scenario import INFER_PATH, grpc_message
 
 GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+UNKNOWN = 2  # gRPC UNKNOWN: an HTTP error, or a status nobody checked
+# h2load's successes and the server's may differ by requests that completed while the
+# statistics were being read (the window's edges); beyond this they disagree.
+SLACK_MIN, SLACK_SHARE = 5, 0.01
 
 
 class H2LoadError(RuntimeError):
     pass
 
 
-def grpc_frame(body: bytes) -> bytes:
-    """One uncompressed gRPC length-prefixed message."""
-    return b"\x00" + struct.pack(">I", len(body)) + body
-
-
 def write_frame(body: bytes, path: Path) -> Path:
-    path.write_bytes(grpc_frame(body))
+    path.write_bytes(grpc_message(body))
     return path
 
 
@@ -108,6 +110,45 @@ def read_log(path: Path) -> dict[str, np.ndarray]:
         return {"start_us": np.zeros(0, np.int64), "http": np.zeros(0, np.int64), "latency_us": np.zeros(0, np.int64)}
     data = np.loadtxt(path, dtype=np.int64, ndmin=2)
     return {"start_us": data[:, 0], "http": data[:, 1], "latency_us": data[:, 2]}
+
+
+def reconcile(http: np.ndarray, end_us: np.ndarray, window_us: tuple[float, float], preflight: int | None,
+              counted: tuple[int, int] | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Per-request gRPC statuses for h2load's log (HTTP status and completion time of each
+    request), and h2load's claim set against what the server counted.
+
+    h2load claims every HTTP 200 as a success. `counted` is the server's (successes, failures)
+    of the model between two statistics snapshots taken at `window_us` (wall clock, µs);
+    h2load's claim is its HTTP-200 answers completed inside that window, `difference` the
+    claim minus the server's successes, and `agree` whether that is within the window's edge
+    slack. The statuses: HTTP errors are UNKNOWN; of the HTTP-200 answers the server's share of
+    failures is failed, with the preflight's code when that was an error and FAILED (code
+    unseen) otherwise, the rest OK. Which answers failed nobody knows, so where both kinds are
+    present `latency_mixed` is set: OK latencies cannot be told from failed ones. Without
+    server statistics (`counted` None, or a model the server never counted) the preflight's
+    status stands for every HTTP 200, as `source` says."""
+    ok_http = http == 200
+    code = UNKNOWN if preflight is None else preflight
+    claimed = int((ok_http & (end_us >= window_us[0]) & (end_us <= window_us[1])).sum())
+    status = np.where(ok_http, code, UNKNOWN).astype(np.int16)
+    check: dict[str, Any] = {"h2load_ok": claimed, "server_success": None, "server_fail": None,
+                             "difference": None, "agree": None, "source": "preflight", "latency_mixed": False}
+    if counted is None:
+        return status, check
+    success, fail = counted
+    slack = max(SLACK_MIN, math.ceil(SLACK_SHARE * max(claimed, success)))
+    check.update(server_success=success, server_fail=fail, difference=claimed - success,
+                 agree=abs(claimed - success) <= slack)
+    if success + fail == 0:
+        return status, check  # nothing reached the model (unknown model, undecodable request)
+    answered = np.flatnonzero(ok_http)
+    n_fail = round(answered.size * fail / (success + fail))
+    status[answered] = 0
+    if n_fail:
+        # Spread over the run, so offsets of the OK ones are not skewed to one end.
+        status[answered[np.arange(n_fail) * answered.size // n_fail]] = code if code not in (0, UNKNOWN) else FAILED
+    check.update(source="server", latency_mixed=0 < n_fail < answered.size)
+    return status, check
 
 
 def check_grpc_status(address: str, frame: Path, timeout_s: float = 10) -> tuple[int | None, str]:

@@ -1,10 +1,13 @@
 """Load processes: each runs one asyncio loop and sends pre-encoded ModelInferRequest bytes as
 they are (no serializer; the response bytes come back undecoded), over the transport its generator names:
 
-* `python` (default): `rawh2`, hand-framed HTTP/2, a few microseconds of CPU per call, so on a
-  small host the generator leaves the cores to the server it measures;
-* `grpcio`: grpc.aio channels with a generic method (about 180 µs per call here), the
-  reference client, for checking rawh2's figures against.
+* `python` (default): `rawh2`, hand-framed HTTP/2, the cheapest per call, so on a small host
+  the generator leaves the cores to the server it measures;
+* `h2`: `h2client`, the same structure over the `h2` library's state machine (about three
+  times rawh2's CPU per call);
+* `grpcio`: grpc.aio channels with a generic method, the reference client, for checking
+  rawh2's figures against.
+Their costs, measured: `python -m medserve.perf.bench_transports` (figures in perf/README.md).
 
 Closed loop: `concurrency` coroutines, each sending its next request when the previous one is
 answered. Latency = answer time - send time.
@@ -38,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from . import rawh2
+from . import h2client, rawh2
+from .measure import INCOMPLETE
 from .scenario import INFER_PATH
 
-INCOMPLETE = -1  # status of a request still unanswered when the drain time ran out
 CHANNEL_OPTIONS = [
     ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel: spread over workers
     ("grpc.enable_retries", 0),  # no retry buffering: less work per call
@@ -71,7 +74,7 @@ class Job:
     channels: int
     max_outstanding: int
     seed: int
-    generator: str = "python"  # "python": rawh2's hand-framed HTTP/2; "grpcio": grpc.aio channels
+    generator: str = "python"  # "python": rawh2; "h2": h2client; "grpcio": grpc.aio channels
 
 
 def _rusage_s() -> float:
@@ -130,12 +133,12 @@ class _Worker:
         self._index = index
         self._counters = counters
         self._channels: dict[str, list[Any]] = {}
-        self._raw: dict[str, list[rawh2.Channel]] = {}
+        self._raw: dict[tuple[str, str], list[rawh2.Channel]] = {}
         self.window = _WindowCounts()
 
     async def calls(self, address: str, count: int, generator: str) -> list[Any]:
         if generator != "grpcio":
-            return await self._raw_calls(address, count)
+            return await self._raw_calls(address, count, generator)
         chans = self._channels.setdefault(address, [])
         while len(chans) < count:
             options = [*CHANNEL_OPTIONS, ("medserve.perf.channel", f"{self._index}-{len(chans)}")]
@@ -147,10 +150,10 @@ class _Worker:
                 pass  # the first calls will fail with UNAVAILABLE and be counted as such
         return [ch.unary_unary(INFER_PATH, request_serializer=None, response_deserializer=None) for ch in chans[:count]]
 
-    async def _raw_calls(self, address: str, count: int) -> list[Any]:
-        chans = self._raw.setdefault(address, [])
+    async def _raw_calls(self, address: str, count: int, generator: str) -> list[Any]:
+        chans = self._raw.setdefault((address, generator), [])
         while len(chans) < count:
-            chan = rawh2.Channel(address)
+            chan = (h2client.Channel if generator == "h2" else rawh2.Channel)(address)
             await chan.connect()  # failing: the first calls end UNAVAILABLE and are counted as such
             chans.append(chan)
         return [ch.unary(INFER_PATH) for ch in chans[:count]]

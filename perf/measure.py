@@ -18,12 +18,19 @@ CDF_POINTS = (0.0, 1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97.5, 99, 99.5,
 HIGHEST_US = 3_600_000_000  # one hour
 
 
+INCOMPLETE = -1  # status of a request still unanswered when the drain time ran out
+FAILED = -2  # h2load: a request the server counted as failed, whose gRPC status nobody saw
+
+
 def status_name(code: int) -> str:
-    """gRPC status code number -> name (INCOMPLETE for -1: unanswered when the drain ran out)."""
+    """gRPC status code number -> name (INCOMPLETE for -1: unanswered when the drain ran out;
+    FAILED for -2: failed by the server's count, code unseen)."""
     import grpc
 
-    if code == -1:
+    if code == INCOMPLETE:
         return "INCOMPLETE"
+    if code == FAILED:
+        return "FAILED"
     for sc in grpc.StatusCode:
         if sc.value[0] == code:
             return sc.name
@@ -90,6 +97,14 @@ def descendants(pid: int) -> list[int]:
 def _proc_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def host_busy_s() -> float:
+    """CPU seconds the whole host has spent busy since boot, all cores (/proc/stat: user,
+    nice, system, irq, softirq; not idle, iowait or time stolen by a hypervisor)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / _TICKS
 
 
 def _proc_rss_bytes(pid: int) -> int:
@@ -191,6 +206,24 @@ class StatsProbe:
     def close(self) -> None:
         for ch in self._channels:
             ch.close()
+
+
+def server_outcomes(before: Mapping[str, Mapping[str, int]] | None, after: Mapping[str, Mapping[str, int]] | None,
+                    model: str, version: str = "") -> tuple[int, int] | None:
+    """(successes, failures) the server counted for `model` (every version, or `version`)
+    between two snapshots; None when the server keeps no statistics. A model the server does
+    not know counts (0, 0): its requests fail before any model's statistics see them."""
+    if before is None or after is None:
+        return None
+    keys = {model, f"{model}:{version}"} if version else None
+    success = fail = 0
+    for key, a in after.items():
+        if (key not in keys) if keys else (key != model and not key.startswith(model + ":")):
+            continue
+        b = before.get(key, {})
+        success += a.get("success_count", 0) - b.get("success_count", 0)
+        fail += a.get("fail_count", 0) - b.get("fail_count", 0)
+    return success, fail
 
 
 def stats_delta(before: Mapping[str, Mapping[str, int]] | None, after: Mapping[str, Mapping[str, int]] | None,

@@ -1,10 +1,13 @@
 """Unary gRPC calls over a hand-framed HTTP/2 connection: the load processes' default transport.
 
 Why not grpcio or h2: on a small host the generator shares the cores with the server it
-measures, so every microsecond it spends per request is taken from the server. grpc.aio costs
-about 180 µs of CPU per call here and the `h2` state machine about 100 µs; a Python generator
-built on either cannot keep up with h2load. This client does only what a unary call with a
-pre-encoded message needs, a few microseconds a call:
+measures, so every microsecond it spends per request is taken from the server. Measured
+(`python -m medserve.perf.bench_transports`, 2026-12-02, this 2-core machine, where one
+`loop.run_in_executor` round trip takes 110 µs): this client costs 51 µs of CPU per call, the
+`h2` library in the same structure (`perf/h2client.py`) 147 µs, grpc.aio 151 µs, h2load
+28 µs; against a server that can use both cores (two processes) the load processes over rawh2
+keep within 10 % of h2load's throughput, over h2 or grpc.aio they reach 0.5-0.7 of it. This
+client does only what a unary call with a pre-encoded message needs:
 
 * Request header blocks are encoded once per (path, deadline) with `hpack`, every field as a
   static-table index or a never-indexed literal, so the same bytes are valid on any connection
@@ -26,9 +29,12 @@ import collections
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Self
 from urllib.parse import unquote
 
 import hpack
+
+from .scenario import grpc_message
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -64,11 +70,6 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + struct.pack(">I", stream) + payload
 
 
-def grpc_message(body: bytes) -> bytes:
-    """One uncompressed gRPC length-prefixed message."""
-    return b"\x00" + struct.pack(">I", len(body)) + body
-
-
 def timeout_header(seconds: float) -> bytes:
     """`grpc-timeout`: at most 8 digits, the finest unit that fits."""
     for unit, scale in ((b"u", 1e6), (b"m", 1e3), (b"S", 1.0), (b"M", 1 / 60), (b"H", 1 / 3600)):
@@ -96,42 +97,38 @@ def request_block(authority: str, path: str, timeout_s: float | None = None) -> 
 
 
 @dataclass(slots=True)
-class _Stream:
+class Call:
+    """One unary call: its future, the response message's pieces, what the headers said."""
+
     future: asyncio.Future[bytes]
     chunks: list[bytes] = field(default_factory=list)
     http_status: int = 200
-    send_window: int = DEFAULT_WINDOW
+    grpc_status: int | None = None
+    message: str = ""
     timer: asyncio.TimerHandle | None = None
+    send_window: int = DEFAULT_WINDOW
 
 
-class Connection(asyncio.Protocol):
-    """One HTTP/2 connection carrying unary gRPC calls. Use `await Connection.open(host, port)`."""
+class CallProtocol(asyncio.Protocol):
+    """What a connection carrying unary gRPC calls does whatever frames the HTTP/2: open and
+    lose the connection, batch writes per event-loop iteration, end each call with its gRPC
+    status (trailers, HTTP status, RST_STREAM code, deadline) and fail the rest when the
+    connection goes. Subclasses keep every call they must end in `_streams` (by stream id) and
+    provide `_flush`, `_send_data` and `_start_waiting`. Use `await Subclass.open(host, port)`."""
 
     def __init__(self, authority: str) -> None:
         self.authority = authority
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._inbox = bytearray()
-        self._outbox: list[bytes] = []
         self._flush_scheduled = False
-        self._streams: dict[int, _Stream] = {}
-        self._next_stream = 1
-        self._decoder = hpack.Decoder()
-        self._decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        self._blocks: dict[tuple[str, float | None], bytes] = {}
-        self._partial: tuple[int, int, bytearray] | None = None  # HEADERS awaiting CONTINUATION
-        self._send_window = DEFAULT_WINDOW
-        self._initial_window = DEFAULT_WINDOW
-        self._max_frame = DEFAULT_MAX_FRAME
-        self._max_streams = MAX_WINDOW
+        self._streams: dict[int, Call] = {}
+        self._heads: dict[tuple[str, float | None], Any] = {}
         self._blocked: collections.deque[tuple[int, memoryview]] = collections.deque()  # (stream, data left)
-        self._waiting: collections.deque[tuple[int, bytes, bytes]] = collections.deque()  # over stream limit
-        self._received = 0
         self._error: str | None = None  # set once the connection can take no new calls
         self.closed: asyncio.Future[None] = self._loop.create_future()
 
     @classmethod
-    async def open(cls, host: str, port: int, timeout_s: float = 10.0) -> Connection:
+    async def open(cls, host: str, port: int, timeout_s: float = 10.0) -> Self:
         conn = cls(f"{host}:{port}")
         await asyncio.wait_for(conn._loop.create_connection(lambda: conn, host, port), timeout_s)
         return conn
@@ -140,28 +137,136 @@ class Connection(asyncio.Protocol):
     def usable(self) -> bool:
         return self._error is None
 
-    # -- calls -----------------------------------------------------------------------------
-
     def call(self, path: str, body: bytes, timeout_s: float | None = None) -> asyncio.Future[bytes]:
         """Start a unary call of `body` (a serialized message); the future gives the response
         message or raises RpcError."""
         if self._error is not None:
-            return _unavailable(self._error)
-        future: asyncio.Future[bytes] = self._loop.create_future()
+            return unavailable(self._error)
         key = (path, timeout_s)
-        block = self._blocks.get(key)
-        if block is None:
-            block = self._blocks[key] = request_block(self.authority, path, timeout_s)
+        head = self._heads.get(key)
+        if head is None:
+            head = self._heads[key] = self._request_head(self.authority, path, timeout_s)
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        self._begin(future, head, body, timeout_s)
+        return future
+
+    def _request_head(self, authority: str, path: str, timeout_s: float | None) -> Any:
+        """The request's headers as the subclass sends them (built once per path and deadline)."""
+        raise NotImplementedError
+
+    def _begin(self, future: asyncio.Future[bytes], head: Any, body: bytes, timeout_s: float | None) -> None:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _send_data(self, stream: int, data: memoryview) -> None:
+        raise NotImplementedError
+
+    def _start_waiting(self) -> None:
+        raise NotImplementedError
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _unblock(self) -> None:
+        blocked, self._blocked = self._blocked, collections.deque()
+        for stream, data in blocked:
+            self._send_data(stream, data)
+
+    def _finish(self, stream: int, code: int, message: str = "") -> None:
+        entry = self._streams.pop(stream, None)
+        if entry is None:
+            return
+        if entry.timer is not None:
+            entry.timer.cancel()
+            if self._loop.time() >= entry.timer.when():  # the answer came after the deadline
+                code, message = DEADLINE_EXCEEDED, "deadline exceeded (client side)"
+        if not entry.future.done():
+            if code == OK:
+                body = b"".join(entry.chunks)
+                entry.future.set_result(body[5:])
+            else:
+                entry.future.set_exception(RpcError(code, message))
+        self._start_waiting()
+
+    def _read_headers(self, entry: Call, headers: list[tuple[bytes, bytes]]) -> None:
+        for name, value in headers:
+            if name == b":status":
+                entry.http_status = int(value)
+            elif name == b"grpc-status":
+                entry.grpc_status = int(value)
+            elif name == b"grpc-message":
+                entry.message = unquote(value.decode("utf-8", "replace"))
+
+    def _end(self, stream: int) -> None:
+        """The server ended the stream: the trailers' status, else the HTTP status mapped."""
+        entry = self._streams.get(stream)
+        if entry is None:
+            return
+        status, message = entry.grpc_status, entry.message
+        if status is None:
+            http = entry.http_status
+            status = HTTP_STATUS.get(http, UNKNOWN) if http != 200 else UNKNOWN
+            message = message or f"HTTP status {http} without grpc-status"
+        self._finish(stream, status, message)
+
+    def _on_reset(self, stream: int, error: int) -> None:
+        code = RST_STATUS.get(error, INTERNAL)
+        entry = self._streams.get(stream)
+        timer = entry.timer if entry is not None else None
+        if code == CANCELLED and timer is not None and self._loop.time() >= timer.when() - DEADLINE_SLACK_S:
+            code = DEADLINE_EXCEEDED  # the server cancels a call whose deadline passed (its clock, rounded)
+        self._finish(stream, code, f"stream reset by the server (HTTP/2 error {error})")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._shut(f"connection lost: {exc}" if exc else "connection closed")
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _shut(self, reason: str, above: int = 0) -> None:
+        """No new calls from now on; fail the calls on streams above `above` as UNAVAILABLE."""
+        if self._error is None:
+            self._error = reason
+        for stream in [s for s in self._streams if s > above]:
+            self._finish(stream, UNAVAILABLE, reason)
+
+
+class Connection(CallProtocol):
+    """One hand-framed HTTP/2 connection carrying unary gRPC calls."""
+
+    def __init__(self, authority: str) -> None:
+        super().__init__(authority)
+        self._inbox = bytearray()
+        self._outbox: list[bytes] = []
+        self._next_stream = 1
+        self._decoder = hpack.Decoder()
+        self._decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._partial: tuple[int, int, bytearray] | None = None  # HEADERS awaiting CONTINUATION
+        self._send_window = DEFAULT_WINDOW
+        self._initial_window = DEFAULT_WINDOW
+        self._max_frame = DEFAULT_MAX_FRAME
+        self._max_streams = MAX_WINDOW
+        self._waiting: collections.deque[tuple[int, bytes, bytes]] = collections.deque()  # over stream limit
+        self._received = 0
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def _request_head(self, authority: str, path: str, timeout_s: float | None) -> bytes:
+        return request_block(authority, path, timeout_s)
+
+    def _begin(self, future: asyncio.Future[bytes], head: bytes, body: bytes, timeout_s: float | None) -> None:
         stream = self._next_stream
         self._next_stream += 2
-        entry = self._streams[stream] = _Stream(future, send_window=self._initial_window)
+        entry = self._streams[stream] = Call(future, send_window=self._initial_window)
         if timeout_s is not None:
             entry.timer = self._loop.call_later(timeout_s, self._expire, stream)
         if len(self._streams) > self._max_streams:
-            self._waiting.append((stream, block, body))
+            self._waiting.append((stream, head, body))
         else:
-            self._start(stream, block, body)
-        return future
+            self._start(stream, head, body)
 
     def _start(self, stream: int, block: bytes, body: bytes) -> None:
         # The block is a few dozen bytes; every peer takes frames of at least 16 kB (RFC 9113).
@@ -187,9 +292,7 @@ class Connection(asyncio.Protocol):
 
     def _send(self, chunk: bytes) -> None:
         self._outbox.append(chunk)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._schedule_flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -201,25 +304,9 @@ class Connection(asyncio.Protocol):
         entry = self._streams.pop(stream, None)
         if entry is not None:
             entry.timer = None
-            _fail(entry.future, DEADLINE_EXCEEDED, "deadline exceeded (client side)")
+            fail(entry.future, DEADLINE_EXCEEDED, "deadline exceeded (client side)")
             self._send(frame(RST_STREAM, 0, stream, struct.pack(">I", 0x8)))
             self._start_waiting()
-
-    def _finish(self, stream: int, code: int, message: str = "") -> None:
-        entry = self._streams.pop(stream, None)
-        if entry is None:
-            return
-        if entry.timer is not None:
-            entry.timer.cancel()
-            if self._loop.time() >= entry.timer.when():  # the answer came after the deadline
-                code, message = DEADLINE_EXCEEDED, "deadline exceeded (client side)"
-        if not entry.future.done():
-            if code == OK:
-                body = b"".join(entry.chunks)
-                entry.future.set_result(body[5:])
-            else:
-                entry.future.set_exception(RpcError(code, message))
-        self._start_waiting()
 
     def _start_waiting(self) -> None:
         while self._waiting and len(self._streams) - len(self._waiting) < self._max_streams:
@@ -244,18 +331,6 @@ class Connection(asyncio.Protocol):
             PREFACE + frame(SETTINGS, 0, 0, settings)
             + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - DEFAULT_WINDOW))
         )
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._shut(f"connection lost: {exc}" if exc else "connection closed")
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def _shut(self, reason: str, above: int = 0) -> None:
-        """No new calls from now on; fail the calls on streams above `above` as UNAVAILABLE."""
-        if self._error is None:
-            self._error = reason
-        for stream in [s for s in self._streams if s > above]:
-            self._finish(stream, UNAVAILABLE, reason)
 
     def data_received(self, data: bytes) -> None:
         inbox = self._inbox
@@ -316,12 +391,7 @@ class Connection(asyncio.Protocol):
                 self._on_headers(first, head_flags, bytes(block))
         elif kind == RST_STREAM:
             (error,) = struct.unpack(">I", payload[:4])
-            code = RST_STATUS.get(error, INTERNAL)
-            entry = self._streams.get(stream)
-            timer = entry.timer if entry is not None else None
-            if code == CANCELLED and timer is not None and self._loop.time() >= timer.when() - DEADLINE_SLACK_S:
-                code = DEADLINE_EXCEEDED  # the server cancels a call whose deadline passed (its clock, rounded)
-            self._finish(stream, code, f"stream reset by the server (HTTP/2 error {error})")
+            self._on_reset(stream, error)
         elif kind == SETTINGS:
             if not flags & FLAG_ACK:
                 self._on_settings(payload)
@@ -357,11 +427,6 @@ class Connection(asyncio.Protocol):
         self._unblock()
         self._start_waiting()
 
-    def _unblock(self) -> None:
-        blocked, self._blocked = self._blocked, collections.deque()
-        for stream, data in blocked:
-            self._send_data(stream, data)
-
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         known = self._decoded.get(block)
         if known is not None:
@@ -381,34 +446,21 @@ class Connection(asyncio.Protocol):
         entry = self._streams.get(stream)
         if entry is None:
             return
-        status: int | None = None
-        message = ""
-        for name, value in headers:
-            if name == b":status":
-                entry.http_status = int(value)
-            elif name == b"grpc-status":
-                status = int(value)
-            elif name == b"grpc-message":
-                message = unquote(value.decode("utf-8", "replace"))
-        if not flags & FLAG_END_STREAM:
-            return
-        if status is None:
-            http = entry.http_status
-            status = HTTP_STATUS.get(http, UNKNOWN) if http != 200 else UNKNOWN
-            message = message or f"HTTP status {http} without grpc-status"
-        self._finish(stream, status, message)
+        self._read_headers(entry, headers)
+        if flags & FLAG_END_STREAM:
+            self._end(stream)
 
 
-def _unavailable(message: str) -> asyncio.Future[bytes]:
+def unavailable(message: str) -> asyncio.Future[bytes]:
     """A call that fails with UNAVAILABLE on the next loop iteration, not at once: a caller
     looping on failures still yields to the loop."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[bytes] = loop.create_future()
-    loop.call_soon(_fail, future, UNAVAILABLE, message)
+    loop.call_soon(fail, future, UNAVAILABLE, message)
     return future
 
 
-def _fail(future: asyncio.Future[bytes], code: int, message: str) -> None:
+def fail(future: asyncio.Future[bytes], code: int, message: str) -> None:
     if not future.done():
         future.set_exception(RpcError(code, message))
 
@@ -417,16 +469,18 @@ class Channel:
     """Calls over one connection to `address`, reconnecting after it is lost or goes away
     (calls made meanwhile fail at once with UNAVAILABLE, as an un-waiting gRPC channel's do)."""
 
+    connection: Any = Connection
+
     def __init__(self, address: str) -> None:
         host, _, port = address.rpartition(":")
         self._host, self._port = host.strip("[]"), int(port)
-        self._conn: Connection | None = None
+        self._conn: Any = None
         self._connecting: asyncio.Task[None] | None = None
         self._last_error = "not connected"
 
     async def connect(self, timeout_s: float = 10.0) -> None:
         try:
-            self._conn = await Connection.open(self._host, self._port, timeout_s)
+            self._conn = await self.connection.open(self._host, self._port, timeout_s)
         except (OSError, TimeoutError) as exc:
             self._last_error = f"cannot connect to {self._host}:{self._port}: {exc}"
 
@@ -437,7 +491,7 @@ class Channel:
                 if self._connecting is None or self._connecting.done():
                     self._connecting = asyncio.get_running_loop().create_task(self.connect())
                 if conn is None:
-                    return _unavailable(self._last_error)
+                    return unavailable(self._last_error)
             return conn.call(path, body, timeout)
 
         return call

@@ -12,6 +12,7 @@ CSV_FIELDS = (
     "config", "generator", "level", "offered_rps", "requests", "throughput_rps", "ok_rps", "goodput_rps",
     "p50_us", "p90_us", "p99_us", "p99.9_us", "max_us", "mean_us", "errors", "statuses", "mean_batch",
     "server_queue_us", "server_infer_us", "server_cpu_cores", "server_rss_mib", "harness_cores",
+    "h2load_ok_minus_server", "h2load_disagrees",
 )
 
 
@@ -52,6 +53,8 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "server_infer_us": _server_figure(lv, "compute_infer_us"),
                 "server_cpu_cores": lv.get("server_cpu_cores"), "server_rss_mib": lv.get("server_rss_mib"),
                 "harness_cores": lv.get("harness_cores"),
+                "h2load_ok_minus_server": (lv.get("h2load_vs_server") or {}).get("difference"),
+                "h2load_disagrees": bool((lv.get("h2load_vs_server") or {}).get("disagreeing_repetitions")),
             })
     return out
 
@@ -91,6 +94,14 @@ def summary_table(results: dict[str, Any]) -> str:
     errs = [r for r in rows(results) if r["errors"]]
     for r in errs:
         lines.append(f"  statuses of {r['config']} @ {r['level']:g}: {r['statuses']}")
+    for cfg in results["configs"]:
+        for lv in cfg["levels"]:
+            check = lv.get("h2load_vs_server")
+            if check and check["disagreeing_repetitions"]:
+                lines.append(f"  h2load DISAGREES with the server on {cfg['name']} @ {lv['level']:g}: h2load "
+                             f"{check['h2load_ok']} OK, server {check['server_success']} OK + "
+                             f"{check['server_fail']} failed ({check['difference']:+d}); OK, good/s and err "
+                             "are the server's counts")
     if results.get("comparisons"):
         lines.append("")
         lines.append(f"{'compared (other / baseline)':<40} {'level':>6} {'req/s':>7} {'paired':>7} {'p50':>7} "

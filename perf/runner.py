@@ -26,13 +26,25 @@ from typing import Any
 import numpy as np
 
 from . import h2load, serverproc
-from .loadgen import INCOMPLETE, Job, LoadPool, split_jobs
-from .measure import StatsProbe, latency_summary, proc_delta, proc_snapshot, stats_delta, status_name
+from .loadgen import Job, LoadPool, split_jobs
+from .measure import (
+    INCOMPLETE,
+    StatsProbe,
+    host_busy_s,
+    latency_summary,
+    proc_delta,
+    proc_snapshot,
+    server_outcomes,
+    stats_delta,
+    status_name,
+)
 from .scenario import ModelInfo, ModelLoad, Scenario, Target, build_payloads, fetch_model_info
 
 SCHEMA = "medserve.perf/1"
 GENERATOR_SATURATED_CORES = 0.85  # a load process above this share of a core is the bottleneck
 HOST_SATURATED_SHARE = 0.9  # server + harness above this share of the host's cores
+HOST_OTHER_CORES = 0.1  # CPU used by neither server nor harness above this: not a quiet machine
+H2LOAD_MARGIN_S = 0.05  # h2load's logged duration starts this much before the window and ends this much after
 
 
 @dataclass
@@ -202,10 +214,14 @@ class Runner:
         sc = self.scenario
         assert p.frame is not None
         log_file = self.work_dir / f"h2load-{os.getpid()}-{time.monotonic_ns()}.log"
-        cmd = h2load.command(p.address, p.frame, int(level), sc.processes * sc.channels, sc.warmup_s, sc.measure_s,
-                             log_file)
-        run = h2load.H2LoadProcess.start(cmd, log_file)
+        # h2load logs its main duration only, timed from its own start: it begins a little
+        # early and ends a little late, so its log covers the window whatever its start-up took.
+        early = min(sc.warmup_s, H2LOAD_MARGIN_S)
+        cmd = h2load.command(p.address, p.frame, int(level), sc.processes * sc.channels, sc.warmup_s - early,
+                             sc.measure_s + early + H2LOAD_MARGIN_S, log_file)
         start_ns = time.monotonic_ns()
+        wall_us = time.time() * 1e6 - start_ns / 1e3  # h2load's log is in wall-clock µs
+        run = h2load.H2LoadProcess.start(cmd, log_file)
         m0 = start_ns + int(sc.warmup_s * 1e9)
         m1 = m0 + int(sc.measure_s * 1e9)
         self._wait_until(m0, f"{label} warm-up (h2load)", None)
@@ -215,19 +231,22 @@ class Runner:
         summary = run.finish(timeout_s=sc.drain_s + 30)
         log = summary.pop("log")
         log_file.unlink(missing_ok=True)
-        n = log["latency_us"].size
         status_code, message = p.frame_status or (None, "")
-        ok_http = log["http"] == 200
-        # h2load sees HTTP only; every request is the same frame, so the trailers of the
-        # preflight request (nghttp) stand for all of them. Unknown -> UNKNOWN, not OK.
-        code = status_code if status_code is not None else 2
-        status = np.where(ok_http, code, 2).astype(np.int16)
-        start = log["start_us"]
+        # h2load sees HTTP only (every HTTP 200 is a success to it); the server's own counts
+        # of the window say how many were, the preflight's trailers what the failures were.
+        m = p.models[0]
+        counted = server_outcomes(before["stats"], after["stats"], m.send_as or m.model, m.version)
+        start, end = log["start_us"], log["start_us"] + log["latency_us"]
+        status, check = h2load.reconcile(log["http"], end, (before["stats_wall_us"], after["stats_wall_us"]),
+                                         status_code, counted)
+        w0, w1 = m0 / 1e3 + wall_us, m1 / 1e3 + wall_us
+        sel = (start >= w0) & (start < w1)  # the requests of the window: started in it
+        n = int(sel.sum())
         arrays = {
-            "offset_ns": (start - (start.min() if n else 0)) * 1000,
-            "latency_ns": log["latency_us"] * 1000,
+            "offset_ns": ((start[sel] - w0) * 1000).astype(np.int64),
+            "latency_ns": log["latency_us"][sel] * 1000,
             "lag_ns": np.zeros(n, np.int64),
-            "status": status,
+            "status": status[sel],
             "model": np.zeros(n, np.uint8),
         }
         harness = {
@@ -237,13 +256,33 @@ class Runner:
             "h2load_summary": summary,
             "grpc_status_check": {"status": status_code, "message": message},
         }
-        ok = status == 0
+        # Throughput: answers received in the window, as the load processes count them.
+        received = (end >= w0) & (end < w1)
+        ok_count = check["server_success"] if check["source"] == "server" else int((received & (status == 0)).sum())
+        # Goodput: which answers were the OK ones is unknown when some failed, so at most the
+        # HTTP-200 answers within the goal.
+        within = received & ((log["http"] == 200) if check["latency_mixed"] else (status == 0))
         goal = self._goals_ns(p)[0]
-        window = {"done": n, "ok": int(ok.sum()),
-                  "good": int((ok & (arrays["latency_ns"] <= goal)).sum()) if goal else int(ok.sum())}
-        res = self._result(p, level, arrays, window, before, after, harness)
+        good = int((within & (log["latency_us"] * 1000 <= goal)).sum()) if goal else ok_count
+        window = {"done": int(received.sum()), "ok": ok_count, "good": min(ok_count, good)}
+        answered_200 = log["http"][sel] == 200
+        res = self._result(p, level, arrays, window, before, after, harness,
+                           latency_mask=answered_200 if check["latency_mixed"] else None)
+        res["h2load_vs_server"] = check
+        where = f"target {p.target.name!r} level {level:g}"
         if status_code is None:
             self.warnings.append(f"target {p.target.name!r}: gRPC status of h2load's requests unverified ({message})")
+        if counted is None:
+            self.warnings.append(f"{where}: the server keeps no statistics; h2load's HTTP-200 answers are taken "
+                                 "as the preflight's status, unverified")
+        elif not check["agree"]:
+            self.warnings.append(
+                f"{where}: h2load counted {check['h2load_ok']} HTTP-200 answers as successes, the server "
+                f"{check['server_success']} successes and {check['server_fail']} failures (difference "
+                f"{check['difference']:+d}); the successes reported are the server's")
+        if check["latency_mixed"]:
+            self.warnings.append(f"{where}: latency percentiles are over every HTTP-200 answer, failed ones "
+                                 "included (h2load cannot tell them apart)")
         return res
 
     def _goals_ns(self, p: PreparedTarget) -> tuple[int | None, ...]:
@@ -258,23 +297,30 @@ class Runner:
         from .measure import descendants
 
         pids = [q for pid in p.pids for q in descendants(pid)]
+        t0 = time.time()
+        stats = p.probe.snapshot()
+        t1 = time.time()
         return {
-            "stats": p.probe.snapshot(),
+            "stats": stats,
+            "stats_wall_us": (t0 + t1) / 2 * 1e6,  # when the server read its counters, about
             "server": proc_snapshot(pids) if pids else None,
             "self": proc_snapshot([os.getpid()]),
+            "host_busy_s": host_busy_s(),
             "extra": proc_snapshot(extra_pids) if extra_pids else None,
             "at": time.monotonic(),
         }
 
     def _result(self, p: PreparedTarget, level: float, a: dict[str, np.ndarray], received: dict[str, int],
-                before: dict[str, Any], after: dict[str, Any], harness: dict[str, Any]) -> dict[str, Any]:
+                before: dict[str, Any], after: dict[str, Any], harness: dict[str, Any],
+                latency_mask: np.ndarray | None = None) -> dict[str, Any]:
+        """One measurement's record; latency percentiles over the OK requests (or `latency_mask`)."""
         sc = self.scenario
         window = sc.measure_s
         status = a["status"]
         latency = a["latency_ns"]
         codes, counts = np.unique(status, return_counts=True)
         statuses = {status_name(int(c)): int(n) for c, n in zip(codes, counts, strict=True)}
-        ok = status == 0
+        ok = status == 0 if latency_mask is None else latency_mask
         answered = status != INCOMPLETE
         per_model = {}
         for i, label in enumerate(model_labels(p.models)):
@@ -287,6 +333,8 @@ class Runner:
             }
         server = {"models": stats_delta(before["stats"], after["stats"], window),
                   "process": proc_delta(before["server"], after["server"])}
+        wall = after["at"] - before["at"]
+        host_cores = round((after["host_busy_s"] - before["host_busy_s"]) / wall, 3) if wall > 0 else None
         result: dict[str, Any] = {
             "level": level,
             "window_s": round(window, 3),
@@ -300,6 +348,7 @@ class Runner:
             "per_model": per_model,
             "server": server,
             "harness": harness,
+            "host_busy_cores": host_cores,  # every process of the host; see host_other_cores
         }
         if sc.mode == "open":
             result["offered_rps"] = level
@@ -326,6 +375,13 @@ class Runner:
         harness_cores = sum(h.get("load_process_cores", [])) + (h.get("parent_cores") or 0) + (h.get("h2load_cores") or 0)
         h["total_cores"] = round(harness_cores, 3)
         ncpu = os.cpu_count() or 1
+        if proc is not None and r.get("host_busy_cores") is not None:
+            # What neither the server nor the harness used: other work on the host, which the
+            # server's figures then lack.
+            r["host_other_cores"] = other = round(r["host_busy_cores"] - proc["cpu_cores"] - harness_cores, 3)
+            if other > HOST_OTHER_CORES:
+                self.warnings.append(f"{where}: other processes used {other:.2f} cores of the host during the window: "
+                                     "the figures are not from a quiet machine")
         if proc is not None and proc["cpu_cores"] + harness_cores >= HOST_SATURATED_SHARE * ncpu:
             self.warnings.append(
                 f"{where}: host CPU saturated (server {proc['cpu_cores']:.2f} + harness {harness_cores:.2f} of "
@@ -416,6 +472,7 @@ def summarize(level: float, reps: list[dict[str, Any]]) -> dict[str, Any]:
         for k, v in r["statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
     tput = [r["throughput_rps"] for r in reps]
+    checks = [r["h2load_vs_server"] for r in reps if r.get("h2load_vs_server", {}).get("agree") is not None]
     models = sorted({m for r in reps for m in (r["server"]["models"] or {})})
     server_models = {
         m: {k: med(("server", "models", m, k)) for k in
@@ -439,6 +496,15 @@ def summarize(level: float, reps: list[dict[str, Any]]) -> dict[str, Any]:
         "harness_cores": med(("harness", "total_cores")),
         "offered_rps": reps[0].get("offered_rps"),
         "send_lag_p99_us": med(("send_lag_us", "p99")),
+        # h2load's successes against the server's, summed over the repetitions (None: not h2load,
+        # or a server without statistics).
+        "h2load_vs_server": {
+            "h2load_ok": sum(c["h2load_ok"] for c in checks),
+            "server_success": sum(c["server_success"] for c in checks),
+            "server_fail": sum(c["server_fail"] for c in checks),
+            "difference": sum(c["difference"] for c in checks),
+            "disagreeing_repetitions": sum(not c["agree"] for c in checks),
+        } if checks else None,
     }
 
 

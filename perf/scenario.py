@@ -30,7 +30,7 @@ A scenario file (every key optional except at least one model; flags override th
     address = "127.0.0.1:8001" # or: serve = { repository = "models", workers = 2, args = [] }
     pid = 1234                 # optional: the server's pid, for CPU and RSS
     workers = 2                # optional: `--workers` of that server (its statistics are per worker)
-    generator = "python"       # or "grpcio", "h2load"
+    generator = "python"       # or "h2", "grpcio", "h2load"
     models = ["rf_batched"]    # optional: this target's model names, replacing [[model]] names
 
 Several targets are measured in the same run, interleaved level by level, and compared.
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -51,8 +52,14 @@ SERVICE = "inference.GRPCInferenceService"
 INFER_PATH = f"/{SERVICE}/ModelInfer"
 MODES = ("closed", "open")
 ARRIVALS = ("poisson", "fixed")
-GENERATORS = ("python", "grpcio", "h2load")  # python: load processes over rawh2; grpcio: over grpc.aio
+GENERATORS = ("python", "h2", "grpcio", "h2load")  # load processes over rawh2, h2client or grpc.aio; h2load
 DATA_SOURCES = ("card", "random", "zeros")
+
+
+def grpc_message(body: bytes) -> bytes:
+    """One uncompressed gRPC length-prefixed message (1-byte flag, 4-byte big-endian length,
+    the serialized message): what goes in the DATA frames of a call, from any transport."""
+    return b"\x00" + struct.pack(">I", len(body)) + body
 
 
 class ScenarioError(ValueError):

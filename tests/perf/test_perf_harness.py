@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,7 @@ def test_overloaded_open_loop_latency_counts_from_the_intended_send_time(make_re
     assert rep["send_lag_us"]["p50"] < rep["latency_us"]["p50"] / 10
 
 
-@pytest.mark.parametrize("generator", ["python", "grpcio"])  # rawh2 and grpc.aio load processes
+@pytest.mark.parametrize("generator", ["python", "h2", "grpcio"])  # rawh2, h2client, grpc.aio load processes
 def test_errors_become_status_counts_not_a_crash(affine_repo: Path, tmp_path: Path, generator: str) -> None:
     mix = (
         ModelLoad("affine", weight=2),
@@ -138,6 +139,37 @@ def test_errors_become_status_counts_not_a_crash(affine_repo: Path, tmp_path: Pa
     assert rep["goodput_rps"] == rep["ok_rps"] < rep["throughput_rps"]
     assert "NOT_FOUND" in report.summary_table(results)
     assert rep["harness"]["generator"] == generator
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load not installed (apt-get install nghttp2-client)")
+def test_h2load_successes_are_the_servers_count_and_a_disagreement_is_flagged(make_repo, tmp_path: Path) -> None:
+    """A queue of one in front of a model with one instance: under h2load's 16 streams most
+    requests end RESOURCE_EXHAUSTED in the trailers of an HTTP 200, which h2load counts as a
+    success. The preflight request (alone) is OK. The successes reported must be the server's
+    own count, and the run must say that h2load disagreed."""
+    repo = make_repo(slow=(lambda p: onnx_models.slow(p, width=256, layers=20), "max_batch_size: 0\n"))
+    with running_server(repo, max_queue_size=1) as srv:
+        sc = Scenario(name="h2-refused", levels=(16,), warmup_s=0.2, measure_s=0.6, channels=2,
+                      models=(ModelLoad("slow"),), targets=(Target("h2", srv.target, generator="h2load"),))
+        results = Runner(sc, work_dir=tmp_path, progress=None).run()
+    cfg = results["configs"][0]
+    assert cfg["preflight"] == {"slow": "OK"}
+    rep = cfg["levels"][0]["repetitions"][0]
+    server = rep["server"]["models"]["slow:1"]
+    assert rep["harness"]["h2load_summary"]["requests"]["failed"] == 0  # what h2load itself says
+    assert server["fail"] > 0 and server["success"] > 0
+    assert rep["ok_rps"] == server["success_rps"]  # successes: the server's count over the same window
+    assert rep["goodput_rps"] <= rep["ok_rps"] < rep["throughput_rps"]
+    check = rep["h2load_vs_server"]
+    assert (check["server_success"], check["server_fail"]) == (server["success"], server["fail"])
+    assert check["source"] == "server" and check["agree"] is False
+    assert check["difference"] == check["h2load_ok"] - server["success"] > 0
+    assert sum(rep["statuses"].values()) == rep["requests"] and rep["statuses"]["FAILED"] > 0
+    assert abs(rep["statuses"]["OK"] - server["success"]) <= max(5, 0.02 * rep["requests"])
+    assert cfg["levels"][0]["h2load_vs_server"]["disagreeing_repetitions"] == 1
+    assert any("h2load counted" in w and "the server" in w for w in results["warnings"])
+    table = report.summary_table(results)
+    assert "h2load DISAGREES with the server on h2 @ 16" in table and "warning: " in table
 
 
 def test_deadlines_and_comparison_via_the_command_line(affine_repo: Path, tmp_path: Path, capsys) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from medserve.perf import h2load
 from medserve.perf.loadgen import split_jobs
-from medserve.perf.measure import latency_summary, stats_delta, status_name
+from medserve.perf.measure import FAILED, latency_summary, server_outcomes, stats_delta, status_name
 from medserve.perf.runner import Runner
 from medserve.perf.scenario import (
     ModelInfo,
@@ -25,6 +25,7 @@ from medserve.perf.scenario import (
     TensorInfo,
     build_payloads,
     feature_ranges,
+    grpc_message,
     load_scenario,
     parse_levels,
     parse_model_flag,
@@ -109,10 +110,38 @@ def test_h2load_output_parsing_and_frame() -> None:
     out = h2load.parse_output(text)
     assert out["rps"] == 2994.0 and out["requests"]["done"] == 11976 and out["requests"]["failed"] == 6
     assert out["http_codes"]["4xx"] == 6 and out["latency_us"] == {"min": 1580.0, "max": 39980.0, "mean": 21310.0}
-    assert h2load.grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+    assert grpc_message(b"abc") == b"\x00\x00\x00\x00\x03abc"
     assert h2load.split_concurrency(64, 4) == (4, 16) and h2load.split_concurrency(6, 4) == (3, 2)
     with pytest.raises(h2load.H2LoadError):
         h2load.parse_output("h2load: connection refused")
+
+
+def test_h2load_statuses_come_from_the_servers_count() -> None:
+    """reconcile: h2load's HTTP statuses and completion times against the server's counts."""
+    http = np.array([200] * 8 + [503, 200])
+    end = np.arange(10) * 100  # completions at 0, 100, ... 900 µs
+    window = (150.0, 950.0)  # the statistics were read at 150 and 950 µs: 7 HTTP 200s inside
+    status, check = h2load.reconcile(http, end, window, 0, (7, 0))  # the server agrees
+    assert status.tolist() == [0] * 8 + [2, 0]
+    assert check == {"h2load_ok": 7, "server_success": 7, "server_fail": 0, "difference": 0, "agree": True,
+                     "source": "server", "latency_mixed": False}
+    status, check = h2load.reconcile(http, end, window, 0, (1, 8))  # RESOURCE_EXHAUSTED in the trailers
+    assert (status == 0).sum() == 1 and (status == FAILED).sum() == 8 and status[8] == 2
+    assert check["difference"] == 6 and check["agree"] is False and check["latency_mixed"]
+    assert h2load.reconcile(http, end, window, 0, (3, 6))[1]["agree"] is True  # 4 apart: within the edge slack
+    status, check = h2load.reconcile(http, end, window, 3, (0, 9))  # every request INVALID_ARGUMENT
+    assert (status == 3).sum() == 9 and check["agree"] is False and not check["latency_mixed"]
+    status, check = h2load.reconcile(http, end, window, 5, (0, 0))  # NOT_FOUND: no model counted it
+    assert (status == 5).sum() == 9 and check["source"] == "preflight" and check["agree"] is False
+    status, check = h2load.reconcile(http, end, window, 0, None)  # no statistics (the fixed server)
+    assert (status == 0).sum() == 9 and check["agree"] is None and check["source"] == "preflight"
+    before = {"m:1": {"success_count": 3, "fail_count": 1}, "other:1": {"success_count": 50}}
+    after = {"m:1": {"success_count": 10, "fail_count": 4}, "m:2": {"success_count": 2},
+             "other:1": {"success_count": 90}}
+    assert server_outcomes(before, after, "m") == (9, 3)
+    assert server_outcomes(before, after, "m", "1") == (7, 3)
+    assert server_outcomes(before, after, "gone") == (0, 0) and server_outcomes(None, after, "m") is None
+    assert status_name(FAILED) == "FAILED"
 
 
 def test_measure_helpers() -> None:

@@ -1,6 +1,6 @@
-"""The load processes' hand-framed HTTP/2 transport against a real medserve server: the same
-response bytes as grpcio, every status, flow control with messages far above the windows,
-deadlines, and a server that goes away mid-call."""
+"""The load processes' HTTP/2 transports (rawh2, hand-framed; h2client, over the h2 library)
+against a real medserve server: the same response bytes as grpcio, every status, flow control
+with messages far above the windows, deadlines, and a server that goes away mid-call."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from medserve.perf import rawh2
+from medserve.perf import h2client, rawh2
 from medserve.perf.scenario import INFER_PATH
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos.wire import from_raw
@@ -19,6 +19,11 @@ import onnx_models
 from conftest import running_server
 
 WIDE = 60_000  # features: a 240 kB request and a 240 kB response, past every 64 kB window
+
+
+@pytest.fixture(params=[rawh2.Channel, h2client.Channel], ids=["rawh2", "h2client"])
+def channel_class(request: pytest.FixtureRequest) -> type[rawh2.Channel]:
+    return request.param
 
 
 @pytest.fixture
@@ -43,8 +48,9 @@ def _grpcio(target: str, body: bytes, path: str = INFER_PATH) -> bytes:
         return channel.unary_unary(path, request_serializer=None, response_deserializer=None)(body, timeout=30)
 
 
-async def _call(target: str, body: bytes, path: str = INFER_PATH, timeout: float | None = None) -> bytes:
-    channel = rawh2.Channel(target)
+async def _call(cls: type[rawh2.Channel], target: str, body: bytes, path: str = INFER_PATH,
+                timeout: float | None = None) -> bytes:
+    channel = cls(target)
     await channel.connect()
     try:
         return await channel.unary(path)(body, timeout)
@@ -52,38 +58,41 @@ async def _call(target: str, body: bytes, path: str = INFER_PATH, timeout: float
         await channel.close()
 
 
-async def _status(target: str, body: bytes, path: str = INFER_PATH, timeout: float | None = None) -> rawh2.RpcError:
+async def _status(cls: type[rawh2.Channel], target: str, body: bytes, path: str = INFER_PATH,
+                  timeout: float | None = None) -> rawh2.RpcError:
     with pytest.raises(rawh2.RpcError) as info:
-        await asyncio.wait_for(_call(target, body, path, timeout), 30)
+        await asyncio.wait_for(_call(cls, target, body, path, timeout), 30)
     return info.value
 
 
 @pytest.mark.parametrize("model,features", [("affine", 4), ("wide", WIDE)])
-def test_response_bytes_equal_grpcio_and_the_answer_is_right(repo: Path, model: str, features: int) -> None:
+def test_response_bytes_equal_grpcio_and_the_answer_is_right(repo: Path, channel_class: type[rawh2.Channel], model: str,
+                                                            features: int) -> None:
     x = np.random.default_rng(0).normal(size=(3, features)).astype(np.float32)
     body = _request(model, x)
     with running_server(repo) as srv:
-        raw = asyncio.run(_call(srv.target, body))
+        raw = asyncio.run(_call(channel_class, srv.target, body))
         assert raw == _grpcio(srv.target, body)
     response = pb.ModelInferResponse.FromString(raw)
     y = from_raw(response.raw_output_contents[0], "FP32", response.outputs[0].shape)
     np.testing.assert_allclose(y, onnx_models.affine_answer(x)["y"], rtol=1e-6)
 
 
-def test_every_outcome_is_the_servers_status_with_its_message(repo: Path) -> None:
+def test_every_outcome_is_the_servers_status_with_its_message(repo: Path, channel_class: type[rawh2.Channel]) -> None:
     x = np.ones((1, 4), np.float32)
     with running_server(repo) as srv:
-        unknown = asyncio.run(_status(srv.target, _request("nope", x)))
+        unknown = asyncio.run(_status(channel_class, srv.target, _request("nope", x)))
         assert unknown.code == grpc.StatusCode.NOT_FOUND.value[0] and "'nope'" in unknown.message
-        shape = asyncio.run(_status(srv.target, _request("affine", np.ones((1, 5), np.float32))))
+        shape = asyncio.run(_status(channel_class, srv.target, _request("affine", np.ones((1, 5), np.float32))))
         assert shape.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "expected shape" in shape.message
-        method = asyncio.run(_status(srv.target, b"", "/inference.GRPCInferenceService/NoSuchMethod"))
+        method = asyncio.run(_status(channel_class, srv.target, b"", "/inference.GRPCInferenceService/NoSuchMethod"))
         assert method.code == grpc.StatusCode.UNIMPLEMENTED.value[0]
-        late = asyncio.run(_status(srv.target, _request("slow", np.ones((1, 512), np.float32)), timeout=0.001))
+        late = asyncio.run(_status(channel_class, srv.target, _request("slow", np.ones((1, 512), np.float32)), timeout=0.001))
         assert late.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
 
-def test_interleaved_successes_and_failures_on_one_connection_keep_their_own_status(repo: Path) -> None:
+def test_interleaved_successes_and_failures_on_one_connection_keep_their_own_status(
+        repo: Path, channel_class: type[rawh2.Channel]) -> None:
     """The server's HPACK table changes as new header values appear; cached blocks must not
     hand one call's status to another."""
     rng = np.random.default_rng(1)
@@ -91,7 +100,7 @@ def test_interleaved_successes_and_failures_on_one_connection_keep_their_own_sta
     bodies = [_request("affine" if i % 3 else f"missing{i}", x) for i, x in enumerate(xs)]
 
     async def run(target: str) -> list[bytes | BaseException]:
-        channel = rawh2.Channel(target)
+        channel = channel_class(target)
         await channel.connect()
         call = channel.unary(INFER_PATH)
         try:
@@ -111,11 +120,11 @@ def test_interleaved_successes_and_failures_on_one_connection_keep_their_own_sta
             assert f"'missing{i}'" in result.message
 
 
-def test_no_server_and_a_server_that_goes_away_give_unavailable(repo: Path) -> None:
+def test_no_server_and_a_server_that_goes_away_give_unavailable(repo: Path, channel_class: type[rawh2.Channel]) -> None:
     body = _request("affine", np.ones((1, 4), np.float32))
 
     async def refused(port: int) -> rawh2.RpcError:
-        channel = rawh2.Channel(f"127.0.0.1:{port}")
+        channel = channel_class(f"127.0.0.1:{port}")
         await channel.connect()
         with pytest.raises(rawh2.RpcError) as info:
             await asyncio.wait_for(channel.unary(INFER_PATH)(body), 10)
@@ -126,7 +135,7 @@ def test_no_server_and_a_server_that_goes_away_give_unavailable(repo: Path) -> N
         target, port = srv.target, srv.port
 
         async def then_stop() -> tuple[bytes, rawh2.RpcError]:
-            channel = rawh2.Channel(target)
+            channel = channel_class(target)
             await channel.connect()
             call = channel.unary(INFER_PATH)
             first = await call(body)
