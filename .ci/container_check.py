@@ -1,0 +1,893 @@
+"""A real container test of deploy/Dockerfile: build the image with podman and run its default
+command the way a cluster would (read-only root filesystem, a tmpfs on /tmp only, numeric
+non-root user, no capabilities, the model repository and a TLS certificate mounted read-only),
+make inferences over TLS through the client library, check the HTTP health paths and /metrics,
+then SIGTERM while calls are in flight and require a clean drain (every call OK or UNAVAILABLE,
+exit status 0 within the grace period); and mutual TLS in a second container.
+
+    python3 .ci/container_check.py                 # from the repository root, as root
+    python3 .ci/container_check.py --hand-built-model   # skip the demo repository: one tiny ONNX model
+
+Steps, each timed: install podman/runc/debootstrap/openssl (apt-get) and the containers.conf
+tweak these machines need; make the base image `localhost/debian-python:bookworm` with
+debootstrap unless it exists; build the wheels of `.[server]` on the host with `.venv/bin/pip
+wheel`; build the image (`podman --runtime runc build --build-arg BASE=...`); check its user,
+command and contents; pick a model repository (`demo-repository/` if present, else
+`.venv/bin/medserve demo-repository`, else a hand-built ONNX model); make a throwaway CA, a server
+certificate (SAN IP:127.0.0.1, DNS:localhost) and a client certificate with `openssl`; check that
+the image refuses plaintext on 0.0.0.0; run the image's default command with the certificate at
+/etc/medserve/tls and ports 8001/9090 published on 127.0.0.1; wait until /v2/health/ready is 200;
+check PID 1, the user and the read-only filesystem from inside; the HTTP health paths; one
+inference per READY model through `medserve.clients.Client` over TLS; a /metrics scrape; SIGTERM
+(to the container's PID 1) while client threads call continuously: every call ends OK or
+UNAVAILABLE, /v2/health/ready turns 503, exit status 0 in time; then the default command plus
+`--tls-client-ca`: a client with a certificate is served, one without is refused. Any failure
+exits non-zero and prints the container's log. Nothing depends on the log's text.
+
+Standard library only: it runs with the machine's python3. It expects `.venv` (with at least the
+`server` extra) in the repository root.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / "bin" / "python"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+BASE_IMAGE = "localhost/debian-python:bookworm"
+IMAGE = "localhost/medserve:container-check"
+UID = 10001
+TLS_MOUNT = "/etc/medserve/tls"  # where the image's command reads tls.crt and tls.key (a kubernetes.io/tls Secret)
+# The image's default command runs as is, so the server's own defaults apply.
+DRAIN_GRACE_S = 10.0  # --drain-grace-s default
+DRAIN_ANNOUNCE_S = 0.5  # --drain-announce-s default
+STOP_MARGIN_S = 10.0  # grpc stop, unloading the models, podman's bookkeeping
+READY_TIMEOUT_S = 240.0
+DRAIN_THREADS = 4  # client threads calling continuously while SIGTERM arrives
+CONTAINERS_CONF = Path("/etc/containers/containers.conf")
+EXPECTED_CMD = ["--log-format", "json", "serve", "--repository", "/models", "--host", "0.0.0.0", "--port", "8001",
+                "--tls-cert", f"{TLS_MOUNT}/tls.crt", "--tls-key", f"{TLS_MOUNT}/tls.key", "--metrics-port", "9090"]
+EXPECTED_ENTRYPOINT = ["medserve"]
+GRPC_PORT, HTTP_PORT = 8001, 9090  # in the container
+
+# Runs in the host's .venv. argv: MODE TARGET CA ...
+#   ready [CERT KEY]:  the server answers ServerReady true over TLS
+#   infer [CERT KEY]:  one inference per READY model (inputs from metadata)
+#   refused:           without a client certificate, a call fails (mutual TLS)
+#   drain THREADS URL: THREADS clients call continuously (no retries) and a thread polls URL (the
+#                      ready path); prints "loaded" once every thread has answers, then on a line
+#                      from stdin stops and prints every call (thread, start, end, status) and
+#                      every health answer (start, end, status) as JSON (monotonic clock times).
+CLIENT = r"""
+import json, sys, threading, time, urllib.error, urllib.request
+import numpy as np
+from medserve.clients import Client, RetryPolicy, TLSConfig
+from medserve.clients.errors import MedserveClientError
+from medserve.protos.wire import numpy_dtype
+
+mode, target, ca = sys.argv[1:4]
+rest = sys.argv[4:]
+cert = key = None
+if mode in ("ready", "infer") and len(rest) == 2:
+    cert, key = rest
+TLS = TLSConfig(ca_file=ca, cert_file=cert, key_file=key)
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def inputs_of(client, name):
+    inputs = {}
+    for t in client.model_metadata(name).inputs:
+        shape = tuple(1 if d < 0 else d for d in t.shape)
+        inputs[t.name] = (np.full(shape, "x", dtype=object) if t.datatype == "BYTES"
+                          else np.zeros(shape, dtype=numpy_dtype(t.datatype)))
+    return inputs
+
+
+def code_of(exc):
+    return exc.code.name if getattr(exc, "code", None) is not None else type(exc).__name__
+
+
+if mode == "ready":
+    with Client(target, tls=TLS, timeout_s=10.0) as client:
+        sys.exit(0 if client.server_ready() else 3)
+
+if mode == "infer":
+    with Client(target, tls=TLS, timeout_s=10.0) as client:
+        models = list(client.repository_index(ready=True))
+        assert models, "no model is READY"
+        for m in models:
+            result = client.infer(m.name, inputs_of(client, m.name), request_id="container-check")
+            assert result.model_version == m.version and result.request_id == "container-check", result
+            assert len(result.model_sha256) == 64 and len(result) > 0, result
+            print(f"    {m.name} v{m.version}: {', '.join(f'{k} {v.shape}' for k, v in result.items())}")
+        print(f"    {len(models)} model(s) answered over TLS" + (" with a client certificate" if cert else ""))
+    sys.exit(0)
+
+if mode == "refused":
+    with Client(target, tls=TLS, timeout_s=5.0, retries=NO_RETRY) as client:
+        try:
+            client.server_ready()
+        except MedserveClientError as exc:
+            print(f"    without a client certificate: {code_of(exc)} (refused)")
+            sys.exit(0)
+    print("    without a client certificate the server answered: mutual TLS is not enforced")
+    sys.exit(1)
+
+assert mode == "drain", mode
+threads_n, health_url = int(rest[0]), rest[1]
+with Client(target, tls=TLS, timeout_s=10.0) as client:
+    work = [(m.name, inputs_of(client, m.name)) for m in client.repository_index(ready=True)]
+assert work, "no model is READY"
+calls, health = [], []
+stop = threading.Event()
+
+
+def caller(i):
+    with Client(target, tls=TLS, timeout_s=10.0, retries=NO_RETRY) as client:
+        k = i
+        while not stop.is_set():
+            name, inputs = work[k % len(work)]
+            k += 1
+            started = time.monotonic()
+            message = ""
+            try:
+                client.infer(name, inputs)
+                code = "OK"
+            except MedserveClientError as exc:
+                code = code_of(exc)
+                message = "" if code == "UNAVAILABLE" else f"{name}: {exc}"[:200]
+            calls.append((i, started, time.monotonic(), code, message))
+            if code != "OK":
+                time.sleep(0.02)  # the server is going away: do not spin
+
+
+def poller():
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except OSError:
+            status = 0  # refused or reset: the endpoint is gone
+        health.append((started, time.monotonic(), status))
+        time.sleep(0.05)
+
+
+threads = [threading.Thread(target=caller, args=(i,)) for i in range(threads_n)] + [threading.Thread(target=poller)]
+for th in threads:
+    th.start()
+deadline = time.monotonic() + 60
+while True:
+    done = list(calls)
+    if all(sum(1 for c in done if c[0] == i and c[3] == "OK") >= 20 for i in range(threads_n)):
+        print("loaded", flush=True)
+        break
+    if time.monotonic() > deadline:
+        print(f"no load: {len(done)} calls, {sorted(set(c[3] for c in done))}", flush=True)
+        stop.set()
+        sys.exit(1)
+    time.sleep(0.05)
+sys.stdin.readline()
+stop.set()
+for th in threads:
+    th.join(30)
+print(json.dumps({"calls": calls, "health": health}), flush=True)
+"""
+
+
+class CheckFailed(Exception):
+    pass
+
+
+_timings: list[tuple[str, float]] = []
+
+
+@contextlib.contextmanager
+def step(name: str) -> Iterator[None]:
+    print(f"[container-check] {name} ...", flush=True)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        elapsed = time.monotonic() - started
+        _timings.append((name, elapsed))
+        print(f"[container-check] {name}: {elapsed:.1f} s", flush=True)
+
+
+def run(cmd: Sequence[str | Path], *, timeout: float = 600, check: bool = True, capture: bool = False,
+        stdin: Any = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [str(c) for c in cmd]
+    try:
+        proc = subprocess.run(argv, text=True, timeout=timeout, stdin=stdin, env=env,
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.PIPE if capture else None)
+    except subprocess.TimeoutExpired as exc:
+        raise CheckFailed(f"timed out after {timeout:.0f} s: {' '.join(argv)}") from exc
+    if check and proc.returncode != 0:
+        detail = f"\n{proc.stdout or ''}{proc.stderr or ''}" if capture else ""
+        raise CheckFailed(f"exit status {proc.returncode}: {' '.join(argv)}{detail}")
+    return proc
+
+
+def podman(*args: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    # crun refuses these machines' hybrid cgroups; runc works.
+    return run(["podman", "--runtime", "runc", *args], **kwargs)
+
+
+# -- 1. tools --------------------------------------------------------------------------------------
+
+def install_tools() -> None:
+    missing = [tool for tool in ("podman", "runc", "debootstrap", "openssl") if shutil.which(tool) is None]
+    if missing:
+        if shutil.which("apt-get") is None:
+            raise CheckFailed(f"{', '.join(missing)} missing and no apt-get to install them")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        run(["apt-get", "update", "-qq"], env=env)
+        run(["apt-get", "install", "-y", "-qq", *missing], env=env, capture=True)
+    # The sandbox may not raise rlimits: podman's default ulimits must be off.
+    text = CONTAINERS_CONF.read_text(encoding="utf-8") if CONTAINERS_CONF.exists() else ""
+    if "default_ulimits" not in text:
+        if re.search(r"^\[containers\]\s*$", text, flags=re.MULTILINE):
+            text = re.sub(r"^\[containers\]\s*$", "[containers]\ndefault_ulimits = []", text, count=1,
+                          flags=re.MULTILINE)
+        else:
+            text = text + ("\n" if text and not text.endswith("\n") else "") + "[containers]\ndefault_ulimits = []\n"
+        CONTAINERS_CONF.parent.mkdir(parents=True, exist_ok=True)
+        CONTAINERS_CONF.write_text(text, encoding="utf-8")
+    print("    " + run(["podman", "--version"], capture=True).stdout.strip() + "; "
+          + run(["openssl", "version"], capture=True).stdout.strip())
+
+
+# -- 2. base image ---------------------------------------------------------------------------------
+
+def debian_mirror() -> str:
+    """The Debian mirror apt uses here (deb822 .sources or one-line lists), for debootstrap."""
+    candidates = sorted(Path("/etc/apt/sources.list.d").glob("*.sources")) + [Path("/etc/apt/sources.list")]
+    for path in candidates:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        for stanza in re.split(r"\n\s*\n", text):
+            uris = re.search(r"^URIs:\s*(\S+)", stanza, flags=re.MULTILINE)
+            suites = re.search(r"^Suites:\s*(.+)$", stanza, flags=re.MULTILINE)
+            if uris and suites and "bookworm" in suites.group(1).split() and "security" not in uris.group(1):
+                return uris.group(1)
+        for line in text.splitlines():
+            m = re.match(r"\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+bookworm\s", line)
+            if m and "security" not in m.group(1):
+                return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def ensure_base_image(name: str, rebuild: bool) -> None:
+    exists = podman("image", "exists", name, check=False, capture=True).returncode == 0
+    if exists and not rebuild:
+        print(f"    {name} exists")
+        return
+    mirror = debian_mirror()
+    with tempfile.TemporaryDirectory(prefix="medserve-rootfs-", dir="/var/tmp") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        print(f"    debootstrap bookworm from {mirror}")
+        run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm", rootfs, mirror],
+            capture=True, timeout=1200)
+        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for entry in (rootfs / cache).glob("*"):
+                if entry.is_file():
+                    entry.unlink()
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        try:
+            podman("import", "-", name, stdin=tar.stdout, capture=True)
+        finally:
+            assert tar.stdout is not None
+            tar.stdout.close()
+            if tar.wait() != 0:
+                raise CheckFailed("tar of the debootstrap root failed")
+
+
+# -- 3. wheels and image ---------------------------------------------------------------------------
+
+def build_wheels(context: Path) -> None:
+    if not (VENV / "bin" / "pip").exists():
+        raise CheckFailed(f"{VENV}/bin/pip missing: create the .venv first (README, 'The two commands')")
+    wheels = context / "wheels"
+    wheels.mkdir(parents=True)
+    run([VENV / "bin" / "pip", "wheel", "--quiet", "--disable-pip-version-check", "--wheel-dir", wheels,
+         f"{ROOT}[server]"], timeout=1800)
+    names = sorted(p.name for p in wheels.glob("*.whl"))
+    total = sum(p.stat().st_size for p in wheels.glob("*.whl"))
+    print(f"    {len(names)} wheels, {total / 2**20:.0f} MiB: {', '.join(n.split('-')[0] for n in names)}")
+    shutil.copy(ROOT / "deploy" / ".dockerignore", context / ".dockerignore")
+
+
+def _extras() -> dict[str, list[str]]:
+    extras: dict[str, list[str]] = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
+        "project"]["optional-dependencies"]
+    return extras
+
+
+def server_requirements() -> set[str]:
+    return {_dist(r) for r in _extras().get("server", [])}
+
+
+def other_extras() -> set[str]:
+    """Distribution names of every extra except `server`: none may be in the image, unless the
+    server extra itself depends on it (DEPENDENCIES), and never one of FORBIDDEN."""
+    return {_dist(r) for name, reqs in _extras().items() if name != "server" for r in reqs} - server_requirements()
+
+
+# The export, perf and test packages that must never be in the server image, whoever depends on them
+# (the distributions of the modules deploy/Dockerfile's build stage refuses).
+FORBIDDEN = {"torch", "scikit-learn", "skl2onnx", "onnx", "matplotlib", "hdrhistogram", "hpack", "pytest"}
+
+# Runs in the image: the installed distributions, and the dependency closure of medserve[server]
+# (markers other than `extra` are not evaluated: an over-approximation, for the "pulled in" rule).
+DEPENDENCIES = r"""
+import importlib.metadata as m, json, re
+def norm(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+dists = {norm(d.metadata["Name"]): d for d in m.distributions()}
+def requires(dist, extras):
+    for req in dist.requires or []:
+        spec, _, marker = req.partition(";")
+        wanted = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+        if wanted is None or wanted.group(1) in extras:
+            yield norm(re.match(r"\s*([A-Za-z0-9._-]+)", spec).group(1))
+closure, todo = set(), [("medserve", {"server"})]
+while todo:
+    name, extras = todo.pop()
+    if name in closure or name not in dists:
+        continue
+    closure.add(name)
+    todo += [(r, set()) for r in requires(dists[name], extras)]
+print(json.dumps({"installed": sorted(dists), "server_closure": sorted(closure)}))
+"""
+
+
+def _dist(requirement: str) -> str:
+    return re.split(r"[\[=<>!~ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def image_id(image: str) -> str | None:
+    out = podman("image", "inspect", "--format", "{{.Id}}", image, check=False, capture=True)
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def build_image(context: Path, base: str, image: str) -> None:
+    # No layer cache: the wheel of medserve is new on every run, so every layer after it would be
+    # rebuilt anyway, and cached stages of earlier runs would pile up (about 1 GB a run).
+    previous = image_id(image)
+    podman("build", "--layers=false", "--force-rm", "--build-arg", f"BASE={base}", "--file", DOCKERFILE,
+           "--tag", image, context, timeout=1800)
+    if previous is not None and previous != image_id(image):
+        podman("rmi", previous, check=False, capture=True)  # the earlier run's image, now untagged
+
+
+def check_image(image: str) -> None:
+    info = json.loads(podman("image", "inspect", image, capture=True).stdout)[0]
+    config = info.get("Config", {})
+    user = str(config.get("User", ""))
+    if user.split(":")[0] != str(UID):
+        raise CheckFailed(f"image user is {user!r}, expected {UID}")
+    if config.get("Entrypoint") != EXPECTED_ENTRYPOINT or config.get("Cmd") != EXPECTED_CMD:
+        raise CheckFailed(f"image command is {config.get('Entrypoint')} {config.get('Cmd')}, "
+                          f"expected {EXPECTED_ENTRYPOINT} {EXPECTED_CMD}")
+    listing = json.loads(podman("run", "--rm", "--network", "none", "--entrypoint", "/opt/medserve/bin/python",
+                                image, "-c", DEPENDENCIES, capture=True).stdout)
+    installed = {_dist(name) for name in listing["installed"]}
+    closure = {_dist(name) for name in listing["server_closure"]}
+    others = other_extras()
+    heavy = sorted(installed & FORBIDDEN)
+    if heavy:
+        raise CheckFailed(f"the image holds export, perf or test packages: {heavy}")
+    stray = sorted((installed & others) - closure)
+    if stray:
+        raise CheckFailed(f"the image holds packages of other extras than [server]: {stray}")
+    for tool in ("pip", "setuptools"):
+        if tool in installed:
+            raise CheckFailed(f"the image's venv still holds {tool}")
+    pulled = sorted((installed & others) - server_requirements())
+    size = info.get("Size", 0)
+    print(f"    user {user}, entrypoint {config['Entrypoint']}, cmd {config['Cmd']}")
+    print(f"    {len(installed)} distributions, none of another extra"
+          + (f" except what [server] itself depends on ({', '.join(pulled)})" if pulled else "")
+          + f"; image {size / 2**20:.0f} MiB")
+
+
+# -- 4. model repository ---------------------------------------------------------------------------
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field(number: int, value: int | bytes | str) -> bytes:
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def hand_built_onnx() -> bytes:
+    """An ONNX model without the onnx package, encoded field by field (onnx.proto3 numbers):
+    y = x + 1, FP32 [N, 4] -> [N, 4], opset 17, IR version 8."""
+    def value_info(name: str) -> bytes:
+        dims = _field(1, _field(2, "N")) + _field(1, _field(1, 4))  # Dimension: dim_param / dim_value
+        tensor_type = _field(1, 1) + _field(2, dims)  # elem_type FLOAT, shape
+        return _field(1, name) + _field(2, _field(1, tensor_type))  # name, TypeProto.tensor_type
+
+    one = _field(2, 1) + _field(8, "one") + _field(9, struct.pack("<f", 1.0))  # data_type, name, raw_data
+    node = _field(1, "x") + _field(1, "one") + _field(2, "y") + _field(3, "add") + _field(4, "Add")
+    graph = (_field(1, node) + _field(2, "plus_one") + _field(5, one)
+             + _field(11, value_info("x")) + _field(12, value_info("y")))
+    opset = _field(1, "") + _field(2, 17)
+    return _field(1, 8) + _field(2, "medserve-container-check") + _field(7, graph) + _field(8, opset)
+
+
+def model_repository(requested: Path | None, hand_built: bool, scratch: Path) -> Path:
+    if requested is not None:
+        if not requested.is_dir():
+            raise CheckFailed(f"--repository {requested}: not a folder")
+        return requested.resolve()
+    demo = ROOT / "demo-repository"
+    if not hand_built:
+        if not (demo.is_dir() and any(demo.glob("*/*/model.onnx"))):
+            medserve = VENV / "bin" / "medserve"
+            proc = run([medserve, "demo-repository", demo, "--skip-existing"], check=False, timeout=1200)
+            if proc.returncode != 0:
+                print(f"    `medserve demo-repository` failed ({proc.returncode}; the export extra may be "
+                      "missing): using a hand-built model")
+        if demo.is_dir() and any(demo.glob("*/*/model.onnx")):
+            return demo
+    repo = scratch / "models"
+    (repo / "plus_one" / "1").mkdir(parents=True)
+    (repo / "plus_one" / "1" / "model.onnx").write_bytes(hand_built_onnx())
+    return repo
+
+
+def make_readable(repo: Path) -> None:
+    """The container runs as UID 10001: every file must be world-readable, every folder searchable."""
+    for path in [repo, *repo.rglob("*")]:
+        mode = path.stat().st_mode
+        wanted = mode | (0o555 if path.is_dir() else 0o444)
+        if wanted != mode:
+            path.chmod(wanted)
+
+
+# -- 5. certificates -------------------------------------------------------------------------------
+
+OPENSSL_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = medserve container-check
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectAltName = DNS:container-check-client
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+@dataclass(frozen=True)
+class Certificates:
+    tls_dir: Path  # mounted at TLS_MOUNT: tls.crt, tls.key, ca.crt (a kubernetes.io/tls Secret's keys)
+    ca: Path  # the CA certificate, for the clients
+    client_cert: Path
+    client_key: Path
+
+
+def make_certificates(root: Path) -> Certificates:
+    """A throwaway CA (P-256, 2 days), a server certificate for 127.0.0.1 and localhost, and a
+    client certificate, with the openssl CLI. The server's files are laid out and protected as a
+    Kubernetes Secret volume with defaultMode 0440 and fsGroup 10001 would be."""
+    work, tls, client = root / "ca", root / "tls", root / "client"
+    for folder in (work, client):
+        folder.mkdir(mode=0o700, parents=True)
+    tls.mkdir(mode=0o750)
+    config = work / "openssl.cnf"
+    config.write_text(OPENSSL_CONFIG, encoding="utf-8")
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str | Path) -> None:
+        run(["openssl", *args], capture=True, timeout=60)
+
+    openssl("req", "-x509", "-config", config, "-extensions", "ca", *key, "-keyout", work / "ca.key",
+            "-out", work / "ca.crt", "-days", "2", "-subj", "/CN=medserve container-check CA")
+    for name, section, subject, folder in (("tls", "server", "/CN=localhost", tls),
+                                           ("client", "client", "/CN=container-check-client", client)):
+        openssl("req", "-new", "-config", config, *key, "-keyout", folder / f"{name}.key",
+                "-out", work / f"{name}.csr", "-subj", subject)
+        openssl("x509", "-req", "-in", work / f"{name}.csr", "-CA", work / "ca.crt", "-CAkey", work / "ca.key",
+                "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "2",
+                "-extfile", config, "-extensions", section, "-out", folder / f"{name}.crt")
+    shutil.copy(work / "ca.crt", tls / "ca.crt")
+    os.chown(tls, 0, UID)
+    for path in tls.iterdir():
+        os.chown(path, 0, UID)
+        path.chmod(0o440)
+    text = run(["openssl", "x509", "-in", tls / "tls.crt", "-noout", "-ext", "subjectAltName"],
+               capture=True).stdout
+    sans = text.strip().splitlines()[-1].strip() if text.strip() else "?"
+    print(f"    CA, server ({sans}) and client certificates; {tls}: {', '.join(sorted(p.name for p in tls.iterdir()))}"
+          f" (root:{UID}, 0440)")
+    return Certificates(tls, work / "ca.crt", client / "client.crt", client / "client.key")
+
+
+# -- 6. the container ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def container_state(name: str) -> dict[str, Any]:
+    out = podman("inspect", "--format", "{{json .State}}", name, capture=True, check=False)
+    return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else {}
+
+
+def http_status(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body); status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+@dataclass
+class Server:
+    name: str
+    port: int  # gRPC over TLS, published on 127.0.0.1
+    http_port: int  # /metrics and /v2/health/*, published on 127.0.0.1
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+
+def start_container(name: str, image: str, repo: Path, certs: Certificates, command: Sequence[str] = ()) -> Server:
+    """Run the image the way the Deployment does; `command` empty = the image's default command."""
+    server = Server(name, free_port(), free_port())
+    while server.http_port == server.port:
+        server.http_port = free_port()
+    podman(
+        "run", "--detach", "--name", name,
+        "--publish", f"127.0.0.1:{server.port}:{GRPC_PORT}", "--publish", f"127.0.0.1:{server.http_port}:{HTTP_PORT}",
+        "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=64m,mode=1777",
+        "--user", f"{UID}:{UID}", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--volume", f"{repo}:/models:ro", "--volume", f"{certs.tls_dir}:{TLS_MOUNT}:ro",
+        image, *command,
+        capture=True,
+    )
+    return server
+
+
+def wait_ready(server: Server, certs: Certificates, client_cert: bool = False) -> None:
+    """Until /v2/health/ready answers 200 (it answers 503 while the models load), then ServerReady
+    over TLS."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    seen: list[int] = []
+    while time.monotonic() < deadline:
+        state = container_state(server.name)
+        if not state.get("Running"):
+            raise CheckFailed(f"the container stopped before it was ready: {state.get('Status')} "
+                              f"(exit {state.get('ExitCode')})")
+        status, _ = http_status(server.url("/v2/health/ready"), timeout=2)
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if status == 200:
+            break
+        if status not in (0, 503):
+            raise CheckFailed(f"/v2/health/ready answered {status} while starting")
+        time.sleep(0.2)
+    else:
+        raise CheckFailed(f"/v2/health/ready not 200 within {READY_TIMEOUT_S:.0f} s (answers: {seen})")
+    extra = [str(certs.client_cert), str(certs.client_key)] if client_cert else []
+    run([PYTHON, "-c", CLIENT, "ready", server.target, certs.ca, *extra], capture=True, timeout=60)
+    print(f"    /v2/health/ready answers: {' -> '.join('no answer' if s == 0 else str(s) for s in seen)}; "
+          f"ServerReady over TLS: true")
+
+
+def check_plaintext_refused(image: str) -> None:
+    """The image's server refuses a non-loopback address without TLS (no --allow-plaintext)."""
+    proc = podman("run", "--rm", "--network", "none", "--read-only", "--user", f"{UID}:{UID}", "--cap-drop", "ALL",
+                  image, "serve", "--repository", "/models", "--host", "0.0.0.0", "--port", str(GRPC_PORT),
+                  capture=True, check=False, timeout=120)
+    text = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 2 or "--allow-plaintext" not in text:
+        raise CheckFailed(f"`serve --host 0.0.0.0` without TLS was not refused (exit {proc.returncode}): {text[-400:]}")
+    print(f"    exit 2: {text.splitlines()[-1][:160]}")
+
+
+def check_inside(name: str) -> None:
+    """PID 1 is the server with TLS, running as UID 10001; only /tmp is writable."""
+    cmdline = podman("exec", name, "cat", "/proc/1/cmdline", capture=True).stdout.split("\0")
+    if not any(arg.endswith("medserve") for arg in cmdline) or "serve" not in cmdline:
+        raise CheckFailed(f"PID 1 is not the server: {' '.join(cmdline)}")
+    if "--tls-cert" not in cmdline or "--allow-plaintext" in cmdline:
+        raise CheckFailed(f"PID 1 does not serve TLS: {' '.join(cmdline)}")
+    status = podman("exec", name, "cat", "/proc/1/status", capture=True).stdout
+    uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, flags=re.MULTILINE)
+    if uids is None or {uids.group(1), uids.group(2)} != {str(UID)}:
+        raise CheckFailed(f"PID 1 does not run as {UID}: {uids.group(0) if uids else status!r}")
+    caps = re.search(r"^CapEff:\s+([0-9a-f]+)", status, flags=re.MULTILINE)
+    if caps is None or int(caps.group(1), 16) != 0:
+        raise CheckFailed(f"PID 1 has effective capabilities: {caps.group(0) if caps else '?'}")
+    for path in ("/opt/medserve/probe", "/models/probe", f"{TLS_MOUNT}/probe", "/probe"):
+        if podman("exec", name, "touch", path, check=False, capture=True).returncode == 0:
+            raise CheckFailed(f"{path} was writable: the root filesystem or a mount is not read-only")
+    podman("exec", name, "touch", "/tmp/probe", capture=True)
+    print(f"    PID 1: {' '.join(a for a in cmdline if a)}; UID {UID}; no capabilities; only /tmp writable")
+
+
+def check_health(server: Server, models: list[str]) -> None:
+    """The open HTTP paths the probes use, from the host."""
+    expected = {"/v2/health/live": 200, "/v2/health/ready": 200, "/v2/models/no-such-model/ready": 404}
+    if models:
+        expected[f"/v2/models/{models[0]}/ready"] = 200
+    answers = {path: http_status(server.url(path)) for path in expected}
+    wrong = {path: status for path, (status, _) in answers.items() if status != expected[path]}
+    if wrong:
+        raise CheckFailed(f"health paths answered {wrong}, expected {expected}")
+    live = json.loads(answers["/v2/health/live"][1] or b"{}")
+    print("    " + "; ".join(f"{path} {status}" for path, (status, _) in answers.items()) + f" {live}")
+
+
+def scrape_metrics(server: Server) -> None:
+    status, body = http_status(server.url("/metrics"), timeout=10)
+    text = body.decode("utf-8", "replace")
+    if status != 200 or "medserve_requests" not in text:
+        raise CheckFailed(f"/metrics answered {status} without medserve_requests")
+    print(f"    /metrics: {len(text.splitlines())} lines")
+
+
+def send_sigterm(name: str) -> tuple[float, float]:
+    """SIGTERM to the container's PID 1 (what `podman kill --signal TERM` does), timed closely:
+    the monotonic times just before and just after the signal was sent."""
+    pid = int(podman("inspect", "--format", "{{.State.Pid}}", name, capture=True).stdout.strip() or 0)
+    before = time.monotonic()
+    if pid > 0:
+        os.kill(pid, signal.SIGTERM)
+    else:
+        podman("kill", "--signal", "TERM", name, capture=True)
+    return before, time.monotonic()
+
+
+STOP_LIMIT_S = DRAIN_ANNOUNCE_S + DRAIN_GRACE_S + STOP_MARGIN_S
+
+
+def wait_stopped(name: str, sent: float) -> tuple[str, float]:
+    """Wait for the container to exit after SIGTERM: (exit status, seconds since `sent`)."""
+    proc = podman("wait", name, capture=True, check=False, timeout=STOP_LIMIT_S + 30)
+    elapsed = time.monotonic() - sent
+    code = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "?"
+    print(f"    exit status {code} after {elapsed:.1f} s (announce {DRAIN_ANNOUNCE_S} s + drain grace "
+          f"{DRAIN_GRACE_S:.0f} s + {STOP_MARGIN_S:.0f} s allowed)")
+    return code, elapsed
+
+
+def require_clean_exit(code: str, elapsed: float) -> None:
+    if code != "0":
+        raise CheckFailed(f"the server exited with status {code} after SIGTERM, expected 0")
+    if elapsed > STOP_LIMIT_S:
+        raise CheckFailed(f"the server took {elapsed:.1f} s to stop, more than {STOP_LIMIT_S:.0f} s")
+
+
+def drain_under_load(server: Server, certs: Certificates) -> None:
+    """SIGTERM while DRAIN_THREADS clients call continuously (no retries): every call ends OK or
+    UNAVAILABLE (none CANCELLED, none other), calls are in flight when the signal arrives, the
+    ready path turns 503, and the server exits 0 in time."""
+    driver = subprocess.Popen(
+        [str(PYTHON), "-c", CLIENT, "drain", server.target, str(certs.ca), str(DRAIN_THREADS),
+         server.url("/v2/health/ready")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert driver.stdin is not None and driver.stdout is not None
+    watchdog = threading.Timer(300, driver.kill)
+    watchdog.start()
+    try:
+        line = driver.stdout.readline().strip()
+        if line != "loaded":
+            raise CheckFailed(f"the client threads did not get going: {line or f'exit {driver.wait()}'}")
+        sent, delivered = send_sigterm(server.name)
+        code, elapsed = wait_stopped(server.name, sent)
+        driver.stdin.write("stop\n")
+        driver.stdin.flush()
+        out = driver.stdout.read()
+        if driver.wait(60) != 0 or not out.strip():
+            raise CheckFailed(f"the client threads failed (exit {driver.returncode})")
+    finally:
+        watchdog.cancel()
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    data = json.loads(out)
+    calls = [(int(i), float(a), float(b), str(status)) for i, a, b, status, _ in data["calls"]]
+    odd = [f"{status} {a - sent:+.3f}..{b - sent:+.3f} s: {message}"
+           for _, a, b, status, message in data["calls"] if status not in ("OK", "UNAVAILABLE")]
+    health = [(float(a), float(b), int(s)) for a, b, s in data["health"]]
+    codes = Counter(status for *_, status in calls)
+    in_flight = Counter(status for _, a, b, status in calls if a < sent and b > delivered)
+    after = Counter(status for _, a, b, status in calls if b > delivered)
+    calling_before = {i for i, a, b, _ in calls if b > sent - 1.0 and a < sent}
+    calling_after = {i for i, a, _, _ in calls if a > delivered}
+    ready_before = Counter(s for _, b, s in health if b < sent)
+    ready_after = Counter(s for a, _, s in health if a > delivered)
+    print(f"    {len(calls)} calls from {DRAIN_THREADS} threads: {dict(codes)}; in flight at SIGTERM: "
+          f"{dict(in_flight)}; ended after SIGTERM: {dict(after)}")
+    print(f"    /v2/health/ready before SIGTERM {dict(ready_before)}, after {dict(ready_after)} "
+          "(0 = no answer: the server is gone)")
+    require_clean_exit(code, elapsed)
+    other = {status: n for status, n in codes.items() if status not in ("OK", "UNAVAILABLE")}
+    if other:
+        raise CheckFailed(f"calls ended other than OK or UNAVAILABLE during the drain: {other}"
+                          + (" (CANCELLED: accepted calls were dropped)" if "CANCELLED" in other else "")
+                          + f"; each one's start..end relative to SIGTERM: {'; '.join(odd[:10])}; the server "
+                          f"exited {elapsed:.3f} s after SIGTERM")
+    if len(calling_before) < DRAIN_THREADS or len(calling_after) < DRAIN_THREADS:
+        raise CheckFailed(f"not every thread called through the signal: before {sorted(calling_before)}, "
+                          f"after {sorted(calling_after)}")
+    if not in_flight:
+        raise CheckFailed("no call was in flight when SIGTERM was sent")
+    if not codes["UNAVAILABLE"]:
+        raise CheckFailed("no call was refused UNAVAILABLE: the server did not drain before it exited")
+    if set(ready_before) != {200}:
+        raise CheckFailed(f"/v2/health/ready was not 200 throughout before SIGTERM: {dict(ready_before)}")
+    if not ready_after.get(503):
+        raise CheckFailed(f"/v2/health/ready never answered 503 during the drain: {dict(ready_after)}")
+
+
+def summarize_log(name: str) -> None:
+    """The log is JSON lines (--log-format json): count them. Informational only: nothing here
+    depends on the log's words."""
+    logs = podman("logs", name, capture=True, check=False)
+    lines = [line for line in (logs.stdout + logs.stderr).splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    levels = Counter(str(r.get("level", "?")) for r in records)
+    last = str(records[-1].get("message", ""))[:80] if records else ""
+    print(f"    log: {len(records)} JSON lines {dict(levels)}, {len(lines) - len(records)} other; last: {last!r}")
+
+
+def check_mutual_tls(server: Server, certs: Certificates) -> None:
+    run([PYTHON, "-c", CLIENT, "infer", server.target, certs.ca, certs.client_cert, certs.client_key], timeout=120)
+    run([PYTHON, "-c", CLIENT, "refused", server.target, certs.ca], timeout=60)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-image", default=BASE_IMAGE, help="BASE for the build (made with debootstrap if absent)")
+    parser.add_argument("--rebuild-base", action="store_true", help="make the base image again even if it exists")
+    parser.add_argument("--image", default=IMAGE, help="tag of the image built")
+    parser.add_argument("--repository", type=Path, default=None, help="model repository to mount (default: demo-repository/)")
+    parser.add_argument("--hand-built-model", action="store_true", help="mount one hand-built ONNX model instead of the demo repository")
+    args = parser.parse_args(argv)
+
+    if os.geteuid() != 0:
+        print("container-check: run as root (it installs packages and runs rootful podman)", file=sys.stderr)
+        return 2
+    if not PYTHON.exists():
+        print(f"container-check: {PYTHON} missing: create the .venv first", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    name = f"medserve-check-{os.getpid()}"
+    mtls_name = f"{name}-mtls"
+    scratch = Path(tempfile.mkdtemp(prefix="medserve-container-check-", dir="/var/tmp"))
+    launched: list[str] = []
+    try:
+        with step("install podman, runc, debootstrap, openssl"):
+            install_tools()
+        with step(f"base image {args.base_image}"):
+            ensure_base_image(args.base_image, args.rebuild_base)
+        with step("wheels of .[server] (host pip)"):
+            build_wheels(scratch / "context")
+        with step(f"podman build {args.image}"):
+            build_image(scratch / "context", args.base_image, args.image)
+        with step("image: user, command, packages"):
+            check_image(args.image)
+        with step("model repository"):
+            repo = model_repository(args.repository, args.hand_built_model, scratch)
+            make_readable(repo)
+            models = sorted({p.parent.parent.name for p in repo.glob("*/*/model.onnx")})
+            print(f"    {repo}: {len(models)} model(s): {', '.join(models)}")
+        with step("throwaway CA and certificates (openssl)"):
+            certs = make_certificates(scratch / "pki")
+        with step("plaintext on 0.0.0.0 is refused"):
+            check_plaintext_refused(args.image)
+        with step("container start (the image's default command) until ready"):
+            launched.append(name)
+            server = start_container(name, args.image, repo, certs)
+            wait_ready(server, certs)
+        with step("inside: PID 1, user, read-only filesystem"):
+            check_inside(name)
+        with step("HTTP health paths"):
+            check_health(server, models)
+        with step("inference over TLS through medserve.clients.Client"):
+            run([PYTHON, "-c", CLIENT, "infer", server.target, certs.ca], timeout=120)
+        with step("metrics scrape"):
+            scrape_metrics(server)
+        with step("SIGTERM under load: drain and exit 0"):
+            drain_under_load(server, certs)
+            summarize_log(name)
+        with step("mutual TLS (--tls-client-ca): start, client certificate required, SIGTERM"):
+            launched.append(mtls_name)
+            mtls = start_container(mtls_name, args.image, repo, certs,
+                                   [*EXPECTED_CMD, "--tls-client-ca", f"{TLS_MOUNT}/ca.crt"])
+            wait_ready(mtls, certs, client_cert=True)
+            check_mutual_tls(mtls, certs)
+            require_clean_exit(*wait_stopped(mtls_name, send_sigterm(mtls_name)[0]))
+    except CheckFailed as exc:
+        print(f"container-check: FAILED: {exc}", file=sys.stderr)
+        for container in launched:
+            logs = podman("logs", "--tail", "60", container, capture=True, check=False)
+            print(f"--- {container} log (last 60 lines) ---", file=sys.stderr)
+            print(logs.stdout + logs.stderr, file=sys.stderr)
+        return 1
+    finally:
+        for container in launched:
+            podman("rm", "--force", "--ignore", container, capture=True, check=False)
+        shutil.rmtree(scratch, ignore_errors=True)
+    total = time.monotonic() - started
+    print("[container-check] timings: " + "; ".join(f"{n} {t:.1f} s" for n, t in _timings))
+    print(f"[container-check] passed in {total:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

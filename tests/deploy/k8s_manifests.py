@@ -1,0 +1,560 @@
+"""Offline helpers for the deploy/ manifests: load them, render the kustomizations without
+kustomize, and validate the result.
+
+`render(folder)` is a small pure-Python kustomize for exactly the features medserve's
+kustomizations use (`resources` of files and folders, `images`, `patches` by path: strategic
+merge patches and JSON 6902 patches with a `target`). Anything else in a kustomization is refused,
+so the renderer can never silently disagree with kustomize; where `kubectl` is installed, the
+tests also compare its output with `kubectl kustomize`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+SCHEMAS = K8S / "kserve" / "schemas"
+
+# The Kubernetes versions the manifests are validated against: the oldest medserve supports (gRPC
+# probes and the preStop sleep action, on by default from 1.30) and the newest the pinned
+# kubernetes-validate ships. The image-volume overlay needs 1.33 or later.
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+IMAGE_VOLUME_VERSIONS = ("1.33", "1.37")
+
+KUSTOMIZATIONS = {
+    "base": K8S / "base",
+    "overlays/gpu": K8S / "overlays" / "gpu",
+    "overlays/model-image": K8S / "overlays" / "model-image",
+    "overlays/mtls": K8S / "overlays" / "mtls",
+    "model-volume": K8S / "model-volume",
+    "kserve": K8S / "kserve",
+}
+KSERVE_KINDS = {"ServingRuntime", "ClusterServingRuntime", "InferenceService"}
+
+Doc = dict[str, Any]
+
+
+class RenderError(Exception):
+    pass
+
+
+def load_docs(path: Path) -> list[Doc]:
+    with path.open(encoding="utf-8") as f:
+        docs = [d for d in yaml.safe_load_all(f) if d is not None]
+    for d in docs:
+        if not isinstance(d, dict):
+            raise RenderError(f"{path}: a document that is not a mapping: {d!r}")
+    return docs
+
+
+def manifest_files() -> list[Path]:
+    """Every YAML file under deploy/kubernetes that holds resources (not kustomizations, not
+    patches: those are checked through the rendered output)."""
+    files = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        if path.name == "kustomization.yaml" or path.parent.parent.name == "overlays":
+            continue
+        files.append(path)
+    return files
+
+
+def identity(doc: Doc) -> tuple[str, str, str]:
+    api = doc.get("apiVersion", "")
+    group = api.split("/")[0] if "/" in api else ""
+    return group, doc.get("kind", ""), (doc.get("metadata") or {}).get("name", "")
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+_ALLOWED_KEYS = {"apiVersion", "kind", "resources", "images", "patches"}
+
+# Strategic-merge keys of the lists medserve's patches touch (Kubernetes' patchMergeKey); other
+# lists are replaced whole, as strategic merge does for lists without a merge key.
+_MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "volumes": "name",
+    "env": "name",
+    "imagePullSecrets": "name",
+    "volumeMounts": "mountPath",
+    "ports": "containerPort",
+}
+
+# kustomize's image transformer field specs.
+_IMAGE_PATHS = (("spec", "containers"), ("spec", "initContainers"),
+                ("spec", "template", "spec", "containers"), ("spec", "template", "spec", "initContainers"))
+
+
+def render(folder: Path) -> list[Doc]:
+    kfile = folder / "kustomization.yaml"
+    if not kfile.exists():
+        raise RenderError(f"{folder}: no kustomization.yaml")
+    (k,) = load_docs(kfile)
+    unknown = set(k) - _ALLOWED_KEYS
+    if unknown:
+        raise RenderError(f"{kfile}: unsupported by this renderer: {sorted(unknown)}")
+    if k.get("kind") != "Kustomization":
+        raise RenderError(f"{kfile}: kind is {k.get('kind')!r}")
+    docs: list[Doc] = []
+    for entry in k.get("resources", []):
+        path = (folder / entry).resolve()
+        docs.extend(render(path) if path.is_dir() else copy.deepcopy(load_docs(path)))
+    ids = [identity(d) for d in docs]
+    if len(set(ids)) != len(ids):
+        raise RenderError(f"{folder}: a resource is defined twice: {ids}")
+    for patch in k.get("patches", []):
+        _apply_patch(folder, patch, docs)
+    for image in k.get("images", []):
+        _set_image(image, docs)
+    return docs
+
+
+def _apply_patch(folder: Path, spec: Doc, docs: list[Doc]) -> None:
+    unknown = set(spec) - {"path", "target"}
+    if unknown:
+        raise RenderError(f"{folder}: patch options unsupported by this renderer: {sorted(unknown)}")
+    path = folder / spec["path"]
+    with path.open(encoding="utf-8") as f:
+        content = yaml.safe_load(f)
+    target = spec.get("target")
+    if isinstance(content, list):  # JSON 6902
+        if not target:
+            raise RenderError(f"{path}: a JSON 6902 patch needs a target")
+        matches = [d for d in docs if _matches(d, target)]
+        if not matches:
+            raise RenderError(f"{path}: target {target} matches no resource")
+        for doc in matches:
+            for op in content:
+                _json6902(doc, op, path)
+        return
+    if not isinstance(content, dict):
+        raise RenderError(f"{path}: not a patch")
+    if target is None:
+        group, kind, name = identity(content)
+        target = {"group": group, "kind": kind, "name": name}
+    matches = [d for d in docs if _matches(d, target)]
+    if not matches:
+        raise RenderError(f"{path}: patch matches no resource ({target})")
+    for doc in matches:
+        merged = _strategic_merge(doc, content, path)
+        doc.clear()
+        doc.update(merged)
+
+
+def _matches(doc: Doc, target: Doc) -> bool:
+    group, kind, name = identity(doc)
+    version = doc.get("apiVersion", "").split("/")[-1]
+    checks = {"group": group, "version": version, "kind": kind, "name": name}
+    for key, value in target.items():
+        if key not in checks:
+            raise RenderError(f"target selector {key!r} unsupported by this renderer")
+        if checks[key] != value:
+            return False
+    return True
+
+
+def _strategic_merge(base: Any, patch: Any, where: Path, field: str = "") -> Any:
+    if isinstance(patch, dict) and isinstance(base, dict):
+        if any(k.startswith("$") for k in patch):
+            raise RenderError(f"{where}: strategic-merge directives unsupported by this renderer")
+        out = dict(base)
+        for key, value in patch.items():
+            if value is None:
+                out.pop(key, None)
+            elif key in out:
+                out[key] = _strategic_merge(out[key], value, where, key)
+            else:
+                out[key] = _strip_nulls(value)
+        return out
+    if isinstance(patch, list) and isinstance(base, list) and field in _MERGE_KEYS:
+        # As kustomize (Kubernetes' strategic merge) orders the result: the patch's items first,
+        # in the patch's order (merged into their base item where one has the same key), then the
+        # base's items the patch does not name, in the base's order.
+        key = _MERGE_KEYS[field]
+        named = {item.get(key) for item in patch if isinstance(item, dict)}
+        items = []
+        for item in patch:
+            match = next((b for b in base if isinstance(b, dict) and b.get(key) == item.get(key)), None)
+            items.append(_strip_nulls(item) if match is None else _strategic_merge(match, item, where, ""))
+        items += [copy.deepcopy(b) for b in base if not (isinstance(b, dict) and b.get(key) in named)]
+        return items
+    return _strip_nulls(patch)
+
+
+def _strip_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_strip_nulls(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def _json6902(doc: Doc, op: Doc, where: Path) -> None:
+    kind, pointer = op.get("op"), op.get("path", "")
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
+    if not parts:
+        raise RenderError(f"{where}: empty path in {op}")
+    parent: Any = doc
+    for part in parts[:-1]:
+        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+    last = parts[-1]
+    if kind in ("add", "replace"):
+        value = copy.deepcopy(op["value"])
+        if isinstance(parent, list):
+            if last == "-":
+                parent.append(value)
+            elif kind == "add":
+                parent.insert(int(last), value)
+            else:
+                parent[int(last)] = value
+        else:
+            if kind == "replace" and last not in parent:
+                raise RenderError(f"{where}: replace of a missing {pointer}")
+            parent[last] = value
+    elif kind == "remove":
+        del parent[int(last) if isinstance(parent, list) else last]
+    else:
+        raise RenderError(f"{where}: JSON 6902 op {kind!r} unsupported by this renderer")
+
+
+def _split_image(image: str) -> tuple[str, str, str]:
+    """name, ':tag' or '', '@digest' or ''."""
+    name, digest = (image.split("@", 1) + [""])[:2]
+    digest = f"@{digest}" if digest else ""
+    tag = ""
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        name, tag = name[:colon], name[colon:]
+    return name, tag, digest
+
+
+def _set_image(spec: Doc, docs: list[Doc]) -> None:
+    unknown = set(spec) - {"name", "newName", "newTag", "digest"}
+    if unknown:
+        raise RenderError(f"images options unsupported by this renderer: {sorted(unknown)}")
+    for doc in docs:
+        for path in _IMAGE_PATHS:
+            node: Any = doc
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            for container in node or []:
+                if "image" not in container:
+                    continue
+                name, tag, digest = _split_image(container["image"])
+                if name != spec["name"]:
+                    continue
+                name = spec.get("newName", name)
+                if "digest" in spec:
+                    tag, digest = "", f"@{spec['digest']}"
+                elif "newTag" in spec:
+                    tag, digest = f":{spec['newTag']}", ""
+                container["image"] = f"{name}{tag}{digest}"
+
+
+def kubectl_render(folder: Path) -> list[Doc] | None:
+    """`kubectl kustomize folder`, or None where kubectl is not installed."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return None
+    out = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RenderError(f"kubectl kustomize {folder}: {out.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+
+
+def canonical(docs: list[Doc]) -> list[str]:
+    return sorted(json.dumps(d, sort_keys=True) for d in docs)
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+def validate_kubernetes(doc: Doc, version: str) -> None:
+    """Kubernetes' OpenAPI schema (strict: unknown fields refused). Raises on failure."""
+    kubernetes_validate.validate(doc, version, strict=True)
+
+
+def _container_in_pod(container: Doc, volumes: list[Doc] | None = None) -> Doc:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "container-check"},
+            "spec": {"containers": [container], "volumes": volumes or []}}
+
+
+def kserve_schema(kind: str) -> Doc:
+    name = "inferenceservice" if kind == "InferenceService" else "servingruntime"
+    with (SCHEMAS / f"{name}.minimal.schema.json").open(encoding="utf-8") as f:
+        schema: Doc = json.load(f)
+    return schema
+
+
+# predictor.model fields that are KServe's, not the Kubernetes Container's
+_MODEL_ONLY = {"modelFormat", "runtime", "runtimeVersion", "protocolVersion", "storageUri", "storage", "confidential"}
+
+
+def validate_kserve(doc: Doc, version: str) -> None:
+    """The minimal KServe schema, then the containers inside against Kubernetes' Container."""
+    jsonschema.validate(doc, kserve_schema(doc["kind"]), cls=jsonschema.Draft202012Validator)
+    spec = doc["spec"]
+    if doc["kind"] == "InferenceService":
+        model = spec["predictor"].get("model")
+        if model is not None:
+            container = {k: v for k, v in model.items() if k not in _MODEL_ONLY}
+            container.setdefault("name", "kserve-container")
+            validate_kubernetes(_container_in_pod(container), version)
+        return
+    for container in spec["containers"]:
+        validate_kubernetes(_container_in_pod(container, spec.get("volumes")), version)
+    if "volumes" in spec:
+        validate_kubernetes({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "volumes-check"},
+                             "spec": {"containers": [{"name": "c", "image": "i"}], "volumes": spec["volumes"]}},
+                            version)
+
+
+def validate(doc: Doc, version: str) -> None:
+    if doc.get("kind") in KSERVE_KINDS:
+        validate_kserve(doc, version)
+    else:
+        validate_kubernetes(doc, version)
+
+
+# -- the real KServe CRDs, where someone has put them beside the project ---------------------------
+
+def crd_schema(crd_dir: Path, kind: str) -> Doc | None:
+    """The openAPIV3Schema of KServe's CRD for `kind` from a folder of KServe's CRD files
+    (config/crd/full/serving.kserve.io_*.yaml), as strict JSON Schema; None if absent."""
+    plural = {"ServingRuntime": "servingruntimes", "ClusterServingRuntime": "clusterservingruntimes",
+              "InferenceService": "inferenceservices"}[kind]
+    path = crd_dir / f"serving.kserve.io_{plural}.yaml"
+    if not path.exists():
+        return None
+    (crd,) = load_docs(path)
+    version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def _strict(node: Any) -> Any:
+    """Structural CRD schema -> JSON Schema with unknown fields refused (as strict field
+    validation does), except where the CRD preserves unknown fields."""
+    if isinstance(node, list):
+        return [_strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+# -- medserve's own rules (what the schemas cannot say) ---------------------------------------------
+
+UID = 10001
+
+# Where the server reads its TLS files: a kubernetes.io/tls Secret's keys, mounted here.
+TLS_DIR = "/etc/medserve/tls"
+TLS_ARGS = ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+# Flags that name a file the server reads at start (credentials): each must lie in a read-only
+# Secret volume that only the server's user or group can read.
+SECRET_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--tokens")
+# The probes: HTTP on --metrics-port (a gRPC probe cannot do TLS). Liveness must not follow
+# readiness (a drain or a model reload would restart the pod); startup may use either.
+PROBE_PATHS = {
+    "startupProbe": ("/v2/health/ready", "/v2/health/live"),
+    "readinessProbe": ("/v2/health/ready",),
+    "livenessProbe": ("/v2/health/live",),
+}
+# What terminationGracePeriodSeconds must leave beyond preStop + --drain-announce-s +
+# --drain-grace-s: the transport's stop (1 s), unloading the models, the kubelet's bookkeeping.
+STOP_MARGIN_S = 5.0
+
+
+def _arg(args: list[str], flag: str, default: str | None = None) -> str | None:
+    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else default
+
+
+def serve_args(args: list[str]) -> list[str] | None:
+    """The arguments after `serve` (the options of `medserve` itself, such as --log-format, come
+    before it), or None if the container does not run the server."""
+    args = [str(a) for a in args]
+    if "serve" not in args:
+        return None
+    before = args[: args.index("serve")]
+    if any(not a.startswith("--") and (i == 0 or not before[i - 1].startswith("--")) for i, a in enumerate(before)):
+        return None  # another subcommand, with "serve" as some argument's value
+    return args[args.index("serve") + 1:]
+
+
+def pod_spec(doc: Doc) -> Doc:
+    if doc["kind"] == "Pod":
+        spec: Doc = doc["spec"]
+        return spec
+    template: Doc = doc["spec"]["template"]["spec"]
+    return template
+
+
+def _port_number(port: Any, container: Doc) -> int | None:
+    if isinstance(port, int):
+        return port
+    named = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
+    value = named.get(port)
+    return value if isinstance(value, int) else None
+
+
+def container_problems(container: Doc, volumes: list[Doc], pod_security: Doc, grace_s: float | None,
+                       *, metrics_container_port: bool = True, allow_plaintext: bool = False) -> list[str]:
+    """A hardened container: a pinned image, non-root, no privilege, read-only root, resources,
+    a writable /tmp from an emptyDir; and for the server (`serve` arguments) a read-only model
+    repository, TLS from a read-only Secret (plaintext only where `allow_plaintext` says a mesh
+    terminates mTLS in front, and then explicitly with --allow-plaintext), HTTP probes on the
+    metrics port, and a grace period longer than its drain."""
+    name = container.get("name", "?")
+    problems = []
+    image = container.get("image") or ""
+    if not image:
+        problems.append(f"{name}: no image")
+    elif ":" not in image.rsplit("/", 1)[-1] and "@" not in image:
+        problems.append(f"{name}: image {image!r} has no tag")
+    elif image.endswith(":latest"):
+        problems.append(f"{name}: image {image!r} is :latest")
+    sc = container.get("securityContext") or {}
+
+    def effective(key: str) -> Any:
+        return sc.get(key, pod_security.get(key))
+
+    if effective("runAsNonRoot") is not True:
+        problems.append(f"{name}: runAsNonRoot is not true")
+    if effective("runAsUser") != UID:
+        problems.append(f"{name}: runAsUser is {effective('runAsUser')!r}, expected {UID}")
+    if (effective("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append(f"{name}: seccompProfile is not RuntimeDefault")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{name}: allowPrivilegeEscalation is not false")
+    if sc.get("privileged") is True:
+        problems.append(f"{name}: privileged")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        problems.append(f"{name}: readOnlyRootFilesystem is not true")
+    if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+        problems.append(f"{name}: capabilities do not drop ALL")
+    resources = container.get("resources") or {}
+    for section in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            if resource not in (resources.get(section) or {}):
+                problems.append(f"{name}: no {section}.{resource}")
+    by_name = {v.get("name"): v for v in volumes}
+    mounts = {m.get("mountPath"): m for m in container.get("volumeMounts") or []}
+    tmp = mounts.get("/tmp")
+    if tmp is None or "emptyDir" not in by_name.get(tmp.get("name"), {}):
+        problems.append(f"{name}: /tmp is not an emptyDir mount")
+
+    args = serve_args(container.get("args") or [])
+    if args is None:
+        return problems
+    repository = _arg(args, "--repository")
+    mount = mounts.get(repository)
+    if mount is None:
+        if repository != "/mnt/models":  # KServe mounts the storageUri there itself
+            problems.append(f"{name}: --repository {repository} is not a mounted volume")
+    else:
+        volume = by_name.get(mount.get("name"), {})
+        if mount.get("readOnly") is not True:
+            problems.append(f"{name}: the model repository is mounted read-write")
+        claim = volume.get("persistentVolumeClaim")
+        if claim is not None and claim.get("readOnly") is not True:
+            problems.append(f"{name}: the model claim is not readOnly")
+        if claim is None and "image" not in volume:
+            problems.append(f"{name}: the model repository is neither a claim nor an image volume")
+    if _arg(args, "--host") != "0.0.0.0":
+        problems.append(f"{name}: --host is {_arg(args, '--host')!r}: the probes and the Service need 0.0.0.0")
+
+    # TLS, or plaintext only where it is allowed and said explicitly.
+    tls = "--tls-cert" in args and "--tls-key" in args
+    if "--allow-plaintext" in args:
+        if not allow_plaintext:
+            problems.append(f"{name}: --allow-plaintext outside a mesh that terminates mTLS: serve TLS")
+        if tls:
+            problems.append(f"{name}: both --allow-plaintext and --tls-cert/--tls-key")
+    elif not tls:
+        problems.append(f"{name}: no TLS (--tls-cert and --tls-key) on a non-loopback --host: the server refuses "
+                        "to start")
+    if "--tls-client-ca" in args and not tls:
+        problems.append(f"{name}: --tls-client-ca without --tls-cert/--tls-key")
+    for flag in SECRET_FILE_FLAGS:
+        path = _arg(args, flag)
+        if path is None:
+            continue
+        holder = max((m for m in mounts if path.startswith(m.rstrip("/") + "/")), key=len, default=None)
+        volume = by_name.get(mounts[holder].get("name"), {}) if holder else {}
+        secret = volume.get("secret")
+        if holder is None or secret is None:
+            problems.append(f"{name}: {flag} {path} is not in a mounted Secret")
+            continue
+        if mounts[holder].get("readOnly") is not True:
+            problems.append(f"{name}: the Secret of {flag} is not mounted readOnly")
+        mode = secret.get("defaultMode", 0o644)
+        for item in secret.get("items") or []:
+            mode |= item.get("mode", 0)
+        if mode & 0o007 or mode & 0o222:
+            problems.append(f"{name}: the Secret of {flag} has mode {mode:#o}: readable by others or writable")
+
+    port = int(_arg(args, "--port", "8001") or 8001)
+    ports = {p.get("containerPort"): p for p in container.get("ports") or []}
+    if port not in ports:
+        problems.append(f"{name}: --port {port} is not a containerPort")
+    metrics = _arg(args, "--metrics-port")
+    if metrics is None:
+        problems.append(f"{name}: no --metrics-port: the HTTP probes and /metrics need it")
+    elif metrics_container_port and int(metrics) not in ports:
+        problems.append(f"{name}: --metrics-port {metrics} is not a containerPort")
+    for probe, paths in PROBE_PATHS.items():
+        spec = container.get(probe) or {}
+        http = spec.get("httpGet")
+        handlers = set(spec) & {"grpc", "tcpSocket", "exec", "httpGet"}
+        if (http is None or handlers != {"httpGet"} or metrics is None
+                or _port_number(http.get("port"), container) != int(metrics)
+                or http.get("scheme", "HTTP") != "HTTP" or http.get("path") not in paths):
+            problems.append(f"{name}: {probe} is not an HTTP probe of {' or '.join(paths)} on --metrics-port "
+                            f"{metrics}")
+    drain = float(_arg(args, "--drain-grace-s", "10") or 10)
+    announce = float(_arg(args, "--drain-announce-s", "0.5") or 0.5)
+    pre_stop = ((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep", {}).get("seconds", 0)
+    if grace_s is None or grace_s < pre_stop + announce + drain + STOP_MARGIN_S:
+        problems.append(f"{name}: terminationGracePeriodSeconds {grace_s} is not longer than preStop {pre_stop} s "
+                        f"+ --drain-announce-s {announce} s + --drain-grace-s {drain} s + {STOP_MARGIN_S:.0f} s")
+    return problems
+
+
+def workload_problems(doc: Doc) -> list[str]:
+    """medserve's rules for a Deployment or Pod."""
+    spec = pod_spec(doc)
+    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    security = spec.get("securityContext") or {}
+    problems = []
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append("automountServiceAccountToken is not false")
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    for container in spec.get("containers") or []:
+        problems += container_problems(container, spec.get("volumes") or [], security, grace)
+    if doc["kind"] == "Deployment":
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        selector = doc["spec"]["selector"]["matchLabels"]
+        if any(labels.get(k) != v for k, v in selector.items()):
+            problems.append("the selector does not match the pod labels")
+        terms = (spec.get("affinity") or {}).get("podAntiAffinity") or {}
+        topology = [t["podAffinityTerm"] for t in terms.get("preferredDuringSchedulingIgnoredDuringExecution", [])]
+        topology += terms.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        if not any(t.get("topologyKey") == "kubernetes.io/hostname"
+                   and t.get("labelSelector", {}).get("matchLabels") == selector for t in topology):
+            problems.append("no pod anti-affinity across nodes (kubernetes.io/hostname) on the pod's labels")
+    return [f"{where}: {p}" for p in problems]
