@@ -344,28 +344,8 @@ def other_extras() -> set[str]:
 # (the distributions of the modules deploy/Dockerfile's build stage refuses).
 FORBIDDEN = {"torch", "scikit-learn", "skl2onnx", "onnx", "matplotlib", "hdrhistogram", "hpack", "pytest"}
 
-# Runs in the image: the installed distributions, and the dependency closure of medserve[server]
-# (markers other than `extra` are not evaluated: an over-approximation, for the "pulled in" rule).
-DEPENDENCIES = r"""
-import importlib.metadata as m, json, re
-def norm(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
-dists = {norm(d.metadata["Name"]): d for d in m.distributions()}
-def requires(dist, extras):
-    for req in dist.requires or []:
-        spec, _, marker = req.partition(";")
-        wanted = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
-        if wanted is None or wanted.group(1) in extras:
-            yield norm(re.match(r"\s*([A-Za-z0-9._-]+)", spec).group(1))
-closure, todo = set(), [("medserve", {"server"})]
-while todo:
-    name, extras = todo.pop()
-    if name in closure or name not in dists:
-        continue
-    closure.add(name)
-    todo += [(r, set()) for r in requires(dists[name], extras)]
-print(json.dumps({"installed": sorted(dists), "server_closure": sorted(closure)}))
-"""
+# Runs in the image: the installed distributions and the dependency closure of medserve[server].
+DEPENDENCIES = (ROOT / ".ci" / "closure.py").read_text(encoding="utf-8")
 
 
 def _dist(requirement: str) -> str:
@@ -397,9 +377,9 @@ def check_image(image: str) -> None:
         raise CheckFailed(f"image command is {config.get('Entrypoint')} {config.get('Cmd')}, "
                           f"expected {EXPECTED_ENTRYPOINT} {EXPECTED_CMD}")
     listing = json.loads(podman("run", "--rm", "--network", "none", "--entrypoint", "/opt/medserve/bin/python",
-                                image, "-c", DEPENDENCIES, capture=True).stdout)
+                                image, "-c", DEPENDENCIES, "server", capture=True).stdout)
     installed = {_dist(name) for name in listing["installed"]}
-    closure = {_dist(name) for name in listing["server_closure"]}
+    closure = {_dist(name) for name in listing["closure"]}
     others = other_extras()
     heavy = sorted(installed & FORBIDDEN)
     if heavy:

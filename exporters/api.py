@@ -5,9 +5,10 @@ passed, so importing this package stays cheap for the server and the CLI."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from .card import TrainingData, build_card
 from .conversion import Conversion
 from .errors import ExportError, UnsupportedModelError
 from .parity import OutputParity, Tolerance, cpu_session, parity_table, verify
+from .reference import check_limits, feature_deciles, reference_rows
 from .specs import TensorSpec, default_opset, graph_signature
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,22 @@ class ExportReport:
     parity: tuple[OutputParity, ...]
     metrics: Mapping[str, float | int]
     batching: batch_size.BatchingChoice  # the max_batch_size in config.pbtxt and how it was chosen
+    # Text models: padded batch vs each text alone on the graph, and the other files of the version.
+    padding_check: OutputParity | None = None
+    files: Mapping[str, Path] = field(default_factory=dict)
 
     def parity_table(self) -> str:
         """The parity figures as an aligned text table (for the CLI and logs)."""
-        return parity_table(self.parity)
+        return parity_table((*self.parity, *([self.padding_check] if self.padding_check else [])))
+
+
+def _is_text_model(model: Any, tokenizer: Any, pooling: Any) -> bool:
+    """A Hugging Face encoder: a model folder, a transformers model, or anything given a tokenizer
+    or pooling (which only text models take)."""
+    if tokenizer is not None or pooling is not None or isinstance(model, (str, os.PathLike)):
+        return True
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def _convert(model: Any, sample: Any, opset: int | None, dynamic_axes: Any, output_names: Any) -> Conversion:
@@ -65,7 +79,7 @@ def _convert(model: Any, sample: Any, opset: int | None, dynamic_axes: Any, outp
         return sklearn_exporter.convert(model, sample, opset=opset)
     raise UnsupportedModelError(
         f"cannot export a {type(model).__module__}.{type(model).__qualname__}: expected a scikit-learn "
-        "estimator or Pipeline, a torch.nn.Module or a torch.export.ExportedProgram"
+        "estimator or Pipeline, a torch.nn.Module, a torch.export.ExportedProgram or a Hugging Face encoder"
     )
 
 
@@ -87,6 +101,38 @@ def _check_lengths(
         raise ExportError(f"{len(feature_names)} feature_names for a model of {conversion.n_features} features")
     if class_labels is not None and conversion.n_classes is not None and len(class_labels) != conversion.n_classes:
         raise ExportError(f"{len(class_labels)} class_labels for a model of {conversion.n_classes} classes")
+
+
+def check_padding(name: str, model_bytes: bytes, feeds: Mapping[str, np.ndarray],
+                  padding: Mapping[str, tuple[int, float]] | None, max_batch_size: int) -> dict[str, str] | None:
+    """The config's `pad` parameters for a graph that is mask-correct: each sample row alone and
+    padded (4 more positions along the axis) must give the same outputs, or the export fails."""
+    if not padding:
+        return None
+    if max_batch_size <= 0:
+        raise ExportError(f"model {name!r}: padding needs a batching model (max_batch_size > 0)")
+    unknown = sorted(set(padding) - set(feeds))
+    masks = [n for n in padding if "mask" in n]
+    if unknown or len(masks) != 1 or padding[masks[0]][1] != 0:
+        raise ExportError(f"model {name!r}: padding must name graph inputs ({sorted(feeds)}), one of them the "
+                          f"mask padded with 0; got {dict(padding)}")
+    session = cpu_session(model_bytes)
+    names = [o.name for o in session.get_outputs()]
+    for row in range(min(4, next(iter(feeds.values())).shape[0])):
+        alone = {n: a[row:row + 1] for n, a in feeds.items()}
+        padded = {}
+        for n, a in alone.items():
+            if n in padding:
+                axis, value = padding[n]
+                widths = [(0, 0)] * a.ndim
+                widths[axis] = (0, 4)
+                a = np.pad(a, widths, constant_values=value)
+            padded[n] = a
+        for out, x, y in zip(names, session.run(names, alone), session.run(names, padded), strict=True):
+            if x.shape == y.shape and not np.allclose(x, y, rtol=1e-4, atol=1e-5):
+                raise ExportError(f"model {name!r}: output {out!r} changes when the inputs are padded: the graph is "
+                                  "not mask-correct, so the server may not pad it")
+    return {"pad": ",".join(f"{n}:{axis}:{value:g}" for n, (axis, value) in padding.items()), "pad_mask": masks[0]}
 
 
 def _feature_ranges(
@@ -149,6 +195,15 @@ def export(
     opset: int | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     output_names: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    max_length: int | None = None,
+    head: Any = None,
+    source: str | None = None,
+    reference_data: Any = None,
+    feature_limits: Mapping[str, Sequence[float]] | None = None,
+    padding: Mapping[str, tuple[int, float]] | None = None,
 ) -> ExportReport:
     """Convert `model` to ONNX, prove parity, and publish `<repository>/<name>/<version>/`.
 
@@ -158,6 +213,15 @@ def export(
     targets the card records quality metrics measured on the exported graph. `tolerance`
     overrides the per-family default for value outputs; labels must always match exactly.
     `dynamic_axes` / `output_names` are torch-only (see `medserve.exporters.torch`).
+
+    Text encoders (`medserve.exporters.text`): `model` is a Hugging Face model folder or a
+    transformers model with its fast `tokenizer=`; `sample_inputs` and `heldout` are texts
+    (`heldout=(texts, class indices)` with a `head`); `pooling` "mean" or "cls" (a
+    sentence-transformers folder supplies it), `normalize=True` L2-normalizes, `max_length`
+    bounds the tokens (the model's own setting when None, always written out), `head` is a
+    torch module from the pooled embedding to class logits (published as `probabilities`), and
+    `source` names where the weights came from. The version folder gets `tokenizer.json`, the
+    config takes `text` strings, and parity runs on clinical sentences of every length too.
     `max_batch_size` None (the default) measures it for a tabular model (the largest batch whose
     execution stays within 2 ms, at least 64; see `medserve.exporters.batch_size`) and uses 64
     otherwise; an integer is used as given (0 = no batching). The card records the choice.
@@ -165,8 +229,45 @@ def export(
         report = export(clf, X_train[:32], "models", "sepsis_risk",
                         heldout=(X_test, y_test), class_labels=["no", "yes"])
 
+    `reference_data` (the training rows, recommended; default: the held-out or sample rows) is
+    summarised for explanations and drift monitoring without keeping any patient row: reference
+    rows (cluster centroids or quantile-built rows) and per-feature deciles. `feature_limits`
+    ({"heart_rate": (0, 300)}) are clinical limits the server enforces. `padding` ({"input_ids":
+    (1, 0), "attention_mask": (1, 0)}: input -> (axis, pad value), one of them the mask) lets the
+    server pad requests of different lengths into one batch; it is checked (padded and unpadded
+    answers must agree) before it is written.
+
     Raises ParityError (nothing published), VersionExistsError, SignatureMismatchError,
     UnsupportedModelError, ExportError."""
+    if _is_text_model(model, tokenizer, pooling):
+        if feature_names is not None or dynamic_axes is not None or output_names is not None:
+            raise ExportError("feature_names, dynamic_axes and output_names do not apply to text encoders")
+        if isinstance(training_data, Mapping):
+            training_data = TrainingData(str(training_data["description"]), int(training_data["n_samples"]))
+        from . import text
+
+        return text.export_text(
+            model,
+            sample_inputs,
+            repository,
+            name,
+            tokenizer=tokenizer,
+            pooling=pooling,
+            normalize=normalize,
+            max_length=max_length,
+            head=head,
+            class_labels=class_labels,
+            heldout=heldout,
+            version=version,
+            description=description,
+            training_data=training_data,
+            tolerance=tolerance,
+            max_batch_size=max_batch_size,
+            opset=opset,
+            source=source,
+        )
+    if head is not None or normalize is not None or max_length is not None or source is not None:
+        raise ExportError("head, normalize, max_length and source apply to text encoders only")
     publishing.check_name(name)
     if max_batch_size is not None and (
         isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0
@@ -208,6 +309,17 @@ def export(
             ", ".join(f"{rows} {s * 1e3:.3f}" for rows, s in (batching.medians_s or {}).items()),
         )
 
+    # What explanations and drift monitoring need, without patient rows (exporters/reference.py).
+    ref_source = reference_data if reference_data is not None else (
+        heldout_inputs if heldout_inputs is not None else sample_inputs)
+    serving_facts = {
+        "reference": reference_rows(conversion.feeds(ref_source)),
+        "feature_deciles": feature_deciles(feature_names, ref_source),
+        "feature_limits": check_limits(feature_limits, feature_names),
+    }
+    pad_parameters = check_padding(name, conversion.model_bytes, conversion.feeds(sample_inputs), padding,
+                                   batching.max_batch_size)
+
     columns = None
     if conversion.column_groups is not None:
         labels = feature_names or tuple(f"column_{i}" for i in range(conversion.n_features or 0))
@@ -235,9 +347,10 @@ def export(
             parity=parity,
             batching=batching,
             model_sha256=sha256,
+            extra={k: v for k, v in serving_facts.items() if v},
         )
 
-    config = triton_config.build_config(name, inputs, outputs, batching.max_batch_size)
+    config = triton_config.build_config(name, inputs, outputs, batching.max_batch_size, pad_parameters)
     published = publishing.publish(
         Path(repository),
         name,

@@ -57,10 +57,12 @@ def build_card(
     batching: BatchingChoice | None = None,
     model_sha256: str,
     created_at: datetime | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
-    """The card as a JSON-ready dict. Shapes include the batch dim (-1 = variable)."""
+    """The card as a JSON-ready dict. Shapes include the batch dim (-1 = variable). `extra` adds
+    family-specific entries (a text model's `tokenizer`, `pooling`, `files`...) before the hash."""
     created = (created_at or datetime.now(UTC)).astimezone(UTC)
-    return {
+    card: dict[str, object] = {
         "schema_version": SCHEMA_VERSION,
         "name": name,
         "version": version,
@@ -82,6 +84,11 @@ def build_card(
         "metrics": dict(metrics),
         "parity": [p.as_card_entry() for p in parity],
         "batching": batching.as_card_entry() if batching is not None else None,
-        "model_sha256": model_sha256,
-        "created_at": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
+    clashes = sorted(set(extra or {}) & {*card, "model_sha256", "created_at"})
+    if clashes:
+        raise ValueError(f"extra card entries {clashes} would replace standard ones")
+    card.update(extra or {})
+    card["model_sha256"] = model_sha256
+    card["created_at"] = created.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return card

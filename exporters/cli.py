@@ -2,6 +2,7 @@
 
     medserve export model.joblib --name sepsis_risk --repository models --sample rows.npy
     medserve export model.pt2 --name ecg --repository models          # sample from the program
+    medserve export ./all-MiniLM-L6-v2 --name notes --repository models --pooling mean --normalize --max-length 128
     medserve demo-repository demo-repository --seed 0
 
 The server's CLI registers these with `add_subcommands`. Nothing heavy is imported until a
@@ -26,11 +27,15 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export",
         help="convert a trained model to ONNX, prove parity and publish it into a model repository",
-        description="Convert a scikit-learn model (joblib/pickle) or a torch.export program (.pt2) to ONNX, "
-        "check the ONNX graph against the model, and publish <repository>/<name>/<version>/.",
+        description="Convert a scikit-learn model (joblib/pickle), a torch.export program (.pt2) or a Hugging Face "
+        "encoder folder (served from text) to ONNX, check the ONNX graph against the model, and publish "
+        "<repository>/<name>/<version>/.",
     )
     parser.add_argument(
-        "file", type=Path, help="model file: .joblib/.pkl/.pickle (scikit-learn) or .pt2 (torch.export)"
+        "file",
+        type=Path,
+        help="model file: .joblib/.pkl/.pickle (scikit-learn) or .pt2 (torch.export), or a Hugging Face model "
+        "folder (config.json, weights, tokenizer.json) for a text encoder",
     )
     parser.add_argument("--name", required=True, help="model name in the repository (e.g. sepsis_risk)")
     parser.add_argument("--repository", required=True, type=Path, help="model repository folder")
@@ -49,6 +54,20 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="most rows one execution runs, written to config.pbtxt (0 = no batching); default: measured for "
         "tabular models (the largest batch within 2 ms on one CPU thread, at least 64), 64 for others",
+    )
+    text = parser.add_argument_group("text encoders (a model folder)")
+    text.add_argument(
+        "--pooling", choices=("mean", "cls"), default=None, help="pooling of the token states (default: the folder's "
+        "sentence-transformers configuration)"
+    )
+    text.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="L2-normalize the embedding (default: as the folder's sentence-transformers configuration says)",
+    )
+    text.add_argument(
+        "--max-length", type=int, default=None, help="tokens per text before truncation (default: the model's own)"
     )
     parser.set_defaults(func=run_export, extras=("server", "export"))  # parity runs onnxruntime
     return parser
@@ -128,17 +147,38 @@ def _default_sample(model: Any, path: Path) -> Any:
     return arrays[0] if len(arrays) == 1 else dict(zip(names, arrays, strict=True))
 
 
+def _require_extras() -> None:
+    """Import what exporting needs before anything else is said or loaded, so a missing extra
+    is named at once (the `medserve` command turns ModuleNotFoundError into that one line)."""
+    import joblib  # noqa: F401
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import skl2onnx  # noqa: F401
+    import sklearn  # noqa: F401
+    import torch  # noqa: F401
+
+
 def run_export(args: argparse.Namespace) -> int:
+    _require_extras()
     from . import export
-    from .errors import ExportError, ParityError
-    from .parity import parity_table
 
     _quiet_third_party()
+    text_options = {"pooling": args.pooling, "normalize": args.normalize, "max_length": args.max_length}
+    if args.file.is_dir():
+        if args.sample is not None:
+            print("error: a text encoder is checked on built-in clinical sentences; --sample is for tables", file=sys.stderr)
+            return 2
+        print(f"converting the text encoder in {args.file} and checking parity")
+        return _export_and_report(export, args, args.file, None, text_options)
+    if any(v is not None for v in text_options.values()):
+        print("error: --pooling, --normalize and --max-length apply to a text encoder folder", file=sys.stderr)
+        return 2
     if not args.file.is_file():
         print(f"error: {args.file} is not a file", file=sys.stderr)
         return 2
     print(f"loading {args.file}")
     model = _load_model(args.file)
+    sample: Any
     if args.sample is not None:
         sample = _load_arrays(args.sample)
     elif args.file.suffix == ".pt2":
@@ -147,6 +187,15 @@ def run_export(args: argparse.Namespace) -> int:
         print("error: scikit-learn models need --sample FILE.npy with a few input rows", file=sys.stderr)
         return 2
     print(f"converting {type(model).__name__} and checking parity")
+    return _export_and_report(export, args, model, sample, {})
+
+
+def _export_and_report(
+    export: Any, args: argparse.Namespace, model: Any, sample: Any, options: dict[str, Any]
+) -> int:
+    from .errors import ExportError, ParityError
+    from .parity import parity_table
+
     try:
         report = export(
             model,
@@ -156,6 +205,7 @@ def run_export(args: argparse.Namespace) -> int:
             version=args.version,
             description=args.description,
             max_batch_size=args.max_batch_size,
+            **{k: v for k, v in options.items() if v is not None},
         )
     except ParityError as exc:
         print(
@@ -175,6 +225,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    _require_extras()
     from .demo import build_demo_repository
     from .errors import ExportError
 

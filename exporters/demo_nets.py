@@ -97,6 +97,18 @@ class NotesTransformer(nn.Module):
         return self.head((h * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0))
 
 
+class TriageHead(nn.Module):
+    """A pooled sentence embedding [n, width] -> logits over the triage classes (a small MLP
+    trained on a frozen pretrained encoder's embeddings)."""
+
+    def __init__(self, width: int, classes: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.net(embedding)
+
+
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
     """Seeded, single-threaded, deterministic torch for the block; the caller's RNG state,

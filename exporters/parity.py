@@ -26,17 +26,24 @@ Arrays = Mapping[str, np.ndarray]
 
 @dataclass(frozen=True, slots=True)
 class Tolerance:
-    """Element `actual` passes when |actual - expected| <= atol + rtol * |expected| (numpy's allclose)."""
+    """Element `actual` passes when |actual - expected| <= atol + rtol * |expected| (numpy's allclose).
+
+    With `cosine` set (embeddings), each row must also lie within that cosine distance
+    (1 - cos) of the expected row; a row outside counts as one mismatch."""
 
     atol: float
     rtol: float
+    cosine: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.atol >= 0 and self.rtol >= 0):
             raise ValueError("tolerance atol and rtol must be >= 0")
+        if self.cosine is not None and not self.cosine >= 0:
+            raise ValueError("tolerance cosine must be >= 0")
 
     def __str__(self) -> str:
-        return f"atol={self.atol:g}, rtol={self.rtol:g}"
+        text = f"atol={self.atol:g}, rtol={self.rtol:g}"
+        return text if self.cosine is None else f"{text}, cosine distance<={self.cosine:g}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +61,7 @@ class OutputParity:
     n_samples: int
     mismatches: int
     problem: str | None = None
+    max_cosine_distance: float | None = None  # rows of a 2-D output, when the tolerance bounds it
 
     @property
     def passed(self) -> bool:
@@ -63,17 +71,21 @@ class OutputParity:
         bound = "identical values" if self.tolerance is None else str(self.tolerance)
         if self.problem is not None:
             return f"output {self.output!r}: {self.problem} (required: {bound})"
+        cosine = "" if self.max_cosine_distance is None else f", max cosine distance {_fmt(self.max_cosine_distance)}"
         return (
             f"output {self.output!r}: max abs diff {_fmt(self.max_abs_diff)}, max rel diff "
-            f"{_fmt(self.max_rel_diff)}, required {bound}; {self.mismatches} element(s) outside, "
+            f"{_fmt(self.max_rel_diff)}{cosine}, required {bound}; {self.mismatches} element(s) outside, "
             f"over {self.n_samples} sample(s)"
         )
 
     def as_card_entry(self) -> dict[str, object]:
-        tolerance: object = (
-            "exact" if self.tolerance is None else {"atol": self.tolerance.atol, "rtol": self.tolerance.rtol}
-        )
-        return {
+        tolerance: object = "exact"
+        if self.tolerance is not None:
+            bounds: dict[str, float] = {"atol": self.tolerance.atol, "rtol": self.tolerance.rtol}
+            if self.tolerance.cosine is not None:
+                bounds["cosine_distance"] = self.tolerance.cosine
+            tolerance = bounds
+        entry: dict[str, object] = {
             "output": self.output,
             "max_abs_diff": self.max_abs_diff,
             "max_rel_diff": self.max_rel_diff,
@@ -81,6 +93,9 @@ class OutputParity:
             "n_samples": self.n_samples,
             "mismatches": self.mismatches,
         }
+        if self.max_cosine_distance is not None:
+            entry["max_cosine_distance"] = self.max_cosine_distance
+        return entry
 
 
 def _fmt(value: float | None) -> str:
@@ -89,13 +104,16 @@ def _fmt(value: float | None) -> str:
 
 def parity_table(results: Sequence[OutputParity]) -> str:
     """The figures as an aligned text table, one row per output (for the CLI and logs)."""
-    rows = [("output", "max abs diff", "max rel diff", "required", "samples", "outside", "result")]
+    cosine = any(r.max_cosine_distance is not None for r in results)  # embeddings: one more column
+    rows = [("output", "max abs diff", "max rel diff", *(["max cos dist"] if cosine else []), "required", "samples",
+             "outside", "result")]
     for r in results:
         rows.append(
             (
                 r.output,
                 _fmt(r.max_abs_diff),
                 _fmt(r.max_rel_diff),
+                *([_fmt(r.max_cosine_distance)] if cosine else []),
                 "identical" if r.tolerance is None else str(r.tolerance),
                 str(r.n_samples),
                 str(r.mismatches),
@@ -145,7 +163,25 @@ def compare(output: str, expected: Any, actual: Any, tolerance: Tolerance | None
         outside = diff > tolerance.atol + tolerance.rtol * np.abs(np.nan_to_num(e))
     max_abs = float(diff.max()) if diff.size else 0.0
     max_rel = float(rel.max()) if rel.size else 0.0
-    return OutputParity(output, max_abs, max_rel, tolerance, n, int(np.count_nonzero(outside)))
+    mismatches = int(np.count_nonzero(outside))
+    max_cosine = None
+    if tolerance is not None and tolerance.cosine is not None:
+        distances = cosine_distances(e.reshape(n, -1), a.reshape(n, -1))
+        max_cosine = float(distances.max()) if distances.size else 0.0
+        mismatches += int(np.count_nonzero(distances > tolerance.cosine))
+    return OutputParity(output, max_abs, max_rel, tolerance, n, mismatches, max_cosine_distance=max_cosine)
+
+
+def cosine_distances(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """1 - cos between matching rows (float64); 0 for two zero rows, 1 for one, inf for NaN."""
+    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    norms = np.linalg.norm(e, axis=1) * np.linalg.norm(a, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        distances = 1.0 - (e * a).sum(axis=1) / norms
+    both_zero = (np.abs(e).sum(axis=1) == 0) & (np.abs(a).sum(axis=1) == 0)
+    distances = np.where(both_zero, 0.0, np.where(norms == 0, 1.0, distances))
+    return np.where(np.isnan(distances), np.inf, np.maximum(distances, 0.0))
 
 
 def _merge(a: OutputParity, b: OutputParity) -> OutputParity:
@@ -160,6 +196,7 @@ def _merge(a: OutputParity, b: OutputParity) -> OutputParity:
         a.n_samples + b.n_samples,
         a.mismatches + b.mismatches,
         a.problem or b.problem,
+        worst(a.max_cosine_distance, b.max_cosine_distance),
     )
 
 

@@ -3,6 +3,7 @@
     <repository>/<name>/config.pbtxt
     <repository>/<name>/<version>/model.onnx
     <repository>/<name>/<version>/model_card.json
+    <repository>/<name>/<version>/tokenizer.json ...   (extra files, e.g. a text model's tokenizer)
 
 A version appears whole or not at all: its files are written and fsynced in
 `<name>/.tmp-<uuid>/`, which is then renamed to `<version>` (a rename within one folder is atomic
@@ -33,7 +34,7 @@ from . import triton_config
 from .errors import ExportError, VersionExistsError
 
 TEMP_PREFIX = ".tmp-"
-__all__ = ["CARD_FILENAME", "CONFIG_FILENAME", "MODEL_FILENAME", "Published", "check_name", "publish"]
+__all__ = ["CARD_FILENAME", "CONFIG_FILENAME", "MODEL_FILENAME", "Published", "check_name", "file_hashes", "publish"]
 
 CardFactory = Callable[[int, str], Mapping[str, object]]  # (version, model_sha256) -> card
 
@@ -50,6 +51,22 @@ class Published:
 def check_name(name: str) -> None:
     if not is_model_name(name):
         raise ExportError(f"model name {name!r} is not valid: {MODEL_NAME_RULE}")
+
+
+def file_hashes(files: Mapping[str, bytes]) -> dict[str, str]:
+    """file name -> SHA-256 hex, sorted by name: the card's `files` map."""
+    return {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
+
+
+def _plain_file_name(file_name: str) -> bool:
+    return (
+        bool(file_name)
+        and file_name not in (".", "..")
+        and not file_name.startswith((".", TEMP_PREFIX))
+        and "/" not in file_name
+        and "\\" not in file_name
+        and "\x00" not in file_name
+    )
 
 
 def existing_versions(model_dir: Path) -> list[int]:
@@ -87,19 +104,26 @@ def publish(
     model_bytes: bytes,
     make_card: CardFactory,
     config: mc.ModelConfig,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Published:
     """Publish `model_bytes` as `version` (next free number when None) of model `name`.
 
     `make_card(version, sha256)` builds the card once the version is known; if it (or anything
-    else) fails, nothing is left behind. Raises VersionExistsError, SignatureMismatchError."""
+    else) fails, nothing is left behind. `extra_files` (file name -> bytes) are written into the
+    version folder with the model, in the same atomic step; the card should list their SHA-256
+    (`file_hashes`). Raises VersionExistsError, SignatureMismatchError."""
     check_name(name)
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
         raise ExportError(f"version must be a positive integer, got {version!r}")
+    extra = dict(extra_files or {})
+    for file_name in extra:
+        if file_name in (MODEL_FILENAME, CARD_FILENAME) or not _plain_file_name(file_name):
+            raise ExportError(f"extra file name {file_name!r} must be a plain file name other than the model's and card's")
     model_dir = Path(repository) / name
     created = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _publish_into(model_dir, name, version, model_bytes, make_card, config)
+        return _publish_into(model_dir, name, version, model_bytes, make_card, config, extra)
     except BaseException:
         if created:  # a new model folder with no version would be a broken model to the server
             with contextlib.suppress(OSError):
@@ -114,6 +138,7 @@ def _publish_into(
     model_bytes: bytes,
     make_card: CardFactory,
     config: mc.ModelConfig,
+    extra_files: Mapping[str, bytes],
 ) -> Published:
     config_path = model_dir / CONFIG_FILENAME
     if config_path.exists():
@@ -132,6 +157,8 @@ def _publish_into(
     try:
         temp_dir.mkdir()
         _write(temp_dir / MODEL_FILENAME, model_bytes)
+        for file_name, data in sorted(extra_files.items()):
+            _write(temp_dir / file_name, data)
         card = json.dumps(make_card(number, sha256), indent=2, allow_nan=False) + "\n"
         _write(temp_dir / CARD_FILENAME, card.encode("utf-8"))
         _write(temp_config, triton_config.render(config).encode("utf-8"))

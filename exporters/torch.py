@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx_ir
 import torch
 
 try:
@@ -109,6 +110,38 @@ def _check_variable_axes(inputs: Sequence[TensorSpec], shapes: Sequence[Mapping[
             )
 
 
+def name_outputs(model: onnx_ir.Model, names: Sequence[str]) -> None:
+    """Name the graph's outputs `names`. torch.onnx's `output_names` only relabels the output
+    values, so an output called like an operation inside (`embedding`, the token lookup of a
+    Transformer) would leave two values of that name and a graph onnxruntime refuses; here an
+    internal value of a wanted name is renamed first."""
+    graph = model.graph
+    outputs = list(graph.outputs)
+    if len(outputs) != len(names):
+        raise ExportError(f"the graph has {len(outputs)} output(s) for {len(names)} name(s)")
+    values = [*graph.inputs, *graph.initializers.values()]
+    values += [v for node in onnx_ir.traversal.RecursiveGraphIterator(graph) for v in node.outputs]
+    for node in onnx_ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            for sub in attr.value if attr.type == onnx_ir.AttributeType.GRAPHS else [attr.value]:
+                if isinstance(sub, onnx_ir.Graph):
+                    values += sub.inputs
+    taken = {v.name for v in values if v.name}
+    wanted = set(names)
+    for value in values:
+        if value.name in wanted and not any(value is o for o in outputs):
+            if value.is_graph_input() or value.is_initializer():
+                raise ExportError(f"output name {value.name!r} is already the name of a graph input or weight")
+            n = 1
+            while f"{value.name}_{n}" in taken or f"{value.name}_{n}" in wanted:
+                n += 1
+            value.name = f"{value.name}_{n}"
+            taken.add(value.name)
+    for value, name in zip(outputs, names, strict=True):
+        value.metadata_props["pkg.torch.onnx.original_node_name"] = str(value.name)  # as torch.onnx records it
+        value.name = name
+
+
 def convert(
     model: torch.nn.Module | torch.export.ExportedProgram,
     sample: Any,
@@ -154,7 +187,6 @@ def convert(
             model,
             args,
             input_names=names,
-            output_names=out_names,
             dynamic_shapes=shapes,
             opset_version=opset,
             dynamo=True,
@@ -166,6 +198,7 @@ def convert(
         log.debug("torch.onnx: %s: %s", w.category.__name__, w.message)
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
+    name_outputs(program.model, out_names)
     onx = program.model_proto
     inputs, outputs = graph_signature(onx)
     if [i.name for i in inputs] != names:

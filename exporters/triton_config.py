@@ -9,7 +9,7 @@ left unset: the server's default (latest 1) applies.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -30,9 +30,16 @@ def _data_type(datatype: str) -> int:
 
 
 def build_config(
-    name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch_size: int
+    name: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    max_batch_size: int,
+    parameters: Mapping[str, str] | None = None,
 ) -> mc.ModelConfig:
-    """The config for a model whose graph has these inputs/outputs (shapes with the batch dim)."""
+    """The config for a model whose graph has these inputs/outputs (shapes with the batch dim).
+
+    For a text model `inputs` is what clients send (`text`, BYTES [-1, 1]) rather than the
+    graph's token tensors, and `parameters` tell the server how to tokenize (string values)."""
     batched = max_batch_size > 0
     config = mc.ModelConfig(
         name=name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=max_batch_size
@@ -52,10 +59,16 @@ def build_config(
     if batched:
         config.dynamic_batching.max_queue_delay_microseconds = 0
         config.dynamic_batching.default_queue_policy.max_queue_size = MAX_QUEUE_SIZE
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = str(value)
     return config
 
 
 _HEADER = "# Written by medserve.exporters. Inputs and outputs must match every version's model.onnx.\n"
+_TEXT_HEADER = (
+    "# A text model: clients send `text`; the server tokenizes it with the version's tokenizer file into the\n"
+    "# graph inputs named by `tokenizer_inputs` and pads a batch as `pad` says (input:axis:value).\n"
+)
 
 
 def render(config: mc.ModelConfig) -> str:
@@ -63,6 +76,8 @@ def render(config: mc.ModelConfig) -> str:
     text = text_format.MessageToString(config)
     if config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds == 0:
         text = text.replace("dynamic_batching {\n", "dynamic_batching {\n  max_queue_delay_microseconds: 0\n", 1)
+    if "tokenizer" in config.parameters:
+        return _HEADER + _TEXT_HEADER + text
     return _HEADER + text
 
 
@@ -88,9 +103,26 @@ def _describe(tensors: tuple[tuple[str, int, tuple[int, ...]], ...]) -> str:
     )
 
 
+# The parameters that describe how every version is fed (a text model's tokenizer and padding).
+VERSION_PARAMETERS = ("tokenizer", "tokenizer_max_length", "tokenizer_truncation", "tokenizer_inputs", "pad", "pad_mask")
+
+
+def text_parameters(config: mc.ModelConfig) -> dict[str, str]:
+    return {key: config.parameters[key].string_value for key in VERSION_PARAMETERS if key in config.parameters}
+
+
 def check_signature(path: Path, existing: mc.ModelConfig, new: mc.ModelConfig) -> None:
-    """Refuse to publish a version whose inputs/outputs differ from the model's config."""
+    """Refuse to publish a version whose inputs/outputs differ from the model's config, or whose
+    tokenizer parameters do (they hold for every version the config serves)."""
     old_sig, new_sig = signature(existing), signature(new)
+    old_params, new_params = text_parameters(existing), text_parameters(new)
+    if old_sig == new_sig and old_params != new_params:
+        changed = sorted(k for k in {*old_params, *new_params} if old_params.get(k) != new_params.get(k))
+        raise SignatureMismatchError(
+            f"{path} has other tokenizer parameters than the new version of model {new.name!r} ({', '.join(changed)}):\n"
+            f"  config: {old_params}\n  new:    {new_params}\n"
+            "every version of a model is served with its config's parameters: publish under a new model name"
+        )
     if old_sig != new_sig:
         raise SignatureMismatchError(
             f"{path} describes a different signature than the new version of model {new.name!r}:\n"

@@ -16,8 +16,13 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None, reason="tritonclient (dev extra) not installed")
-def test_tritonclient_and_perf_analyzer_suite() -> None:
-    env = {**os.environ, "MEDSERVE_COMPAT_CHILD": "1"}
+def test_tritonclient_and_perf_analyzer_suite(tmp_path: Path) -> None:
+    # The text model is built here (the exporters import medserve's protobuf modules); the child
+    # serves it to tritonclient.
+    from medserve.exporters.demo import build_demo_repository
+
+    build_demo_repository(tmp_path / "text-repo", models=["notes_minilm"])
+    env = {**os.environ, "MEDSERVE_COMPAT_CHILD": "1", "MEDSERVE_COMPAT_TEXT_REPO": str(tmp_path / "text-repo")}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", str(HERE / "compat"), "-q", "-p", "no:cacheprovider", "-rs"],
         cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600, check=False,

@@ -39,7 +39,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(repo: Path) -> Iterator[str]:
-    with server_process(repo) as (port, _proc):
+    with server_process(repo, "--model-control-mode", "explicit", "--load-model", "*") as (port, _proc):
         yield f"127.0.0.1:{port}"
 
 
@@ -175,3 +175,21 @@ def test_perf_analyzer_runs_against_medserve(url: str, tmp_path: Path) -> None:
     rows = csv.read_text().strip().splitlines()[1:]
     throughputs = [float(row.split(",")[1]) for row in rows]
     assert len(throughputs) == 2 and all(t > 0 for t in throughputs)
+
+
+def test_tritonclient_sends_notes_as_strings_to_the_text_model() -> None:
+    """Unmodified tritonclient against the demo's text encoder: strings in (BYTES), the embedding
+    back; a paraphrase is closer than an unrelated note."""
+    import os
+
+    repo = Path(os.environ["MEDSERVE_COMPAT_TEXT_REPO"])
+    notes = np.array([[b"Patient has chest pain."], [b"The patient complains of pain in the chest."],
+                      [b"Discharge summary: fractured left wrist, cast applied."]], dtype=object)
+    with server_process(repo) as (port, _proc):
+        c = tc.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = tc.InferInput("text", list(notes.shape), "BYTES")
+        inp.set_data_from_numpy(notes)
+        embedding = c.infer("notes_minilm", [inp]).as_numpy("embedding")
+        c.close()
+    assert embedding.shape == (3, 384)
+    assert float(embedding[0] @ embedding[1]) > float(embedding[0] @ embedding[2])

@@ -74,13 +74,23 @@ def graph_dims(value: onnx.ValueInfoProto) -> list[int]:
 
 
 def assert_config_matches_graph(model_dir: Path, version: int = 1) -> None:
-    """config.pbtxt lists exactly the graph's inputs/outputs, with its types and non-batch dims."""
+    """config.pbtxt lists exactly the graph's inputs/outputs, with its types and non-batch dims;
+    a text model (parameter `tokenizer`) declares one `text` string per row instead of the graph's
+    inputs, which its `tokenizer_inputs` name in graph order."""
     config = read_config(model_dir / "config.pbtxt")
     graph = onnx.load(str(model_dir / str(version) / "model.onnx")).graph
     assert config.name == model_dir.name
     assert config.platform == "onnxruntime_onnx" and config.backend == "onnxruntime"
     assert config.max_batch_size > 0
-    for declared, values in ((config.input, graph.input), (config.output, graph.output)):
+    pairs: list[tuple[Any, Any]] = [(config.output, graph.output)]
+    if "tokenizer" in config.parameters:
+        assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("text", mc.TYPE_STRING, [1])]
+        inputs = config.parameters["tokenizer_inputs"].string_value.split(",")
+        assert inputs == [v.name for v in graph.input]
+        assert all(graph_dims(v) == [-1, -1] and v.type.tensor_type.elem_type == onnx.TensorProto.INT64 for v in graph.input)
+    else:
+        pairs.append((config.input, graph.input))
+    for declared, values in pairs:
         by_name = {v.name: v for v in values}
         assert sorted(t.name for t in declared) == sorted(by_name)
         for tensor in declared:
@@ -118,6 +128,32 @@ def served_answers(repository: Path, name: str, feeds: dict[str, np.ndarray], ro
                     array = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array)
                 parts.setdefault(out.name, []).append(array)
     return {output: np.concatenate(chunks) for output, chunks in parts.items()}
+
+
+def text_feeds(tokenizer_path: Path, texts: list[str], max_length: int, inputs: list[str], pad_id: int = 0) -> dict[str, np.ndarray]:
+    """What a server feeds a text model, built here with the tokenizers library alone: the
+    published tokenizer.json truncated at `max_length`, rows padded on the right to the longest."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer.enable_truncation(max_length)
+    encodings = tokenizer.encode_batch(texts)
+    width = max(len(e.ids) for e in encodings)
+    arrays = {
+        "input_ids": np.full((len(texts), width), pad_id, np.int64),
+        "attention_mask": np.zeros((len(texts), width), np.int64),
+        "token_type_ids": np.zeros((len(texts), width), np.int64),
+    }
+    for row, e in enumerate(encodings):
+        arrays["input_ids"][row, : len(e.ids)] = e.ids
+        arrays["attention_mask"][row, : len(e.ids)] = 1
+        arrays["token_type_ids"][row, : len(e.ids)] = e.type_ids
+    return {name: arrays[name] for name in inputs}
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return 1.0 - (a64 * b64).sum(axis=1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
 
 
 def assert_within_recorded_tolerance(report: Any, output: str, actual: np.ndarray, expected: np.ndarray) -> None:

@@ -14,7 +14,14 @@ import pytest
 from medserve.exporters import ExportReport
 from medserve.exporters.demo import DEMO_MODELS, build_demo_repository
 
-from exporter_helpers import assert_config_matches_graph, read_card, read_config, run_published, sha256_file
+from exporter_helpers import (
+    assert_config_matches_graph,
+    read_card,
+    read_config,
+    run_published,
+    sha256_file,
+    text_feeds,
+)
 
 EXPECTED = {
     "breast_cancer_svm",
@@ -28,12 +35,15 @@ EXPECTED = {
     "vitals_gru",
     "notes_transformer",
     "risk_mlp",
+    "notes_minilm",
+    "notes_triage",
 }
 # Rebuilt in a child process under another string-hash seed: one scikit-learn classifier,
 # one tree ensemble regressor, one torch model.
 REBUILT = ["breast_cancer_svm", "diabetes_gbm", "notes_transformer"]
-# Images, signals and sequences keep max_batch_size 64; the tables (the MLP included) are measured.
-NOT_TABULAR = {"digits_cnn", "ecg_cnn1d", "vitals_gru", "notes_transformer"}
+# Images, signals, sequences and text keep max_batch_size 64; the tables (the MLP included) are measured.
+NOT_TABULAR = {"digits_cnn", "ecg_cnn1d", "vitals_gru", "notes_transformer", "notes_minilm", "notes_triage"}
+TEXT = {"notes_minilm", "notes_triage"}  # served from strings: the pretrained MiniLM encoder
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +59,12 @@ def test_every_family_is_published_and_consistent(demo: tuple[Path, dict[str, Ex
         assert report.version == 1 and all(p.passed for p in report.parity), name
         card = read_card(report.card_path)
         assert card["model_sha256"] == sha256_file(report.model_path), name
-        assert card["metrics"]["n_samples"] > 0 and card["training_data"]["n_samples"] > 0, name
+        if card["task"] == "embedding":  # pretrained by its authors; nothing trained or scored here
+            assert card["training_data"] is None and card["metrics"] == {}, name
+        else:
+            assert card["metrics"]["n_samples"] > 0 and card["training_data"]["n_samples"] > 0, name
+        assert card.get("files", {}) == {f: sha256_file(report.model_path.parent / f) for f in card.get("files", {})}
+        assert ("tokenizer" in card) == (name in TEXT), name
         assert_config_matches_graph(path / name)
         batching = card["batching"]
         assert batching["chosen_by"] == ("default" if name in NOT_TABULAR else "measured"), name
@@ -65,6 +80,19 @@ def test_every_family_is_published_and_consistent(demo: tuple[Path, dict[str, Ex
     assert reports["diabetes_linear"].metrics["r2"] > 0.2
     assert reports["digits_cnn"].metrics["accuracy"] > 0.7
     assert reports["notes_transformer"].metrics["accuracy"] > 0.75
+    # 3 classes (chance 1/3), held out by template: phrasings the head never saw.
+    triage = reports["notes_triage"]
+    assert triage.metrics["accuracy"] > 0.6 and triage.metrics["macro_f1"] > 0.6 and triage.metrics["n_samples"] == 60
+    triage_card = read_card(triage.card_path)
+    assert triage_card["class_labels"] == ["routine", "urgent", "emergency"]
+    assert [(o["name"], o["shape"]) for o in triage_card["outputs"]] == [("probabilities", [-1, 3])]
+    minilm_card = read_card(reports["notes_minilm"].card_path)
+    assert [(o["name"], o["shape"]) for o in minilm_card["outputs"]] == [("embedding", [-1, 384])]
+    for name in TEXT:
+        card = read_card(reports[name].card_path)
+        assert card["parity"][0]["mismatches"] == 0 and card["padding_check"]["passed"], name
+        assert card["tokenizer"]["max_length"] == 128 and card["tokenizer"]["pad_id"] == 0, name
+        assert "pad" in read_config(path / name / "config.pbtxt").parameters, name
 
 
 def test_variable_length_models_accept_other_lengths(demo: tuple[Path, dict[str, ExportReport]]) -> None:
@@ -79,6 +107,10 @@ def test_variable_length_models_accept_other_lengths(demo: tuple[Path, dict[str,
         reports["notes_transformer"].model_path, {"input_ids": rng.integers(1, 200, (2, 57)), "attention_mask": mask}
     )
     assert notes["logits"].shape == (2, 2)
+    for name, output, width in (("notes_minilm", "embedding", 384), ("notes_triage", "probabilities", 3)):
+        ids = rng.integers(1000, 20000, (3, 200))  # longer than the tokenizer would ever send
+        answers = run_published(reports[name].model_path, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        assert answers[output].shape == (3, width)
 
 
 def test_same_seed_gives_the_same_bytes(demo: tuple[Path, dict[str, ExportReport]], tmp_path: Path) -> None:
@@ -130,7 +162,17 @@ def test_the_server_serves_every_demo_model(demo: tuple[Path, dict[str, ExportRe
             meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=name))
             request = pb.ModelInferRequest(model_name=name, id=name)
             feeds = {}
-            for tensor in meta.inputs:
+            if name in TEXT:  # strings in; the graph's answer on the tokens the published tokenizer gives
+                assert [(t.name, t.datatype) for t in meta.inputs] == [("text", "BYTES")]
+                texts = ["Pt c/o chest pain radiating to L arm, sweaty.", "Repeat prescription please"]
+                rows = np.asarray([[t] for t in texts], dtype=object)
+                request.inputs.add(name="text", datatype="BYTES", shape=list(rows.shape))
+                request.raw_input_contents.append(to_raw(rows))
+                tokenizer_inputs = read_config(path / name / "config.pbtxt").parameters["tokenizer_inputs"]
+                feeds = text_feeds(
+                    report.model_path.parent / "tokenizer.json", texts, 128, tokenizer_inputs.string_value.split(",")
+                )
+            for tensor in [] if name in TEXT else meta.inputs:
                 shape = [2 if i == 0 else (7 if d == -1 else d) for i, d in enumerate(tensor.shape)]
                 if tensor.datatype == "INT64":
                     array = rng.integers(1, 10, size=shape).astype(np.int64)  # token ids / masks
@@ -146,3 +188,76 @@ def test_the_server_serves_every_demo_model(demo: tuple[Path, dict[str, ExportRe
             for out, raw in zip(response.outputs, response.raw_output_contents, strict=True):
                 got = from_raw(raw, out.datatype, out.shape)
                 np.testing.assert_allclose(got, expected[out.name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_every_tabular_demo_model_explains_additively(demo: tuple[Path, dict[str, ExportReport]]) -> None:
+    """The cards carry reference rows (no patient rows) and deciles; for each tabular model the
+    attributions and the base value add up to the explained output."""
+    from medserve.clients import Client
+    from medserve.protos.wire import numpy_dtype
+
+    from conftest import running_server
+
+    path, reports = demo
+    tabular = sorted(set(reports) - NOT_TABULAR)
+    with running_server(path) as server, Client(server.target, timeout_s=120) as client:
+        for name in tabular:
+            card = read_card(reports[name].card_path)
+            assert card["reference"] and card["feature_deciles"], name
+            meta = client.model_metadata(name)
+            inputs = {}
+            for t in meta.inputs:
+                reference = np.asarray(card["reference"][t.name])
+                inputs[t.name] = reference[:2].astype(numpy_dtype(t.datatype)) if t.datatype != "BYTES" else reference[:2]
+            why = client.explain(name, inputs)
+            total = sum(a.sum(axis=-1) for a in why.attributions.values()) + why.base_value
+            output = np.asarray(why.result[why.output], np.float64).reshape(total.shape)
+            np.testing.assert_allclose(total, output, atol=1e-3, err_msg=name)
+
+
+def test_text_models_answer_strings_from_the_client_library(demo: tuple[Path, dict[str, ExportReport]]) -> None:
+    from medserve.clients import Client
+
+    from conftest import running_server
+
+    path, _ = demo
+    notes = ["Patient has chest pain.", "The patient complains of pain in the chest.",
+             "Discharge summary: fractured left wrist, cast applied, follow up in clinic in six weeks."]
+    with running_server(path) as server, Client(server.target, timeout_s=60) as client:
+        rows = np.array([[n] for n in notes], dtype=object)
+        embedding = client.infer("notes_minilm", {"text": rows})["embedding"]
+        triage = client.infer("notes_triage", {"text": rows})["probabilities"]
+    assert embedding.shape == (3, 384) and triage.shape == (3, 3)
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+    similar, unrelated = float(embedding[0] @ embedding[1]), float(embedding[0] @ embedding[2])
+    assert similar > unrelated + 0.2, (similar, unrelated)
+    np.testing.assert_allclose(triage.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_notes_of_different_lengths_share_batches_and_answer_as_alone(
+    demo: tuple[Path, dict[str, ExportReport]],
+) -> None:
+    """Concurrent notes of different lengths: executions < inferences (padded batches), and
+    each answer equals the one-at-a-time answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medserve.clients import Client
+
+    from conftest import running_server
+
+    path, _ = demo
+    words = "patient reports worsening shortness of breath with fever cough and chest tightness overnight".split()
+    notes = [" ".join(words[: 2 + (i * 5) % len(words)]) for i in range(24)]
+    with running_server(path) as server, Client(server.target, timeout_s=60) as client:
+        alone = [client.infer("notes_minilm", {"text": np.array([[n]], dtype=object)})["embedding"] for n in notes]
+        before = client.model_statistics("notes_minilm")[0]
+        with ThreadPoolExecutor(12) as pool:
+            together = list(pool.map(
+                lambda n: client.infer("notes_minilm", {"text": np.array([[n]], dtype=object)})["embedding"],
+                notes * 4))
+        after = client.model_statistics("notes_minilm")[0]
+    inferences = after.inference_count - before.inference_count
+    executions = after.execution_count - before.execution_count
+    assert inferences == 96 and executions < inferences, (executions, inferences)
+    for i, got in enumerate(together):
+        np.testing.assert_allclose(got, alone[i % len(notes)], atol=1e-5)
