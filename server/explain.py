@@ -13,7 +13,8 @@
   reference, spread over its elements; `base_value` is the output on the reference.
 
 The perturbed rows ride the model's batcher at background priority (after every caller's
-request), in parts of at most max_batch_size rows. The work is bounded per model:
+request, never in a caller's batch), in parts the cost model expects to run within 0.25 ms (at most
+max_batch_size rows), a few queued at a time. The work is bounded per model:
 `explain_max_evaluations` model rows per explained row, `explain_max_rows` explained rows per
 request (config parameters).
 """

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import BACKGROUND, BatchRequest, Clock, RequestTiming
+from .batching import BACKGROUND, BatchRequest, Clock, RequestTiming, work_of
 from .errors import ExecutionError, InvalidInput
 from .explain import Explainer, Explanation
 from .repository import LoadedVersion, ModelRepository
@@ -56,6 +56,18 @@ class InferResult:
 
 
 TOKENIZE_INLINE_CHARS = 4096  # more text than this is tokenized off the event loop
+BACKGROUND_PART_S = 2.5e-4  # a background part's measured cost at most: what a caller may wait behind it
+BACKGROUND_WINDOW = 4  # background parts one explanation keeps queued
+
+
+def background_part_rows(estimate_s: Callable[[int], float], row_work: int, limit: int,
+                         budget_s: float = BACKGROUND_PART_S) -> int:
+    """The most rows (a power of two, at most `limit`, at least 1) whose batch the cost model
+    expects to run within `budget_s`: explanation work is queued in parts of this size."""
+    rows = 1
+    while rows * 2 <= limit and estimate_s(rows * 2 * row_work) <= budget_s:
+        rows *= 2
+    return rows
 
 
 class InferenceCore:
@@ -138,15 +150,20 @@ class InferenceCore:
                        outputs: Mapping[str, np.ndarray]) -> Explanation:
         batcher = loaded.batcher
         assert batcher is not None
-        limit = max(1, loaded.config.max_batch_size)
 
         async def evaluate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            """Perturbed rows through the model's own batcher, after every caller's request."""
+            """Perturbed rows through the model's own batcher, after every caller's request, in
+            parts short enough that a caller's request never waits long behind one, and only a
+            few parts queued at a time (an explanation never fills the queue)."""
             total = next(iter(batch.values())).shape[0]
-            parts = [batcher.submit(BatchRequest({n: a[start:start + limit] for n, a in batch.items()},
-                                                 rows=min(limit, total - start), priority=BACKGROUND))
-                     for start in range(0, total, limit)]
-            answers = await asyncio.gather(*parts)
+            limit = background_part_rows(batcher.estimate_s, work_of(batch) // max(1, total),
+                                         max(1, loaded.config.max_batch_size))
+            answers: list[Mapping[str, np.ndarray]] = []
+            for first in range(0, total, limit * BACKGROUND_WINDOW):
+                answers += await asyncio.gather(*(
+                    batcher.submit(BatchRequest({n: a[start:start + limit] for n, a in batch.items()},
+                                                rows=min(limit, total - start), priority=BACKGROUND))
+                    for start in range(first, min(total, first + limit * BACKGROUND_WINDOW), limit)))
             return {n: np.concatenate([a[n] for a in answers]) for n in answers[0]}
 
         if loaded.explainer is None:  # one per version, made on its first explanation

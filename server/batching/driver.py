@@ -433,7 +433,7 @@ class Batcher:
         """Run one batch the policy chose: now, on this thread, if inline; else on an instance."""
         items = list(decision.run)
         self._settle(items)
-        if self._crowd is not None:
+        if self._crowd is not None and items[0].level != BACKGROUND_LEVEL:  # callers' crowds only
             self._crowd.observe(sum(it.rows for it in items))
         flight = _Flight(items, self._clock(), work=batch_work(items))
         self._flights.append(flight)

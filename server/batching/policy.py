@@ -163,7 +163,11 @@ def _candidate(members: list[QueuedItem], cfg: PolicyConfig, close_at: int) -> t
     limit = cfg.max_batch_rows
     batch: list[QueuedItem] = []
     rows = 0
-    for item in members:
+    if members[0].level == BACKGROUND_LEVEL:  # background parts are sized to run briefly: one at a time
+        return members[:1], True
+    for item in members:  # and background rows never lengthen a caller's batch
+        if item.level == BACKGROUND_LEVEL:
+            break
         if rows + item.rows > limit:
             return batch, True
         batch.append(item)

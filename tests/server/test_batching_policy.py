@@ -117,6 +117,29 @@ def test_higher_priority_first_and_lower_levels_fill_the_batch(item) -> None:
     assert seqs(d.run) == [2, 0]
 
 
+def test_background_rows_never_join_a_callers_batch_and_run_one_part_at_a_time(item) -> None:
+    from medserve.server.batching.policy import BACKGROUND_LEVEL
+
+    cfg = PolicyConfig(max_batch_rows=64)
+    q = [item(0, 0.0, rows=16, level=BACKGROUND_LEVEL), item(1, 0.0, rows=16, level=BACKGROUND_LEVEL),
+         item(2, 0.5, level=1), item(3, 0.6, level=1)]
+    d = decide(q, 1.0, cfg, no_cost, free_slots=1)
+    assert seqs(d.run) == [2, 3]  # the callers run first, and alone: 2 rows, not 34
+    d = decide(q[:2], 1.0, cfg, no_cost, free_slots=1)
+    assert seqs(d.run) == [0]  # background parts are not merged back into one long batch
+
+
+def test_background_parts_are_sized_by_the_measured_cost() -> None:
+    from medserve.server.inference import background_part_rows
+
+    cost = CostModel()
+    for rows in (1, 64, 1024):
+        cost.observe(rows * 30, 20e-6 + rows * 2e-6)  # 30 features: 2 µs a row over a fixed 20 µs
+    assert background_part_rows(cost.estimate, 30, limit=4096, budget_s=1e-3) == 256  # 532 µs; 512 would be 1.04 ms
+    assert background_part_rows(cost.estimate, 30, limit=128, budget_s=1e-3) == 128  # the model's own limit
+    assert background_part_rows(cost.estimate, 30 * 4096, limit=64, budget_s=1e-3) == 1  # never zero
+
+
 def test_shape_groups_have_their_own_delay_clock(item) -> None:
     cfg = PolicyConfig(max_batch_rows=8, max_queue_delay_s=0.010)
     q = [item(0, 0.000, key=KEY_A), item(1, 0.008, key=KEY_B), item(2, 0.009, key=KEY_A)]
