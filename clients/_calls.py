@@ -56,6 +56,7 @@ C = TypeVar("C")
 StreamItem: TypeAlias = InferResult | MedserveClientError
 
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_CANCELLED = grpc.StatusCode.CANCELLED
 
 
 class Call(NamedTuple, Generic[R]):
@@ -326,6 +327,10 @@ class Tries:
     def failed(self, index: int, exc: grpc.RpcError) -> float:
         """Seconds to wait before the next try; raises the typed error when giving up."""
         error = from_rpc_error(exc, self._request_id)
+        if error.code is _CANCELLED and self._attempts.remaining_s() <= 0:
+            # The server's deadline timer reset the stream before ours fired (grpc-go and
+            # grpc-dotnet make the same correction): the deadline passed, nobody cancelled.
+            raise DeadlineExceeded(f"the call's deadline passed ({error.message})", request_id=self._request_id)
         balancer = self._balancer
         if error.code is _UNAVAILABLE:
             balancer.mark_unhealthy(index)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HOLD_BEFORE_SHUTDOWN_S = 0.1  # the last moment of a drain (see `MedserveServer.stop`)
+MIN_PENDING_CALLS = 16384  # calls gRPC may hold for the asyncio server to pick up (see `_grpc_options`)
 
 
 class MedserveServer:
@@ -111,6 +112,8 @@ class MedserveServer:
         def ms(seconds: float) -> int:
             return int(seconds * 1000)
 
+        pending = max(MIN_PENDING_CALLS, 4 * cfg.max_concurrent_rpcs)
+
         return [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -123,6 +126,13 @@ class MedserveServer:
             ("grpc.max_connection_idle_ms", ms(cfg.max_connection_idle_s)),
             ("grpc.max_connection_age_ms", ms(cfg.max_connection_age_s)),
             ("grpc.max_connection_age_grace_ms", ms(cfg.max_connection_age_grace_s)),
+            # Calls gRPC has received but the asyncio server has not yet picked up: past these
+            # limits (by default 1,000 with random early drops up to 3,000) gRPC ends them
+            # CANCELLED (as zombies: grpc/grpc#41785). Raised well past the concurrency limit, an
+            # overload is answered by the concurrency limit or the queue (RESOURCE_EXHAUSTED)
+            # or the caller's deadline; a pending call holds its headers and one stream window.
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", pending),
         ]
 
     async def start(self) -> int:

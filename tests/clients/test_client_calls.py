@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from medserve.clients import (
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InferRequest,
@@ -218,6 +219,18 @@ def test_tries_refuse_to_start_past_the_deadline_and_mark_success() -> None:
     clock.now += 5.0
     with pytest.raises(DeadlineExceeded, match="before it could be tried"):
         tries.next()
+
+
+def test_a_cancellation_that_arrives_after_the_deadline_is_the_deadline() -> None:
+    core, clock = _core(timeout_s=1.0)
+    tries = core.tries(None, "r-1")
+    index, _ = tries.next()
+    with pytest.raises(Cancelled):  # before the deadline: a real cancellation
+        tries.failed(index, FakeRpcError(grpc.StatusCode.CANCELLED, "CANCELLED"))
+    clock.now += 1.5
+    with pytest.raises(DeadlineExceeded, match="deadline passed") as info:
+        tries.failed(index, FakeRpcError(grpc.StatusCode.CANCELLED, "CANCELLED"))
+    assert info.value.request_id == "r-1"
 
 
 # -- stream bookkeeping -----------------------------------------------------------------------------

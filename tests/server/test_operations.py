@@ -330,3 +330,36 @@ def test_overload_answers_only_ok_resource_exhausted_deadline_or_unavailable(tmp
     allowed = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE"}
     assert statuses["OK"] > 0 and statuses["RESOURCE_EXHAUSTED"] > 0, statuses
     assert set(statuses) <= allowed, (statuses, [p for p in load.problems if not p.startswith(("RESOURCE", "DEADLINE"))][:5])
+
+
+def test_a_burst_past_grpcs_pending_call_limit_is_never_cancelled(tmp_path: Path) -> None:
+    """2,400 calls arriving at once over three connections: more than gRPC's default limit on
+    calls it holds before the asyncio server picks them up (1,000, then random early drops),
+    past which gRPC itself ends calls CANCELLED. Every call ends OK or RESOURCE_EXHAUSTED."""
+    import asyncio
+
+    repo = tmp_path / "repo"
+    onnx_models.affine(repo / "m" / "1" / "model.onnx")
+    onnx_models.write_config(repo, "m", "max_batch_size: 64\ndynamic_batching { }\n")
+
+    async def burst(target: str) -> Counter[str]:
+        channels = [grpc.aio.insecure_channel(target, options=[("grpc.channel_id", i)]) for i in range(3)]
+        stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
+        request = affine_request()
+
+        async def one(i: int) -> str:
+            try:
+                await stubs[i % 3].ModelInfer(request, timeout=60)
+                return "OK"
+            except grpc.aio.AioRpcError as err:
+                return err.code().name
+
+        try:
+            return Counter(await asyncio.gather(*(one(i) for i in range(2400))))
+        finally:
+            for c in channels:
+                await c.close()
+
+    with running_server(repo) as server:
+        statuses = asyncio.run(burst(server.target))
+    assert statuses["OK"] > 0 and set(statuses) <= {"OK", "RESOURCE_EXHAUSTED"}, statuses
