@@ -96,3 +96,18 @@ def test_psi_needs_a_chunk_of_rows_before_it_reports() -> None:
     assert monitor.psi() == {}
     monitor.check({"x": TRAINING[:2].astype(np.float32)})
     assert set(monitor.psi()) == set(FEATURES)
+
+
+def test_float32_bounds_decide_exactly_as_the_float64_ones() -> None:
+    """float32 inputs are compared with float32 copies of the bounds (half the cost); the copies
+    are rounded so that no float32 value is judged differently."""
+    from medserve.server.monitor import _float32_bounds
+
+    rng = np.random.default_rng(0)
+    lo, hi = rng.normal(size=1000) * 100, rng.normal(size=1000) * 100 + 300
+    lo32, hi32 = _float32_bounds((lo, hi))
+    for bound, check32, check64 in ((lo, lambda v: v < lo32, lambda v: v.astype(np.float64) < lo),
+                                    (hi, lambda v: v > hi32, lambda v: v.astype(np.float64) > hi)):
+        nearest = bound.astype(np.float32)
+        for v in (nearest, np.nextafter(nearest, np.float32(-np.inf)), np.nextafter(nearest, np.float32(np.inf))):
+            np.testing.assert_array_equal(check32(v), check64(v))
