@@ -27,7 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medserve.protos import model_config_pb2 as mc
-from medserve.server.layout import CARD_FILENAME, CONFIG_FILENAME, MODEL_FILENAME, MODEL_NAME_RULE, is_model_name
+from medserve.server.layout import (
+    CARD_DIGEST_KEY,
+    CARD_FILENAME,
+    CONFIG_FILENAME,
+    MODEL_FILENAME,
+    MODEL_NAME_RULE,
+    card_digest,
+    is_model_name,
+)
 from medserve.server.layout import parse_version as _parse_version
 
 from . import triton_config
@@ -159,7 +167,9 @@ def _publish_into(
         _write(temp_dir / MODEL_FILENAME, model_bytes)
         for file_name, data in sorted(extra_files.items()):
             _write(temp_dir / file_name, data)
-        card = json.dumps(make_card(number, sha256), indent=2, allow_nan=False) + "\n"
+        content = dict(make_card(number, sha256))
+        content[CARD_DIGEST_KEY] = card_digest(content)
+        card = json.dumps(content, indent=2, allow_nan=False) + "\n"
         _write(temp_dir / CARD_FILENAME, card.encode("utf-8"))
         _write(temp_config, triton_config.render(config).encode("utf-8"))
         try:

@@ -7,7 +7,10 @@ that write it, so the two can never disagree on a name. Standard library only.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Mapping
 
 CONFIG_FILENAME = "config.pbtxt"
 MODEL_FILENAME = "model.onnx"
@@ -17,6 +20,16 @@ CARD_FILENAME = "model_card.json"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MODEL_NAME_RULE = "letters, digits, '_', '.', '-', not starting with '.', '_' or '-'"
 MAX_VERSION_DIGITS = 18  # a version is an int64 in Triton's protocol
+CARD_DIGEST_KEY = "card_sha256"
+
+
+def card_digest(card: Mapping[str, object]) -> str:
+    """The SHA-256 of a model card's content (every entry but `card_sha256` itself, as canonical
+    JSON), written by the exporters and checked at load: the reference rows, deciles and clinical
+    limits the server acts on are covered like the model file is."""
+    body = {k: v for k, v in card.items() if k != CARD_DIGEST_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def is_model_name(name: str) -> bool:

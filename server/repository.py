@@ -32,7 +32,15 @@ from .batching import Batcher, BatcherConfig, Clock, work_of
 from .config import ModelConfig, ServerConfig
 from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady, model_label
 from .explain import Explainer
-from .layout import CARD_FILENAME, CONFIG_FILENAME, MODEL_NAME_RULE, is_model_name, parse_version
+from .layout import (
+    CARD_DIGEST_KEY,
+    CARD_FILENAME,
+    CONFIG_FILENAME,
+    MODEL_NAME_RULE,
+    card_digest,
+    is_model_name,
+    parse_version,
+)
 from .model_config import complete, from_proto, read_config_proto
 from .monitor import FeatureMonitor
 from .onnx_refs import external_files
@@ -455,6 +463,12 @@ class ModelRepository:
             raise ConfigError(f"{self.shown(card_path)}: not valid JSON: {exc}") from exc
         if not isinstance(card, dict):
             raise ConfigError(f"{self.shown(card_path)}: expected a JSON object")
+        sealed = card.get(CARD_DIGEST_KEY)
+        if sealed is not None and sealed != card_digest(card):
+            raise ModelLoadFailed(
+                f"model {model_label(name, version)}: {CARD_FILENAME} was changed after publication (its content "
+                f"does not match its {CARD_DIGEST_KEY}); refusing reference rows and limits that are not the published ones"
+            )
         expected = card.get("model_sha256")
         if expected is not None and expected != sha256:
             raise ModelLoadFailed(

@@ -97,3 +97,34 @@ def test_card_has_percentile_feature_ranges_for_numeric_tables(tmp_path: Path) -
         low, high = ranges[name]
         assert seen[:, i].min() <= low <= high <= seen[:, i].max()
         assert (low, high) == pytest.approx(tuple(np.percentile(seen[:, i], [1, 99])), rel=1e-5, abs=1e-6)
+
+
+def test_the_card_is_sealed_and_an_edited_card_does_not_load(tmp_path: Path) -> None:
+    """Reference rows, deciles and clinical limits are covered by the card's own digest: a card
+    edited after publication (here one reference value) makes the version fail to load."""
+    import json
+
+    import grpc
+
+    from medserve.protos import grpc_service_pb2 as pb
+    from medserve.server.layout import card_digest
+
+    from conftest import running_server
+
+    x_train, y_train, _, _ = breast_cancer()
+    names = [f"f{i}" for i in range(x_train.shape[1])]
+    repo = tmp_path / "repo"
+    report = export(GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x_train, y_train), x_train[:32],
+                    repo, "gbm", feature_names=names, feature_limits={"f0": (0.0, 100.0)})
+    card = read_card(report.card_path)
+    assert card["card_sha256"] == card_digest(card) and card["feature_limits"] and card["reference"]
+    path = report.card_path
+    edited = json.loads(path.read_text())
+    first = next(iter(edited["reference"]))
+    edited["reference"][first][0][0] += 1.0
+    path.write_text(json.dumps(edited))
+    with running_server(repo, exit_on_error=False) as server:
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub().ModelInfer(pb.ModelInferRequest(model_name="gbm"))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "model_card.json was changed after publication" in info.value.details()

@@ -12,6 +12,7 @@ import pytest
 
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos.wire import from_raw, to_raw
+from medserve.server.layout import card_digest
 
 from conftest import running_server
 
@@ -24,6 +25,7 @@ def with_reference(repo: Path, name: str, reference: dict[str, np.ndarray]) -> N
     card_path = repo / name / "1" / "model_card.json"
     card = json.loads(card_path.read_text())
     card["reference"] = {k: v.tolist() for k, v in reference.items()}
+    card["card_sha256"] = card_digest(card)  # republished: the server checks the card's own digest
     card_path.write_text(json.dumps(card))
 
 
@@ -171,6 +173,7 @@ def test_explain_refuses_clearly_when_it_cannot(tmp_path: Path) -> None:
     card_path = repo / "noref" / "1" / "model_card.json"
     card = json.loads(card_path.read_text())
     del card["reference"]  # as a card from before the exporters wrote reference rows
+    card["card_sha256"] = card_digest(card)
     card_path.write_text(json.dumps(card))
     with running_server(repo) as server:
         with pytest.raises(grpc.RpcError) as info:
