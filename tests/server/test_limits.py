@@ -129,6 +129,26 @@ def test_calls_beyond_the_concurrency_cap_are_refused(repo: Path) -> None:
         assert code_of(lambda: stub.ModelInfer(x, timeout=30)) == grpc.StatusCode.OK
 
 
+def test_a_full_queue_is_refused_with_a_retry_hint(repo: Path) -> None:
+    """RESOURCE_EXHAUSTED for a full queue names the model and carries `grpc-retry-pushback-ms`
+    (gRPC's retry machinery and medserve's client library wait that long)."""
+    gate = threading.Event()
+    with running_server(repo, repository_cls=gated_repository({"slow": gate}), max_queue_size=2) as server:
+        stub = server.stub()
+        x = affine(np.zeros((1, 1024), np.float32), "slow")
+        held = [stub.ModelInfer.future(x, timeout=60) for _ in range(3)]  # one runs (held), two queue
+        batcher = server.server.repository.get("slow").batcher
+        wait_for(lambda: batcher.stats().in_flight_requests == 1 and batcher.stats().queued == 2)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(x, timeout=30)
+        gate.set()
+        assert all(f.result().outputs for f in held)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "'slow'" in info.value.details() and "queue full" in info.value.details()
+    pushback = dict(info.value.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+    assert pushback is not None and 1 <= int(pushback) <= 1000
+
+
 def test_one_connection_opens_at_most_the_stream_cap_at_once(repo: Path) -> None:
     """The third call on one connection waits for a stream (HTTP/2 flow control, not an error)."""
     gate = threading.Event()

@@ -257,6 +257,26 @@ def test_explicit_mode_loads_only_the_named_models(make_repo) -> None:  # type: 
         assert stub.ModelReady(pb.ModelReadyRequest(name="neg")).ready
 
 
+def test_the_grpc_health_service_answers_per_model(make_repo) -> None:  # type: ignore[no-untyped-def]
+    """grpc.health.v1 with service = a model's name follows that model (load balancers and
+    probes that speak gRPC health can route per model)."""
+    repo = make_repo(affine=onnx_models.affine, neg=onnx_models.not_batching)
+    with running_server(repo, model_control_mode="explicit", load_models=("affine",)) as srv:
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(srv.target))
+
+        def status(name: str) -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+
+        assert status("affine") == health_pb2.HealthCheckResponse.SERVING
+        srv.stub().RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="neg"))
+        assert status("neg") == health_pb2.HealthCheckResponse.SERVING
+        srv.stub().RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="affine"))
+        assert status("affine") == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            status("no_such_model")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 @pytest.mark.parametrize(
     ("method", "request_type"),
     [
