@@ -7,7 +7,7 @@ longest row; the batcher pads requests of different lengths to a common one (`Pa
 Why a stage in the server rather than tokenization inside the ONNX graph (onnxruntime-
 extensions): the same `tokenizer.json` the model was trained with runs unchanged, with the
 library's own truncation rules; no custom-op library has to load into every session; and
-`perf/bench_text.py` measures the two side by side.
+`perf/bench_text.py` measures this stage's cost per request (in-graph tokenization is not measured).
 """
 from __future__ import annotations
 

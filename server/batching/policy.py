@@ -157,15 +157,13 @@ def _start_by(item: QueuedItem, batch_work: int, cost: CostEstimate) -> float:
     return latest
 
 
-def _candidate(members: list[QueuedItem], cfg: PolicyConfig, close_at: int) -> tuple[list[QueuedItem], bool]:
-    """The batch this group would run now (ranked members, up to the row limit) and whether it
-    is full (the row limit, the largest preferred size, or the learned crowd is reached)."""
+def _greedy(members: Sequence[QueuedItem], cfg: PolicyConfig, close_at: int) -> tuple[list[QueuedItem], bool]:
+    """Ranked members up to the row limit, and whether the batch is full (the row limit, the
+    largest preferred size, or the learned crowd is reached)."""
     limit = cfg.max_batch_rows
     batch: list[QueuedItem] = []
     rows = 0
-    if members[0].level == BACKGROUND_LEVEL:  # background parts are sized to run briefly: one at a time
-        return members[:1], True
-    for item in members:  # and background rows never lengthen a caller's batch
+    for item in members:  # background rows never lengthen a caller's batch
         if item.level == BACKGROUND_LEVEL:
             break
         if rows + item.rows > limit:
@@ -175,6 +173,32 @@ def _candidate(members: list[QueuedItem], cfg: PolicyConfig, close_at: int) -> t
         if close_at and rows >= close_at:
             return batch, True
     return batch, rows >= limit
+
+
+def _cost_per_work(batch: Sequence[QueuedItem], cost: CostEstimate) -> float:
+    """Estimated seconds per element of real (unpadded) work."""
+    return cost.estimate(batch_work(batch)) / max(1, sum(it.work for it in batch))
+
+
+def _candidate(members: list[QueuedItem], cfg: PolicyConfig, close_at: int,
+               cost: CostEstimate) -> tuple[list[QueuedItem], bool]:
+    """The batch this group would run now and whether the group is full.
+
+    Padded models: the batch padded to its longest member, or only the members of the oldest
+    one's length bucket (lengths within the same power of two), whichever the cost model says
+    costs less per element of real work (judged only when the padded batch's work has been
+    measured): one long note does not pad a whole batch of short ones when that costs more than
+    running them apart."""
+    if members[0].level == BACKGROUND_LEVEL:  # background parts are sized to run briefly: one at a time
+        return members[:1], True
+    batch, full = _greedy(members, cfg, close_at)
+    head = batch[0].length if batch else 0
+    if head and len(batch) > 1 and cost.measured(batch_work(batch)):  # never on an extrapolation
+        bucket = (head - 1).bit_length()  # lengths in (2^(b-1), 2^b] share bucket b
+        alone, _ = _greedy([it for it in members if (it.length - 1).bit_length() == bucket], cfg, close_at)
+        if len(alone) < len(batch) and _cost_per_work(alone, cost) < _cost_per_work(batch, cost):
+            return alone, full
+    return batch, full
 
 
 def decide(
@@ -216,7 +240,7 @@ def decide(
         if cfg.max_batch_rows <= 0:  # batching off: the best-ranked request runs alone, now
             batch, ready_at = members[:1], now
         else:
-            batch, full = _candidate(members, cfg, close_at)
+            batch, full = _candidate(members, cfg, close_at, cost)
             work = batch_work(batch)
             oldest = min(it.enqueued_s for it in batch)
             ready_at = now if full else oldest + cfg.max_queue_delay_s

@@ -129,6 +129,30 @@ def test_background_rows_never_join_a_callers_batch_and_run_one_part_at_a_time(i
     assert seqs(d.run) == [0]  # background parts are not merged back into one long batch
 
 
+def test_padded_batches_keep_to_the_oldest_ones_length_bucket_when_that_costs_less(item) -> None:
+    """Cost 50 µs + 1 µs per element (measured over the whole range): four short notes and one
+    long one run as the four alone (padding all five to 64 costs more per real element); when
+    the lengths are close, padding them together is cheaper than leaving one out."""
+    cost = CostModel()
+    for work in (1, 16, 64, 256, 1024):
+        cost.observe(work, 50e-6 + work * 1e-6)
+
+    def padded(seq: int, rows: int, length: int) -> QueuedItem:
+        it = item(seq, 0.0, rows=rows)
+        it.length, it.work = length, rows * length
+        return it
+
+    cfg = PolicyConfig(max_batch_rows=64)
+    q = [padded(0, 1, 4), padded(1, 1, 64), padded(2, 1, 3), padded(3, 1, 4), padded(4, 1, 4)]
+    assert seqs(decide(q, 0.0, cfg, cost, free_slots=1).run) == [0, 2, 3, 4]  # lengths 3-4: bucket (2, 4]
+    q = [padded(0, 1, 4), padded(1, 1, 5), padded(2, 1, 4), padded(3, 1, 4)]
+    assert seqs(decide(q, 0.0, cfg, cost, free_slots=1).run) == [0, 1, 2, 3]  # one batch, padded to 5
+    unmeasured = CostModel()
+    unmeasured.observe(16, 66e-6)
+    q = [padded(0, 1, 4), padded(1, 1, 64), padded(2, 1, 4)]
+    assert seqs(decide(q, 0.0, cfg, unmeasured, free_slots=1).run) == [0, 1, 2]  # no guess on an extrapolation
+
+
 def test_background_parts_are_sized_by_the_measured_cost() -> None:
     from medserve.server.inference import background_part_rows
 
