@@ -52,6 +52,10 @@ class RepositoryCollector(Collector):
             "queue delay and no preferred sizes; absent while it waits the whole delay)",
             labels=_LABELS,
         )
+        work = CounterMetricFamily(
+            "medserve_input_elements", "Input elements of executed batches: 'requested' the requests carried, "
+            "'executed' the batches ran (more with padded batching; the difference is the padding)",
+            labels=[*_LABELS, "kind"])
         request_h = HistogramMetricFamily("medserve_request_duration_seconds",
                                           "Server time of each answered request", labels=_LABELS)
         queue_h = HistogramMetricFamily("medserve_queue_duration_seconds", "Time each request waited in the batcher",
@@ -107,9 +111,11 @@ class RepositoryCollector(Collector):
             if v.batcher is not None:
                 snapshot = v.batcher.stats()
                 queued.add_metric(labels, snapshot.queued)
+                work.add_metric([*labels, "requested"], snapshot.work_requested)
+                work.add_metric([*labels, "executed"], snapshot.work_executed)
                 if snapshot.close_at_rows is not None:
                     close_at.add_metric(labels, snapshot.close_at_rows)
-        yield from (requests, request_seconds, phase_seconds, inferences, executions, batches, queued, close_at,
+        yield from (requests, request_seconds, phase_seconds, inferences, executions, batches, queued, close_at, work,
                     request_h, queue_h, compute_h, batch_h, failures, in_flight, state, out_of_range, psi)
         yield from gpu_metrics()
 

@@ -81,6 +81,9 @@ def test_prometheus_metrics_come_from_the_statistics(make_repo) -> None:  # type
     assert value("medserve_batches_total", batch_size="3") == 1
     assert value("medserve_phase_seconds_total", phase="compute_infer") > 0
     assert value("medserve_queue_depth") == 0
+    # 4 rows x 4 features, no padding: what the requests carried is what the batches ran
+    assert value("medserve_input_elements_total", kind="requested") == value("medserve_input_elements_total",
+                                                                            kind="executed") == 16
     assert ("medserve_batch_close_rows", base) not in samples  # m has no queue delay
     d = (("model", "d"), ("version", "1"), ("worker", "medserve"))
     assert samples[("medserve_batch_close_rows", d)] == 2
