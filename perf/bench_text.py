@@ -21,7 +21,7 @@ the text models:
      `medserve.clients.AsyncClient`) for `--measure-s` after `--warmup-s`, the two variants of a
      model interleaved at each level: throughput, p50/p99 latency, the mean batch size the
      server formed (ModelStatistics: Δinference_count / Δexecution_count) and the padding waste
-     (the fraction of token slots in executed batches that were padding) where it is exact,
+     (the fraction of input elements in executed batches that were padding),
      the server's own engine time per batch (compute_infer; JSON only) and the CPU the server,
      this client and the rest of the host used in the window;
   4. onnxruntime in process (CPU provider, one intra-op thread, as the server's default) on the
@@ -35,11 +35,9 @@ the text models:
      (one `loop.run_in_executor` round trip), printed beside the figures.
 Prints a table and writes perf/results/bench_text-<time>.json.
 
-The padding waste of padded batches is not exported by the server (the batcher counts the
-elements it ran, but neither ModelStatistics nor the Prometheus metrics carry them) and cannot be
-reconstructed from the client (which requests shared a batch is not visible); it is reported
-only where it is exact: 0 for shape groups (one length per batch, one row per request) and for
-any point where every batch held one request; otherwise "not exported".
+The padding waste comes from the server's Prometheus metrics (`--metrics-port`):
+`medserve_input_elements_total` counts the input elements the requests carried and those the
+batches ran; the difference is the padding.
 """
 from __future__ import annotations
 
@@ -69,7 +67,6 @@ VARIANTS = ("padded", "shape groups")
 MEDIAN_WORDS = 15
 WORDS_SIGMA = 0.7  # log-normal spread: p90 ~ 37 words, p99 ~ 75
 MAX_WORDS = 120
-NOT_EXPORTED = "not exported"
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +175,7 @@ def _summed(stats: Sequence[Any]) -> tuple[int, int, int, int]:
 
 
 async def closed_loop(client: Any, served: Served, concurrency: int, warmup_s: float, measure_s: float,
-                      server_pid: int) -> dict[str, Any]:
+                      server_pid: int, metrics_url: str) -> dict[str, Any]:
     """`concurrency` callers back to back for warmup + measure seconds; figures of the measured window."""
     order = itertools.count()
     latencies_ns: list[int] = []
@@ -199,12 +196,14 @@ async def closed_loop(client: Any, served: Served, concurrency: int, warmup_s: f
         pids = descendants(server_pid)
         await asyncio.sleep(max(0.0, (start_ns - clock()) / 1e9))
         window["stats0"] = _summed(await client.model_statistics(served.name))
+        window["elements0"] = await asyncio.to_thread(input_elements, metrics_url, served.name)
         window["server0"], window["client0"] = proc_snapshot(pids), proc_snapshot([os.getpid()])
         window["host0"], window["t0"] = host_busy_s(), clock()
         await asyncio.sleep(max(0.0, (end_ns - clock()) / 1e9))
         window["host1"], window["t1"] = host_busy_s(), clock()
         window["server1"], window["client1"] = proc_snapshot(pids), proc_snapshot([os.getpid()])
         window["stats1"] = _summed(await client.model_statistics(served.name))
+        window["elements1"] = await asyncio.to_thread(input_elements, metrics_url, served.name)
 
     await asyncio.gather(observe(), *(caller() for _ in range(concurrency)))
     inferences = window["stats1"][0] - window["stats0"][0]
@@ -218,7 +217,9 @@ async def closed_loop(client: Any, served: Served, concurrency: int, warmup_s: f
     host_cores = (window["host1"] - window["host0"]) / wall_s if wall_s > 0 else 0.0
     lat_us = np.asarray(latencies_ns, np.float64) / 1e3
     mean_batch = inferences / executions if executions else None
-    waste, source = padding_waste(served.variant, inferences, executions)
+    requested = window["elements1"][0] - window["elements0"][0]
+    executed = window["elements1"][1] - window["elements0"][1]
+    waste = round(1.0 - requested / executed, 4) if executed else None
     return {
         "model": served.model, "variant": served.variant, "served_as": served.name, "concurrency": concurrency,
         "requests": len(latencies_ns), "window_s": round(measure_s, 3),
@@ -229,25 +230,37 @@ async def closed_loop(client: Any, served: Served, concurrency: int, warmup_s: f
         "inferences": inferences, "executions": executions,
         "mean_batch": round(mean_batch, 2) if mean_batch is not None else None,
         "server_engine_us_per_batch": round(engine_ns / engine_runs / 1e3, 1) if engine_runs else None,
-        "padding_waste": waste, "padding_waste_source": source,
+        "padding_waste": waste, "input_elements": {"requested": requested, "executed": executed},
         "cpu_cores": {"server": server_cores, "client": client_cores,
                       "rest_of_host": round(max(0.0, host_cores - server_cores - client_cores), 3)},
     }
 
 
-def padding_waste(variant: str, inferences: int, executions: int) -> tuple[float | None, str]:
-    """The padding waste where it is exact without the server's help, and where it came from."""
-    if variant == "shape groups":
-        return 0.0, "exact: a shape group's batch holds one length, each request one row"
-    if executions and inferences == executions:
-        return 0.0, "exact: every batch held one request"
-    return None, (f"{NOT_EXPORTED}: the server does not export padded elements (ModelStatistics and "
-                  "Prometheus metrics carry rows and batches only), and which requests shared a batch "
-                  "is not visible to the client")
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def input_elements(metrics_url: str, model: str) -> tuple[float, float]:
+    """The server's `medserve_input_elements_total` for `model` (version 1): (requested, executed);
+    their difference is the padding its batches ran."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    found = {"requested": 0.0, "executed": 0.0}
+    for line in text.splitlines():
+        if line.startswith("medserve_input_elements_total{") and f'model="{model}"' in line:
+            kind = "requested" if 'kind="requested"' in line else "executed"
+            found[kind] += float(line.rsplit(" ", 1)[1])
+    return found["requested"], found["executed"]
 
 
 async def run_load(address: str, served: Sequence[Served], levels: Sequence[int], warmup_s: float,
-                   measure_s: float, server_pid: int) -> list[dict[str, Any]]:
+                   measure_s: float, server_pid: int, metrics_url: str) -> list[dict[str, Any]]:
     """Every variant at every level, the variants of one model interleaved level by level."""
     from medserve.clients import AsyncClient
 
@@ -257,7 +270,7 @@ async def run_load(address: str, served: Sequence[Served], levels: Sequence[int]
             for level in levels:
                 for s in (s for s in served if s.model == model):
                     print(f"  {s.name} c={level} ...", file=sys.stderr)
-                    points.append(await closed_loop(client, s, level, warmup_s, measure_s, server_pid))
+                    points.append(await closed_loop(client, s, level, warmup_s, measure_s, server_pid, metrics_url))
     return points
 
 
@@ -381,7 +394,7 @@ def print_report(result: Mapping[str, Any]) -> None:
     print("-" * len(header))
     for p in result["points"]:
         ip = p.get("in_process") or {}
-        waste = NOT_EXPORTED if p["padding_waste"] is None else f"{p['padding_waste']:.3f}"
+        waste = "-" if p["padding_waste"] is None else f"{p['padding_waste']:.3f}"
         cpu = p["cpu_cores"]
         print(f"{p['model']:<18} {p['variant']:<13} {p['concurrency']:>3} {_fmt(p['throughput_rps']):>8} "
               f"{_fmt(p['latency_us']['p50']):>8} {_fmt(p['latency_us']['p99']):>8} {_fmt(p['mean_batch'], 2):>6} "
@@ -389,9 +402,8 @@ def print_report(result: Mapping[str, Any]) -> None:
               f"{cpu['server']:>6.2f}/{cpu['client']:.2f}/{cpu['rest_of_host']:.2f}")
     print("in-proc/s: onnxruntime in process at the point's mean batch (rounded), rows per second; for notes_minilm "
           "including the tokenizer stage per text (engine only in the JSON). ratio: req/s / in-proc/s.")
-    if any(p["padding_waste"] is None for p in result["points"]):
-        print(f"pad waste {NOT_EXPORTED}: the server exports no count of padded elements for batches of several "
-              "requests; shape groups never pad")
+    print("pad waste: the fraction of input elements the batches ran that were padding "
+          "(the server's medserve_input_elements_total, executed against requested)")
     busy = [p for p in result["points"] if p["cpu_cores"]["rest_of_host"] > 0.2]
     if busy:
         print(f"warning: other processes used > 0.2 cores during {len(busy)} of {len(result['points'])} points")
@@ -460,14 +472,15 @@ def main(argv: list[str] | None = None) -> int:
                              "truncated_fraction": round(float(np.mean(texts.tokens > max_length)), 4)}
             for variant, name in zip(VARIANTS, (model, copy), strict=True):
                 served.append(Served(model, variant, name, tuple(requests)))
-        with medserve(repo, log_dir=Path(tmp)) as server:
+        metrics_port = _free_port()
+        with medserve(repo, args=("--metrics-port", str(metrics_port)), log_dir=Path(tmp)) as server:
             facts = asyncio.run(served_facts(server.address, [s.name for s in served]))
             for s in served:
                 if (facts[s.name]["pad"] is not None) != (s.variant == "padded"):
                     raise RuntimeError(f"{s.name}: served with pad={facts[s.name]['pad']!r}, expected the {s.variant} variant")
             print(f"closed loop, {args.warmup_s:g} s warm-up + {args.measure_s:g} s per point ...", file=sys.stderr)
             points = asyncio.run(run_load(server.address, served, args.concurrency, args.warmup_s, args.measure_s,
-                                          server.pid))
+                                          server.pid, f"http://127.0.0.1:{metrics_port}/metrics"))
         print("onnxruntime in process at the mean batch sizes formed ...", file=sys.stderr)
         by_name = {s.name: s for s in served}
         for model in args.models:

@@ -186,17 +186,18 @@ def _candidate(members: list[QueuedItem], cfg: PolicyConfig, close_at: int,
 
     Padded models: the batch padded to its longest member, or only the members of the oldest
     one's length bucket (lengths within the same power of two), whichever the cost model says
-    costs less per element of real work (judged only when the padded batch's work has been
-    measured): one long note does not pad a whole batch of short ones when that costs more than
-    running them apart."""
+    costs less per element of real work (the bucket's estimate an interpolation of measured
+    batches; the padded batch's may scale past them, as its padding is real work): one long note
+    does not pad a whole batch of short ones when that costs more than running them apart."""
     if members[0].level == BACKGROUND_LEVEL:  # background parts are sized to run briefly: one at a time
         return members[:1], True
     batch, full = _greedy(members, cfg, close_at)
     head = batch[0].length if batch else 0
-    if head and len(batch) > 1 and cost.measured(batch_work(batch)):  # never on an extrapolation
+    if head and len(batch) > 1:
         bucket = (head - 1).bit_length()  # lengths in (2^(b-1), 2^b] share bucket b
         alone, _ = _greedy([it for it in members if (it.length - 1).bit_length() == bucket], cfg, close_at)
-        if len(alone) < len(batch) and _cost_per_work(alone, cost) < _cost_per_work(batch, cost):
+        if (len(alone) < len(batch) and cost.measured(batch_work(alone))
+                and _cost_per_work(alone, cost) < _cost_per_work(batch, cost)):
             return alone, full
     return batch, full
 
