@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from .report import figure
+
 MODELS = ("rf", "mlp")
 VARIANTS = ("off", "on")
 CONFIG_OFF = 'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\n'
@@ -243,34 +245,30 @@ def analyse(sweeps: dict[int, dict[str, Any]], repo: Path, levels: tuple[float, 
     return {"rows": rows, "ratios": ratios, "engine_us": {f"{m}@{b}": v for (m, b), v in engine.items()}}
 
 
-def _fmt(v: Any, digits: int = 0) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def print_report(analysis: dict[str, Any]) -> None:
     print(f"{'w':>2} {'config':<8} {'c':>4} {'req/s':>8} {'p50 µs':>8} {'p99 µs':>8} {'batch':>6} {'err':>5} "
           f"{'srvCPU':>6} {'genCPU':>6} {'ORT@batch rows/s':>17}")
     for r in analysis["rows"]:
         eng = f"{r['engine_rows_per_s']:>9} @{r['engine_batch']:<3}" if "engine_us" in r else "-"
-        print(f"{r['workers']:>2} {r['config']:<8} {r['level']:>4g} {r['throughput_rps']:>8.0f} {_fmt(r['p50_us']):>8} "
-              f"{_fmt(r['p99_us']):>8} {_fmt(r['mean_batch'], 2):>6} {r['errors']:>5} {_fmt(r['server_cores'], 2):>6} "
-              f"{_fmt(r['harness_cores'], 2):>6} {eng:>17}")
+        print(f"{r['workers']:>2} {r['config']:<8} {r['level']:>4g} {r['throughput_rps']:>8.0f} {figure(r['p50_us']):>8} "
+              f"{figure(r['p99_us']):>8} {figure(r['mean_batch'], 2):>6} {r['errors']:>5} {figure(r['server_cores'], 2):>6} "
+              f"{figure(r['harness_cores'], 2):>6} {eng:>17}")
     print("\nmedserve / fixed throughput (target on batching-on rows):")
     for x in analysis["ratios"]["fixed"]:
         mark = "" if x["met"] is None else ("  met" if x["met"] else "  MISSED")
-        print(f"  w{x['workers']} {x['model']}_{x['variant']:<3} c={x['level']:<4g} {_fmt(x['ratio'], 3):>6} "
+        print(f"  w{x['workers']} {x['model']}_{x['variant']:<3} c={x['level']:<4g} {figure(x['ratio'], 3):>6} "
               f"(target >= {x['target']}){mark}")
     print("batching on / off throughput:")
     for x in analysis["ratios"]["on_off"]:
         verdict = "" if x["met"] is None else f"  (target >= {x['target']})  {'met' if x['met'] else 'MISSED'}"
-        print(f"  w{x['workers']} {x['model']:<4} c={x['level']:<4g} {_fmt(x['ratio'], 3):>6}{verdict}")
+        print(f"  w{x['workers']} {x['model']:<4} c={x['level']:<4g} {figure(x['ratio'], 3):>6}{verdict}")
     print("mean batch of the forest, batching on, c=64:")
     for x in analysis["ratios"].get("batch", []):
-        print(f"  w{x['workers']} {_fmt(x['mean_batch'], 2):>6} (target >= {x['target']})  {'met' if x['met'] else 'MISSED'}")
+        print(f"  w{x['workers']} {figure(x['mean_batch'], 2):>6} (target >= {x['target']})  {'met' if x['met'] else 'MISSED'}")
     print("c=1 p50 - (fixed p50 + engine time at batch 1):")
     for x in analysis["ratios"]["c1"]:
-        print(f"  w{x['workers']} {x['model']}_{x['variant']:<3} p50 {_fmt(x['p50_us'])} µs, fixed {_fmt(x['fixed_p50_us'])}"
-              f" + engine {_fmt(x['engine_us'], 1)} -> {_fmt(x['overhead_us'])} µs (target <= {x['target_us']:g})"
+        print(f"  w{x['workers']} {x['model']}_{x['variant']:<3} p50 {figure(x['p50_us'])} µs, fixed {figure(x['fixed_p50_us'])}"
+              f" + engine {figure(x['engine_us'], 1)} -> {figure(x['overhead_us'])} µs (target <= {x['target_us']:g})"
               f"  {'met' if x['met'] else 'MISSED'}")
 
 

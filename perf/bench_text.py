@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from .measure import descendants, host_busy_s, proc_delta, proc_snapshot
+from .report import figure
 from .serverproc import medserve
 
 MODELS = ("notes_minilm", "notes_transformer")
@@ -292,17 +293,6 @@ async def served_facts(address: str, names: Sequence[str]) -> dict[str, dict[str
 # -- onnxruntime in process -----------------------------------------------------------------
 
 
-def _session(model_path: Path) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1  # `medserve serve --intra-op-threads` default
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-
-
 def seconds_per_batch(run: Callable[[int], object], batches: int, seconds: float, largest: int = 0) -> float:
     """Seconds per batch: the largest batch once untimed (the arena grows to it), then every
     batch in turn, round after round, until `seconds` have passed (at least one round)."""
@@ -372,10 +362,6 @@ def tokenizer_stage_us(stage: Any, texts: TextLoad, calls: int = 2000) -> dict[s
 # -- report ---------------------------------------------------------------------------------
 
 
-def _fmt(v: Any, digits: int = 0) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def print_report(result: Mapping[str, Any]) -> None:
     host, dist = result["host"], result["lengths"]
     print(f"machine: {host['cpus']} cores; thread hand-off {host['hand_off_us']['median_us']} µs median "
@@ -396,9 +382,9 @@ def print_report(result: Mapping[str, Any]) -> None:
         ip = p.get("in_process") or {}
         waste = "-" if p["padding_waste"] is None else f"{p['padding_waste']:.3f}"
         cpu = p["cpu_cores"]
-        print(f"{p['model']:<18} {p['variant']:<13} {p['concurrency']:>3} {_fmt(p['throughput_rps']):>8} "
-              f"{_fmt(p['latency_us']['p50']):>8} {_fmt(p['latency_us']['p99']):>8} {_fmt(p['mean_batch'], 2):>6} "
-              f"{waste:>10} {_fmt(ip.get('rows_per_s')):>10} {_fmt(p.get('ratio_to_in_process'), 2):>6} "
+        print(f"{p['model']:<18} {p['variant']:<13} {p['concurrency']:>3} {figure(p['throughput_rps']):>8} "
+              f"{figure(p['latency_us']['p50']):>8} {figure(p['latency_us']['p99']):>8} {figure(p['mean_batch'], 2):>6} "
+              f"{waste:>10} {figure(ip.get('rows_per_s')):>10} {figure(p.get('ratio_to_in_process'), 2):>6} "
               f"{cpu['server']:>6.2f}/{cpu['client']:.2f}/{cpu['rest_of_host']:.2f}")
     print("in-proc/s: onnxruntime in process at the point's mean batch (rounded), rows per second; for notes_minilm "
           "including the tokenizer stage per text (engine only in the JSON). ratio: req/s / in-proc/s.")
@@ -440,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default perf/results)")
     args = parser.parse_args(argv)
+    from medserve.exporters.batch_size import server_like_session
     from medserve.exporters.demo import build_demo_repository
     from medserve.server.tokenize import TokenizerStage
 
@@ -484,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         print("onnxruntime in process at the mean batch sizes formed ...", file=sys.stderr)
         by_name = {s.name: s for s in served}
         for model in args.models:
-            session = _session(repo / model / "1" / "model.onnx")
+            session = server_like_session((repo / model / "1" / "model.onnx").read_bytes())
             models[model]["execution_providers"] = facts[model]["execution_providers"]
             if model in stages:
                 models[model]["tokenizer_stage_us"] = tokenizer_stage_us(stages[model], texts)

@@ -69,10 +69,13 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def figure(v: float | None, digits: int = 0) -> str:
+    """A number for a printed table; "-" where there is none."""
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
 def _f(v: Any, scale: float = 1.0, digits: int = 2) -> str:
-    if v is None:
-        return "-"
-    return f"{v / scale:.{digits}f}"
+    return figure(None if v is None else v / scale, digits)
 
 
 def summary_table(results: dict[str, Any]) -> str:
