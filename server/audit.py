@@ -11,9 +11,10 @@ of the old one.
 
 Off the request path: callers append events to a buffer; a writer thread serializes, chains,
 writes and flushes them in batches, every 20 ms (waking the thread per call cost more than the
-record itself: a thread wake under load costs the event loop tens to hundreds of µs). Nothing is dropped: when the buffer holds `max_pending`
-events, `admit()` is False and new calls are refused with UNAVAILABLE until the writer catches
-up; an event of a call already admitted is always written.
+record itself: a thread wake under load costs the event loop tens to hundreds of µs). Nothing
+is dropped: when the buffer holds `max_pending` events, `admit()` is False and new calls are
+refused with UNAVAILABLE until the writer catches up; an event of a call already admitted is
+always written.
 """
 from __future__ import annotations
 
