@@ -3,6 +3,7 @@ and the outcome but never a value; a hash chain that `medserve audit verify` che
 or edited line is found); rotation that keeps the chain; nothing dropped when the writer is behind."""
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -11,10 +12,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos.wire import to_raw
-from medserve.server.audit import AuditEvent, AuditLog, verify
+from medserve.server.audit import AuditEvent, AuditLog, _line, _Stamps, verify
 from medserve.server.identities import IdentityFile
 
 import onnx_models
@@ -117,3 +120,30 @@ def test_a_full_buffer_refuses_new_calls_instead_of_dropping_records(tmp_path: P
     writer.start()
     writer.close()
     assert [r["request_id"] for r in lines(tmp_path / "audit.jsonl")] == ["0", "1", "2", "admitted earlier"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(identity=st.text(), peer=st.text(max_size=40), request_id=st.text(), model=st.text(max_size=20),
+       latency_ms=st.floats(min_value=0, max_value=1e7, allow_nan=False), rows=st.integers(0, 1 << 40),
+       time_unix=st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_a_record_is_exactly_what_the_json_encoder_writes(identity: str, peer: str, request_id: str, model: str,
+                                                         latency_ms: float, rows: int, time_unix: float) -> None:
+    """The writer builds lines by hand (for speed): any text a caller controls (identity, peer,
+    request id) is escaped exactly as json.dumps escapes it, and the line parses back."""
+    event = AuditEvent(time_unix, identity, peer, "ModelInfer", "OK", latency_ms, model, "1", "ab" * 32, rows,
+                       request_id)
+    stamps = _Stamps()
+    line = _line(event, "0" * 64, stamps)
+    record = {"time": stamps(time_unix), "identity": identity, "peer": peer, "rpc": "ModelInfer", "model": model,
+              "version": "1", "model_sha256": "ab" * 32, "status": "OK", "rows": rows,
+              "latency_ms": round(latency_ms, 3), "request_id": request_id, "prev": "0" * 64}
+    assert line == json.dumps(record, separators=(",", ":"), ensure_ascii=True)
+    assert json.loads(line) == record
+    assert "\n" not in line
+
+
+@given(time_unix=st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_timestamps_are_utc_iso_8601_with_milliseconds(time_unix: float) -> None:
+    stamp = _Stamps()(time_unix)
+    parsed = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC)
+    assert 0 <= time_unix - parsed.timestamp() < 1e-3 + 1e-6
