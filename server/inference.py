@@ -56,7 +56,8 @@ class InferResult:
 
 
 TOKENIZE_INLINE_CHARS = 4096  # more text than this is tokenized off the event loop
-BACKGROUND_PART_S = 2.5e-4  # a background part's measured cost at most: what a caller may wait behind it
+BACKGROUND_PART_S = 2.5e-4  # a background part's measured cost at most (callers run beside parts; short
+# parts keep each one's CPU contention with them brief: measured, parts of 2 ms cost callers more)
 BACKGROUND_WINDOW = 4  # background parts one explanation keeps queued
 
 
@@ -152,9 +153,9 @@ class InferenceCore:
         assert batcher is not None
 
         async def evaluate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            """Perturbed rows through the model's own batcher, after every caller's request, in
-            parts short enough that a caller's request never waits long behind one, and only a
-            few parts queued at a time (an explanation never fills the queue)."""
+            """Perturbed rows through the model's own batcher, after every caller's request
+            (callers' batches start beside a running part), in short parts, only a few queued
+            at a time (an explanation never fills the queue)."""
             total = next(iter(batch.values())).shape[0]
             limit = background_part_rows(batcher.estimate_s, work_of(batch) // max(1, total),
                                          max(1, loaded.config.max_batch_size))

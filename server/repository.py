@@ -44,7 +44,7 @@ from .layout import (
 from .model_config import complete, from_proto, read_config_proto
 from .monitor import FeatureMonitor
 from .onnx_refs import external_files
-from .runtime import OnnxModel, SessionOptions, instance_providers, zeros_like_spec
+from .runtime import OnnxModel, SessionOptions, instance_providers, lower_thread_priority, zeros_like_spec
 from .signature import Signature
 from .stats import ModelStats
 from .tokenize import TokenizerStage
@@ -75,6 +75,7 @@ class LoadedVersion:
     warmups: tuple[tuple[int, float], ...] = ()  # (work, engine seconds) of the warm-ups: the cost model's seed
     stage: TokenizerStage | None = None  # text models: strings -> the graph's token ids
     monitor: FeatureMonitor | None = None  # tabular models: clinical limits, range flags, drift
+    background: ThreadPoolExecutor | None = None  # background parts' threads (lowest OS priority)
     explainer: Explainer | None = None  # made on the version's first explanation
     batcher: Batcher | None = None
     signature: Signature = field(init=False)
@@ -282,6 +283,7 @@ class ModelRepository:
                     ),
                     self._clock,
                     executor=version.executor,
+                    background_executor=version.background,
                     observer=version.stats,
                 )
                 version.batcher.start()
@@ -385,7 +387,12 @@ class ModelRepository:
         stage = self._stage(version_dir, config, card)
         warmups = self._warm_up(base.name, version, config, model)
         executor = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"ort-{base.name}")
-        return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor, warmups, stage=stage)
+        # Background parts (explanations) run on threads of their own at the lowest OS priority,
+        # beside callers' batches: the cores go to predictions first.
+        background = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"ort-{base.name}-bg",
+                                        initializer=lower_thread_priority)
+        return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor, warmups,
+                             stage=stage, background=background)
 
     def _check_listed_files(self, version_dir: Path, card: Mapping[str, object] | None) -> None:
         """Every file the card lists (`files`: name -> SHA-256) is there, inside the version
@@ -522,6 +529,8 @@ class ModelRepository:
         await asyncio.gather(*(v.batcher.stop(grace) for v in loaded if v.batcher is not None))
         for v in loaded:
             v.executor.shutdown(wait=False)
+            if v.background is not None:
+                v.background.shutdown(wait=False)
 
     async def close(self, grace_s: float | None = None) -> None:
         """Drain every version: queued requests run within the grace; those still queued after it

@@ -9,8 +9,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import queue
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -172,6 +175,7 @@ class OnnxModel:
         self.outputs = tuple(_graph_tensor(path, a) for a in first.get_outputs())
         self._output_names = [o.name for o in self.outputs]
         self._only = first if len(plans) == 1 else None
+        self._first = first
 
     @staticmethod
     def _session(source: Path | bytes, path: Path, options: SessionOptions, providers: ProviderList) -> ort.InferenceSession:
@@ -196,7 +200,10 @@ class OnnxModel:
         feeds = inputs if isinstance(inputs, dict) else dict(inputs)
         if self._only is not None:  # one instance: ORT sessions are thread-safe, no pool needed
             return self._run(self._only, feeds)
-        session = self._sessions.get()
+        try:
+            session = self._sessions.get_nowait()
+        except queue.Empty:  # a caller's batch beside background parts on every instance:
+            return self._run(self._first, feeds)  # sessions are thread-safe, share one
         try:
             return self._run(session, feeds)
         finally:
@@ -208,6 +215,22 @@ class OnnxModel:
         except Exception as exc:  # noqa: BLE001 - the engine's text must not travel on
             raise ExecutionError(describe_failure(exc)) from None
         return dict(zip(self._output_names, results, strict=True))
+
+
+BACKGROUND_NICE = 19  # the lowest CPU priority: a background thread runs on what callers leave
+
+
+def lower_thread_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: nice applies per thread). For the
+    threads that run background parts: when they and a caller's request want the same core, the
+    kernel runs the caller's. (They hold the GIL only briefly around onnxruntime's run, which
+    releases it, so a low-priority holder cannot stall the event loop for long.)"""
+    if sys.platform != "linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except OSError:
+        log.warning("cannot lower the priority of background thread %s", threading.current_thread().name)
 
 
 _ORT_STATUS = re.compile(r"\[ONNXRuntimeError\] : \d+ : ([A-Z_]+) :")

@@ -29,8 +29,10 @@ When a batch closes (`decide`), as soon as an instance is free and, for one grou
 Among ready groups the one whose best member has the highest priority (level 1 first), then the
 earliest arrival, runs first. Requests whose queue timeout passed under `timeout_action: DELAY`
 rank after all others. `BACKGROUND` requests (explanations' perturbed rows) rank after every
-caller's request, never share a batch with one, and run one at a time (their submitter sizes
-them to a short measured cost), so a caller waits at most one short background batch.
+caller's request, never share a batch with one, run one at a time per instance, only on an
+instance no batch holds, and on threads of their own (`background_executor`, at the lowest CPU
+priority); they hold no caller's slot: a caller's batch starts beside a running part, so a
+caller never waits behind the server's own work.
 
 Worst-case queueing delay for a request while an instance is free: `max_queue_delay_us`; while
 all instances are busy it also waits for one to finish (bounded by its deadline).

@@ -108,12 +108,14 @@ class _Flight:
     started_s: float
     outcome: Outcome | BaseException | None = None
     work: int = 0
+    background: bool = False
 
 
 @dataclass(slots=True)
 class _Counters:
     in_flight: int = 0
     in_flight_requests: int = 0
+    background_in_flight: int = 0  # of `in_flight`, background parts (they hold no caller's slot)
     executed: int = 0
     inline: int = 0
     work_requested: int = 0
@@ -139,6 +141,7 @@ class Batcher:
         timer: Timer | None = None,
         *,
         executor: Executor,
+        background_executor: Executor | None = None,
         observer: BatchObserver | None = None,
         engine_clock: Clock | None = None,
     ) -> None:
@@ -149,6 +152,7 @@ class Batcher:
         self._clock = clock
         self._timer_factory = timer
         self._executor = executor
+        self._background_executor = background_executor
         self._observer = observer
         # The engine's own time, read in the thread that executes (see `execute`).
         self._engine_clock: Clock = engine_clock or getattr(runner, "engine_clock", None) or time.thread_time
@@ -244,7 +248,7 @@ class Batcher:
         work = work_of(request.inputs)
         self._check_deadline(request, work, now)
         item = self._item(request, loop.create_future(), level, policy, now, work)
-        if not self._queue and self._n.in_flight < self._instances:
+        if not self._queue and self._has_slot(level):
             # An idle batcher asks the policy about this request alone: usually "run it now".
             # On an instance, that happens at once, without a trip through the queue and the
             # pump (what arrives meanwhile batches behind it). Inline, it happens at the end of
@@ -336,8 +340,14 @@ class Batcher:
     def _enqueue(self, item: QueuedItem) -> None:
         self._queue.append(item)
         self._count_level(item.level, +1)
-        if self._n.in_flight < self._instances:  # otherwise the end of a batch pumps
+        if self._has_slot(item.level):  # otherwise the end of a batch pumps
             self._schedule_pump()
+
+    def _has_slot(self, level: int) -> bool:
+        """Whether a batch of this level could start now: a caller's needs an instance no
+        caller's batch holds (it runs beside a background part), a background part a free one."""
+        held = self._n.in_flight if level == BACKGROUND_LEVEL else self._n.in_flight - self._n.background_in_flight
+        return held < self._instances
 
     def _level(self, priority: int) -> tuple[int, QueuePolicy]:
         cfg = self._config.batching
@@ -388,7 +398,9 @@ class Batcher:
         while True:
             now = self._clock()
             decision = decide(
-                self._queue, now, self._policy, self._cost, self._instances - self._n.in_flight, self._close_at()
+                self._queue, now, self._policy, self._cost,
+                self._instances - (self._n.in_flight - self._n.background_in_flight), self._close_at(),
+                self._n.background_in_flight,
             )
             settled = decision.expire + decision.drop + decision.run
             if settled:
@@ -435,9 +447,10 @@ class Batcher:
         self._settle(items)
         if self._crowd is not None and items[0].level != BACKGROUND_LEVEL:  # callers' crowds only
             self._crowd.observe(sum(it.rows for it in items))
-        flight = _Flight(items, self._clock(), work=batch_work(items))
+        flight = _Flight(items, self._clock(), work=batch_work(items), background=items[0].level == BACKGROUND_LEVEL)
         self._flights.append(flight)
         self._n.in_flight += 1
+        self._n.background_in_flight += flight.background
         self._n.in_flight_requests += len(items)
         members = [it.request.inputs for it in items]
         rows = [it.rows for it in items]
@@ -455,8 +468,9 @@ class Batcher:
             self._finished()
             return
         assert self._loop is not None
+        executor = self._background_executor if flight.background and self._background_executor else self._executor
         done = self._loop.run_in_executor(
-            self._executor, execute, self._runner, members, rows, self._name, self._engine_clock, padding
+            executor, execute, self._runner, members, rows, self._name, self._engine_clock, padding
         )
         done.add_done_callback(lambda f: self._on_executed(flight, f))
 
@@ -470,10 +484,11 @@ class Batcher:
     def _finished(self) -> None:
         """Release finished batches (in dispatch order with preserve_ordering) and pump."""
         flights = self._flights
-        while flights and flights[0].outcome is not None:
-            self._release(flights.popleft())
-        if not self._ordered:  # without ordering any finished batch is released at once
-            for flight in [f for f in flights if f.outcome is not None]:
+        blocked = False  # with ordering: a caller's batch still running holds back those after it
+        for flight in list(flights):  # at most two per instance
+            if flight.outcome is None:
+                blocked = blocked or (self._ordered and not flight.background)
+            elif flight.background or not blocked:  # ordering is among callers' batches only
                 flights.remove(flight)
                 self._release(flight)
         if self._queue:
@@ -483,6 +498,7 @@ class Batcher:
     def _release(self, flight: _Flight) -> None:
         items, outcome = flight.items, flight.outcome
         self._n.in_flight -= 1
+        self._n.background_in_flight -= flight.background
         self._n.in_flight_requests -= len(items)
         self._n.executed += 1
         if not isinstance(outcome, Outcome):

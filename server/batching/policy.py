@@ -209,10 +209,14 @@ def decide(
     cost: CostEstimate,
     free_slots: int,
     close_at_rows: int | None = None,
+    background_in_flight: int = 0,
 ) -> Decision:
     """Pure batching policy (see the package docstring for the contract). `close_at_rows` is the
     crowd a batch closes at when no preferred sizes are configured (None: wait for the row
-    limit or the delay)."""
+    limit or the delay). `free_slots` counts the instances no caller's batch holds; of those,
+    `background_in_flight` run background parts: a caller's batch may start beside one (a
+    caller never waits behind the server's own work), a background part only on a truly free
+    instance."""
     expire: list[QueuedItem] = []
     drop: list[QueuedItem] = []
     live: list[QueuedItem] = []
@@ -254,6 +258,8 @@ def decide(
         else:
             wake_at = min(wake_at, ready_at)
 
+    if best is not None and best[1][0].level == BACKGROUND_LEVEL and free_slots - background_in_flight <= 0:
+        best = None  # a background part waits for a truly free instance (a finished batch pumps)
     if best is not None and free_slots > 0:
         work = batch_work(best[1])
         return Decision(run=tuple(best[1]), inline=runs_inline(work, cfg, cost), expire=tuple(expire),

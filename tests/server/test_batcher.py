@@ -466,3 +466,56 @@ async def test_a_batch_measured_slower_than_the_bound_moves_off_the_event_loop()
     assert runner.threads[0] == threading.get_ident() and runner.threads[-1] != threading.get_ident()
     assert batcher.estimate_s(2) > 100e-6
     await batcher.stop()
+
+
+class BackgroundGate:
+    """Doubles x; a batch holding the value 7 (a background part here) blocks until the gate
+    opens; records the thread names and how many parts ran at once."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.threads: list[str] = []
+        self.parts_running = self.most_parts = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        self.threads.append(threading.current_thread().name)
+        if (x == 7).any():
+            with self._lock:
+                self.parts_running += 1
+                self.most_parts = max(self.most_parts, self.parts_running)
+            self.entered.set()
+            self.gate.wait(30)
+            with self._lock:
+                self.parts_running -= 1
+        return {"y": x * 2}
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_caller_never_waits_behind_a_background_part(ordered: bool) -> None:
+    """One instance, busy with a background part (an explanation's rows): a caller's request runs
+    beside it at once and is answered (with preserve_ordering too: ordering is among callers'
+    batches); the next part waits for the first, on the background threads."""
+    from medserve.server.batching import BACKGROUND
+
+    runner = BackgroundGate()
+    batcher = Batcher(
+        runner, BatcherConfig("'m' version 1", BatchingConfig(max_batch_rows=16, preserve_ordering=ordered),
+                              inline_below_s=0.0),
+        executor=ThreadPoolExecutor(1, thread_name_prefix="callers"),
+        background_executor=ThreadPoolExecutor(2, thread_name_prefix="background"),
+    )
+    batcher.start()
+    parts = [batcher.submit(request(7.0, rows=4, priority=BACKGROUND)) for _ in range(2)]
+    await asyncio.to_thread(runner.entered.wait, 30)
+    out = await asyncio.wait_for(batcher.submit(request(1.0)), 10)  # the part is still blocked
+    assert np.array_equal(out["y"], np.full((1, 2), 2.0, np.float32))
+    assert not any(p.done() for p in parts)
+    runner.gate.set()
+    for p in parts:
+        assert np.array_equal((await p)["y"], np.full((4, 2), 14.0, np.float32))
+    assert runner.most_parts == 1  # parts one at a time, even with a second background thread free
+    assert [name.split("_")[0] for name in runner.threads] == ["background", "callers", "background"]
+    await batcher.stop()

@@ -129,6 +129,23 @@ def test_background_rows_never_join_a_callers_batch_and_run_one_part_at_a_time(i
     assert seqs(d.run) == [0]  # background parts are not merged back into one long batch
 
 
+def test_a_callers_batch_starts_beside_a_background_part_but_a_part_waits_for_a_free_instance(item) -> None:
+    """One instance, held by a background part: a caller's request runs now (beside it); the
+    next background part waits, and so does a caller's batch when a caller's batch holds it."""
+    from medserve.server.batching.policy import BACKGROUND_LEVEL
+
+    cfg = PolicyConfig(max_batch_rows=64)
+    caller, part = item(0, 0.5, level=1), item(1, 0.0, rows=16, level=BACKGROUND_LEVEL)
+    d = decide([part, caller], 1.0, cfg, no_cost, free_slots=1, background_in_flight=1)
+    assert seqs(d.run) == [0]
+    d = decide([part], 1.0, cfg, no_cost, free_slots=1, background_in_flight=1)
+    assert not d.run and d.wait_s is None  # the part's end pumps the batcher again
+    d = decide([part, caller], 1.0, cfg, no_cost, free_slots=0, background_in_flight=0)
+    assert not d.run
+    d = decide([part], 1.0, cfg, no_cost, free_slots=1, background_in_flight=0)
+    assert seqs(d.run) == [1]
+
+
 def test_padded_batches_keep_to_the_oldest_ones_length_bucket_when_that_costs_less(item) -> None:
     """Cost 50 µs + 1 µs per element (measured over the whole range): four short notes and one
     long one run as the four alone (padding all five to 64 costs more per real element); when
