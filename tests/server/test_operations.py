@@ -259,6 +259,39 @@ def test_poll_mode_swaps_a_version_under_load_without_a_failed_request(tmp_path:
     assert seen_versions == {"1", "2"} and ("2", "READY") in index
 
 
+def test_poll_mode_loads_a_new_model_and_unloads_a_removed_one_while_the_rest_serve(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for name in ("m", "leaving"):
+        onnx_models.affine(repo / name / "1" / "model.onnx")
+    with running_server(repo, model_control_mode="poll", repository_poll_s=0.2) as server:
+        stub = server.stub()
+
+        def ready(name: str) -> bool:
+            try:
+                return stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=30).ready
+            except grpc.RpcError as err:  # a model the repository does not hold
+                assert err.code() == grpc.StatusCode.NOT_FOUND
+                return False
+
+        assert ready("m") and ready("leaving") and not ready("arriving")
+        with Load(server.target, affine_request) as load:
+            load.wait_for(50)
+            onnx_models.affine(tmp_path / "aside" / "1" / "model.onnx")
+            os.replace(tmp_path / "aside", repo / "arriving")
+            wait_for(lambda: ready("arriving"), timeout_s=30)
+            assert stub.ModelInfer(affine_request(model="arriving"), timeout=30).model_version == "1"
+            os.replace(repo / "leaving", tmp_path / "gone")
+            wait_for(lambda: not ready("leaving"), timeout_s=30)
+            load.wait_for(50)
+            statuses = load.stop()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(affine_request(model="leaving"), timeout=30)
+        assert refused.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+        names = {r.name for r in server.server.repository.index() if r.state == "READY"}
+    assert names == {"m", "arriving"}
+    assert statuses["OK"] >= 100 and set(statuses) == {"OK"}, (statuses, load.problems[:3])
+
+
 def test_a_killed_worker_is_replaced_while_the_port_keeps_answering(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     onnx_models.affine(repo / "m" / "1" / "model.onnx")
