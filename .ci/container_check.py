@@ -769,6 +769,26 @@ def drain_under_load(server: Server, certs: Certificates) -> None:
         raise CheckFailed(f"/v2/health/ready never answered 503 during the drain: {dict(ready_after)}")
 
 
+def repeat_drains(count: int, image: str, repo: Path, certs: Certificates, name: str, launched: list[str]) -> None:
+    failures = []
+    for i in range(count):
+        container = f"{name}-drain-{i}"
+        launched.append(container)
+        try:
+            server = start_container(container, image, repo, certs)
+            wait_ready(server, certs)
+            drain_under_load(server, certs)
+        except CheckFailed as exc:
+            failures.append(f"drain {i + 1}: {exc}")
+            print(f"    drain {i + 1} of {count} FAILED: {exc}")
+        finally:
+            podman("rm", "--force", "--ignore", container, capture=True, check=False)
+            launched.remove(container)
+    if failures:
+        raise CheckFailed(f"{len(failures)} of {count} drains failed; first: {failures[0]}")
+    print(f"    {count} of {count} drains: every call OK or UNAVAILABLE")
+
+
 def summarize_log(name: str) -> None:
     """The log is JSON lines (--log-format json): count them. Informational only: nothing here
     depends on the log's words."""
@@ -797,6 +817,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--image", default=IMAGE, help="tag of the image built")
     parser.add_argument("--repository", type=Path, default=None, help="model repository to mount (default: demo-repository/)")
     parser.add_argument("--hand-built-model", action="store_true", help="mount one hand-built ONNX model instead of the demo repository")
+    parser.add_argument("--drain-repeat", type=int, default=0, metavar="N",
+                        help="after the checks, N more drains under load, each in a fresh container (a rare race "
+                             "needs many tries); fails if any does")
     args = parser.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -852,6 +875,9 @@ def main(argv: list[str]) -> int:
             wait_ready(mtls, certs, client_cert=True)
             check_mutual_tls(mtls, certs)
             require_clean_exit(*wait_stopped(mtls_name, send_sigterm(mtls_name)[0]))
+        if args.drain_repeat:
+            with step(f"{args.drain_repeat} more drains under load, each in a fresh container"):
+                repeat_drains(args.drain_repeat, args.image, repo, certs, name, launched)
     except CheckFailed as exc:
         print(f"container-check: FAILED: {exc}", file=sys.stderr)
         for container in launched:
