@@ -159,6 +159,7 @@ class Explanation:
     output: str
     feature_names: tuple[str, ...] | None = None
     targets: tuple[str, ...] | None = None  # class labels, when the model publishes them
+    input_columns: Mapping[str, tuple[str, ...]] | None = None  # a mixed table: each input's columns
 
     def top(self, k: int = 5, *, row: int = 0, target: int | str | None = None) -> list[tuple[str, float]]:
         """The ``k`` features (or elements) that moved ``target`` most for ``row``, by absolute
@@ -174,17 +175,23 @@ class Explanation:
         named: list[tuple[str, float]] = []
         for input_name, values in sorted(self.attributions.items()):
             flat = np.asarray(values)[row, column].reshape(-1)
-            names = self.feature_names if (self.feature_names is not None and len(self.attributions) == 1
-                                           and len(self.feature_names) == flat.size) else None
+            names = self._names(input_name, flat.size)
             for i, value in enumerate(flat):
                 label = names[i] if names is not None else (
                     f"{input_name}[{i}]" if len(self.attributions) > 1 else f"[{i}]")
                 named.append((label, float(value)))
         return sorted(named, key=lambda kv: -abs(kv[1]))[:k]
 
+    def _names(self, input_name: str, size: int) -> tuple[str, ...] | None:
+        """The column names of one input's attributions, where the model card gives them."""
+        names = (self.input_columns or {}).get(input_name)
+        if names is None and len(self.attributions) == 1:
+            names = self.feature_names
+        return names if names is not None and len(names) == size else None
+
     @classmethod
     def of(cls, result: InferResult, feature_names: tuple[str, ...] | None,
-           targets: tuple[str, ...] | None) -> Explanation:
+           targets: tuple[str, ...] | None, input_columns: Mapping[str, tuple[str, ...]] | None = None) -> Explanation:
         """Read an explanation out of an answer to a request made with ``explain``."""
         attributions = {
             name.partition(".")[2] or "": array for name, array in result.outputs.items()
@@ -193,7 +200,8 @@ class Explanation:
         method, output = result.parameters.get("explain_method"), result.parameters.get("explain_output")
         if not attributions or "base_value" not in result.outputs or not isinstance(output, str):
             raise ValueError(f"model {result.model_name!r} answered without an explanation")
-        return cls(result, attributions, result["base_value"], str(method), output, feature_names, targets)
+        return cls(result, attributions, result["base_value"], str(method), output, feature_names, targets,
+                   input_columns)
 
 
 # -- metadata --------------------------------------------------------------------------------
@@ -213,6 +221,17 @@ class TensorMetadata:
     name: str
     datatype: str
     shape: tuple[int, ...]
+
+
+def _json_columns(value: str | None) -> Mapping[str, tuple[str, ...]] | None:
+    """`input_columns`: input name -> the column names it carries (a mixed table's inputs)."""
+    try:
+        data = json.loads(value) if value else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        return None
+    return {str(k): tuple(str(c) for c in v) for k, v in data.items()}
 
 
 def _json_list(value: str | None) -> tuple[str, ...] | None:
@@ -249,6 +268,11 @@ class ModelMetadata:
     @property
     def class_labels(self) -> tuple[str, ...] | None:
         return _json_list(self._param("class_labels"))
+
+    @property
+    def input_columns(self) -> Mapping[str, tuple[str, ...]] | None:
+        """Which of ``feature_names`` each input carries, for a model with several inputs."""
+        return _json_columns(self._param("input_columns"))
 
     @property
     def model_sha256(self) -> str | None:

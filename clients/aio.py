@@ -233,7 +233,7 @@ class AsyncClient:
             result = await self.infer(model, inputs, version=version, timeout_s=timeout_s, request_id=request_id,
                                       explain=True)
         metadata = await self.model_metadata(model, result.model_version, timeout_s=timeout_s)
-        return Explanation.of(result, metadata.feature_names, metadata.class_labels)
+        return Explanation.of(result, metadata.feature_names, metadata.class_labels, metadata.input_columns)
 
     async def infer_records(
         self,

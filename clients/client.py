@@ -249,7 +249,7 @@ class Client:
             result = self.infer(model, inputs, version=version, timeout_s=timeout_s, request_id=request_id,
                                 explain=True)
         metadata = self.model_metadata(model, result.model_version, timeout_s=timeout_s)
-        return Explanation.of(result, metadata.feature_names, metadata.class_labels)
+        return Explanation.of(result, metadata.feature_names, metadata.class_labels, metadata.input_columns)
 
     def infer_records(
         self,

@@ -379,12 +379,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _card_parameters(loaded: LoadedVersion) -> dict[str, str]:
-    """The model card's feature names and class labels (JSON lists) and the file's SHA-256."""
+    """The model card's feature names and class labels (JSON lists), which columns each input of
+    a mixed table carries (`input_columns`, a JSON object), and the file's SHA-256."""
     params = {"model_sha256": loaded.sha256}
     for key in ("feature_names", "class_labels"):
         value = loaded.card_list(key)
         if value is not None:
             params[key] = json.dumps(value)
+    columns = (loaded.card or {}).get("input_columns")
+    if isinstance(columns, dict) and all(isinstance(v, list) for v in columns.values()):
+        params["input_columns"] = json.dumps({str(k): [str(c) for c in v] for k, v in columns.items()})
     return params
 
 
