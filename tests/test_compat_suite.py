@@ -17,11 +17,11 @@ HERE = Path(__file__).parent
 
 @pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None, reason="tritonclient (dev extra) not installed")
 def test_tritonclient_and_perf_analyzer_suite(tmp_path: Path) -> None:
-    # The text model is built here (the exporters import medserve's protobuf modules); the child
-    # serves it to tritonclient.
+    # The text model and a linear model (explanations) are built here (the exporters import
+    # medserve's protobuf modules); the child serves them to tritonclient.
     from medserve.exporters.demo import build_demo_repository
 
-    build_demo_repository(tmp_path / "text-repo", models=["notes_minilm"])
+    build_demo_repository(tmp_path / "text-repo", models=["notes_minilm", "diabetes_linear"])
     env = {**os.environ, "MEDSERVE_COMPAT_CHILD": "1", "MEDSERVE_COMPAT_TEXT_REPO": str(tmp_path / "text-repo")}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", str(HERE / "compat"), "-q", "-p", "no:cacheprovider", "-rs"],

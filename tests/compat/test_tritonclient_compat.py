@@ -193,3 +193,28 @@ def test_tritonclient_sends_notes_as_strings_to_the_text_model() -> None:
         c.close()
     assert embedding.shape == (3, 384)
     assert float(embedding[0] @ embedding[1]) > float(embedding[0] @ embedding[2])
+
+
+def test_explanations_are_ordinary_outputs_and_parameters_to_tritonclient() -> None:
+    """Request parameter `explain` through tritonclient's own `parameters`: `attributions` and
+    `base_value` come back as outputs, the method as a response parameter, and they add up."""
+    import os
+
+    repo = Path(os.environ["MEDSERVE_COMPAT_TEXT_REPO"])
+    rows = np.random.default_rng(1).normal(0, 0.05, size=(3, 10)).astype(np.float32)
+    with server_process(repo) as (port, _proc):
+        c = tc.InferenceServerClient(f"127.0.0.1:{port}")
+        name = c.get_model_metadata("diabetes_linear", as_json=True)["inputs"][0]["name"]
+        inp = tc.InferInput(name, list(rows.shape), "FP32")
+        inp.set_data_from_numpy(rows)
+        result = c.infer("diabetes_linear", [inp], parameters={"explain": True})
+        plain = c.infer("diabetes_linear", [inp])
+        c.close()
+    attributions, base = result.as_numpy("attributions"), result.as_numpy("base_value")
+    prediction = result.as_numpy("prediction")
+    assert attributions.shape == (3, 1, 10) and base.shape == (3, 1)
+    np.testing.assert_allclose(attributions.sum(axis=2) + base, prediction.reshape(3, 1), atol=1e-3)
+    parameters = result.get_response(as_json=True)["parameters"]
+    assert parameters["explain_method"]["string_param"] in ("shapley_exact", "kernel_shap")
+    assert parameters["explain_output"]["string_param"] == "prediction"
+    assert plain.as_numpy("attributions") is None  # only when asked
