@@ -182,7 +182,7 @@ def same_model(schema: RecordSchema, result: InferResult) -> bool:
 
 
 def same_columns(a: RecordSchema, b: RecordSchema) -> bool:
-    return (a.feature_names, a.input_name, a.datatype) == (b.feature_names, b.input_name, b.datatype)
+    return (a.feature_names, a.inputs()) == (b.feature_names, b.inputs())
 
 
 # -- a client's shared state ------------------------------------------------------------------------
@@ -254,11 +254,11 @@ class Core:
         label = _codec.model_label(model, version)
 
         def send(schema: RecordSchema) -> Step:
-            array = _codec.records_to_array(label, schema, records)
+            inputs = _codec.records_to_inputs(label, schema, records)
             left = self.left(deadline_s, request_id)
             return Step(
                 "infer",
-                (model, {schema.input_name: array}),
+                (model, inputs),
                 {
                     "version": version,
                     "outputs": outputs,

@@ -254,9 +254,7 @@ def record_schema(label: str, metadata: ModelMetadata, config_features: Sequence
     if len(set(names)) != len(names):
         raise InvalidInputError(f"model {label}: its feature_names repeat a name; refusing an ambiguous column order")
     if len(metadata.inputs) != 1:
-        raise InvalidInputError(
-            f"model {label} has {len(metadata.inputs)} inputs; infer_records needs a model with one 2-D input"
-        )
+        return _mixed_schema(label, metadata, names)
     tensor = metadata.inputs[0]
     if tensor.datatype in ("BYTES", "BF16") or tensor.datatype not in DATATYPES:
         raise InvalidInputError(
@@ -270,15 +268,42 @@ def record_schema(label: str, metadata: ModelMetadata, config_features: Sequence
     return RecordSchema(names, tensor.name, tensor.datatype, metadata.model_sha256)
 
 
+def _mixed_schema(label: str, metadata: ModelMetadata, names: tuple[str, ...]) -> RecordSchema:
+    """A mixed table: each input carries the columns the card's `input_columns` gives it."""
+    columns = metadata.input_columns
+    inputs = {t.name: t for t in metadata.inputs}
+    if columns is None or set(columns) != set(inputs):
+        raise InvalidInputError(
+            f"model {label} has {len(inputs)} inputs and publishes no input_columns for them (model_card.json); "
+            "send arrays with infer() instead"
+        )
+    if sorted(c for cols in columns.values() for c in cols) != sorted(names):
+        raise InvalidInputError(f"model {label}: its input_columns do not cover its feature_names once each")
+    parts = []
+    for name in sorted(inputs):
+        tensor, cols = inputs[name], columns[name]
+        if tensor.datatype == "BF16" or tensor.datatype not in DATATYPES:
+            raise InvalidInputError(f"model {label}: input {name!r} is {tensor.datatype}; records cannot fill it")
+        if len(tensor.shape) != 2 or tensor.shape[1] not in (-1, len(cols)):
+            raise InvalidInputError(
+                f"model {label}: input {name!r} has shape {list(tensor.shape)}, but input_columns gives it "
+                f"{len(cols)} columns; expected shape [-1, {len(cols)}]"
+            )
+        parts.append((name, tensor.datatype, cols))
+    return RecordSchema(names, "", "", metadata.model_sha256, tuple(parts))
+
+
 def _listed(names: Sequence[str]) -> str:
     shown = [repr(n) for n in names[:_MAX_LISTED]]
     more = len(names) - _MAX_LISTED
     return "[" + ", ".join(shown) + (f", ... {more} more" if more > 0 else "") + "]"
 
 
-def records_to_array(label: str, schema: RecordSchema, records: Sequence[Mapping[str, Any]]) -> npt.NDArray[Any]:
-    """A [len(records), n_features] array in the model's column order; refuses missing or unknown
-    features and non-numeric values, naming record positions and features (never values)."""
+def records_to_inputs(label: str, schema: RecordSchema,
+                      records: Sequence[Mapping[str, Any]]) -> dict[str, npt.NDArray[Any]]:
+    """One [len(records), n_columns] array per input, in the model's column order; refuses
+    missing or unknown features and values of the wrong kind, naming record positions and
+    features (never values)."""
     names = schema.feature_names
     expected = set(names)
     if isinstance(records, Mapping):
@@ -316,16 +341,28 @@ def records_to_array(label: str, schema: RecordSchema, records: Sequence[Mapping
             + more
             + f" (the model takes {len(names)} features: {_listed(list(names))})"
         )
-    dtype = numpy_dtype(schema.datatype)
-    rows = [[record[n] for n in names] for record in records]
+    return {name: _column_array(label, [[record[n] for n in columns] for record in records], columns, datatype)
+            for name, datatype, columns in schema.inputs()}
+
+
+def records_to_array(label: str, schema: RecordSchema, records: Sequence[Mapping[str, Any]]) -> npt.NDArray[Any]:
+    """The one input of a single-input model, from records (see `records_to_inputs`)."""
+    return records_to_inputs(label, schema, records)[schema.input_name]
+
+
+def _column_array(label: str, rows: list[list[Any]], names: Sequence[str], datatype: str) -> npt.NDArray[Any]:
+    if datatype == "BYTES":  # text codes: str (sent as UTF-8) or bytes
+        if not all(isinstance(value, (str, bytes)) for row in rows for value in row):
+            raise InvalidInputError(f"model {label}: {_first_bad_value(rows, names, (str, bytes), datatype)}")
+        return np.array(rows, dtype=object)
+    dtype = numpy_dtype(datatype)
     allowed = _INTEGRAL if dtype.kind in "iub" else _NUMERIC
     if not all(isinstance(value, allowed) for row in rows for value in row):
-        raise InvalidInputError(f"model {label}: {_first_bad_value(rows, names, allowed, schema.datatype)}")
+        raise InvalidInputError(f"model {label}: {_first_bad_value(rows, names, allowed, datatype)}")
     try:
-        array = np.array(rows, dtype=dtype)
+        return np.array(rows, dtype=dtype)
     except (TypeError, ValueError, OverflowError):  # the message would quote the value: not ours to log
-        raise InvalidInputError(f"model {label}: a record value is out of range for {schema.datatype}") from None
-    return array
+        raise InvalidInputError(f"model {label}: a record value is out of range for {datatype}") from None
 
 
 _NUMERIC = (bool, int, float, np.bool_, np.integer, np.floating)

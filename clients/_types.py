@@ -359,3 +359,10 @@ class RecordSchema:
     input_name: str
     datatype: str
     model_sha256: str | None
+    # A mixed table (several 2-D inputs): (input name, datatype, its columns) per input; then
+    # `input_name` and `datatype` are unused. Empty for a model of one input.
+    parts: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    def inputs(self) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+        """(input name, datatype, columns) of every input the records fill."""
+        return self.parts or ((self.input_name, self.datatype, self.feature_names),)

@@ -10,6 +10,7 @@ from medserve.clients._codec import (
     encode_infer_request,
     record_schema,
     records_to_array,
+    records_to_inputs,
 )
 from medserve.clients._types import RecordSchema
 from medserve.protos import grpc_service_pb2 as pb
@@ -162,3 +163,31 @@ def test_record_schema_comes_from_metadata_or_config() -> None:
 def test_record_schema_refusals(metadata: ModelMetadata, match: str) -> None:
     with pytest.raises(InvalidInputError, match=match):
         record_schema("'m'", metadata, None)
+
+
+MIXED = _metadata(
+    {"feature_names": '["age", "ward", "grade"]', "input_columns": '{"numeric": ["age"], "categorical": ["ward"], '
+                                                                 '"categorical_int": ["grade"]}'},
+    TensorMetadata("numeric", "FP32", (-1, 1)), TensorMetadata("categorical", "BYTES", (-1, 1)),
+    TensorMetadata("categorical_int", "INT64", (-1, 1)),
+)
+
+
+def test_records_fill_each_input_of_a_mixed_table_with_its_columns() -> None:
+    schema = record_schema("'m'", MIXED, None)
+    arrays = records_to_inputs("'m'", schema, [{"ward": "icu", "grade": 3, "age": 71.5}])
+    assert {k: (v.dtype.kind, v.tolist()) for k, v in arrays.items()} == {
+        "numeric": ("f", [[71.5]]), "categorical": ("O", [["icu"]]), "categorical_int": ("i", [[3]])}
+    with pytest.raises(InvalidInputError, match="record 0 feature 'ward': a int value cannot be sent as BYTES"):
+        records_to_inputs("'m'", schema, [{"ward": 7, "grade": 3, "age": 71.5}])
+
+
+def test_a_model_of_several_inputs_without_input_columns_is_refused_by_name() -> None:
+    bare = _metadata({"feature_names": '["age", "ward"]'}, TensorMetadata("numeric", "FP32", (-1, 1)),
+                     TensorMetadata("categorical", "BYTES", (-1, 1)))
+    with pytest.raises(InvalidInputError, match="publishes no input_columns"):
+        record_schema("'m'", bare, None)
+    partial = _metadata({"feature_names": '["age", "ward"]', "input_columns": '{"numeric": ["age"], "categorical": []}'},
+                        TensorMetadata("numeric", "FP32", (-1, 1)), TensorMetadata("categorical", "BYTES", (-1, 1)))
+    with pytest.raises(InvalidInputError, match="do not cover its feature_names"):
+        record_schema("'m'", partial, None)

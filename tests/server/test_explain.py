@@ -224,7 +224,8 @@ def test_the_client_library_explains_records_by_feature_name(tmp_path: Path) -> 
 
 def test_a_mixed_table_gets_one_attribution_tensor_per_input_that_add_up_with_records(tmp_path: Path) -> None:
     """Numbers, text codes and integer codes as three typed inputs: `attributions.<input>` for
-    each, together adding up to the output; `top` names the card's columns."""
+    each, together adding up to the output; `top` names the card's columns; records (column
+    name -> value) fill the three inputs as the card's input_columns say."""
     from sklearn.compose import ColumnTransformer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
@@ -253,6 +254,11 @@ def test_a_mixed_table_gets_one_attribution_tensor_per_input_that_add_up_with_re
               "categorical_int": np.array([[r["grade"]] for r in records], np.int64)}
     with running_server(repo) as server, Client(server.target) as client:
         why = client.explain("admission", inputs)
+        by_records = client.explain("admission", records=records)
+        predicted = client.infer_records("admission", records)
+    for name, attribution in why.attributions.items():  # records fill the same three inputs
+        np.testing.assert_allclose(by_records.attributions[name], attribution, atol=1e-6)
+    np.testing.assert_array_equal(predicted["label"], why.result["label"])
     assert set(why.attributions) == {"numeric", "categorical", "categorical_int"}
     assert {k: v.shape for k, v in why.attributions.items()} == {
         "numeric": (2, 2, 2), "categorical": (2, 2, 1), "categorical_int": (2, 2, 1)}
