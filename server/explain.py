@@ -11,6 +11,10 @@
 - **Images, signals and sequences**: occlusion over segments (image patches, time windows,
   tokens): a segment's attribution is the output drop when it alone is replaced by the
   reference, spread over its elements; `base_value` is the output on the reference.
+- **Text** (token ids with an attention mask, from the server's tokenizer or the caller):
+  occlusion over windows of tokens, a window removed by masking it out (attention mask 0, the
+  id the pad id); the first token ([CLS] or BOS) always stays; `base_value` is the output with
+  every other token removed. Attributions are per token position of the tokenizer's encoding.
 
 The perturbed rows ride the model's batcher at background priority (after every caller's
 request, never in a caller's batch, and never holding an instance a caller's batch needs: it
@@ -87,7 +91,11 @@ class Explainer:
         reference = (card or {}).get("reference")
         self._reference = {k: np.asarray(v) for k, v in reference.items()} if isinstance(reference, dict) else {}
         inputs = {t.name: t for t in config.graph_inputs or config.inputs}
-        self._tabular = config.max_batch_size > 0 and all(len(t.dims) == 1 for t in inputs.values())
+        # Tables: every input one row of fixed width. Token ids (a variable-length axis) and
+        # text are sequences: occlusion over windows of tokens.
+        self._tabular = (config.max_batch_size > 0 and config.tokenizer is None
+                         and all(len(t.dims) == 1 and t.dims[0] > 0 for t in inputs.values()))
+        self._pad = {p.input: p.value for p in config.padding}
 
     def refuse(self) -> str | None:
         """Why this model cannot be explained (None when it can)."""
@@ -95,8 +103,6 @@ class Explainer:
             return "it has no output of one value per target to explain"
         if self._config.max_batch_size <= 0:
             return "it does not batch (explanations evaluate many perturbed rows as one batch)"
-        if self._config.tokenizer is not None:
-            return "explanations of text models are not available yet"
         if self._tabular and not self._reference:
             return "its model card has no reference rows (re-export it: the exporters add them)"
         return None
@@ -168,15 +174,17 @@ class Explainer:
         target = next((n for n in sorted(inputs) if "mask" not in n), sorted(inputs)[0])
         x = inputs[target]
         rows = x.shape[0]
-        baseline = self._baseline(target, x)
         segments = _segments(x.shape[1:])
-        perturbed = np.repeat(x[:, None], len(segments) + 1, axis=1)  # [rows, S + 1, *dims]; the last: all baseline
-        for s, index in enumerate(segments):
-            where: tuple[int | slice, ...] = (slice(None), s, *index)
-            perturbed[where] = baseline[index]
-        perturbed[:, -1] = baseline
-        batch = {n: (perturbed.reshape(-1, *x.shape[1:]) if n == target
-                     else np.repeat(a, len(segments) + 1, axis=0)) for n, a in inputs.items()}
+        batch = self._tokens_removed(inputs, target, segments) if self._is_tokens(inputs, target) else None
+        if batch is None:
+            baseline = self._baseline(target, x)
+            perturbed = np.repeat(x[:, None], len(segments) + 1, axis=1)  # [rows, S + 1, *dims]; the last: all baseline
+            for s, index in enumerate(segments):
+                where: tuple[int | slice, ...] = (slice(None), s, *index)
+                perturbed[where] = baseline[index]
+            perturbed[:, -1] = baseline
+            batch = {n: (perturbed.reshape(-1, *x.shape[1:]) if n == target
+                         else np.repeat(a, len(segments) + 1, axis=0)) for n, a in inputs.items()}
         values = _as_targets((await self._evaluate(batch))[str(self.output)]).reshape(rows, len(segments) + 1, -1)
         drops = f_x[:, None, :] - values[:, :-1, :]  # [rows, S, targets]
         attribution = np.zeros((rows, f_x.shape[1], *x.shape[1:]), np.float32)
@@ -185,6 +193,32 @@ class Explainer:
             attribution[(slice(None), slice(None), *index)] = (drops[:, s, :] / size)[
                 (slice(None), slice(None), *([None] * len(index)))]
         return Explanation({target: attribution}, values[:, -1, :].astype(np.float32), "occlusion", str(self.output))
+
+    @staticmethod
+    def _is_tokens(inputs: Mapping[str, np.ndarray], target: str) -> bool:
+        """Token ids with an attention mask of the same shape (text models)."""
+        mask = inputs.get("attention_mask")
+        x = inputs[target]
+        return x.ndim == 2 and x.dtype.kind in "iu" and mask is not None and mask.shape == x.shape
+
+    def _tokens_removed(self, inputs: Mapping[str, np.ndarray], target: str,
+                        segments: list[tuple[slice, ...]]) -> dict[str, np.ndarray]:
+        """Each window of tokens removed in turn (attention mask 0, the id the pad id), and the
+        last variant with every token removed; the first token (the tokenizer's [CLS] or BOS)
+        always stays, so that attention has something to attend to."""
+        count = len(segments) + 1
+        ids = np.repeat(inputs[target][:, None], count, axis=1)  # [rows, S + 1, length]
+        mask = np.repeat(inputs["attention_mask"][:, None], count, axis=1)
+        pad = int(self._pad.get(target, 0))
+        for s, (window,) in enumerate([*segments, (slice(1, None),)]):
+            keep = window.start == 0  # a window over the first token leaves that token
+            start = 1 if keep else window.start
+            ids[:, s, start:window.stop] = pad
+            mask[:, s, start:window.stop] = 0
+        shape = (-1, ids.shape[-1])
+        out = {n: np.repeat(a, count, axis=0) for n, a in inputs.items()}
+        out[target], out["attention_mask"] = ids.reshape(shape), mask.reshape(shape)
+        return out
 
     def _baseline(self, name: str, x: np.ndarray) -> np.ndarray:
         ref = self._reference.get(name)

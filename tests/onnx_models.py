@@ -193,3 +193,30 @@ def write_config(repo: Path, name: str, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def keyword(path: Path, token: int = 7) -> Path:
+    """A keyword detector over token ids: input_ids, attention_mask INT64 [N, L] ->
+    probabilities [N, 2], the second sigmoid(6 * (token attended anywhere) - 3)."""
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "L"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "L"])
+    out = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])
+    nodes = [
+        helper.make_node("Equal", ["input_ids", "token"], ["is_token"]),
+        helper.make_node("Cast", ["is_token"], ["is_token_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["is_token_f", "mask_f"], ["hit"]),
+        helper.make_node("ReduceMax", ["hit"], ["seen"], axes=[1], keepdims=1),
+        helper.make_node("Mul", ["seen", "six"], ["scaled"]),
+        helper.make_node("Sub", ["scaled", "three"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["p1"]),
+        helper.make_node("Sub", ["one", "p1"], ["p0"]),
+        helper.make_node("Concat", ["p0", "p1"], ["probabilities"], axis=1),
+    ]
+    init = [
+        numpy_helper.from_array(np.array(token, np.int64), "token"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+        numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+    ]
+    return _save(helper.make_graph(nodes, "keyword", [ids, mask], [out], init), path)

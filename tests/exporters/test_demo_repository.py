@@ -234,6 +234,34 @@ def test_text_models_answer_strings_from_the_client_library(demo: tuple[Path, di
     np.testing.assert_allclose(triage.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_a_note_is_explained_by_removing_windows_of_its_tokens(demo: tuple[Path, dict[str, ExportReport]]) -> None:
+    """Text in, the server's tokenizer, occlusion over windows of the note's own tokens: one
+    attribution per token position and class, none for the padding of the shorter note or for
+    the first token (kept)."""
+    from tokenizers import Tokenizer
+
+    from medserve.clients import Client
+
+    from conftest import running_server
+
+    path, _ = demo
+    notes = ["Unresponsive patient, no pulse, CPR started on arrival.", "Routine follow up."]
+    tokenizer = Tokenizer.from_file(str(path / "notes_triage" / "1" / "tokenizer.json"))
+    lengths = [len(tokenizer.encode(n).ids) for n in notes]
+    with running_server(path) as server, Client(server.target, timeout_s=60) as client:
+        why = client.explain("notes_triage", {"text": np.array([[n] for n in notes], dtype=object)})
+    attributions = why.attributions[""]
+    assert why.method == "occlusion" and why.output == "probabilities"
+    assert attributions.shape == (2, 3, max(lengths)) and why.base_value.shape == (2, 3)
+    assert np.isfinite(attributions).all() and np.isfinite(why.base_value).all()
+    assert (attributions[:, :, 0] == 0).all()  # the first token ([CLS]) always stays
+    assert (attributions[1, :, lengths[1]:] == 0).all()  # the short note's padding: nothing to remove
+    # Removing every token but the first moves both answers; removing a window of the short note
+    # moves it visibly (the long one is an emergency at p > 0.9999: a window barely moves it).
+    assert (np.abs(why.base_value - why.result["probabilities"]).max(axis=1) > 0.1).all()
+    assert np.abs(attributions[1]).max() > 1e-2
+
+
 def test_notes_of_different_lengths_share_batches_and_answer_as_alone(
     demo: tuple[Path, dict[str, ExportReport]],
 ) -> None:

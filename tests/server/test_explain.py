@@ -267,3 +267,37 @@ def test_a_mixed_table_gets_one_attribution_tensor_per_input_that_add_up_with_re
     top = dict(why.top(4, row=0, target=1))
     assert set(top) == {"age", "ward", "heart_rate", "grade"}
     assert top["heart_rate"] > 0 and top["ward"] > 0  # a fast heart and the ICU push the first row up
+
+
+def test_token_occlusion_puts_the_top_attribution_on_the_planted_keyword(tmp_path: Path) -> None:
+    """A keyword detector over token ids: wherever the keyword sits, the window holding it gets
+    the largest attribution for the positive class and every other window about none; the first
+    token always stays (so attention has something to attend to), and removing every other one
+    gives the base value."""
+    import onnx_models
+
+    repo = tmp_path / "repo"
+    onnx_models.keyword(repo / "kw" / "1" / "model.onnx", token=7)
+    onnx_models.write_config(repo, "kw", "max_batch_size: 64\n")
+    rng = np.random.default_rng(0)
+    with running_server(repo) as server:
+        stub = server.stub()
+        for place in (3, 11, 20, 29):
+            ids = rng.integers(20, 500, (1, 32))
+            ids[0, 0], ids[0, place] = 101, 7
+            req = pb.ModelInferRequest(model_name="kw")
+            for name, array in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
+                req.inputs.add(name=name, datatype="INT64", shape=array.shape)
+                req.raw_input_contents.append(to_raw(array.astype(np.int64)))
+            req.parameters["explain"].bool_param = True
+            response = stub.ModelInfer(req, timeout=60)
+            out = {o.name: from_raw(raw, o.datatype, o.shape)
+                   for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)}
+            attribution = out["attributions"][0, 1]  # [32]: the positive class, per token
+            assert response.parameters["explain_method"].string_param == "occlusion"
+            assert int(np.argmax(attribution)) == place or attribution[place] == attribution.max()
+            outside = np.ones(32, bool)
+            outside[place - 1:place + 2] = False  # the keyword's window (windows of 2 tokens here)
+            assert np.abs(attribution[outside]).max() < 1e-6 < attribution[place]
+            assert attribution[0] == 0
+            np.testing.assert_allclose(out["base_value"][0], [1 - 1 / (1 + np.exp(3)), 1 / (1 + np.exp(3))], atol=1e-5)
