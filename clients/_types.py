@@ -160,6 +160,7 @@ class Explanation:
     feature_names: tuple[str, ...] | None = None
     targets: tuple[str, ...] | None = None  # class labels, when the model publishes them
     input_columns: Mapping[str, tuple[str, ...]] | None = None  # a mixed table: each input's columns
+    tokens: tuple[tuple[str, ...], ...] | None = None  # a text model: each row's tokens (``explain_tokens``)
 
     def top(self, k: int = 5, *, row: int = 0, target: int | str | None = None) -> list[tuple[str, float]]:
         """The ``k`` features (or elements) that moved ``target`` most for ``row``, by absolute
@@ -176,6 +177,10 @@ class Explanation:
         for input_name, values in sorted(self.attributions.items()):
             flat = np.asarray(values)[row, column].reshape(-1)
             names = self._names(input_name, flat.size)
+            if names is None and self.tokens is not None and row < len(self.tokens):
+                words = self.tokens[row]  # positions past the row's own tokens are padding
+                names = tuple(f"{w}@{i}" for i, w in enumerate(words)) + tuple(
+                    f"[pad]@{i}" for i in range(len(words), flat.size))
             for i, value in enumerate(flat):
                 label = names[i] if names is not None else (
                     f"{input_name}[{i}]" if len(self.attributions) > 1 else f"[{i}]")
@@ -200,8 +205,9 @@ class Explanation:
         method, output = result.parameters.get("explain_method"), result.parameters.get("explain_output")
         if not attributions or "base_value" not in result.outputs or not isinstance(output, str):
             raise ValueError(f"model {result.model_name!r} answered without an explanation")
+        tokens = _json_rows(result.parameters.get("explain_tokens"))
         return cls(result, attributions, result["base_value"], str(method), output, feature_names, targets,
-                   input_columns)
+                   input_columns, tokens)
 
 
 # -- metadata --------------------------------------------------------------------------------
@@ -221,6 +227,17 @@ class TensorMetadata:
     name: str
     datatype: str
     shape: tuple[int, ...]
+
+
+def _json_rows(value: object) -> tuple[tuple[str, ...], ...] | None:
+    """`explain_tokens`: a JSON list of each row's tokens."""
+    try:
+        data = json.loads(value) if isinstance(value, str) and value else None
+    except ValueError:
+        return None
+    if not isinstance(data, list) or not all(isinstance(row, list) for row in data):
+        return None
+    return tuple(tuple(str(t) for t in row) for row in data)
 
 
 def _json_columns(value: str | None) -> Mapping[str, tuple[str, ...]] | None:

@@ -14,7 +14,8 @@
 - **Text** (token ids with an attention mask, from the server's tokenizer or the caller):
   occlusion over windows of tokens, a window removed by masking it out (attention mask 0, the
   id the pad id); the first token ([CLS] or BOS) always stays; `base_value` is the output with
-  every other token removed. Attributions are per token position of the tokenizer's encoding.
+  every other token removed. Attributions are per token position of the tokenizer's encoding
+  (for text the response also lists the tokens: `explain_tokens`).
 
 The perturbed rows ride the model's batcher at background priority (after every caller's
 request, never in a caller's batch, and never holding an instance a caller's batch needs: it

@@ -5,6 +5,7 @@ outputs, and record statistics. No protobuf, no gRPC.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class InferenceCore:
         wanted = signature.check_outputs(label, request.outputs)
         inputs, rows = signature.validate(label, request.inputs)
         flagged = loaded.monitor.check(inputs) if loaded.monitor is not None else ()
+        validated = inputs
         if loaded.stage is not None:
             inputs = await self._tokenize(loaded, inputs)
         batcher = loaded.batcher
@@ -144,6 +146,9 @@ class InferenceCore:
                                             attribution))
             tensors.append(OutputTensor("base_value", "FP32", explanation.base_value))
             parameters = (("explain_method", explanation.method), ("explain_output", explanation.output))
+            if loaded.stage is not None:  # text: which token each position of the attributions is
+                (texts,) = validated.values()
+                parameters += (("explain_tokens", json.dumps(loaded.stage.tokens(texts))),)
         return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors), rows,
                            flagged, parameters)
 

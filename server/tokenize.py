@@ -31,6 +31,10 @@ class TokenizerStage:
         self._pad_id = pad_id
         self.max_length = config.max_length
 
+    def tokens(self, texts: np.ndarray) -> list[list[str]]:
+        """Each row's tokens as the tokenizer spells them (what an explanation's positions are)."""
+        return [e.tokens for e in self._tokenizer.encode_batch([str(t) for t in texts.reshape(-1)])]
+
     def __call__(self, texts: np.ndarray) -> dict[str, np.ndarray]:
         """`texts`: str objects [rows, 1] (validated and decoded already)."""
         encodings = self._tokenizer.encode_batch([str(t) for t in texts.reshape(-1)])

@@ -260,6 +260,12 @@ def test_a_note_is_explained_by_removing_windows_of_its_tokens(demo: tuple[Path,
     # moves it visibly (the long one is an emergency at p > 0.9999: a window barely moves it).
     assert (np.abs(why.base_value - why.result["probabilities"]).max(axis=1) > 0.1).all()
     assert np.abs(attributions[1]).max() > 1e-2
+    # The tokens come back too (response parameter explain_tokens), and top() names them.
+    assert why.tokens is not None and [len(t) for t in why.tokens] == lengths
+    assert why.tokens[1] == tuple(tokenizer.encode(notes[1]).tokens)
+    named = dict(why.top(50, row=1, target="routine"))
+    assert set(named) == {f"{t}@{i}" for i, t in enumerate(why.tokens[1])} | {
+        f"[pad]@{i}" for i in range(lengths[1], max(lengths))}
 
 
 def test_notes_of_different_lengths_share_batches_and_answer_as_alone(
