@@ -229,12 +229,19 @@ class TensorMetadata:
     shape: tuple[int, ...]
 
 
-def _json_rows(value: object) -> tuple[tuple[str, ...], ...] | None:
-    """`explain_tokens`: a JSON list of each row's tokens."""
+def _parsed(value: object) -> object:
+    """A JSON-valued metadata or response parameter, or None where it is absent or not JSON."""
+    if not isinstance(value, str) or not value:
+        return None
     try:
-        data = json.loads(value) if isinstance(value, str) and value else None
+        return json.loads(value)
     except ValueError:
         return None
+
+
+def _json_rows(value: object) -> tuple[tuple[str, ...], ...] | None:
+    """`explain_tokens`: a JSON list of each row's tokens."""
+    data = _parsed(value)
     if not isinstance(data, list) or not all(isinstance(row, list) for row in data):
         return None
     return tuple(tuple(str(t) for t in row) for row in data)
@@ -242,22 +249,14 @@ def _json_rows(value: object) -> tuple[tuple[str, ...], ...] | None:
 
 def _json_columns(value: str | None) -> Mapping[str, tuple[str, ...]] | None:
     """`input_columns`: input name -> the column names it carries (a mixed table's inputs)."""
-    try:
-        data = json.loads(value) if value else None
-    except ValueError:
-        return None
+    data = _parsed(value)
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         return None
     return {str(k): tuple(str(c) for c in v) for k, v in data.items()}
 
 
 def _json_list(value: str | None) -> tuple[str, ...] | None:
-    if not value:
-        return None
-    try:
-        data = json.loads(value)
-    except ValueError:
-        return None
+    data = _parsed(value)
     if not isinstance(data, list):
         return None
     return tuple(str(v) for v in data)

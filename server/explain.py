@@ -176,16 +176,10 @@ class Explainer:
         x = inputs[target]
         rows = x.shape[0]
         segments = _segments(x.shape[1:])
-        batch = self._tokens_removed(inputs, target, segments) if self._is_tokens(inputs, target) else None
-        if batch is None:
-            baseline = self._baseline(target, x)
-            perturbed = np.repeat(x[:, None], len(segments) + 1, axis=1)  # [rows, S + 1, *dims]; the last: all baseline
-            for s, index in enumerate(segments):
-                where: tuple[int | slice, ...] = (slice(None), s, *index)
-                perturbed[where] = baseline[index]
-            perturbed[:, -1] = baseline
-            batch = {n: (perturbed.reshape(-1, *x.shape[1:]) if n == target
-                         else np.repeat(a, len(segments) + 1, axis=0)) for n, a in inputs.items()}
+        if self._is_tokens(inputs, target):
+            batch = self._tokens_removed(inputs, target, segments)
+        else:
+            batch = self._replaced_by_baseline(inputs, target, segments)
         values = _as_targets((await self._evaluate(batch))[str(self.output)]).reshape(rows, len(segments) + 1, -1)
         drops = f_x[:, None, :] - values[:, :-1, :]  # [rows, S, targets]
         attribution = np.zeros((rows, f_x.shape[1], *x.shape[1:]), np.float32)
@@ -194,6 +188,19 @@ class Explainer:
             attribution[(slice(None), slice(None), *index)] = (drops[:, s, :] / size)[
                 (slice(None), slice(None), *([None] * len(index)))]
         return Explanation({target: attribution}, values[:, -1, :].astype(np.float32), "occlusion", str(self.output))
+
+    def _replaced_by_baseline(self, inputs: Mapping[str, np.ndarray], target: str,
+                              segments: list[tuple[slice, ...]]) -> dict[str, np.ndarray]:
+        """Each segment replaced by the baseline in turn, and the last variant all baseline."""
+        x = inputs[target]
+        baseline = self._baseline(target, x)
+        perturbed = np.repeat(x[:, None], len(segments) + 1, axis=1)  # [rows, S + 1, *dims]
+        for s, index in enumerate(segments):
+            where: tuple[int | slice, ...] = (slice(None), s, *index)
+            perturbed[where] = baseline[index]
+        perturbed[:, -1] = baseline
+        return {n: (perturbed.reshape(-1, *x.shape[1:]) if n == target else np.repeat(a, len(segments) + 1, axis=0))
+                for n, a in inputs.items()}
 
     @staticmethod
     def _is_tokens(inputs: Mapping[str, np.ndarray], target: str) -> bool:
