@@ -67,7 +67,8 @@ class MedserveServer:
         self.core = InferenceCore(self.repository, clock)
         self._identities = IdentityFile.load(Path(config.tokens_file)) if config.tokens_file else None
         self.audit = (
-            AuditLog(Path(config.audit_log), max_bytes=config.audit_max_bytes, retention=config.audit_retention)
+            AuditLog(Path(config.audit_log), max_bytes=config.audit_max_bytes, retention=config.audit_retention,
+                     fsync=config.audit_fsync)
             if config.audit_log else None
         )
         self.gate = Gate(

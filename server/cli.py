@@ -57,6 +57,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                    help="JSON-lines audit trail of inference, admin and refused calls (hash-chained)")
     p.add_argument("--audit-max-mb", type=int, default=100, help="rotate the audit log past this size")
     p.add_argument("--audit-retention", type=int, default=10, help="rotated audit logs kept")
+    p.add_argument("--audit-fsync", action="store_true",
+                   help="fsync the audit log after each write (at most every 20 ms): no record lost on a power "
+                        "failure (without it, one the OS had not written yet can be)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=4096,
                    help="calls in progress at once (more: RESOURCE_EXHAUSTED)")
     p.add_argument("--max-streams-per-connection", type=int, default=1024, help="HTTP/2 streams per connection")
@@ -122,6 +125,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         repository_poll_s=args.repository_poll_s,
         audit_log=args.audit_log,
         audit_max_bytes=args.audit_max_mb << 20,
+        audit_fsync=args.audit_fsync,
         audit_retention=args.audit_retention,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_streams_per_connection=args.max_streams_per_connection,

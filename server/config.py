@@ -200,6 +200,7 @@ class ServerConfig:
     repository_poll_s: float = 15.0  # poll mode: seconds between repository scans
     audit_log: str | None = None  # JSON-lines audit trail; None = off
     audit_max_bytes: int = 100 << 20  # rotate the audit log past this size
+    audit_fsync: bool = False  # fsync each write (every 20 ms at most): records survive a power loss
     audit_retention: int = 10  # rotated audit files kept
     max_concurrent_rpcs: int = 4096  # calls in progress at once; more are refused RESOURCE_EXHAUSTED
     max_streams_per_connection: int = 1024  # HTTP/2 concurrent streams one connection may open

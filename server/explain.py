@@ -89,6 +89,8 @@ class Explainer:
         self.max_evaluations = _param_int(config, "explain_max_evaluations", DEFAULT_MAX_EVALUATIONS)
         self.max_rows = _param_int(config, "explain_max_rows", DEFAULT_MAX_ROWS)
         self.output = explained_output(config, card)
+        chosen = config.parameters.get("explain_output") or (card or {}).get("explain_output")
+        self._embedding = (card or {}).get("task") == "embedding" and not chosen
         reference = (card or {}).get("reference")
         self._reference = {k: np.asarray(v) for k, v in reference.items()} if isinstance(reference, dict) else {}
         inputs = {t.name: t for t in config.graph_inputs or config.inputs}
@@ -100,6 +102,9 @@ class Explainer:
 
     def refuse(self) -> str | None:
         """Why this model cannot be explained (None when it can)."""
+        if self._embedding:
+            return ("it is an embedding model: its output values are coordinates, not targets to explain "
+                    "(the config parameter explain_output names an output to explain anyway)")
         if self.output is None:
             return "it has no output of one value per target to explain"
         if self._config.max_batch_size <= 0:

@@ -240,7 +240,7 @@ def test_a_note_is_explained_by_removing_windows_of_its_tokens(demo: tuple[Path,
     the first token (kept)."""
     from tokenizers import Tokenizer
 
-    from medserve.clients import Client
+    from medserve.clients import Client, InvalidArgument
 
     from conftest import running_server
 
@@ -250,6 +250,8 @@ def test_a_note_is_explained_by_removing_windows_of_its_tokens(demo: tuple[Path,
     lengths = [len(tokenizer.encode(n).ids) for n in notes]
     with running_server(path) as server, Client(server.target, timeout_s=60) as client:
         why = client.explain("notes_triage", {"text": np.array([[n] for n in notes], dtype=object)})
+        with pytest.raises(InvalidArgument, match="embedding model"):  # 384 coordinates are no targets
+            client.explain("notes_minilm", {"text": np.array([[notes[0]]], dtype=object)})
     attributions = why.attributions[""]
     assert why.method == "occlusion" and why.output == "probabilities"
     assert attributions.shape == (2, 3, max(lengths)) and why.base_value.shape == (2, 3)

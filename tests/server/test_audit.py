@@ -147,3 +147,35 @@ def test_timestamps_are_utc_iso_8601_with_milliseconds(time_unix: float) -> None
     stamp = _Stamps()(time_unix)
     parsed = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC)
     assert 0 <= time_unix - parsed.timestamp() < 1e-3 + 1e-6
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_audit_fsync_syncs_every_write_to_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   fsync: bool) -> None:
+    """`--audit-fsync` reaches the writer, and the writer then syncs the file after each write
+    (a spy around the real os.fsync counts the calls on the log's own descriptor)."""
+    import os
+
+    from medserve.server import audit as audit_module
+    from medserve.server.cli import _server_config, build_parser
+
+    args = build_parser().parse_args(["serve", "--repository", str(tmp_path), "--audit-log", str(tmp_path / "a"),
+                                      *(["--audit-fsync"] if fsync else [])])
+    config = _server_config(args)
+    assert config.audit_fsync is fsync
+    synced: list[int] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(audit_module.os, "fsync", spy)
+    writer = AuditLog(tmp_path / "audit.jsonl", fsync=config.audit_fsync)
+    writer.start()
+    for i in range(3):
+        writer.record(AuditEvent(1.7e9, "w", "p", "ModelInfer", "OK", 0.5, request_id=str(i)))
+        wait_for(lambda w=writer, n=i + 1: w.written >= n)  # one write each
+    writer.close()
+    assert len(synced) == (3 if fsync else 0)
+    assert [r["request_id"] for r in lines(tmp_path / "audit.jsonl")] == ["0", "1", "2"]
