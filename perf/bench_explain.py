@@ -46,17 +46,10 @@ def _zeros(client: Any, model: str) -> dict[str, np.ndarray]:
 
 
 def _body(model: str, inputs: dict[str, np.ndarray], explain: bool) -> bytes:
-    """A serialized ModelInferRequest, with request parameter `explain` when asked."""
-    from medserve.protos import grpc_service_pb2 as pb
-    from medserve.protos.wire import datatype_of, to_raw
+    """A serialized ModelInferRequest, as the client library encodes it (`explain` when asked)."""
+    from medserve.clients._codec import encode_infer_request
 
-    req = pb.ModelInferRequest(model_name=model)
-    for name, array in inputs.items():
-        req.inputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
-        req.raw_input_contents.append(to_raw(array))
-    if explain:
-        req.parameters["explain"].bool_param = True
-    return req.SerializeToString()
+    return encode_infer_request(model, inputs, explain=explain).SerializeToString()
 
 
 def _job(address: str, body: bytes, seconds: float, *, rate: float = 0.0) -> Job:

@@ -20,7 +20,8 @@
 The perturbed rows ride the model's batcher at background priority (after every caller's
 request, never in a caller's batch, and never holding an instance a caller's batch needs: it
 starts beside a running part), in parts the cost model expects to run within 0.25 ms (at most
-max_batch_size rows), a few queued at a time, on threads at the lowest CPU priority. The work is bounded per model:
+max_batch_size rows), a few queued at a time, on threads at the lowest CPU priority (a part
+cheaper than the inline bound runs on the event loop). The work is bounded per model:
 `explain_max_evaluations` model rows per explained row, `explain_max_rows` explained rows per
 request (config parameters).
 """
@@ -65,10 +66,15 @@ def _param_int(config: ModelConfig, key: str, default: int) -> int:
     return number
 
 
+def _chosen_output(config: ModelConfig, card: Mapping[str, object] | None) -> object:
+    """The `explain_output` the config or the card names, if any."""
+    return config.parameters.get("explain_output") or (card or {}).get("explain_output")
+
+
 def explained_output(config: ModelConfig, card: Mapping[str, object] | None) -> str | None:
     """The output an explanation is about: the card's or config's `explain_output`, else
     `probabilities`, else the first floating-point output of one value per target."""
-    chosen = config.parameters.get("explain_output") or (card or {}).get("explain_output")
+    chosen = _chosen_output(config, card)
     names = [t.name for t in config.outputs]
     if isinstance(chosen, str) and chosen in names:
         return chosen
@@ -89,8 +95,7 @@ class Explainer:
         self.max_evaluations = _param_int(config, "explain_max_evaluations", DEFAULT_MAX_EVALUATIONS)
         self.max_rows = _param_int(config, "explain_max_rows", DEFAULT_MAX_ROWS)
         self.output = explained_output(config, card)
-        chosen = config.parameters.get("explain_output") or (card or {}).get("explain_output")
-        self._embedding = (card or {}).get("task") == "embedding" and not chosen
+        self._embedding = (card or {}).get("task") == "embedding" and not _chosen_output(config, card)
         reference = (card or {}).get("reference")
         self._reference = {k: np.asarray(v) for k, v in reference.items()} if isinstance(reference, dict) else {}
         inputs = {t.name: t for t in config.graph_inputs or config.inputs}
@@ -224,8 +229,7 @@ class Explainer:
         mask = np.repeat(inputs["attention_mask"][:, None], count, axis=1)
         pad = int(self._pad.get(target, 0))
         for s, (window,) in enumerate([*segments, (slice(1, None),)]):
-            keep = window.start == 0  # a window over the first token leaves that token
-            start = 1 if keep else window.start
+            start = max(1, window.start)  # a window over the first token leaves that token
             ids[:, s, start:window.stop] = pad
             mask[:, s, start:window.stop] = 0
         shape = (-1, ids.shape[-1])

@@ -12,6 +12,7 @@ library's own truncation rules; no custom-op library has to load into every sess
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -31,13 +32,16 @@ class TokenizerStage:
         self._pad_id = pad_id
         self.max_length = config.max_length
 
+    def _encode(self, texts: np.ndarray) -> list[Any]:
+        return self._tokenizer.encode_batch([str(t) for t in texts.reshape(-1)])
+
     def tokens(self, texts: np.ndarray) -> list[list[str]]:
         """Each row's tokens as the tokenizer spells them (what an explanation's positions are)."""
-        return [e.tokens for e in self._tokenizer.encode_batch([str(t) for t in texts.reshape(-1)])]
+        return [e.tokens for e in self._encode(texts)]
 
     def __call__(self, texts: np.ndarray) -> dict[str, np.ndarray]:
         """`texts`: str objects [rows, 1] (validated and decoded already)."""
-        encodings = self._tokenizer.encode_batch([str(t) for t in texts.reshape(-1)])
+        encodings = self._encode(texts)
         longest = max((len(e.ids) for e in encodings), default=1) or 1
         rows = len(encodings)
         ids = np.full((rows, longest), self._pad_id, np.int64)

@@ -30,9 +30,10 @@ Among ready groups the one whose best member has the highest priority (level 1 f
 earliest arrival, runs first. Requests whose queue timeout passed under `timeout_action: DELAY`
 rank after all others. `BACKGROUND` requests (explanations' perturbed rows) rank after every
 caller's request, never share a batch with one, run one at a time per instance, only on an
-instance no batch holds, and on threads of their own (`background_executor`, at the lowest CPU
-priority); they hold no caller's slot: a caller's batch starts beside a running part, so a
-caller never waits behind the server's own work.
+instance no batch holds, and, when they leave the event loop, on threads of their own
+(`background_executor`, at the lowest CPU priority; a part measured under `inline_below_s` runs
+inline like any cheap batch); they hold no caller's slot: a caller's batch starts beside a
+running part, so a caller never waits behind the server's own work.
 
 Worst-case queueing delay for a request while an instance is free: `max_queue_delay_us`; while
 all instances are busy it also waits for one to finish (bounded by its deadline).

@@ -346,8 +346,11 @@ class Batcher:
     def _has_slot(self, level: int) -> bool:
         """Whether a batch of this level could start now: a caller's needs an instance no
         caller's batch holds (it runs beside a background part), a background part a free one."""
-        held = self._n.in_flight if level == BACKGROUND_LEVEL else self._n.in_flight - self._n.background_in_flight
+        held = self._n.in_flight if level == BACKGROUND_LEVEL else self._callers_in_flight()
         return held < self._instances
+
+    def _callers_in_flight(self) -> int:
+        return self._n.in_flight - self._n.background_in_flight
 
     def _level(self, priority: int) -> tuple[int, QueuePolicy]:
         cfg = self._config.batching
@@ -399,7 +402,7 @@ class Batcher:
             now = self._clock()
             decision = decide(
                 self._queue, now, self._policy, self._cost,
-                self._instances - (self._n.in_flight - self._n.background_in_flight), self._close_at(),
+                self._instances - self._callers_in_flight(), self._close_at(),
                 self._n.background_in_flight,
             )
             settled = decision.expire + decision.drop + decision.run
