@@ -7,21 +7,26 @@
   Exact (every coalition) when 2^features x reference rows fits the budget, else KernelSHAP: the
   Shapley-kernel weighted regression over sampled coalitions (sizes drawn by the kernel, each
   paired with its complement), constrained so that the attributions add up exactly to the
-  output minus `base_value` (the mean output over the reference rows).
+  output minus `base_value` (the mean output over the reference rows). The coalitions and the
+  regression's solve are made once per model version (seeded): a patient's explanation is the
+  same every time it is asked for, and a request pays only for its own rows.
 - **Images, signals and sequences**: occlusion over segments (image patches, time windows,
   tokens): a segment's attribution is the output drop when it alone is replaced by the
   reference, spread over its elements; `base_value` is the output on the reference.
 - **Text** (token ids with an attention mask, from the server's tokenizer or the caller):
   occlusion over windows of tokens, a window removed by masking it out (attention mask 0, the
-  id the pad id); the first token ([CLS] or BOS) always stays; `base_value` is the output with
-  every other token removed. Attributions are per token position of the tokenizer's encoding
-  (for text the response also lists the tokens: `explain_tokens`).
+  id the pad id); the first token ([CLS] or BOS) always stays (no window holds it, so its
+  attribution is 0); `base_value` is the output with every other token removed. Attributions are
+  per token position of the tokenizer's encoding, 0 on padding (for text the response also lists
+  the tokens: `explain_tokens`).
 
 The perturbed rows ride the model's batcher at background priority (after every caller's
 request, never in a caller's batch, and never holding an instance a caller's batch needs: it
-starts beside a running part), in parts the cost model expects to run within 0.25 ms (at most
-max_batch_size rows), a few queued at a time, on threads at the lowest CPU priority (a part
-cheaper than the inline bound runs on the event loop). The work is bounded per model:
+starts beside a running part), in parts the cost model expects to run within 2 ms, a few
+queued at a time, on threads at the lowest CPU priority. A part may hold more rows than
+max_batch_size: it runs there as engine calls of at most max_batch_size rows, in one hand-off
+(each part costs the event loop its queueing and hand-off; parts of 0.25 ms cost it 14 ms per
+forest explanation, 2 ms parts 4.6 ms). The work is bounded per model:
 `explain_max_evaluations` model rows per explained row, `explain_max_rows` explained rows per
 request (config parameters).
 """
@@ -91,7 +96,8 @@ class Explainer:
         self._label = label
         self._config = config
         self._evaluate = evaluate
-        self._rng = np.random.default_rng(seed)
+        self._seed = seed
+        self._designs: dict[tuple[int, int], _Design] = {}  # (features, reference rows) -> coalitions
         self.max_evaluations = _param_int(config, "explain_max_evaluations", DEFAULT_MAX_EVALUATIONS)
         self.max_rows = _param_int(config, "explain_max_rows", DEFAULT_MAX_ROWS)
         self.output = explained_output(config, card)
@@ -139,9 +145,8 @@ class Explainer:
         features = [(n, c) for n in names for c in range(inputs[n].shape[1])]
         reference = {n: self._reference[n] for n in names}
         m = len(next(iter(reference.values())))
-        count = len(features)
-        exact = (1 << count) * m <= self.max_evaluations
-        masks = _all_masks(count) if exact else self._sampled_masks(count, max(4, self.max_evaluations // m))
+        design = self._design(len(features), m)
+        masks = design.masks
         rows = next(iter(inputs.values())).shape[0]
         batch = {}
         for n in names:
@@ -154,30 +159,27 @@ class Explainer:
         values = _as_targets((await self._evaluate(batch))[str(self.output)])
         v = values.reshape(rows, len(masks), m, -1).mean(axis=2)  # [rows, K, targets]
         empty, full = v[:, 0], f_x  # masks[0] is the empty coalition; the full one is x itself
-        if exact:
-            phi = np.einsum("fk,rkt->rtf", _shapley_weights(masks), v)
-        else:
-            phi = _kernel_shap(masks[1:], v[:, 1:], empty, full)
+        phi = design.attributions(v, empty, full)
         attributions = {}
         for n in names:
             cols = [i for i, (name, _) in enumerate(features) if name == n]
             attributions[n] = phi[:, :, cols].astype(np.float32)
-        return Explanation(attributions, empty.astype(np.float32), "shapley_exact" if exact else "kernel_shap",
-                           str(self.output))
+        return Explanation(attributions, empty.astype(np.float32), design.method, str(self.output))
 
-    def _sampled_masks(self, count: int, budget: int) -> np.ndarray:
-        """The empty coalition, then pairs (a coalition and its complement) drawn by the
-        Shapley kernel's size distribution."""
-        sizes = np.arange(1, count)
-        weights = (count - 1) / (sizes * (count - sizes))
-        pairs = max(2, (budget - 1) // 2)
-        drawn = self._rng.choice(sizes, size=pairs, p=weights / weights.sum())
-        keys = self._rng.random((pairs, count))  # a uniform subset of each drawn size: its smallest keys
-        cut = np.take_along_axis(np.sort(keys, axis=1), drawn[:, None] - 1, axis=1)
-        chosen = keys <= cut  # vectorised: a Python loop per coalition held the event loop for ms
-        masks = np.zeros((2 * pairs + 1, count), bool)
-        masks[1::2], masks[2::2] = chosen, ~chosen
-        return masks
+    def _design(self, count: int, m: int) -> _Design:
+        """The coalitions for `count` features against `m` reference rows, made once per shape:
+        every one when 2^count x m fits the budget, else a seeded KernelSHAP sample (so the same
+        request is always explained the same way, and no request pays for the sampling)."""
+        key = (count, m)
+        design = self._designs.get(key)
+        if design is None:
+            if (1 << count) * m <= self.max_evaluations:
+                design = _Design.exact(count)
+            else:
+                rng = np.random.default_rng(self._seed)
+                design = _Design.sampled(_sampled_masks(count, max(4, self.max_evaluations // m), rng))
+            self._designs[key] = design
+        return design
 
     # -- images, signals, sequences: occlusion ----------------------------------------------
 
@@ -185,10 +187,13 @@ class Explainer:
         target = next((n for n in sorted(inputs) if "mask" not in n), sorted(inputs)[0])
         x = inputs[target]
         rows = x.shape[0]
-        segments = _segments(x.shape[1:])
-        if self._is_tokens(inputs, target):
+        tokens = self._is_tokens(inputs, target)
+        segments: list[tuple[slice, ...]]
+        if tokens:  # windows over every token but the first, which always stays
+            segments = [(slice(w.start + 1, w.stop + 1),) for (w,) in _segments((x.shape[1] - 1,))]
             batch = self._tokens_removed(inputs, target, segments)
         else:
+            segments = _segments(x.shape[1:])
             batch = self._replaced_by_baseline(inputs, target, segments)
         values = _as_targets((await self._evaluate(batch))[str(self.output)]).reshape(rows, len(segments) + 1, -1)
         drops = f_x[:, None, :] - values[:, :-1, :]  # [rows, S, targets]
@@ -197,6 +202,8 @@ class Explainer:
             size = math.prod(len(range(*i.indices(d))) for i, d in zip(index, x.shape[1:], strict=True))
             attribution[(slice(None), slice(None), *index)] = (drops[:, s, :] / size)[
                 (slice(None), slice(None), *([None] * len(index)))]
+        if tokens:  # padding is no part of the text: nothing to attribute to it
+            attribution *= (inputs["attention_mask"] != 0)[:, None, :]
         return Explanation({target: attribution}, values[:, -1, :].astype(np.float32), "occlusion", str(self.output))
 
     def _replaced_by_baseline(self, inputs: Mapping[str, np.ndarray], target: str,
@@ -229,9 +236,8 @@ class Explainer:
         mask = np.repeat(inputs["attention_mask"][:, None], count, axis=1)
         pad = int(self._pad.get(target, 0))
         for s, (window,) in enumerate([*segments, (slice(1, None),)]):
-            start = max(1, window.start)  # a window over the first token leaves that token
-            ids[:, s, start:window.stop] = pad
-            mask[:, s, start:window.stop] = 0
+            ids[:, s, window] = pad
+            mask[:, s, window] = 0
         shape = (-1, ids.shape[-1])
         out = {n: np.repeat(a, count, axis=0) for n, a in inputs.items()}
         out[target], out["attention_mask"] = ids.reshape(shape), mask.reshape(shape)
@@ -242,6 +248,57 @@ class Explainer:
         if ref is not None and ref.shape[1:] == x.shape[1:]:
             return ref.mean(axis=0).astype(x.dtype) if ref.dtype.kind == "f" else ref[0].astype(x.dtype)
         return np.zeros(x.shape[1:], x.dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class _Design:
+    """A Shapley design: the coalitions (the empty one first) and the linear map from their
+    values to the attributions, both fixed per feature count."""
+
+    masks: np.ndarray  # [K, F] bool
+    method: str
+    operator: np.ndarray  # exact: W [F, K]; sampled: the constrained least-squares solve [F - 1, K - 1]
+
+    @classmethod
+    def exact(cls, count: int) -> _Design:
+        masks = _all_masks(count)
+        return cls(masks, "shapley_exact", _shapley_weights(masks))
+
+    @classmethod
+    def sampled(cls, masks: np.ndarray) -> _Design:
+        """Constrained least squares (coalitions sampled by the kernel, so equally weighted):
+        min sum_k (v_k - empty - z_k . phi)^2 subject to sum(phi) = full - empty; the last
+        feature is eliminated with the constraint, leaving beta = (X'X)^-1 X' y."""
+        z = masks[1:].astype(np.float64)  # [K - 1, F]
+        x = z[:, :-1] - z[:, -1:]
+        gram = x.T @ x + 1e-9 * np.eye(z.shape[1] - 1)
+        return cls(masks, "kernel_shap", np.linalg.solve(gram, x.T))
+
+    def attributions(self, v: np.ndarray, empty: np.ndarray, full: np.ndarray) -> np.ndarray:
+        """phi [rows, targets, F] from the coalitions' values v [rows, K, targets]."""
+        if self.method == "shapley_exact":
+            return np.einsum("fk,rkt->rtf", self.operator, v)
+        last = self.masks[1:, -1].astype(np.float64)  # [K - 1]
+        total = full - empty  # [rows, targets]
+        y = v[:, 1:] - empty[:, None, :] - last[None, :, None] * total[:, None, :]  # [rows, K - 1, targets]
+        beta = np.einsum("gk,rkt->rgt", self.operator, y)  # [rows, F - 1, targets]
+        rest = total - beta.sum(axis=1)
+        return np.concatenate([beta, rest[:, None, :]], axis=1).transpose(0, 2, 1)
+
+
+def _sampled_masks(count: int, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """The empty coalition, then pairs (a coalition and its complement) drawn by the Shapley
+    kernel's size distribution."""
+    sizes = np.arange(1, count)
+    weights = (count - 1) / (sizes * (count - sizes))
+    pairs = max(2, (budget - 1) // 2)
+    drawn = rng.choice(sizes, size=pairs, p=weights / weights.sum())
+    keys = rng.random((pairs, count))  # a uniform subset of each drawn size: its smallest keys
+    cut = np.take_along_axis(np.sort(keys, axis=1), drawn[:, None] - 1, axis=1)
+    chosen = keys <= cut
+    masks = np.zeros((2 * pairs + 1, count), bool)
+    masks[1::2], masks[2::2] = chosen, ~chosen
+    return masks
 
 
 def _as_targets(output: np.ndarray) -> np.ndarray:
@@ -268,21 +325,6 @@ def _shapley_weights(masks: np.ndarray) -> np.ndarray:
 
     inside, outside = w(sizes - 1), w(sizes)
     return np.where(masks.T, inside[None, :], -outside[None, :])
-
-
-def _kernel_shap(masks: np.ndarray, v: np.ndarray, empty: np.ndarray, full: np.ndarray) -> np.ndarray:
-    """Constrained least squares (coalitions sampled by the kernel, so equally weighted):
-    min sum_k (v_k - empty - z_k . phi)^2 subject to sum(phi) = full - empty, per row and target."""
-    z = masks.astype(np.float64)  # [K, F]
-    count = z.shape[1]
-    x = z[:, :-1] - z[:, -1:]  # eliminate the last feature with the constraint
-    gram = x.T @ x + 1e-9 * np.eye(count - 1)
-    total = full - empty  # [rows, targets]
-    y = v - empty[:, None, :] - z[None, :, -1:] * total[:, None, :]  # [rows, K, targets]
-    rhs = np.einsum("kg,rkt->rgt", x, y)  # [rows, F - 1, targets]
-    beta = np.einsum("fg,rgt->rft", np.linalg.inv(gram), rhs)
-    last = total - beta.sum(axis=1)
-    return np.concatenate([beta, last[:, None, :]], axis=1).transpose(0, 2, 1)  # [rows, targets, F]
 
 
 def _segments(dims: Sequence[int]) -> list[tuple[slice, ...]]:

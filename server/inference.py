@@ -57,8 +57,10 @@ class InferResult:
 
 
 TOKENIZE_INLINE_CHARS = 4096  # more text than this is tokenized off the event loop
-BACKGROUND_PART_S = 2.5e-4  # a background part's measured cost at most (callers run beside parts; short
-# parts keep each one's CPU contention with them brief: measured, parts of 2 ms cost callers more)
+BACKGROUND_PART_S = 2e-3  # a background part's estimated cost at most: callers' batches start beside
+# a running part, so its length delays none of them; each part costs the event loop its queueing
+# and hand-off, so fewer, longer parts leave more of the loop to callers
+BACKGROUND_PART_CHUNKS = 32  # a part runs as at most this many engine calls of max_batch_size rows
 BACKGROUND_WINDOW = 4  # background parts one explanation keeps queued
 
 
@@ -163,7 +165,7 @@ class InferenceCore:
             at a time (an explanation never fills the queue)."""
             total = next(iter(batch.values())).shape[0]
             limit = background_part_rows(batcher.estimate_s, work_of(batch) // max(1, total),
-                                         max(1, loaded.config.max_batch_size))
+                                         max(1, loaded.config.max_batch_size) * BACKGROUND_PART_CHUNKS)
             answers: list[Mapping[str, np.ndarray]] = []
             for first in range(0, total, limit * BACKGROUND_WINDOW):
                 answers += await asyncio.gather(*(

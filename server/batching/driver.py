@@ -237,11 +237,12 @@ class Batcher:
         loop = self._loop
         if self._stopping or loop is None:
             raise ModelNotReady(f"model {self._name} is not accepting requests (unloading or stopped)")
+        background = request.priority == BACKGROUND
         split = self._config.split_rows
-        if 0 < split < request.rows:
+        if 0 < split < request.rows and not background:
             return self._submit_parts(request, loop)
         limit = self._policy.max_batch_rows
-        if limit > 0 and request.rows > limit:
+        if limit > 0 and request.rows > limit and not background:  # a background part runs in chunks
             raise InvalidInput(f"model {self._name}: request has {request.rows} rows, more than max_batch_size {limit}")
         level, policy = self._level(request.priority)
         now = self._clock()
@@ -462,10 +463,11 @@ class Batcher:
                 it.request.timing.started_ns = time.time_ns()
         padding = (Padding(self._pad_values, self._padded_outputs, [it.length for it in items])
                    if self._pad_values else None)
+        chunk = (self._policy.max_batch_rows or self._config.split_rows) if flight.background else 0
         if decision.inline:
             self._n.inline += 1
             try:
-                flight.outcome = execute(self._runner, members, rows, self._name, self._engine_clock, padding)
+                flight.outcome = execute(self._runner, members, rows, self._name, self._engine_clock, padding, chunk)
             except BaseException as exc:  # noqa: BLE001 - every future must be resolved
                 flight.outcome = exc
             self._finished()
@@ -473,7 +475,7 @@ class Batcher:
         assert self._loop is not None
         executor = self._background_executor if flight.background and self._background_executor else self._executor
         done = self._loop.run_in_executor(
-            executor, execute, self._runner, members, rows, self._name, self._engine_clock, padding
+            executor, execute, self._runner, members, rows, self._name, self._engine_clock, padding, chunk
         )
         done.add_done_callback(lambda f: self._on_executed(flight, f))
 

@@ -93,12 +93,28 @@ def concatenate(members: Sequence[Arrays], padding: Padding | None = None) -> di
 
 
 def execute(runner: Runner, members: Sequence[Arrays], rows: Sequence[int], name: str, engine_clock: Clock,
-            padding: Padding | None = None) -> Outcome:
+            padding: Padding | None = None, chunk_rows: int = 0) -> Outcome:
     """Concatenate (padding where declared), run and split one batch; on failure bisect so only
-    culprits fail."""
+    culprits fail. `chunk_rows` > 0: a batch of more rows runs as consecutive engine calls of at
+    most that many (a background part larger than the model's max_batch_size, in one hand-off)."""
     outcome = Outcome()
-    outcome.outputs = _run_group(runner, list(members), list(rows), name, engine_clock, outcome, padding)
+    run = runner if chunk_rows <= 0 else _chunked(runner, chunk_rows, sum(rows), name)
+    outcome.outputs = _run_group(run, list(members), list(rows), name, engine_clock, outcome, padding)
     return outcome
+
+
+def _chunked(runner: Runner, chunk_rows: int, total: int, name: str) -> Runner:
+    """`runner` over consecutive slices of at most `chunk_rows` rows, outputs joined."""
+    if total <= chunk_rows:
+        return runner
+
+    def run(inputs: Arrays) -> Arrays:
+        rows = next(iter(inputs.values())).shape[0]
+        parts = split_rows(inputs, rows, chunk_rows)
+        outputs = [runner(part) for part, _ in parts]
+        return join_outputs(outputs, [r for _, r in parts], name)
+
+    return run
 
 
 def _run_group(

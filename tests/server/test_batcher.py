@@ -169,6 +169,24 @@ async def test_rows_limit_refuses_a_too_large_request() -> None:
     await batcher.stop()
 
 
+async def test_a_background_part_past_max_batch_size_runs_in_chunks_on_one_hand_off() -> None:
+    """An explanation's part may hold more rows than a caller may send: it is one queue entry and
+    one flight (one hand-off), run as engine calls of at most max_batch_size rows, its rows back
+    in order (a caller's request of that size is refused, or split into queued parts)."""
+    from medserve.server.batching import BACKGROUND
+
+    runner = GatedRunner()
+    stats = ModelStats()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=4), split_rows=4, observer=stats)
+    part = ramp(10)
+    out = await batcher.submit(BatchRequest(part.inputs, rows=10, key=KEY, priority=BACKGROUND))
+    assert np.array_equal(out["y"], part.inputs["x"] * 2)
+    assert np.array_equal(out["rows"], [0, 1, 2, 3, 0, 1, 2, 3, 0, 1])  # each chunk's own row numbers
+    assert runner.batches == [4, 4, 2]
+    assert stats.execution_count == 1
+    await batcher.stop()
+
+
 def ramp(rows: int, start: float = 0.0) -> BatchRequest:
     """`rows` rows whose values are their row numbers (from `start`): order is visible in outputs."""
     x = np.repeat(np.arange(start, start + rows, dtype=np.float32)[:, None], 2, axis=1)

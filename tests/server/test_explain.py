@@ -79,9 +79,15 @@ def test_tabular_attributions_add_up_to_the_output(tmp_path: Path, family: str) 
     with_reference(repo, "bc", {report.inputs[0].name: reference})
     with running_server(repo) as server:
         out, params = explain(server.stub(), "bc", report.inputs[0].name, x[:3])
+        again, _ = explain(server.stub(), "bc", report.inputs[0].name, x[:3])
+        first_row, _ = explain(server.stub(), "bc", report.inputs[0].name, x[:1])
     assert params["explain_method"] == "kernel_shap"  # 30 features: sampled
     assert out["attributions"].shape == (3, 2, 30) and out["base_value"].shape == (3, 2)
     np.testing.assert_allclose(out["attributions"].sum(axis=2) + out["base_value"], out["probabilities"], atol=1e-3)
+    # The coalitions are sampled once per model: asked again, alone or beside other rows, a
+    # patient's explanation is the same.
+    np.testing.assert_allclose(again["attributions"], out["attributions"], atol=1e-6)
+    np.testing.assert_allclose(first_row["attributions"][0], out["attributions"][0], atol=1e-6)
 
 
 def _planted(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
