@@ -14,11 +14,12 @@
   tokens): a segment's attribution is the output drop when it alone is replaced by the
   reference, spread over its elements; `base_value` is the output on the reference.
 - **Text** (token ids with an attention mask, from the server's tokenizer or the caller):
-  occlusion over windows of tokens, a window removed by masking it out (attention mask 0, the
-  id the pad id); the first token ([CLS] or BOS) always stays (no window holds it, so its
-  attribution is 0); `base_value` is the output with every other token removed. Attributions are
-  per token position of the tokenizer's encoding, 0 on padding (for text the response also lists
-  the tokens: `explain_tokens`).
+  occlusion over about 16 windows of whole words per row, a window removed by masking it out
+  (attention mask 0, the id the pad id); a word's sub-word tokens stay together, and tokens of no
+  word ([CLS], [SEP]) always stay, with attribution 0; `base_value` is the output with every word
+  removed. Token ids sent by the caller carry no words: there each token but the first is one.
+  Attributions are per token position of the tokenizer's encoding (a window's drop spread over
+  its tokens), 0 on padding (for text the response also lists the tokens: `explain_tokens`).
 
 The perturbed rows ride the model's batcher at background priority (after every caller's
 request, never in a caller's batch, and never holding an instance a caller's batch needs: it
@@ -124,8 +125,10 @@ class Explainer:
             return "its model card has no reference rows (re-export it: the exporters add them)"
         return None
 
-    async def explain(self, inputs: Mapping[str, np.ndarray], output: np.ndarray) -> Explanation:
-        """Attributions for every row of a request; `output` is its explained output."""
+    async def explain(self, inputs: Mapping[str, np.ndarray], output: np.ndarray,
+                      words: np.ndarray | None = None) -> Explanation:
+        """Attributions for every row of a request; `output` is its explained output; `words`
+        (text from the server's tokenizer) the word of each token position, -1 where none."""
         why = self.refuse()
         if why is not None:
             raise InvalidInput(f"model {self._label} cannot be explained: {why}")
@@ -136,7 +139,7 @@ class Explainer:
         targets = _as_targets(output)
         if self._tabular:
             return await self._shapley(inputs, targets)
-        return await self._occlusion(inputs, targets)
+        return await self._occlusion(inputs, targets, words)
 
     # -- tables: Shapley values ------------------------------------------------------------
 
@@ -183,18 +186,15 @@ class Explainer:
 
     # -- images, signals, sequences: occlusion ----------------------------------------------
 
-    async def _occlusion(self, inputs: Mapping[str, np.ndarray], f_x: np.ndarray) -> Explanation:
+    async def _occlusion(self, inputs: Mapping[str, np.ndarray], f_x: np.ndarray,
+                         words: np.ndarray | None) -> Explanation:
         target = next((n for n in sorted(inputs) if "mask" not in n), sorted(inputs)[0])
+        if self._is_tokens(inputs, target):
+            return await self._token_occlusion(inputs, target, f_x, words)
         x = inputs[target]
         rows = x.shape[0]
-        tokens = self._is_tokens(inputs, target)
-        segments: list[tuple[slice, ...]]
-        if tokens:  # windows over every token but the first, which always stays
-            segments = [(slice(w.start + 1, w.stop + 1),) for (w,) in _segments((x.shape[1] - 1,))]
-            batch = self._tokens_removed(inputs, target, segments)
-        else:
-            segments = _segments(x.shape[1:])
-            batch = self._replaced_by_baseline(inputs, target, segments)
+        segments = _segments(x.shape[1:])
+        batch = self._replaced_by_baseline(inputs, target, segments)
         values = _as_targets((await self._evaluate(batch))[str(self.output)]).reshape(rows, len(segments) + 1, -1)
         drops = f_x[:, None, :] - values[:, :-1, :]  # [rows, S, targets]
         attribution = np.zeros((rows, f_x.shape[1], *x.shape[1:]), np.float32)
@@ -202,8 +202,38 @@ class Explainer:
             size = math.prod(len(range(*i.indices(d))) for i, d in zip(index, x.shape[1:], strict=True))
             attribution[(slice(None), slice(None), *index)] = (drops[:, s, :] / size)[
                 (slice(None), slice(None), *([None] * len(index)))]
-        if tokens:  # padding is no part of the text: nothing to attribute to it
-            attribution *= (inputs["attention_mask"] != 0)[:, None, :]
+        return Explanation({target: attribution}, values[:, -1, :].astype(np.float32), "occlusion", str(self.output))
+
+    async def _token_occlusion(self, inputs: Mapping[str, np.ndarray], target: str, f_x: np.ndarray,
+                               words: np.ndarray | None) -> Explanation:
+        """Each row's windows of whole words removed in turn (attention mask 0, the id the pad
+        id), and a last variant with every word removed. A word's sub-word tokens are never
+        split between windows (half a word is no text the model was trained on); tokens of no
+        word (the tokenizer's [CLS], [SEP]) always stay and get attribution 0, as does padding.
+        Token ids from the caller carry no words: each token but the first is its own."""
+        x, mask = inputs[target], inputs["attention_mask"]
+        rows, length = x.shape
+        if words is None:
+            words = np.where(mask != 0, np.arange(length)[None, :], -1)
+            words[:, 0] = -1
+        windows = [_word_windows(w) for w in words]  # per row: the token positions of each window
+        count = max(map(len, windows), default=0) + 1
+        ids = np.repeat(x[:, None], count, axis=1)  # [rows, S + 1, length]
+        kept = np.repeat(mask[:, None], count, axis=1)
+        pad = int(self._pad.get(target, 0))
+        for r, row in enumerate(windows):
+            for s, positions in enumerate([*row, np.flatnonzero(words[r] >= 0)]):
+                where = s if s < len(row) else count - 1
+                ids[r, where, positions] = pad
+                kept[r, where, positions] = 0
+        batch = {n: np.repeat(a, count, axis=0) for n, a in inputs.items()}
+        batch[target], batch["attention_mask"] = ids.reshape(-1, length), kept.reshape(-1, length)
+        values = _as_targets((await self._evaluate(batch))[str(self.output)]).reshape(rows, count, -1)
+        drops = f_x[:, None, :] - values[:, :-1, :]  # [rows, S, targets]
+        attribution = np.zeros((rows, f_x.shape[1], length), np.float32)
+        for r, row in enumerate(windows):
+            for s, positions in enumerate(row):
+                attribution[r][:, positions] = (drops[r, s, :] / len(positions))[:, None]
         return Explanation({target: attribution}, values[:, -1, :].astype(np.float32), "occlusion", str(self.output))
 
     def _replaced_by_baseline(self, inputs: Mapping[str, np.ndarray], target: str,
@@ -225,23 +255,6 @@ class Explainer:
         mask = inputs.get("attention_mask")
         x = inputs[target]
         return x.ndim == 2 and x.dtype.kind in "iu" and mask is not None and mask.shape == x.shape
-
-    def _tokens_removed(self, inputs: Mapping[str, np.ndarray], target: str,
-                        segments: list[tuple[slice, ...]]) -> dict[str, np.ndarray]:
-        """Each window of tokens removed in turn (attention mask 0, the id the pad id), and the
-        last variant with every token removed; the first token (the tokenizer's [CLS] or BOS)
-        always stays, so that attention has something to attend to."""
-        count = len(segments) + 1
-        ids = np.repeat(inputs[target][:, None], count, axis=1)  # [rows, S + 1, length]
-        mask = np.repeat(inputs["attention_mask"][:, None], count, axis=1)
-        pad = int(self._pad.get(target, 0))
-        for s, (window,) in enumerate([*segments, (slice(1, None),)]):
-            ids[:, s, window] = pad
-            mask[:, s, window] = 0
-        shape = (-1, ids.shape[-1])
-        out = {n: np.repeat(a, count, axis=0) for n, a in inputs.items()}
-        out[target], out["attention_mask"] = ids.reshape(shape), mask.reshape(shape)
-        return out
 
     def _baseline(self, name: str, x: np.ndarray) -> np.ndarray:
         ref = self._reference.get(name)
@@ -325,6 +338,14 @@ def _shapley_weights(masks: np.ndarray) -> np.ndarray:
 
     inside, outside = w(sizes - 1), w(sizes)
     return np.where(masks.T, inside[None, :], -outside[None, :])
+
+
+def _word_windows(words: np.ndarray, count: int = SEGMENTS) -> list[np.ndarray]:
+    """About `count` windows of consecutive whole words: each window's token positions."""
+    units = np.unique(words[words >= 0])
+    if not len(units):
+        return []
+    return [np.flatnonzero(np.isin(words, group)) for group in np.array_split(units, min(count, len(units)))]
 
 
 def _segments(dims: Sequence[int]) -> list[tuple[slice, ...]]:

@@ -16,6 +16,7 @@ from .batching import BACKGROUND, BatchRequest, Clock, RequestTiming, work_of
 from .errors import ExecutionError, InvalidInput
 from .explain import Explainer, Explanation
 from .repository import LoadedVersion, ModelRepository
+from .tokenize import Tokenized
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +98,14 @@ class InferenceCore:
         return result
 
     @staticmethod
-    async def _tokenize(loaded: LoadedVersion, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def _tokenize(loaded: LoadedVersion, inputs: dict[str, np.ndarray]) -> Tokenized:
         """A text model's strings as token ids (a long request on a worker thread)."""
         stage = loaded.stage
         assert stage is not None
         (texts,) = inputs.values()
         if sum(len(t) for t in texts.reshape(-1)) > TOKENIZE_INLINE_CHARS:
-            return await asyncio.to_thread(stage, texts)
-        return stage(texts)
+            return await asyncio.to_thread(stage.tokenize, texts)
+        return stage.tokenize(texts)
 
     async def _infer(self, loaded: LoadedVersion, request: InferRequest) -> InferResult:
         signature = loaded.signature
@@ -112,9 +113,10 @@ class InferenceCore:
         wanted = signature.check_outputs(label, request.outputs)
         inputs, rows = signature.validate(label, request.inputs)
         flagged = loaded.monitor.check(inputs) if loaded.monitor is not None else ()
-        validated = inputs
+        tokenized = None
         if loaded.stage is not None:
-            inputs = await self._tokenize(loaded, inputs)
+            tokenized = await self._tokenize(loaded, inputs)
+            inputs = tokenized.inputs
         batcher = loaded.batcher
         assert batcher is not None
         future = batcher.submit(
@@ -141,21 +143,21 @@ class InferenceCore:
             tensors.append(OutputTensor(name, signature.outputs[name].datatype, array))
         parameters: tuple[tuple[str, str], ...] = ()
         if request.explain:
-            explanation = await self._explain(loaded, inputs, outputs)
+            explanation = await self._explain(loaded, inputs, outputs,
+                                              tokenized.words() if tokenized is not None else None)
             single = len(explanation.attributions) == 1
             for input_name, attribution in sorted(explanation.attributions.items()):
                 tensors.append(OutputTensor("attributions" if single else f"attributions.{input_name}", "FP32",
                                             attribution))
             tensors.append(OutputTensor("base_value", "FP32", explanation.base_value))
             parameters = (("explain_method", explanation.method), ("explain_output", explanation.output))
-            if loaded.stage is not None:  # text: which token each position of the attributions is
-                (texts,) = validated.values()
-                parameters += (("explain_tokens", json.dumps(loaded.stage.tokens(texts))),)
+            if tokenized is not None:  # text: which token each position of the attributions is
+                parameters += (("explain_tokens", json.dumps(tokenized.tokens())),)
         return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors), rows,
                            flagged, parameters)
 
     async def _explain(self, loaded: LoadedVersion, inputs: Mapping[str, np.ndarray],
-                       outputs: Mapping[str, np.ndarray]) -> Explanation:
+                       outputs: Mapping[str, np.ndarray], words: np.ndarray | None) -> Explanation:
         batcher = loaded.batcher
         assert batcher is not None
 
@@ -180,4 +182,4 @@ class InferenceCore:
         output = outputs[str(explainer.output)] if explainer.output in outputs else None
         if output is None:
             raise InvalidInput(f"model {loaded.label} cannot be explained: {explainer.refuse() or 'no output'}")
-        return await explainer.explain(inputs, output)
+        return await explainer.explain(inputs, output, words)

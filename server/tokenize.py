@@ -12,6 +12,7 @@ library's own truncation rules; no custom-op library has to load into every sess
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,16 +33,13 @@ class TokenizerStage:
         self._pad_id = pad_id
         self.max_length = config.max_length
 
-    def _encode(self, texts: np.ndarray) -> list[Any]:
-        return self._tokenizer.encode_batch([str(t) for t in texts.reshape(-1)])
-
-    def tokens(self, texts: np.ndarray) -> list[list[str]]:
-        """Each row's tokens as the tokenizer spells them (what an explanation's positions are)."""
-        return [e.tokens for e in self._encode(texts)]
-
     def __call__(self, texts: np.ndarray) -> dict[str, np.ndarray]:
         """`texts`: str objects [rows, 1] (validated and decoded already)."""
-        encodings = self._encode(texts)
+        return self.tokenize(texts).inputs
+
+    def tokenize(self, texts: np.ndarray) -> Tokenized:
+        """The graph's inputs, with the encodings behind them (an explanation's tokens and words)."""
+        encodings = self._tokenizer.encode_batch([str(t) for t in texts.reshape(-1)])
         longest = max((len(e.ids) for e in encodings), default=1) or 1
         rows = len(encodings)
         ids = np.full((rows, longest), self._pad_id, np.int64)
@@ -53,4 +51,24 @@ class TokenizerStage:
             mask[i, :n] = e.attention_mask
             types[i, :n] = e.type_ids
         out: Mapping[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return {name: out[name] for name in self._inputs}
+        return Tokenized({name: out[name] for name in self._inputs}, encodings, longest)
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenized:
+    """A request's token arrays and its encodings (read only when the request is explained)."""
+
+    inputs: dict[str, np.ndarray]
+    encodings: list[Any]
+    length: int
+
+    def tokens(self) -> list[list[str]]:
+        """Each row's tokens as the tokenizer spells them (what an explanation's positions are)."""
+        return [e.tokens for e in self.encodings]
+
+    def words(self) -> np.ndarray:
+        """[rows, length] the word of each token position; -1 for special tokens and padding."""
+        out = np.full((len(self.encodings), self.length), -1, np.int64)
+        for i, e in enumerate(self.encodings):
+            out[i, :len(e.word_ids)] = [-1 if w is None else w for w in e.word_ids]
+        return out

@@ -235,9 +235,9 @@ def test_text_models_answer_strings_from_the_client_library(demo: tuple[Path, di
 
 
 def test_a_note_is_explained_by_removing_windows_of_its_tokens(demo: tuple[Path, dict[str, ExportReport]]) -> None:
-    """Text in, the server's tokenizer, occlusion over windows of the note's own tokens: one
-    attribution per token position and class, none for the padding of the shorter note or for
-    the first token (kept)."""
+    """Text in, the server's tokenizer, occlusion over windows of the note's own words: one
+    attribution per token position and class; a word's sub-word tokens share one window, so
+    one value; none for the padding of the shorter note or for [CLS] and [SEP] (kept)."""
     from tokenizers import Tokenizer
 
     from medserve.clients import Client, InvalidArgument
@@ -245,7 +245,8 @@ def test_a_note_is_explained_by_removing_windows_of_its_tokens(demo: tuple[Path,
     from conftest import running_server
 
     path, _ = demo
-    notes = ["Unresponsive patient, no pulse, CPR started on arrival.", "Routine follow up."]
+    notes = ["Unresponsive patient, no pulse, CPR started on arrival; electrocardiogram showed ventricular "
+             "fibrillation, defibrillated twice and intubated by paramedics.", "Routine follow up."]
     tokenizer = Tokenizer.from_file(str(path / "notes_triage" / "1" / "tokenizer.json"))
     lengths = [len(tokenizer.encode(n).ids) for n in notes]
     with running_server(path) as server, Client(server.target, timeout_s=60) as client:
@@ -256,7 +257,14 @@ def test_a_note_is_explained_by_removing_windows_of_its_tokens(demo: tuple[Path,
     assert why.method == "occlusion" and why.output == "probabilities"
     assert attributions.shape == (2, 3, max(lengths)) and why.base_value.shape == (2, 3)
     assert np.isfinite(attributions).all() and np.isfinite(why.base_value).all()
-    assert (attributions[:, :, 0] == 0).all()  # the first token ([CLS]) always stays
+    for row, note in enumerate(notes):
+        word_ids = tokenizer.encode(note).word_ids
+        assert (attributions[row, :, [i for i, w in enumerate(word_ids) if w is None]] == 0).all()  # [CLS], [SEP]
+        pieces = [[i for i, w in enumerate(word_ids) if w == word] for word in set(word_ids) - {None}]
+        assert any(len(p) > 1 for p in pieces) == (row == 0)  # words of several tokens: one value each
+        for p in pieces:
+            assert (attributions[row][:, p] == attributions[row][:, p[:1]]).all(), (row, p)
+    assert len(set(tokenizer.encode(notes[0]).word_ids) - {None}) > 16  # more words than windows
     assert (attributions[1, :, lengths[1]:] == 0).all()  # the short note's padding: nothing to remove
     # Removing every token but the first moves both answers; removing a window of the short note
     # moves it visibly (the long one is an emergency at p > 0.9999: a window barely moves it).
