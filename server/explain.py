@@ -23,11 +23,12 @@
 
 The perturbed rows ride the model's batcher at background priority (after every caller's
 request, never in a caller's batch, and never holding an instance a caller's batch needs: it
-starts beside a running part), in parts the cost model expects to run within 2 ms, a few
-queued at a time, on threads at the lowest CPU priority. A part may hold more rows than
-max_batch_size: it runs there as engine calls of at most max_batch_size rows, in one hand-off
-(each part costs the event loop its queueing and hand-off; parts of 0.25 ms cost it 14 ms per
-forest explanation, 2 ms parts 4.6 ms). The work is bounded per model:
+starts beside a running part), in parts the cost model expects to run within 8 ms on the CPU
+(1 ms on a GPU, where a caller's kernels would queue behind a part's), a few queued at a time,
+on threads at the lowest CPU priority. A part may hold more rows than max_batch_size: it runs
+there as engine calls of at most max_batch_size rows, in one hand-off (each part costs the
+event loop its queueing and hand-off: a forest explanation in parts of 0.25 / 2 / 8 ms took
+14 / 5.3 / 3.6 ms of event-loop time). The work is bounded per model:
 `explain_max_evaluations` model rows per explained row, `explain_max_rows` explained rows per
 request (config parameters).
 """

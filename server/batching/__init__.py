@@ -33,7 +33,9 @@ caller's request, never share a batch with one, run one at a time per instance, 
 instance no batch holds, and, when they leave the event loop, on threads of their own
 (`background_executor`, at the lowest CPU priority; a part measured under `inline_below_s` runs
 inline like any cheap batch); they hold no caller's slot: a caller's batch starts beside a
-running part, so a caller never waits behind the server's own work.
+running part, so a caller never waits behind the server's own work. A `BACKGROUND` request may
+hold more rows than `max_batch_rows` (it is never split into queued parts): it runs as engine
+calls of at most that many rows in one flight, so a long part costs the event loop one hand-off.
 
 Worst-case queueing delay for a request while an instance is free: `max_queue_delay_us`; while
 all instances are busy it also waits for one to finish (bounded by its deadline).
