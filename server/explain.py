@@ -195,15 +195,19 @@ class Explainer:
         x = inputs[target]
         rows = x.shape[0]
         segments = _segments(x.shape[1:])
-        batch = self._replaced_by_baseline(inputs, target, segments)
-        values = _as_targets((await self._evaluate(batch))[str(self.output)]).reshape(rows, len(segments) + 1, -1)
-        drops = f_x[:, None, :] - values[:, :-1, :]  # [rows, S, targets]
+        drops, base = await self._drops(self._replaced_by_baseline(inputs, target, segments), f_x, len(segments) + 1)
         attribution = np.zeros((rows, f_x.shape[1], *x.shape[1:]), np.float32)
         for s, index in enumerate(segments):
             size = math.prod(len(range(*i.indices(d))) for i, d in zip(index, x.shape[1:], strict=True))
             attribution[(slice(None), slice(None), *index)] = (drops[:, s, :] / size)[
                 (slice(None), slice(None), *([None] * len(index)))]
-        return Explanation({target: attribution}, values[:, -1, :].astype(np.float32), "occlusion", str(self.output))
+        return Explanation({target: attribution}, base, "occlusion", str(self.output))
+
+    async def _drops(self, batch: dict[str, np.ndarray], f_x: np.ndarray, variants: int) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluate `variants` perturbed copies per row (the last the all-removed one): each
+        earlier variant's output drop [rows, S, targets], and the last's output as the base value."""
+        values = _as_targets((await self._evaluate(batch))[str(self.output)]).reshape(f_x.shape[0], variants, -1)
+        return f_x[:, None, :] - values[:, :-1, :], values[:, -1, :].astype(np.float32)
 
     async def _token_occlusion(self, inputs: Mapping[str, np.ndarray], target: str, f_x: np.ndarray,
                                words: np.ndarray | None) -> Explanation:
@@ -223,19 +227,18 @@ class Explainer:
         kept = np.repeat(mask[:, None], count, axis=1)
         pad = int(self._pad.get(target, 0))
         for r, row in enumerate(windows):
-            for s, positions in enumerate([*row, np.flatnonzero(words[r] >= 0)]):
-                where = s if s < len(row) else count - 1
-                ids[r, where, positions] = pad
-                kept[r, where, positions] = 0
+            for s, positions in enumerate(row):
+                ids[r, s, positions], kept[r, s, positions] = pad, 0
+        every_word = words >= 0
+        ids[:, -1][every_word], kept[:, -1][every_word] = pad, 0
         batch = {n: np.repeat(a, count, axis=0) for n, a in inputs.items()}
         batch[target], batch["attention_mask"] = ids.reshape(-1, length), kept.reshape(-1, length)
-        values = _as_targets((await self._evaluate(batch))[str(self.output)]).reshape(rows, count, -1)
-        drops = f_x[:, None, :] - values[:, :-1, :]  # [rows, S, targets]
+        drops, base = await self._drops(batch, f_x, count)
         attribution = np.zeros((rows, f_x.shape[1], length), np.float32)
         for r, row in enumerate(windows):
             for s, positions in enumerate(row):
                 attribution[r][:, positions] = (drops[r, s, :] / len(positions))[:, None]
-        return Explanation({target: attribution}, values[:, -1, :].astype(np.float32), "occlusion", str(self.output))
+        return Explanation({target: attribution}, base, "occlusion", str(self.output))
 
     def _replaced_by_baseline(self, inputs: Mapping[str, np.ndarray], target: str,
                               segments: list[tuple[slice, ...]]) -> dict[str, np.ndarray]:

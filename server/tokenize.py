@@ -51,7 +51,7 @@ class TokenizerStage:
             mask[i, :n] = e.attention_mask
             types[i, :n] = e.type_ids
         out: Mapping[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return Tokenized({name: out[name] for name in self._inputs}, encodings, longest)
+        return Tokenized({name: out[name] for name in self._inputs}, encodings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,6 @@ class Tokenized:
 
     inputs: dict[str, np.ndarray]
     encodings: list[Any]
-    length: int
 
     def tokens(self) -> list[list[str]]:
         """Each row's tokens as the tokenizer spells them (what an explanation's positions are)."""
@@ -68,7 +67,7 @@ class Tokenized:
 
     def words(self) -> np.ndarray:
         """[rows, length] the word of each token position; -1 for special tokens and padding."""
-        out = np.full((len(self.encodings), self.length), -1, np.int64)
+        out = np.full(next(iter(self.inputs.values())).shape, -1, np.int64)
         for i, e in enumerate(self.encodings):
             out[i, :len(e.word_ids)] = [-1 if w is None else w for w in e.word_ids]
         return out

@@ -164,6 +164,7 @@ class Batcher:
         for work, seconds in config.warmups:
             self._cost.observe(work, seconds)
         self._batched = policy.max_batch_rows > 0 or config.split_rows > 0
+        self._background_chunk_rows = policy.max_batch_rows or config.split_rows  # engine calls of a background part
         self._padded_axes = {p.input: p.axis for p in config.padding}
         self._pad_values = {p.input: (p.axis, p.value) for p in config.padding}
         self._padded_outputs = dict(config.padded_outputs)
@@ -463,7 +464,7 @@ class Batcher:
                 it.request.timing.started_ns = time.time_ns()
         padding = (Padding(self._pad_values, self._padded_outputs, [it.length for it in items])
                    if self._pad_values else None)
-        chunk = (self._policy.max_batch_rows or self._config.split_rows) if flight.background else 0
+        chunk = self._background_chunk_rows if flight.background else 0
         if decision.inline:
             self._n.inline += 1
             try:
