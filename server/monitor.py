@@ -31,7 +31,7 @@ class _Window:
     a time: binning one request's row costs more in numpy's per-call overhead than the row itself."""
 
     def __init__(self, cuts: np.ndarray) -> None:
-        self._cuts = cuts  # [features, 9]
+        self._cuts = np.sort(cuts, axis=1)  # [features, 9]; a value's bin is the count of cuts below it
         self._features = cuts.shape[0]
         self._buffer = np.empty((PSI_WINDOW_ROWS // PSI_CHUNKS, self._features), np.float64)
         self._filled = 0
@@ -57,11 +57,15 @@ class _Window:
 
     def _bin(self, values: np.ndarray) -> np.ndarray:
         """[features, 10] counts of `values` [rows, features] per decile bin (rows with a
-        non-finite value left out)."""
-        values = values[np.isfinite(values).all(axis=1)]
-        bins = (values[:, :, None] > self._cuts[None, :, :]).sum(axis=2)  # [rows, features], 0..9
-        flat = (bins + 10 * np.arange(self._features)).ravel()
-        return np.bincount(flat, minlength=10 * self._features).reshape(self._features, 10)
+        non-finite value left out). A value's bin is the number of cuts below it: one
+        searchsorted per feature (comparing every value with every cut and summing cost 5x more,
+        a 1.5 ms stall of the event loop per chunk)."""
+        columns = values[np.isfinite(values).all(axis=1)].T
+        bins = np.empty(columns.shape, np.intp)  # [features, rows], 0..9
+        for feature, (cuts, column) in enumerate(zip(self._cuts, columns, strict=True)):
+            bins[feature] = np.searchsorted(cuts, column, side="left")
+        bins += 10 * np.arange(self._features)[:, None]
+        return np.bincount(bins.ravel(), minlength=10 * self._features).reshape(self._features, 10)
 
     def counts(self) -> np.ndarray:
         return sum(self.chunks, self._bin(self._buffer[:self._filled]))
@@ -109,6 +113,11 @@ class FeatureMonitor:
 
         self._limits = both(limits)
         self._ranges = both(ranges)
+        self._inside = None  # inside the limits and the range (the usual row): one comparison settles both
+        if self._limits is not None and self._ranges is not None:
+            (limit_lo, limit_hi), (range_lo, range_hi) = self._limits[0], self._ranges[0]
+            inside = np.maximum(limit_lo, range_lo), np.minimum(limit_hi, range_hi)
+            self._inside = inside, _float32_bounds(inside)
         self._decile_names = [n for n in self._names if n in deciles]
         self._decile_index = np.array([self._names.index(n) for n in self._decile_names], np.intp)
         self._all_deciles = self._decile_names == self._names
@@ -144,7 +153,7 @@ class FeatureMonitor:
 
     def check(self, inputs: Mapping[str, np.ndarray]) -> tuple[str, ...]:
         """Refuse values outside a clinical limit; count and return the features with a value
-        outside the training range; feed the drift window. About 6 µs for a one-row request:
+        outside the training range; feed the drift window. About 4 µs for a one-row request:
         the bounds are compared with the columns' minimum and maximum, and drift rows are binned
         a chunk at a time."""
         array = inputs.get(self.input)
@@ -155,6 +164,11 @@ class FeatureMonitor:
             low = high = x[0]
         else:
             low, high = x.min(axis=0), x.max(axis=0)
+        if self._inside is not None:
+            lo, hi = _in_dtype(self._inside, x.dtype)
+            if not ((low < lo) | (high > hi)).any():
+                self._feed(x)
+                return ()
         if self._limits is not None:
             lo, hi = _in_dtype(self._limits, x.dtype)
             bad = (low < lo) | (high > hi)
@@ -172,9 +186,12 @@ class FeatureMonitor:
                 flagged = tuple(n for n, o in zip(self._names, out.tolist(), strict=True) if o)
                 for n in flagged:
                     self.out_of_range[n] += 1
+        self._feed(x)
+        return flagged
+
+    def _feed(self, x: np.ndarray) -> None:
         if self._window is not None:
             self._window.add(x if self._all_deciles else x[:, self._decile_index])
-        return flagged
 
     def psi(self) -> dict[str, float]:
         """PSI per feature over the window against the training deciles (10 % per bin); empty

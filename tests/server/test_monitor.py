@@ -111,3 +111,41 @@ def test_float32_bounds_decide_exactly_as_the_float64_ones() -> None:
         nearest = bound.astype(np.float32)
         for v in (nearest, np.nextafter(nearest, np.float32(-np.inf)), np.nextafter(nearest, np.float32(np.inf))):
             np.testing.assert_array_equal(check32(v), check64(v))
+
+
+def test_drift_bins_count_each_value_by_the_cuts_below_it() -> None:
+    """A value's decile bin is the number of cuts strictly below it, ties included and whatever
+    order the card lists the cuts in; rows with a non-finite value are left out."""
+    from medserve.server.monitor import _Window
+
+    rng = np.random.default_rng(3)
+    cuts = np.sort(rng.normal(size=(5, 9)), axis=1)
+    cuts[2] = np.repeat(cuts[2, :3], 3)  # a discrete feature: repeated cuts
+    shuffled = rng.permuted(cuts, axis=1)
+    values = rng.normal(size=(400, 5))
+    values[:40] = cuts[np.arange(5), rng.integers(0, 9, size=(40, 5))]  # values exactly on a cut
+    values[40, 1], values[41, 3] = np.nan, np.inf
+    finite = values[np.isfinite(values).all(axis=1)]
+    expected = np.array([np.bincount((finite[:, f, None] > cuts[f]).sum(axis=1), minlength=10) for f in range(5)])
+    np.testing.assert_array_equal(_Window(shuffled)._bin(values), expected)
+
+
+def test_each_row_is_judged_against_the_limits_and_the_range_as_defined() -> None:
+    """Refused exactly when a value is outside a limit, else flagged exactly for the features
+    outside the range (a row inside both is settled by one comparison; one outside either
+    takes the full checks), one row or many."""
+    monitor = FeatureMonitor("'m' version 1", "x", FEATURES, range(4), LIMITS, RANGES, DECILES)
+    rng = np.random.default_rng(11)
+    lo = np.array([RANGES[n][0] for n in FEATURES]), np.array([LIMITS.get(n, [-np.inf])[0] for n in FEATURES])
+    hi = np.array([RANGES[n][1] for n in FEATURES]), np.array([LIMITS.get(n, [0, np.inf])[1] for n in FEATURES])
+    for rows in (1, 1, 1, 3):
+        for _ in range(300):
+            x = (TRAINING[rng.integers(0, len(TRAINING), rows)] * rng.choice([1.0, 1.0, 1.6, 3.5, -0.1], (rows, 4))
+                 ).astype(np.float32)
+            refused = ((x < lo[1]) | (x > hi[1])).any(axis=0)
+            flagged = ((x < lo[0]) | (x > hi[0])).any(axis=0)
+            if refused.any():
+                with pytest.raises(Exception, match=FEATURES[int(np.argmax(refused))]):
+                    monitor.check({"x": x})
+            else:
+                assert monitor.check({"x": x}) == tuple(n for n, f in zip(FEATURES, flagged, strict=True) if f)
