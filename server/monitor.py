@@ -88,6 +88,17 @@ def _in_dtype(bounds: tuple[Bounds, Bounds], dtype: np.dtype) -> Bounds:
     return bounds[1] if dtype == np.float32 else bounds[0]
 
 
+def _unclamped(low: np.ndarray, high: np.ndarray, bounds: Bounds) -> bool:
+    """True when clamping to `bounds` leaves the columns' minima and maxima bit for bit as they
+    are: every value is inside (or NaN, which no check flags). One or two ufunc passes and a
+    bytes comparison, a quarter of the cost of comparing both sides and reducing. False only
+    sends the row to the exact comparisons (a -0.0 against a bound of 0.0 may read as clamped)."""
+    lo, hi = bounds
+    if low is high:  # one row
+        return bool(np.minimum(np.maximum(low, lo), hi).tobytes() == low.tobytes())
+    return bool(np.maximum(low, lo).tobytes() == low.tobytes() and np.minimum(high, hi).tobytes() == high.tobytes())
+
+
 class FeatureMonitor:
     """Limits, range flags and drift of one model version's numeric input columns."""
 
@@ -113,11 +124,12 @@ class FeatureMonitor:
 
         self._limits = both(limits)
         self._ranges = both(ranges)
-        self._inside = None  # inside the limits and the range (the usual row): one comparison settles both
+        # The tightest bounds that settle a row: inside them it is neither refused nor flagged.
+        self._screen = self._limits or self._ranges
         if self._limits is not None and self._ranges is not None:
             (limit_lo, limit_hi), (range_lo, range_hi) = self._limits[0], self._ranges[0]
             inside = np.maximum(limit_lo, range_lo), np.minimum(limit_hi, range_hi)
-            self._inside = inside, _float32_bounds(inside)
+            self._screen = inside, _float32_bounds(inside)
         self._decile_names = [n for n in self._names if n in deciles]
         self._decile_index = np.array([self._names.index(n) for n in self._decile_names], np.intp)
         self._all_deciles = self._decile_names == self._names
@@ -163,12 +175,10 @@ class FeatureMonitor:
         if x.shape[0] == 1:
             low = high = x[0]
         else:
-            low, high = x.min(axis=0), x.max(axis=0)
-        if self._inside is not None:
-            lo, hi = _in_dtype(self._inside, x.dtype)
-            if not ((low < lo) | (high > hi)).any():
-                self._feed(x)
-                return ()
+            low, high = np.fmin.reduce(x, axis=0), np.fmax.reduce(x, axis=0)  # a NaN hides no other row
+        if self._screen is not None and _unclamped(low, high, _in_dtype(self._screen, x.dtype)):
+            self._feed(x)
+            return ()
         if self._limits is not None:
             lo, hi = _in_dtype(self._limits, x.dtype)
             bad = (low < lo) | (high > hi)

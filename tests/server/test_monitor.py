@@ -132,20 +132,25 @@ def test_drift_bins_count_each_value_by_the_cuts_below_it() -> None:
 
 def test_each_row_is_judged_against_the_limits_and_the_range_as_defined() -> None:
     """Refused exactly when a value is outside a limit, else flagged exactly for the features
-    outside the range (a row inside both is settled by one comparison; one outside either
-    takes the full checks), one row or many."""
+    outside the range, whatever shortcut settles the usual row: values on a bound, -0.0 against
+    a bound of 0, NaN, float32 and float64, one row or many."""
     monitor = FeatureMonitor("'m' version 1", "x", FEATURES, range(4), LIMITS, RANGES, DECILES)
     rng = np.random.default_rng(11)
     lo = np.array([RANGES[n][0] for n in FEATURES]), np.array([LIMITS.get(n, [-np.inf])[0] for n in FEATURES])
     hi = np.array([RANGES[n][1] for n in FEATURES]), np.array([LIMITS.get(n, [0, np.inf])[1] for n in FEATURES])
-    for rows in (1, 1, 1, 3):
-        for _ in range(300):
-            x = (TRAINING[rng.integers(0, len(TRAINING), rows)] * rng.choice([1.0, 1.0, 1.6, 3.5, -0.1], (rows, 4))
-                 ).astype(np.float32)
-            refused = ((x < lo[1]) | (x > hi[1])).any(axis=0)
-            flagged = ((x < lo[0]) | (x > hi[0])).any(axis=0)
-            if refused.any():
-                with pytest.raises(Exception, match=FEATURES[int(np.argmax(refused))]):
-                    monitor.check({"x": x})
-            else:
-                assert monitor.check({"x": x}) == tuple(n for n, f in zip(FEATURES, flagged, strict=True) if f)
+    special = np.array([lo[0], hi[0], lo[1], hi[1], np.zeros(4), np.full(4, -0.0), np.full(4, np.nan)])
+    for dtype in (np.float32, np.float64):
+        for rows in (1, 1, 1, 3):
+            for _ in range(300):
+                x = TRAINING[rng.integers(0, len(TRAINING), rows)] * rng.choice([1.0, 1.0, 1.6, 3.5, -0.1], (rows, 4))
+                odd = rng.random((rows, 4)) < 0.1
+                x[odd] = special[rng.integers(0, len(special), (rows, 4)), np.arange(4)][odd]
+                x = x.astype(dtype)
+                wide = x.astype(np.float64)
+                refused = ((wide < lo[1]) | (wide > hi[1])).any(axis=0)
+                flagged = ((wide < lo[0]) | (wide > hi[0])).any(axis=0)
+                if refused.any():
+                    with pytest.raises(Exception, match=FEATURES[int(np.argmax(refused))]):
+                        monitor.check({"x": x})
+                else:
+                    assert monitor.check({"x": x}) == tuple(n for n, f in zip(FEATURES, flagged, strict=True) if f)
