@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -58,6 +59,7 @@ class InferResult:
     parameters: tuple[tuple[str, str], ...] = ()  # more response parameters (explain_method, explain_output)
 
 
+T = TypeVar("T")
 TOKENIZE_INLINE_CHARS = 4096  # more text than this is tokenized off the event loop
 BACKGROUND_PART_S = 8e-3  # a background part's estimated cost at most, on the CPU: callers' batches
 # start beside a running part (and the OS runs them first), so its length delays none of them,
@@ -180,8 +182,20 @@ class InferenceCore:
                     for start in range(first, min(total, first + limit * BACKGROUND_WINDOW), limit)))
             return {n: np.concatenate([a[n] for a in answers]) for n in answers[0]}
 
+        background = loaded.background
+
+        async def offload(work: Callable[[], T]) -> T:
+            """An explanation's own numpy work on the background threads (lowest OS priority)."""
+            if background is None:
+                return work()
+            try:
+                future = asyncio.get_running_loop().run_in_executor(background, work)
+            except RuntimeError:  # the version is retiring and its threads are shut down: finish here
+                return work()
+            return await future
+
         if loaded.explainer is None:  # one per version, made on its first explanation
-            loaded.explainer = Explainer(loaded.label, loaded.config, loaded.card, evaluate)
+            loaded.explainer = Explainer(loaded.label, loaded.config, loaded.card, evaluate, offload=offload)
         explainer = loaded.explainer
         output = outputs[str(explainer.output)] if explainer.output in outputs else None
         if output is None:

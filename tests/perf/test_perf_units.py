@@ -206,3 +206,25 @@ def test_h2load_generator_and_fixed_server(make_repo, tmp_path: Path) -> None:
         loop.close()
     assert rep["statuses"] == {"OK": rep["requests"]} and rep["requests"] > 0
     assert rep["server"]["models"] is None
+
+
+def test_bench_monitor_copies_differ_only_in_the_monitor() -> None:
+    """The monitored copies get a monitor whose limits refuse none of the generated rows; the
+    plain copy gets none; the load generator draws the same rows for all three."""
+    from medserve.perf.bench_monitor import COPIES, copies_of
+    from medserve.perf.scenario import feature_ranges
+    from medserve.server.monitor import FeatureMonitor
+
+    names = ["a", "b", "c"]
+    card = {"feature_names": names, "feature_ranges": {"a": [0.0, 1.0], "b": [-5.0, 5.0], "c": [100.0, 300.0]},
+            "feature_deciles": {n: list(np.linspace(0, 1, 9)) for n in names}}
+    cards = copies_of(card)
+    assert set(cards) == set(COPIES)
+    ranges = feature_ranges(cards["monitored"], 3)
+    rows = (ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * np.random.default_rng(0).random((50, 3))).astype(np.float32)
+    for role in ("monitored", "monitored_b"):
+        monitor = FeatureMonitor.from_card(role, cards[role], {"x": (3,)})
+        assert monitor is not None and cards[role]["feature_limits"]
+        assert all(monitor.check({"x": row[None]}) == () for row in rows)
+    assert FeatureMonitor.from_card("plain", cards["plain"], {"x": (3,)}) is None
+    np.testing.assert_array_equal(feature_ranges(cards["plain"], 3), ranges)

@@ -1,0 +1,185 @@
+"""What the serving-time monitor (clinical limits, range flags, drift) costs in throughput.
+
+    python -m medserve.perf.bench_monitor                 # about 3 minutes on 2 cores
+    python -m medserve.perf.bench_monitor --repetitions 4 --measure-s 2
+
+In one run:
+  1. exports the demo random forest (breast cancer, 30 features) and serves three copies from
+     ONE `medserve serve`: `rf_monitored` (the card as exported: training ranges and deciles,
+     plus clinical limits on every feature, set wide so that no request is refused),
+     `rf_monitored_b` (the same: the A/A control, what two identical models differ by here) and
+     `rf_plain` (the card without those tables, so the server builds no monitor; its ranges
+     moved to the card's `features` list, which the harness draws request data from and the
+     server ignores: every copy gets the same rows). One server, so no copy gains from a
+     luckier process placement;
+  2. one-row requests at a closed-loop concurrency (`--concurrency`, 64: the server saturated,
+     where a per-request cost shows most), the three copies interleaved repetition by
+     repetition (`--repetitions` x `--measure-s`);
+  3. prints each copy's throughput, the ratios plain / monitored and A/A (pooled over the
+     repetitions, and the median of each repetition's ratio: a slow spell of the machine hits
+     both), the server's CPU per request, the monitor's `check()` in process for a one-row and
+     an eight-row request, and this machine's thread hand-off.
+
+Target: plain / monitored at most 1.03 (the monitor costs at most 3 % of the throughput); read
+it against the A/A ratio, which is the noise of this machine. Writes
+perf/results/bench_monitor-<time>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import timeit
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SOURCE = "breast_cancer_rf"
+COPIES = {"monitored": "rf_monitored", "monitored_b": "rf_monitored_b", "plain": "rf_plain"}
+MONITOR_TABLES = ("feature_limits", "feature_ranges", "feature_deciles")
+
+
+def _write_card(path: Path, card: dict[str, Any]) -> None:
+    from medserve.server.layout import CARD_DIGEST_KEY, card_digest
+
+    card[CARD_DIGEST_KEY] = card_digest(card)
+    path.write_text(json.dumps(card, indent=1), encoding="utf-8")
+
+
+def copies_of(card: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each copy's card: the monitored ones with clinical limits on every feature (ten times
+    wider than the training range: no request is refused), the plain one without the monitor's
+    tables but with the same ranges as `features`, which only the load generator reads."""
+    ranges = card["feature_ranges"]
+    limits = {n: [lo - 10 * (abs(lo) + 1), hi + 10 * (abs(hi) + 1)] for n, (lo, hi) in ranges.items()}
+    cards = {}
+    for role, name in COPIES.items():
+        copy = dict(card, name=name, feature_limits=limits)
+        if role == "plain":
+            for key in MONITOR_TABLES:
+                copy.pop(key)
+            copy["features"] = [{"name": n, "min": ranges[n][0], "max": ranges[n][1]} for n in card["feature_names"]]
+        cards[role] = copy
+    return cards
+
+
+def build_repository(root: Path) -> dict[str, Any]:
+    """The three copies of the demo forest (see the module docstring); returns the monitored card."""
+    from medserve.exporters.demo import build_demo_repository
+
+    source = root.parent / "source"
+    build_demo_repository(source, models=[SOURCE])
+    card = json.loads(next((source / SOURCE).glob("*/model_card.json")).read_text(encoding="utf-8"))
+    cards = copies_of(card)
+    for role, name in COPIES.items():
+        shutil.copytree(source / SOURCE, root / name)
+        _write_card(next((root / name).glob("*/model_card.json")), cards[role])
+    return cards["monitored"]
+
+
+def check_us(card: dict[str, Any]) -> dict[str, float]:
+    """The monitor's check() in process, µs per request of 1 and of 8 rows (in-range rows)."""
+    from medserve.server.monitor import FeatureMonitor
+
+    names = card["feature_names"]
+    monitor = FeatureMonitor.from_card("rf", card, {"input": (len(names),)})
+    assert monitor is not None
+    lo, hi = (np.array([card["feature_ranges"][n][i] for n in names]) for i in (0, 1))
+    rows = (lo + (hi - lo) * np.random.default_rng(0).random((8, len(names)))).astype(np.float32)
+    out = {}
+    for count in (1, 8):
+        inputs = {monitor.input: rows[:count]}
+        best = min(timeit.repeat(lambda inputs=inputs: monitor.check(inputs), number=5000, repeat=5))
+        out[f"rows_{count}"] = round(best / 5000 * 1e6, 2)
+    return out
+
+
+def _sweep(repo: Path, concurrency: int, warmup_s: float, measure_s: float, repetitions: int,
+           work: Path) -> dict[str, Any]:
+    from . import serverproc
+    from .runner import Runner
+    from .scenario import ModelLoad, Scenario, Target
+
+    with contextlib.ExitStack() as stack:
+        srv = stack.enter_context(serverproc.medserve(repo, 1, log_dir=work))
+        targets = tuple(Target(role, srv.address, pid=srv.pid, models=(name,), repository=str(repo))
+                        for role, name in COPIES.items())
+        scenario = Scenario(
+            name="bench_monitor", mode="closed", levels=(float(concurrency),), warmup_s=warmup_s,
+            measure_s=measure_s, repetitions=repetitions, processes=1, channels=8,
+            models=(ModelLoad("model", batch=1, data="card"),), targets=targets,
+        )
+        return Runner(scenario, work_dir=work, progress=sys.stderr).run()
+
+
+def analyse(results: dict[str, Any]) -> dict[str, Any]:
+    levels = {c["name"]: c["levels"][0] for c in results["configs"]}
+
+    def ratio(a: str, b: str) -> dict[str, float]:
+        reps_a, reps_b = levels[a]["throughput_rps_reps"], levels[b]["throughput_rps_reps"]
+        return {"pooled": round(levels[a]["throughput_rps"] / levels[b]["throughput_rps"], 3),
+                "paired_median": round(statistics.median(x / y for x, y in zip(reps_a, reps_b, strict=True)), 3)}
+
+    per_copy = {}
+    for role, lv in levels.items():
+        cores = lv.get("server_cpu_cores")
+        per_copy[role] = {"req_s": round(lv["throughput_rps"]), "p50_ms": round(lv["latency_us"]["p50"] / 1e3, 2),
+                          "p99_ms": round(lv["latency_us"]["p99"] / 1e3, 2),
+                          "server_cpu_us_per_request": round(cores / lv["throughput_rps"] * 1e6, 1) if cores else None}
+    return {"copies": per_copy, "plain_over_monitored": ratio("plain", "monitored"),
+            "a_a": ratio("monitored_b", "monitored")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medserve.perf.bench_monitor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument("--measure-s", type=float, default=3.0)
+    parser.add_argument("--repetitions", type=int, default=16, help="measurements per copy (interleaved)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default perf/results)")
+    args = parser.parse_args(argv)
+    from .bench_transports import executor_round_trip_us
+
+    hand_off = executor_round_trip_us()
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="medserve-bench-monitor-") as tmp:
+        repo, work = Path(tmp) / "repo", Path(tmp) / "work"
+        work.mkdir()
+        print("exporting the demo forest ...", file=sys.stderr)
+        card = build_repository(repo)
+        check = check_us(card)
+        results = _sweep(repo, args.concurrency, args.warmup_s, args.measure_s, args.repetitions, work)
+    analysis = analyse(results)
+    print(f"machine: {os.cpu_count()} cores; thread hand-off {hand_off['median_us']} µs median")
+    print(f"check() in process: {check['rows_1']} µs (1 row), {check['rows_8']} µs (8 rows)")
+    print(f"{'copy':<14}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'server CPU µs/req':>19}")
+    for role, row in analysis["copies"].items():
+        print(f"{role:<14}{row['req_s']:>8}{row['p50_ms']:>9}{row['p99_ms']:>9}{row['server_cpu_us_per_request']!s:>19}")
+    for label, key in (("plain / monitored (target <= 1.03)", "plain_over_monitored"), ("A/A (the noise)", "a_a")):
+        r = analysis[key]
+        print(f"{label}: pooled {r['pooled']}, median of paired repetitions {r['paired_median']}")
+    for line in results.get("warnings", []):
+        print(f"warning: {line}")
+    out_dir = args.out or Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench_monitor-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({
+        "schema": "medserve.perf.bench_monitor/1", "started_unix": round(started, 3),
+        "duration_s": round(time.time() - started, 1), "host": {"cpus": os.cpu_count(), "hand_off_us": hand_off},
+        "concurrency": args.concurrency, "measure_s": args.measure_s, "repetitions": args.repetitions,
+        "check_us": check, **analysis, "runs": results,
+    }, indent=1), encoding="utf-8")
+    print(f"json: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
