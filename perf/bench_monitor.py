@@ -1,6 +1,6 @@
 """What the serving-time monitor (clinical limits, range flags, drift) costs in throughput.
 
-    python -m medserve.perf.bench_monitor                 # about 3 minutes on 2 cores
+    python -m medserve.perf.bench_monitor                 # about 4 minutes on 2 cores
     python -m medserve.perf.bench_monitor --repetitions 4 --measure-s 2
 
 In one run:
@@ -11,11 +11,15 @@ In one run:
      `rf_plain` (the card without those tables, so the server builds no monitor; its ranges
      moved to the card's `features` list, which the harness draws request data from and the
      server ignores: every copy gets the same rows). One server, so no copy gains from a
-     luckier process placement;
+     luckier process placement; then a second server run with the monitored and the plain
+     cards swapped between their folders (one copy of a model can read a few per cent faster
+     than another for a whole server's life, whatever its card);
   2. one-row requests at a closed-loop concurrency (`--concurrency`, 64: the server saturated,
      where a per-request cost shows most), the three copies interleaved repetition by
-     repetition (`--repetitions` x `--measure-s`);
-  3. prints each copy's throughput, the ratios plain / monitored and A/A (pooled over the
+     repetition (`--repetitions` x `--measure-s`), the order rotated each time (whichever copy
+     goes first in a round reads a few per cent slower on this machine, A/A included);
+  3. prints each copy's mean throughput (median p50/p99 and server CPU per request over the
+     repetitions), the ratios plain / monitored and A/A (pooled over the
      repetitions, and the median of each repetition's ratio: a slow spell of the machine hits
      both), the server's CPU per request, the monitor's `check()` in process for a one-row and
      an eight-row request, and this machine's thread hand-off.
@@ -27,7 +31,6 @@ perf/results/bench_monitor-<time>.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -36,6 +39,7 @@ import sys
 import tempfile
 import time
 import timeit
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,10 @@ import numpy as np
 
 SOURCE = "breast_cancer_rf"
 COPIES = {"monitored": "rf_monitored", "monitored_b": "rf_monitored_b", "plain": "rf_plain"}
+# The second server run swaps the cards of two copies: a copy of the same model can read a few
+# per cent faster than another for a whole server's life (whatever the card), so each role is
+# measured on both.
+SWAPPED = {"monitored": "rf_plain", "monitored_b": "rf_monitored_b", "plain": "rf_monitored"}
 MONITOR_TABLES = ("feature_limits", "feature_ranges", "feature_deciles")
 
 
@@ -70,18 +78,27 @@ def copies_of(card: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return cards
 
 
-def build_repository(root: Path) -> dict[str, Any]:
-    """The three copies of the demo forest (see the module docstring); returns the monitored card."""
+def build_repository(root: Path) -> dict[str, dict[str, Any]]:
+    """The three copies of the demo forest (see the module docstring); returns each role's card."""
     from medserve.exporters.demo import build_demo_repository
 
     source = root.parent / "source"
     build_demo_repository(source, models=[SOURCE])
     card = json.loads(next((source / SOURCE).glob("*/model_card.json")).read_text(encoding="utf-8"))
     cards = copies_of(card)
-    for role, name in COPIES.items():
+    for name in COPIES.values():
         shutil.copytree(source / SOURCE, root / name)
+        config = root / name / "config.pbtxt"
+        config.write_text(config.read_text(encoding="utf-8").replace(f'name: "{SOURCE}"', f'name: "{name}"', 1),
+                          encoding="utf-8")
+    place_cards(root, cards, COPIES)
+    return cards
+
+
+def place_cards(root: Path, cards: dict[str, dict[str, Any]], layout: dict[str, str]) -> None:
+    """Each role's card into the model folder `layout` gives it."""
+    for role, name in layout.items():
         _write_card(next((root / name).glob("*/model_card.json")), cards[role])
-    return cards["monitored"]
 
 
 def check_us(card: dict[str, Any]) -> dict[str, float]:
@@ -96,43 +113,53 @@ def check_us(card: dict[str, Any]) -> dict[str, float]:
     out = {}
     for count in (1, 8):
         inputs = {monitor.input: rows[:count]}
-        best = min(timeit.repeat(lambda inputs=inputs: monitor.check(inputs), number=5000, repeat=5))
+        best = min(timeit.repeat(partial(monitor.check, inputs), number=5000, repeat=5))
         out[f"rows_{count}"] = round(best / 5000 * 1e6, 2)
     return out
 
 
-def _sweep(repo: Path, concurrency: int, warmup_s: float, measure_s: float, repetitions: int,
-           work: Path) -> dict[str, Any]:
+def _sweep(repo: Path, layout: dict[str, str], concurrency: int, warmup_s: float, measure_s: float,
+           repetitions: int, work: Path) -> list[dict[str, dict[str, Any]]]:
+    """Each repetition measures the three copies in a rotated order (whichever goes first in a
+    round reads a few per cent slower here, A/A included): per repetition, each copy's level."""
     from . import serverproc
     from .runner import Runner
     from .scenario import ModelLoad, Scenario, Target
 
-    with contextlib.ExitStack() as stack:
-        srv = stack.enter_context(serverproc.medserve(repo, 1, log_dir=work))
-        targets = tuple(Target(role, srv.address, pid=srv.pid, models=(name,), repository=str(repo))
-                        for role, name in COPIES.items())
-        scenario = Scenario(
-            name="bench_monitor", mode="closed", levels=(float(concurrency),), warmup_s=warmup_s,
-            measure_s=measure_s, repetitions=repetitions, processes=1, channels=8,
-            models=(ModelLoad("model", batch=1, data="card"),), targets=targets,
-        )
-        return Runner(scenario, work_dir=work, progress=sys.stderr).run()
+    roles = list(layout)
+    reps = []
+    with serverproc.medserve(repo, 1, log_dir=work) as srv:
+        for rep in range(repetitions):
+            order = roles[rep % len(roles):] + roles[:rep % len(roles)]
+            targets = tuple(Target(role, srv.address, pid=srv.pid, models=(layout[role],), repository=str(repo))
+                            for role in order)
+            scenario = Scenario(
+                name="bench_monitor", mode="closed", levels=(float(concurrency),), warmup_s=warmup_s,
+                measure_s=measure_s, repetitions=1, processes=1, channels=8,
+                models=(ModelLoad("model", batch=1, data="card"),), targets=targets,
+            )
+            print(f"repetition {rep + 1}/{repetitions}: {', '.join(f'{r} ({layout[r]})' for r in order)}",
+                  file=sys.stderr)
+            results = Runner(scenario, work_dir=work, progress=None).run()
+            keep = ("throughput_rps", "server_cpu_cores", "latency_us", "server_models", "statuses")
+            reps.append({c["name"]: {k: c["levels"][0].get(k) for k in keep} for c in results["configs"]})
+    return reps
 
 
-def analyse(results: dict[str, Any]) -> dict[str, Any]:
-    levels = {c["name"]: c["levels"][0] for c in results["configs"]}
-
+def analyse(reps: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     def ratio(a: str, b: str) -> dict[str, float]:
-        reps_a, reps_b = levels[a]["throughput_rps_reps"], levels[b]["throughput_rps_reps"]
-        return {"pooled": round(levels[a]["throughput_rps"] / levels[b]["throughput_rps"], 3),
-                "paired_median": round(statistics.median(x / y for x, y in zip(reps_a, reps_b, strict=True)), 3)}
+        pooled = sum(r[a]["throughput_rps"] for r in reps) / sum(r[b]["throughput_rps"] for r in reps)
+        paired = statistics.median(r[a]["throughput_rps"] / r[b]["throughput_rps"] for r in reps)
+        return {"pooled": round(pooled, 3), "paired_median": round(paired, 3)}
 
     per_copy = {}
-    for role, lv in levels.items():
-        cores = lv.get("server_cpu_cores")
-        per_copy[role] = {"req_s": round(lv["throughput_rps"]), "p50_ms": round(lv["latency_us"]["p50"] / 1e3, 2),
-                          "p99_ms": round(lv["latency_us"]["p99"] / 1e3, 2),
-                          "server_cpu_us_per_request": round(cores / lv["throughput_rps"] * 1e6, 1) if cores else None}
+    for role in COPIES:
+        levels = [r[role] for r in reps]
+        rps = statistics.mean(lv["throughput_rps"] for lv in levels)
+        cpu = [lv["server_cpu_cores"] / lv["throughput_rps"] * 1e6 for lv in levels if lv.get("server_cpu_cores")]
+        per_copy[role] = {"req_s": round(rps), "p50_ms": round(statistics.median(lv["latency_us"]["p50"] for lv in levels) / 1e3, 2),
+                          "p99_ms": round(statistics.median(lv["latency_us"]["p99"] for lv in levels) / 1e3, 2),
+                          "server_cpu_us_per_request": round(statistics.median(cpu), 1) if cpu else None}
     return {"copies": per_copy, "plain_over_monitored": ratio("plain", "monitored"),
             "a_a": ratio("monitored_b", "monitored")}
 
@@ -143,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--measure-s", type=float, default=3.0)
-    parser.add_argument("--repetitions", type=int, default=16, help="measurements per copy (interleaved)")
+    parser.add_argument("--repetitions", type=int, default=9,
+                        help="measurements per copy and server run (interleaved; two server runs)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default perf/results)")
     args = parser.parse_args(argv)
     from .bench_transports import executor_round_trip_us
@@ -154,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         repo, work = Path(tmp) / "repo", Path(tmp) / "work"
         work.mkdir()
         print("exporting the demo forest ...", file=sys.stderr)
-        card = build_repository(repo)
-        check = check_us(card)
-        results = _sweep(repo, args.concurrency, args.warmup_s, args.measure_s, args.repetitions, work)
-    analysis = analyse(results)
+        cards = build_repository(repo)
+        check = check_us(cards["monitored"])
+        reps = []
+        for layout in (COPIES, SWAPPED):
+            place_cards(repo, cards, layout)
+            reps += _sweep(repo, layout, args.concurrency, args.warmup_s, args.measure_s, args.repetitions, work)
+    analysis = analyse(reps)
     print(f"machine: {os.cpu_count()} cores; thread hand-off {hand_off['median_us']} µs median")
     print(f"check() in process: {check['rows_1']} µs (1 row), {check['rows_8']} µs (8 rows)")
     print(f"{'copy':<14}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'server CPU µs/req':>19}")
@@ -166,8 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     for label, key in (("plain / monitored (target <= 1.03)", "plain_over_monitored"), ("A/A (the noise)", "a_a")):
         r = analysis[key]
         print(f"{label}: pooled {r['pooled']}, median of paired repetitions {r['paired_median']}")
-    for line in results.get("warnings", []):
-        print(f"warning: {line}")
     out_dir = args.out or Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_monitor-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -175,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": "medserve.perf.bench_monitor/1", "started_unix": round(started, 3),
         "duration_s": round(time.time() - started, 1), "host": {"cpus": os.cpu_count(), "hand_off_us": hand_off},
         "concurrency": args.concurrency, "measure_s": args.measure_s, "repetitions": args.repetitions,
-        "check_us": check, **analysis, "runs": results,
+        "check_us": check, **analysis, "repetitions_measured": reps,
     }, indent=1), encoding="utf-8")
     print(f"json: {path}")
     return 0

@@ -211,7 +211,7 @@ def test_h2load_generator_and_fixed_server(make_repo, tmp_path: Path) -> None:
 def test_bench_monitor_copies_differ_only_in_the_monitor() -> None:
     """The monitored copies get a monitor whose limits refuse none of the generated rows; the
     plain copy gets none; the load generator draws the same rows for all three."""
-    from medserve.perf.bench_monitor import COPIES, copies_of
+    from medserve.perf.bench_monitor import COPIES, SWAPPED, copies_of
     from medserve.perf.scenario import feature_ranges
     from medserve.server.monitor import FeatureMonitor
 
@@ -219,7 +219,7 @@ def test_bench_monitor_copies_differ_only_in_the_monitor() -> None:
     card = {"feature_names": names, "feature_ranges": {"a": [0.0, 1.0], "b": [-5.0, 5.0], "c": [100.0, 300.0]},
             "feature_deciles": {n: list(np.linspace(0, 1, 9)) for n in names}}
     cards = copies_of(card)
-    assert set(cards) == set(COPIES)
+    assert set(cards) == set(COPIES) and sorted(SWAPPED.values()) == sorted(COPIES.values())
     ranges = feature_ranges(cards["monitored"], 3)
     rows = (ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * np.random.default_rng(0).random((50, 3))).astype(np.float32)
     for role in ("monitored", "monitored_b"):
