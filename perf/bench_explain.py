@@ -12,7 +12,8 @@ In one run, against one `medserve serve` started here on a fresh demo repository
      what one forest instance explains per second on 2 cores, so the queue of explanations stays
      short), and with explanations back to back (the worst case: the server explains all the time); they
      ride the batcher at background priority. The three conditions alternate over a few rounds
-     after a discarded warm-up; p50/p99 of the plain requests pooled per condition, the p99
+     after a discarded warm-up, their order rotated each round (the first of a round can read
+     slower on a shared machine); p50/p99 of the plain requests pooled per condition, the p99
      ratio of the pooled figures and the median of each round's ratio to the alone round
      beside it (paired: a slow spell of the machine hits both; target: with explanations
      <= 1.5 x alone). Both loads come from the perf load
@@ -123,12 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             phases: dict[str, list[np.ndarray]] = {"alone": [], **{name: [] for name in beside_loads}}
             beside: dict[str, list[np.ndarray]] = {name: [] for name in beside_loads}
             unfinished = dict.fromkeys(beside_loads, 0)
-            for _ in range(args.rounds):  # alternating phases: a slow spell of the machine hits all
-                pool.start([_job(server.address, plain, seconds, rate=args.rate), None])
-                phases["alone"].append(_ok_latencies_s(pool.collect()[0]))
-                for name, explain_rate in beside_loads.items():
+            conditions = list(phases)
+            for round_ in range(args.rounds):  # alternating phases: a slow spell of the machine hits all
+                shift = round_ % len(conditions)  # each condition takes each place in a round equally often
+                for name in conditions[shift:] + conditions[:shift]:
+                    if name == "alone":
+                        pool.start([_job(server.address, plain, seconds, rate=args.rate), None])
+                        phases["alone"].append(_ok_latencies_s(pool.collect()[0]))
+                        continue
                     pool.start([_job(server.address, plain, seconds, rate=args.rate),
-                                _job(server.address, explain, seconds, rate=explain_rate, arrival="poisson")])
+                                _job(server.address, explain, seconds, rate=beside_loads[name], arrival="poisson")])
                     with_plain, with_explain = pool.collect()
                     phases[name].append(_ok_latencies_s(with_plain))
                     beside[name].append(_ok_latencies_s(with_explain, unfinished_ok=True))
