@@ -48,14 +48,14 @@ from .errors import InvalidInput, ModelLoadFailed
 Evaluate = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
 T = TypeVar("T")
 Offload = Callable[[Callable[[], T]], Awaitable[T]]
+DEFAULT_MAX_EVALUATIONS = 4096
+DEFAULT_MAX_ROWS = 8
+SEGMENTS = 16  # occlusion: about this many segments per input (a 4 x 4 grid for an image)
 
 
 async def inline(work: Callable[[], T]) -> T:
     """Run `work` here (the default: no thread to hand it to)."""
     return work()
-DEFAULT_MAX_EVALUATIONS = 4096
-DEFAULT_MAX_ROWS = 8
-SEGMENTS = 16  # occlusion: about this many segments per input (a 4 x 4 grid for an image)
 
 
 @dataclass(frozen=True, slots=True)
