@@ -180,24 +180,27 @@ class FeatureMonitor:
             self._feed(x)
             return ()
         if self._limits is not None:
-            lo, hi = _in_dtype(self._limits, x.dtype)
-            bad = (low < lo) | (high > hi)
-            if bad.any():
-                names = [n for n, b in zip(self._names, bad.tolist(), strict=True) if b]
+            names = self._outside(low, high, _in_dtype(self._limits, x.dtype))
+            if names:
                 raise InvalidInput(
                     f"model {self._label}: input {self.input!r}: feature {names[0]!r} is outside its clinical limits "
-                    f"(model_card.json feature_limits){f'; so are {names[1:]}' if len(names) > 1 else ''}"
+                    f"(model_card.json feature_limits){f'; so are {list(names[1:])}' if len(names) > 1 else ''}"
                 )
         flagged: tuple[str, ...] = ()
         if self._ranges is not None:
-            lo, hi = _in_dtype(self._ranges, x.dtype)
-            out = (low < lo) | (high > hi)
-            if out.any():
-                flagged = tuple(n for n, o in zip(self._names, out.tolist(), strict=True) if o)
-                for n in flagged:
-                    self.out_of_range[n] += 1
+            flagged = self._outside(low, high, _in_dtype(self._ranges, x.dtype))
+            for n in flagged:
+                self.out_of_range[n] += 1
         self._feed(x)
         return flagged
+
+    def _outside(self, low: np.ndarray, high: np.ndarray, bounds: Bounds) -> tuple[str, ...]:
+        """The features whose column minimum or maximum lies outside `bounds` (NaN: neither)."""
+        lo, hi = bounds
+        out = (low < lo) | (high > hi)
+        if not out.any():
+            return ()
+        return tuple(n for n, o in zip(self._names, out.tolist(), strict=True) if o)
 
     def _feed(self, x: np.ndarray) -> None:
         if self._window is not None:
