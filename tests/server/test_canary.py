@@ -25,7 +25,9 @@ from conftest import wait_for
 FLOAT = 987654.25
 INDEX = 7777777
 TEXT = "CANARY-PATIENT-7731"
-SENTINELS = ("987654", "7777777", "CANARY", "7731")
+# The text's tail is searched with its non-hex prefix: "7731" alone turns up in one run in
+# a few dozen inside the audit log's SHA-256 chain, which is hex.
+SENTINELS = ("987654", "7777777", "CANARY", "PATIENT-7731")
 
 
 def tensor(req: pb.ModelInferRequest, name: str, datatype: str, array: np.ndarray) -> pb.ModelInferRequest:
