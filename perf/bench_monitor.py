@@ -105,14 +105,12 @@ def check_us(card: dict[str, Any]) -> dict[str, float]:
     """The monitor's check() in process, µs per request of 1 and of 8 rows (in-range rows)."""
     from medserve.server.monitor import FeatureMonitor
 
-    from .scenario import feature_ranges
+    from .scenario import card_rows
 
     width = len(card["feature_names"])
     monitor = FeatureMonitor.from_card("rf", card, {"input": (width,)})
-    ranges = feature_ranges(card, width)  # the load generator's rows: uniform within the card's ranges
-    assert monitor is not None and ranges is not None
-    lo, hi = ranges[:, 0], ranges[:, 1]
-    rows = (lo + (hi - lo) * np.random.default_rng(0).random((8, width))).astype(np.float32)
+    rows = card_rows(card, (8, width), np.float32, np.random.default_rng(0))  # the load generator's rows
+    assert monitor is not None and rows is not None
     out = {}
     for count in (1, 8):
         inputs = {monitor.input: rows[:count]}

@@ -354,11 +354,19 @@ def _array(tensor: TensorInfo, shape: tuple[int, ...], data: str, card: Mapping[
         return rng.integers(0, 2, size=shape).astype(dtype)
     if dtype.kind in "iu":
         return rng.integers(0, 8, size=shape).astype(dtype)  # small non-negative: valid as indices too
-    ranges = feature_ranges(card, shape[-1]) if data == "card" and shape else None
-    if ranges is not None:
-        lo, hi = ranges[:, 0], ranges[:, 1]
-        return (lo + (hi - lo) * rng.random(shape)).astype(dtype)
-    return rng.random(shape).astype(dtype)
+    rows = card_rows(card, shape, dtype, rng) if data == "card" else None
+    return rows if rows is not None else rng.random(shape).astype(dtype)
+
+
+def card_rows(card: Mapping[str, Any] | None, shape: tuple[int, ...], dtype: np.dtype | type,
+              rng: np.random.Generator) -> np.ndarray | None:
+    """Values drawn uniformly within the card's per-feature ranges (the last dim is the
+    features), as the load generator sends them; None where the card has no usable ranges."""
+    ranges = feature_ranges(card, shape[-1]) if shape else None
+    if ranges is None:
+        return None
+    lo, hi = ranges[:, 0], ranges[:, 1]
+    return (lo + (hi - lo) * rng.random(shape)).astype(dtype)
 
 
 def build_request(info: ModelInfo, load: ModelLoad, rng: np.random.Generator, request_id: str = "") -> bytes:

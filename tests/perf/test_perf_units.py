@@ -212,7 +212,7 @@ def test_bench_monitor_copies_differ_only_in_the_monitor() -> None:
     """The monitored copies get a monitor whose limits refuse none of the generated rows; the
     plain copy gets none; the load generator draws the same rows for all three."""
     from medserve.perf.bench_monitor import COPIES, SWAPPED, copies_of
-    from medserve.perf.scenario import feature_ranges
+    from medserve.perf.scenario import card_rows, feature_ranges
     from medserve.server.monitor import FeatureMonitor
 
     names = ["a", "b", "c"]
@@ -221,7 +221,8 @@ def test_bench_monitor_copies_differ_only_in_the_monitor() -> None:
     cards = copies_of(card)
     assert set(cards) == set(COPIES) and sorted(SWAPPED.values()) == sorted(COPIES.values())
     ranges = feature_ranges(cards["monitored"], 3)
-    rows = (ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * np.random.default_rng(0).random((50, 3))).astype(np.float32)
+    rows = card_rows(cards["monitored"], (50, 3), np.float32, np.random.default_rng(0))
+    assert rows is not None
     for role in ("monitored", "monitored_b"):
         monitor = FeatureMonitor.from_card(role, cards[role], {"x": (3,)})
         assert monitor is not None and cards[role]["feature_limits"]
