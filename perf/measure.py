@@ -107,6 +107,15 @@ def host_busy_s() -> float:
     return (v[0] + v[1] + v[2] + v[5] + v[6]) / _TICKS
 
 
+def host_stolen_s() -> float:
+    """CPU seconds a hypervisor has given to other guests while this one's vCPUs were ready to
+    run, all cores, since boot (/proc/stat: steal). A VM's "slow spell" shows up here, so a
+    benchmark can tell the host's noise from its own."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / _TICKS if len(fields) > 8 else 0.0
+
+
 def _proc_rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

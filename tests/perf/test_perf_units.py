@@ -229,3 +229,25 @@ def test_bench_monitor_copies_differ_only_in_the_monitor() -> None:
         assert all(monitor.check({"x": row[None]}) == () for row in rows)
     assert FeatureMonitor.from_card("plain", cards["plain"], {"x": (3,)}) is None
     np.testing.assert_array_equal(feature_ranges(cards["plain"], 3), ranges)
+
+
+def test_bench_explain_sets_aside_the_rounds_the_hypervisor_slowed_in_every_condition() -> None:
+    """A round in which any phase lost more than QUIET_STEAL of its CPU time to the hypervisor
+    leaves the quiet figures of every condition; the pooled and paired figures keep it."""
+    from medserve.perf.bench_explain import QUIET_STEAL, summarize
+    from medserve.perf.measure import host_stolen_s
+
+    fast, slow = np.full(100, 0.004), np.full(100, 0.040)
+    phases = {"alone": [fast, fast, fast], "beside": [fast * 1.2, slow, fast * 1.2]}
+    cpu_s = 10.0
+    limit_ms = QUIET_STEAL * cpu_s * 1e3
+    stolen = {"alone": [0.0, 0.0, limit_ms], "beside": [limit_ms, limit_ms + 1, 0.0]}  # round 2 is not quiet
+    rows = summarize(phases, stolen, cpu_s)
+    beside = rows["beside"]
+    assert rows["alone"]["quiet_rounds"] == beside["quiet_rounds"] == 2
+    assert beside["p99_ratio"] == 10.0 and beside["p99_ratio_paired_median"] == 1.2
+    assert beside["p99_ratio_quiet"] == 1.2 and beside["p99_quiet_us"] == 4800
+    assert "p99_ratio" not in rows["alone"] and rows["alone"]["p99_quiet_us"] == 4000
+    assert summarize(phases, {n: [limit_ms + 1] * 3 for n in phases}, cpu_s)["beside"].keys().isdisjoint(
+        {"p99_quiet_us", "p99_ratio_quiet"})  # no quiet round: no quiet figure
+    assert host_stolen_s() >= 0.0
