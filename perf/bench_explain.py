@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=200.0, help="plain requests per second")
     parser.add_argument("--measure-s", type=float, default=24.0, help="seconds per condition, over all rounds")
-    parser.add_argument("--rounds", type=int, default=6, help="the conditions, alternated this often")
+    parser.add_argument("--rounds", type=int, default=12,
+                        help="the conditions, alternated this often (short phases: a slow spell of the host spreads over all)")
     parser.add_argument("--explain-rate", type=float, default=10.0,
                         help="explanations per second in the fixed-rate condition (the other: back to back)")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
