@@ -24,7 +24,8 @@ In one run, against one `medserve serve` started here on a fresh demo repository
      server's, not a Python client's GIL contention with the explanation stream);
   2. the latency of one explanation per family: tables (the forest: KernelSHAP over 30
      features; the linear regression: 10 features), images (digits CNN: occlusion) and signals
-     (ECG 1-D CNN: occlusion), median of a few.
+     (ECG 1-D CNN: occlusion), median of 20, and the server's event-loop CPU time per
+     explanation and per plain request (the main thread's schedstat).
 Prints a table and writes perf/results/bench_explain-<time>.json.
 """
 from __future__ import annotations
@@ -42,12 +43,13 @@ import numpy as np
 
 from .bench_transports import executor_round_trip_us
 from .loadgen import Job, LoadPool
-from .measure import INCOMPLETE, host_stolen_s
+from .measure import INCOMPLETE, host_stolen_s, thread_schedstat_s
 from .serverproc import medserve
 
 FAMILIES = {"table (forest, 30 features)": "breast_cancer_rf", "table (linear, 10 features)": "diabetes_linear",
             "image (digits CNN)": "digits_cnn", "signal (ECG 1-D CNN)": "ecg_cnn1d"}
 PLAIN = "breast_cancer_rf"
+LOOP_CALLS = 20  # explanations (and plain requests) per family on a quiet server
 QUIET_STEAL = 0.01  # a round is quiet when the hypervisor took at most this share of each phase's CPU time:
 # beyond it, the stalls it made could be the whole of a phase's slowest 1 % (its p99)
 
@@ -145,12 +147,20 @@ def main(argv: list[str] | None = None) -> int:
             for family, model in FAMILIES.items():
                 inputs = _zeros(client, model)
                 client.explain(model, inputs)  # warm
+                client.infer(model, inputs)
                 times = []
-                for _ in range(5):
+                loop0, _ = thread_schedstat_s(server.pid)
+                for _ in range(LOOP_CALLS):
                     t0 = time.perf_counter()
                     why = client.explain(model, inputs)
                     times.append(time.perf_counter() - t0)
-                per_family[family] = {"model": model, "method": why.method, "median_ms": round(float(np.median(times)) * 1e3, 1)}
+                loop1, _ = thread_schedstat_s(server.pid)
+                for _ in range(LOOP_CALLS):
+                    client.infer(model, inputs)
+                loop2, _ = thread_schedstat_s(server.pid)
+                per_family[family] = {"model": model, "method": why.method, "median_ms": round(float(np.median(times)) * 1e3, 1),
+                                      "event_loop_ms": round((loop1 - loop0) / LOOP_CALLS * 1e3, 2),
+                                      "event_loop_plain_ms": round((loop2 - loop1) / LOOP_CALLS * 1e3, 2)}
             inputs = _zeros(client, PLAIN)
             plain, explain = _body(PLAIN, inputs, False), _body(PLAIN, inputs, True)
             seconds = args.measure_s / args.rounds
@@ -162,20 +172,23 @@ def main(argv: list[str] | None = None) -> int:
             beside: dict[str, list[np.ndarray]] = {name: [] for name in beside_loads}
             unfinished = dict.fromkeys(beside_loads, 0)
             stolen_ms: dict[str, list[float]] = {name: [] for name in phases}  # the hypervisor's, per round
+            loop_s: dict[str, np.ndarray] = {name: np.zeros(3) for name in phases}  # event loop: on CPU, waiting, wall
             conditions = list(phases)
             for round_ in range(args.rounds):  # alternating phases: a slow spell of the machine hits all
                 shift = round_ % len(conditions)  # each condition takes each place in a round equally often
                 for name in conditions[shift:] + conditions[:shift]:
-                    stolen0 = host_stolen_s()
+                    stolen0, mark = host_stolen_s(), np.array([*thread_schedstat_s(server.pid), time.perf_counter()])
                     if name == "alone":
                         pool.start([_job(server.address, plain, seconds, rate=args.rate), None])
                         phases["alone"].append(_ok_latencies_s(pool.collect()[0]))
                         stolen_ms["alone"].append(round((host_stolen_s() - stolen0) * 1e3))
+                        loop_s["alone"] += np.array([*thread_schedstat_s(server.pid), time.perf_counter()]) - mark
                         continue
                     pool.start([_job(server.address, plain, seconds, rate=args.rate),
                                 _job(server.address, explain, seconds, rate=beside_loads[name], arrival="poisson")])
                     with_plain, with_explain = pool.collect()
                     stolen_ms[name].append(round((host_stolen_s() - stolen0) * 1e3))
+                    loop_s[name] += np.array([*thread_schedstat_s(server.pid), time.perf_counter()]) - mark
                     phases[name].append(_ok_latencies_s(with_plain))
                     beside[name].append(_ok_latencies_s(with_explain, unfinished_ok=True))
                     unfinished[name] += int((with_explain["status"] == INCOMPLETE).sum())
@@ -185,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         pooled = np.concatenate(explained)
         rows[name] |= {"explanations": len(pooled), "explanations_unfinished": unfinished[name],
                        "explanation_median_ms": round(_pct(pooled, 50) / 1e3, 1)}
+    for name, (on_cpu, waiting, wall) in loop_s.items():
+        rows[name] |= {"event_loop_busy": round(on_cpu / wall, 3), "event_loop_run_queue_ms_per_s": round(waiting / wall * 1e3, 1)}
     print(f"plain requests to {PLAIN} at {args.rate:g}/s, {args.measure_s:g} s per condition "
           f"in {args.rounds} alternating rounds (p99 with / alone: target <= 1.5):")
     for name, r in rows.items():
@@ -196,15 +211,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'':<28} p99 per round (µs): {' '.join(map(str, r['p99_per_round_us']))}")
         print(f"  {'':<28} CPU time stolen by the hypervisor per round (ms): "
               f"{' '.join(map(str, r['stolen_ms_per_round']))}")
+        print(f"  {'':<28} event loop on a CPU {r['event_loop_busy']:.0%} of the time; waited ready for one "
+              f"{r['event_loop_run_queue_ms_per_s']} ms per s")
         if "p99_ratio_quiet" in r:
             print(f"  {'':<28} over the {r['quiet_rounds']} quiet rounds: p99 {r['p99_quiet_us']} µs, "
                   f"ratio {r['p99_ratio_quiet']}")
     quiet = rows["alone"]["quiet_rounds"]
     print(f"quiet rounds: {quiet} of {args.rounds} (the hypervisor stole at most {QUIET_STEAL:.0%} of the CPU time "
           f"of each of the round's phases; the others measure the host's slow spells, not the server)")
-    print("one explanation per family on a quiet server (median of 5):")
+    print(f"one explanation per family on a quiet server (median of {LOOP_CALLS}), and the event loop's CPU time "
+          f"per call (explanation / plain request):")
     for family, r in per_family.items():
-        print(f"  {family:<28} {r['method']:<14} {r['median_ms']:>8} ms")
+        print(f"  {family:<28} {r['method']:<14} {r['median_ms']:>8} ms   event loop {r['event_loop_ms']} / "
+              f"{r['event_loop_plain_ms']} ms")
     print(f"machine: {os.cpu_count()} cores; thread hand-off (loop.run_in_executor round trip) "
           f"{hand_off['median_us']} µs median")
     out = args.out or Path(__file__).resolve().parent / "results"

@@ -107,6 +107,14 @@ def host_busy_s() -> float:
     return (v[0] + v[1] + v[2] + v[5] + v[6]) / _TICKS
 
 
+def thread_schedstat_s(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """Seconds one thread (the main thread by default: a server's event loop) has run on a CPU
+    and waited ready in the run queue since it started (/proc/<pid>/task/<tid>/schedstat, in
+    nanoseconds; utime's 10 ms ticks are too coarse to charge one request)."""
+    fields = Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()
+    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+
+
 def host_stolen_s() -> float:
     """CPU seconds a hypervisor has given to other guests while this one's vCPUs were ready to
     run, all cores, since boot (/proc/stat: steal). A VM's "slow spell" shows up here, so a

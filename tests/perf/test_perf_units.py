@@ -251,3 +251,23 @@ def test_bench_explain_sets_aside_the_rounds_the_hypervisor_slowed_in_every_cond
     assert summarize(phases, {n: [limit_ms + 1] * 3 for n in phases}, cpu_s)["beside"].keys().isdisjoint(
         {"p99_quiet_us", "p99_ratio_quiet"})  # no quiet round: no quiet figure
     assert host_stolen_s() >= 0.0
+
+
+def test_thread_schedstat_charges_a_threads_own_cpu_time() -> None:
+    """The benchmark charges the server's event loop by its thread's schedstat: CPU time this
+    thread spends shows up there, at finer grain than utime's ticks, and a sleep does not."""
+    import os
+    import time
+
+    from medserve.perf.measure import thread_schedstat_s
+
+    tid = threading.get_native_id()
+    on0, wait0 = thread_schedstat_s(os.getpid(), tid)
+    end = time.thread_time() + 0.03
+    while time.thread_time() < end:
+        pass
+    on1, wait1 = thread_schedstat_s(os.getpid(), tid)
+    time.sleep(0.05)
+    on2, _ = thread_schedstat_s(os.getpid(), tid)
+    assert 0.03 <= on1 - on0 < 1.0 and wait1 >= wait0
+    assert on2 - on1 < 0.02
