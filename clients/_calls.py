@@ -32,6 +32,7 @@ from . import _codec
 from ._resilience import Attempts, Balancer, Clock, Random
 from ._settings import Settings, check_timeout
 from ._types import (
+    Explanation,
     InferRequest,
     InferResult,
     ModelConfig,
@@ -189,9 +190,10 @@ def same_columns(a: RecordSchema, b: RecordSchema) -> bool:
 
 
 class Core:
-    """The I/O-free state of one client: settings, replica balancer, record-schema cache."""
+    """The I/O-free state of one client: settings, replica balancer, record-schema and
+    metadata caches."""
 
-    __slots__ = ("balancer", "clock", "random", "schemas", "settings")
+    __slots__ = ("balancer", "clock", "metadata", "random", "schemas", "settings")
 
     def __init__(self, settings: Settings, clock: Clock, random: Random) -> None:
         self.settings = settings
@@ -199,6 +201,8 @@ class Core:
         self.random = random
         self.balancer: Balancer[str] = Balancer(settings.targets, settings.retries.unhealthy_cooldown_s, clock)
         self.schemas: dict[tuple[str, str], RecordSchema] = {}
+        # (model, version, model file's SHA-256) -> its metadata: what names an explanation's values
+        self.metadata: dict[tuple[str, str, str | None], ModelMetadata] = {}
 
     def timeout(self, timeout_s: float | None) -> float:
         """The call's timeout: ``timeout_s`` checked, or the client's default."""
@@ -208,9 +212,22 @@ class Core:
         return Tries(self, timeout_s, request_id)
 
     def forget(self, model: str) -> None:
-        """Drop the cached record schemas of every version of ``model`` (it is (re)loaded)."""
+        """Drop the cached record schemas and metadata of every version of ``model`` (it is (re)loaded)."""
         for key in [k for k in self.schemas if k[0] == model]:
             self.schemas.pop(key, None)
+        for named in [k for k in self.metadata if k[0] == model]:
+            self.metadata.pop(named, None)
+
+    def explanation(self, model: str, result: InferResult, timeout_s: float | None) -> Flow[Explanation]:
+        """``result`` (asked with ``explain``) as an :class:`Explanation`, named by the metadata
+        of the version and model file that answered: fetched once per file (the SHA-256 in the
+        answer), not once per explanation (a second call per explanation doubled its round trips)."""
+        key = (model, result.model_version, result.model_sha256)
+        metadata = self.metadata.get(key)
+        if metadata is None:
+            metadata = yield Step("model_metadata", (model, result.model_version), {"timeout_s": timeout_s})
+            self.metadata[key] = metadata
+        return Explanation.of(result, metadata.feature_names, metadata.class_labels, metadata.input_columns)
 
     def left(self, deadline_s: float, request_id: str | None = None) -> float:
         left = deadline_s - self.clock()

@@ -232,8 +232,7 @@ class AsyncClient:
             assert inputs is not None
             result = await self.infer(model, inputs, version=version, timeout_s=timeout_s, request_id=request_id,
                                       explain=True)
-        metadata = await self.model_metadata(model, result.model_version, timeout_s=timeout_s)
-        return Explanation.of(result, metadata.feature_names, metadata.class_labels, metadata.input_columns)
+        return await self._run(self._core.explanation(model, result, timeout_s))
 
     async def infer_records(
         self,

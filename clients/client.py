@@ -248,8 +248,7 @@ class Client:
             assert inputs is not None
             result = self.infer(model, inputs, version=version, timeout_s=timeout_s, request_id=request_id,
                                 explain=True)
-        metadata = self.model_metadata(model, result.model_version, timeout_s=timeout_s)
-        return Explanation.of(result, metadata.feature_names, metadata.class_labels, metadata.input_columns)
+        return self._run(self._core.explanation(model, result, timeout_s))
 
     def infer_records(
         self,

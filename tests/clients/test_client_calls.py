@@ -193,6 +193,34 @@ def test_forget_drops_every_version_of_a_model() -> None:
     assert core.schemas == {}
 
 
+def _explained(sha: str | None, version: str = "1") -> InferResult:
+    params: dict[str, Any] = {"explain_method": "shapley_exact", "explain_output": "y"}
+    if sha:
+        params["model_sha256"] = sha
+    return InferResult("tab", version, "", {"y": np.zeros((1, 1)), "attributions": np.ones((1, 1, 2), np.float32),
+                                            "base_value": np.zeros((1, 1), np.float32)}, params)
+
+
+def test_an_explanation_fetches_the_metadata_once_per_model_file() -> None:
+    """The names come from the answering version's metadata, asked once per model file: the
+    same file again needs no call; another file (same version, new SHA-256), another version
+    or a forgotten model asks again."""
+    core, _ = _core()
+    steps, why = _drive(core.explanation("tab", _explained("a" * 64), 5.0), [_metadata(("a", "b"))])
+    assert [(s.method, s.args, s.kwargs) for s in steps] == [("model_metadata", ("tab", "1"), {"timeout_s": 5.0})]
+    assert why.top(1)[0][0] in ("a", "b") and why.method == "shapley_exact"
+    steps, again = _drive(core.explanation("tab", _explained("a" * 64), None), [])
+    assert steps == [] and again.top(2) == why.top(2)
+    steps, renamed = _drive(core.explanation("tab", _explained("b" * 64), None), [_metadata(("c", "d"), "b" * 64)])
+    assert len(steps) == 1 and {n for n, _ in renamed.top(2)} == {"c", "d"}
+    steps, _ = _drive(core.explanation("tab", _explained("a" * 64, version="2"), None), [_metadata(("a", "b"))])
+    assert [s.args for s in steps] == [("tab", "2")]
+    core.forget("tab")
+    assert core.metadata == {}
+    steps, _ = _drive(core.explanation("tab", _explained("a" * 64), None), [_metadata(("a", "b"))])
+    assert len(steps) == 1
+
+
 # -- the retry loop's bookkeeping -----------------------------------------------------------------
 
 
