@@ -4,6 +4,7 @@ processes read from /proc (the server) or getrusage (the harness).
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -110,8 +111,12 @@ def host_busy_s() -> float:
 def thread_schedstat_s(pid: int, tid: int | None = None) -> tuple[float, float]:
     """Seconds one thread (the main thread by default: a server's event loop) has run on a CPU
     and waited ready in the run queue since it started (/proc/<pid>/task/<tid>/schedstat, in
-    nanoseconds; utime's 10 ms ticks are too coarse to charge one request)."""
-    fields = Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()
+    nanoseconds; utime's 10 ms ticks are too coarse to charge one request). NaN where the
+    kernel keeps no such figures (built without CONFIG_SCHED_INFO)."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()
+    except FileNotFoundError:
+        return math.nan, math.nan
     return int(fields[0]) / 1e9, int(fields[1]) / 1e9
 
 
