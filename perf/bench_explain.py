@@ -143,21 +143,24 @@ def main(argv: list[str] | None = None) -> int:
         build_demo_repository(repo, models=list(FAMILIES.values()))
         with (medserve(repo, args=args.serve_arg, log_dir=Path(tmp)) as server,
               Client(server.address, timeout_s=120) as client, LoadPool(2) as pool):
+            # The event loop is the main thread of the serving process: the first worker's where
+            # `--serve-arg=--workers=N` starts several (the supervisor only waits).
+            loop_pid = server.worker_pids[0] if server.worker_pids else server.pid
             per_family = {}
             for family, model in FAMILIES.items():
                 inputs = _zeros(client, model)
                 client.explain(model, inputs)  # warm
                 client.infer(model, inputs)
                 times = []
-                loop0, _ = thread_schedstat_s(server.pid)
+                loop0, _ = thread_schedstat_s(loop_pid)
                 for _ in range(LOOP_CALLS):
                     t0 = time.perf_counter()
                     why = client.explain(model, inputs)
                     times.append(time.perf_counter() - t0)
-                loop1, _ = thread_schedstat_s(server.pid)
+                loop1, _ = thread_schedstat_s(loop_pid)
                 for _ in range(LOOP_CALLS):
                     client.infer(model, inputs)
-                loop2, _ = thread_schedstat_s(server.pid)
+                loop2, _ = thread_schedstat_s(loop_pid)
                 per_family[family] = {"model": model, "method": why.method, "median_ms": round(float(np.median(times)) * 1e3, 1),
                                       "event_loop_ms": round((loop1 - loop0) / LOOP_CALLS * 1e3, 2),
                                       "event_loop_plain_ms": round((loop2 - loop1) / LOOP_CALLS * 1e3, 2)}
@@ -177,18 +180,18 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):  # alternating phases: a slow spell of the machine hits all
                 shift = round_ % len(conditions)  # each condition takes each place in a round equally often
                 for name in conditions[shift:] + conditions[:shift]:
-                    stolen0, mark = host_stolen_s(), np.array([*thread_schedstat_s(server.pid), time.perf_counter()])
+                    stolen0, mark = host_stolen_s(), np.array([*thread_schedstat_s(loop_pid), time.perf_counter()])
                     if name == "alone":
                         pool.start([_job(server.address, plain, seconds, rate=args.rate), None])
                         phases["alone"].append(_ok_latencies_s(pool.collect()[0]))
                         stolen_ms["alone"].append(round((host_stolen_s() - stolen0) * 1e3))
-                        loop_s["alone"] += np.array([*thread_schedstat_s(server.pid), time.perf_counter()]) - mark
+                        loop_s["alone"] += np.array([*thread_schedstat_s(loop_pid), time.perf_counter()]) - mark
                         continue
                     pool.start([_job(server.address, plain, seconds, rate=args.rate),
                                 _job(server.address, explain, seconds, rate=beside_loads[name], arrival="poisson")])
                     with_plain, with_explain = pool.collect()
                     stolen_ms[name].append(round((host_stolen_s() - stolen0) * 1e3))
-                    loop_s[name] += np.array([*thread_schedstat_s(server.pid), time.perf_counter()]) - mark
+                    loop_s[name] += np.array([*thread_schedstat_s(loop_pid), time.perf_counter()]) - mark
                     phases[name].append(_ok_latencies_s(with_plain))
                     beside[name].append(_ok_latencies_s(with_explain, unfinished_ok=True))
                     unfinished[name] += int((with_explain["status"] == INCOMPLETE).sum())
