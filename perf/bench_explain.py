@@ -177,24 +177,24 @@ def main(argv: list[str] | None = None) -> int:
             stolen_ms: dict[str, list[float]] = {name: [] for name in phases}  # the hypervisor's, per round
             loop_s: dict[str, np.ndarray] = {name: np.zeros(3) for name in phases}  # event loop: on CPU, waiting, wall
             conditions = list(phases)
+
+            def loop_mark() -> np.ndarray:
+                return np.array([*thread_schedstat_s(loop_pid), time.perf_counter()])
+
             for round_ in range(args.rounds):  # alternating phases: a slow spell of the machine hits all
                 shift = round_ % len(conditions)  # each condition takes each place in a round equally often
                 for name in conditions[shift:] + conditions[:shift]:
-                    stolen0, mark = host_stolen_s(), np.array([*thread_schedstat_s(loop_pid), time.perf_counter()])
-                    if name == "alone":
-                        pool.start([_job(server.address, plain, seconds, rate=args.rate), None])
-                        phases["alone"].append(_ok_latencies_s(pool.collect()[0]))
-                        stolen_ms["alone"].append(round((host_stolen_s() - stolen0) * 1e3))
-                        loop_s["alone"] += np.array([*thread_schedstat_s(loop_pid), time.perf_counter()]) - mark
-                        continue
-                    pool.start([_job(server.address, plain, seconds, rate=args.rate),
-                                _job(server.address, explain, seconds, rate=beside_loads[name], arrival="poisson")])
-                    with_plain, with_explain = pool.collect()
+                    stolen0, mark = host_stolen_s(), loop_mark()
+                    beside_job = (None if name == "alone" else
+                                  _job(server.address, explain, seconds, rate=beside_loads[name], arrival="poisson"))
+                    pool.start([_job(server.address, plain, seconds, rate=args.rate), beside_job])
+                    with_plain, *with_explain = pool.collect()
                     stolen_ms[name].append(round((host_stolen_s() - stolen0) * 1e3))
-                    loop_s[name] += np.array([*thread_schedstat_s(loop_pid), time.perf_counter()]) - mark
+                    loop_s[name] += loop_mark() - mark
                     phases[name].append(_ok_latencies_s(with_plain))
-                    beside[name].append(_ok_latencies_s(with_explain, unfinished_ok=True))
-                    unfinished[name] += int((with_explain["status"] == INCOMPLETE).sum())
+                    for answers in with_explain:
+                        beside[name].append(_ok_latencies_s(answers, unfinished_ok=True))
+                        unfinished[name] += int((answers["status"] == INCOMPLETE).sum())
     hand_off = executor_round_trip_us()
     rows = summarize(phases, stolen_ms, seconds * (os.cpu_count() or 1))
     for name, explained in beside.items():

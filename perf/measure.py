@@ -100,11 +100,17 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
 
 
+def _host_cpu_ticks() -> list[int]:
+    """/proc/stat's all-cores line since boot, in clock ticks: user, nice, system, idle,
+    iowait, irq, softirq, steal, ... (fewer on old kernels)."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
 def host_busy_s() -> float:
     """CPU seconds the whole host has spent busy since boot, all cores (/proc/stat: user,
     nice, system, irq, softirq; not idle, iowait or time stolen by a hypervisor)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:8]]
+    v = _host_cpu_ticks()
     return (v[0] + v[1] + v[2] + v[5] + v[6]) / _TICKS
 
 
@@ -124,9 +130,8 @@ def host_stolen_s() -> float:
     """CPU seconds a hypervisor has given to other guests while this one's vCPUs were ready to
     run, all cores, since boot (/proc/stat: steal). A VM's "slow spell" shows up here, so a
     benchmark can tell the host's noise from its own."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[8]) / _TICKS if len(fields) > 8 else 0.0
+    v = _host_cpu_ticks()
+    return v[7] / _TICKS if len(v) > 7 else 0.0
 
 
 def _proc_rss_bytes(pid: int) -> int:
