@@ -53,6 +53,7 @@ class AuditEvent:
     model_sha256: str = ""
     rows: int = 0
     request_id: str = ""
+    count: int = 1  # calls this record stands for (refusals of one peer in one second are one record)
 
 
 _quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # json's own C string encoder
@@ -85,7 +86,7 @@ def _line(event: AuditEvent, prev: str, stamp: Callable[[float], str]) -> str:
         f'"rpc":{_quote(event.rpc)},"model":{_quote(event.model)},"version":{_quote(event.version)},'
         f'"model_sha256":{_quote(event.model_sha256)},"status":{_quote(event.status)},"rows":{int(event.rows)},'
         f'"latency_ms":{float(round(event.latency_ms, 3))!r},"request_id":{_quote(event.request_id)},'
-        f'"prev":"{prev}"}}'
+        f'"count":{int(event.count)},"prev":"{prev}"}}'
     )
 
 
