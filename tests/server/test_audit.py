@@ -136,7 +136,7 @@ def test_a_record_is_exactly_what_the_json_encoder_writes(identity: str, peer: s
     line = _line(event, "0" * 64, stamps)
     record = {"time": stamps(time_unix), "identity": identity, "peer": peer, "rpc": "ModelInfer", "model": model,
               "version": "1", "model_sha256": "ab" * 32, "status": "OK", "rows": rows,
-              "latency_ms": round(latency_ms, 3), "request_id": request_id, "prev": "0" * 64}
+              "latency_ms": round(latency_ms, 3), "request_id": request_id, "count": 1, "prev": "0" * 64}
     assert line == json.dumps(record, separators=(",", ":"), ensure_ascii=True)
     assert json.loads(line) == record
     assert "\n" not in line
