@@ -12,11 +12,9 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from medserve.protos import grpc_service_pb2
@@ -26,7 +24,8 @@ from .codec import DecodeLimits
 from .config import ServerConfig
 from .errors import ConfigError, InvalidSetting
 from .gate import Gate
-from .httpd import start_http
+from .health import GatedHealthServicer
+from .httpd import HttpEndpoint, HttpLimits
 from .identities import IdentityFile
 from .inference import InferenceCore
 from .metrics import registry_for
@@ -85,10 +84,11 @@ class MedserveServer:
             limits=DecodeLimits(config.max_tensor_elements, config.max_bytes_elements, config.max_bytes_element_size),
             tracing=tracing or Tracing(),
         )
-        self._health = health_aio.HealthServicer()
+        # Server-level health open to probes; a model's health only to callers allowed the model.
+        self._health = GatedHealthServicer(frozenset({"", SERVICE_NAME}), self.gate.authenticate)
         self._reuse_port = reuse_port
         self._server: grpc.aio.Server | None = None
-        self._metrics: WSGIServer | None = None
+        self._metrics: HttpEndpoint | None = None
         self._stopped = False
         self._poller: asyncio.Task[None] | None = None
         self._health_tasks: set[asyncio.Future[None]] = set()
@@ -140,11 +140,14 @@ class MedserveServer:
         cfg = self.config
         # Probes can reach the HTTP health paths while the models load (live, not ready).
         if cfg.metrics_port is not None:
-            self._metrics, self.metrics_port = start_http(
-                self.repository, registry_for(self.repository, cfg.server_name), cfg.host, cfg.metrics_port,
-                live=lambda: True, ready=lambda: self.lifecycle.ready,
+            self._metrics = HttpEndpoint(
+                self.repository, registry_for(self.repository, cfg.server_name), live=lambda: True,
+                ready=lambda: self.lifecycle.ready, identities=lambda: self._identities,
+                limits=HttpLimits(max_connections=cfg.metrics_max_connections,
+                                  header_timeout_s=cfg.metrics_header_timeout_s),
             )
-            log.info("metrics on http://%s:%d/metrics, health on /v2/health/{live,ready}", self.config.host,
+            self.metrics_port = await self._metrics.start(cfg.metrics_host, cfg.metrics_port)
+            log.info("metrics on http://%s:%d/metrics, health on /v2/health/{live,ready}", cfg.metrics_host,
                      self.metrics_port)
         try:
             if cfg.model_control_mode == "explicit":
@@ -152,7 +155,7 @@ class MedserveServer:
             else:
                 await self.repository.load_all(exit_on_error=cfg.exit_on_error)
         except BaseException:
-            self._close_http()
+            await self._close_http()
             raise
         if self.audit is not None:
             self.audit.start()
@@ -243,16 +246,15 @@ class MedserveServer:
             await asyncio.sleep(HOLD_BEFORE_SHUTDOWN_S)
             self.gate.release()
             await stopping
-        self._close_http()
+        await self._close_http()
         if self.audit is not None:
             self.audit.close()
         log.info("medserve stopped")
 
-    def _close_http(self) -> None:
+    async def _close_http(self) -> None:
         if self._metrics is not None:
-            self._metrics.shutdown()
-            self._metrics.server_close()
-            self._metrics = None
+            metrics, self._metrics = self._metrics, None
+            await metrics.close()
 
     async def _set_model_health(self, name: str, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -281,16 +283,27 @@ def write_ready_file(path: Path, port: int) -> None:
 
 
 async def run(config: ServerConfig, *, ready_file: Path | None = None, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM/SIGINT, then drain."""
+    """Serve until SIGTERM/SIGINT, then drain; SIGHUP re-reads the identities file."""
+    loop = asyncio.get_running_loop()
+    # SIGHUP is handled before the identities file is first read, so no revocation sent while
+    # the server starts is lost (the handler runs on the loop, once `server` exists); a
+    # supervisor starts workers with SIGHUP blocked, so one sent before this point waits.
+    servers: list[MedserveServer] = []
+
+    def reload() -> None:
+        for started in servers:
+            started.reload_identities()
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     server = MedserveServer(config, reuse_port=reuse_port)
+    servers.append(server)
     port = await server.start()
     if ready_file is not None:
         write_ready_file(ready_file, port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_identities)
     await stop.wait()
     log.info("signal received: draining (grace %.1f s)", config.drain_grace_s)
     await server.stop()

@@ -72,7 +72,15 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--max-tensor-elements", type=int, default=1 << 26, help="elements of one input tensor")
     p.add_argument("--max-bytes-elements", type=int, default=1 << 20, help="elements of one BYTES input tensor")
     p.add_argument("--max-bytes-element-size", type=int, default=1 << 20, help="bytes of one BYTES element")
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port (worker i: port+i)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="HTTP port for Prometheus /metrics and health probes (worker i: port+i)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the --metrics-port binds (default loopback; not --host: /metrics lists every model)")
+    p.add_argument("--metrics-max-connections", type=int, default=256,
+                   help="open connections to --metrics-port (past it the oldest is closed)")
+    p.add_argument("--metrics-header-timeout-s", type=float, default=10.0,
+                   help="an HTTP connection that has not sent a whole request this long after connecting (or "
+                        "idles this long after one) is closed")
     p.add_argument("--ready-file", type=Path, default=None, help="write {port, pid} JSON here once ready")
     p.set_defaults(func=_serve, extras=("server",))
 
@@ -119,6 +127,9 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         tokens_file=args.tokens,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        metrics_max_connections=args.metrics_max_connections,
+        metrics_header_timeout_s=args.metrics_header_timeout_s,
         allow_plaintext=args.allow_plaintext,
         model_control_mode=args.model_control_mode,
         load_models=tuple(args.load_model),

@@ -191,7 +191,10 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA bundle: clients must present a certificate it signed
     tokens_file: str | None = None  # identities file (see identities.py); None = no credentials needed
-    metrics_port: int | None = None  # Prometheus /metrics over HTTP on `host`; None = off
+    metrics_port: int | None = None  # Prometheus /metrics and HTTP health on `metrics_host`; None = off
+    metrics_host: str = "127.0.0.1"  # the HTTP port's address: loopback unless asked (not `host`)
+    metrics_max_connections: int = 256  # open HTTP connections (past it the oldest is closed)
+    metrics_header_timeout_s: float = 10.0  # an HTTP connection's time to send a request, and to idle
     allow_plaintext: bool = False  # serve plaintext off loopback (behind a mesh that terminates mTLS)
     # Triton's model control: none = load everything at start, no load/unload RPCs; explicit =
     # load `load_models` at start ("*" = all), load/unload by RPC; poll = follow the repository.
@@ -231,6 +234,10 @@ class ServerConfig:
             ("--drain-announce-s", self.drain_announce_s, 0 <= self.drain_announce_s, ">= 0 seconds"),
             ("--metrics-port", self.metrics_port,
              self.metrics_port is None or 0 <= self.metrics_port <= 65535, "0..65535 (0 = any free port)"),
+            ("--metrics-host", self.metrics_host, bool(self.metrics_host), "an address"),
+            ("--metrics-max-connections", self.metrics_max_connections, self.metrics_max_connections >= 1, ">= 1"),
+            ("--metrics-header-timeout-s", self.metrics_header_timeout_s, self.metrics_header_timeout_s > 0,
+             "> 0 seconds"),
             ("--model-control-mode", self.model_control_mode,
              self.model_control_mode in ("none", "poll", "explicit"), "none, poll or explicit"),
             ("--load-model", self.load_models, not self.load_models or self.model_control_mode == "explicit",

@@ -9,7 +9,10 @@ channel. Statistics are per worker: ServerMetadata.name says which worker answer
 The supervisor (`supervise`, generic over what a worker runs) restarts a worker that dies, with
 exponential backoff, while the others keep serving; it exits only on SIGTERM/SIGINT (forwarded:
 each worker drains on its own) or when restarts keep failing (`max_restarts` within
-`restart_window_s`).
+`restart_window_s`). SIGHUP is forwarded to every worker (each re-reads the identities file: a
+revoked token is refused everywhere) and the supervisor carries on. A worker starts with SIGHUP
+blocked (a signal mask survives fork and exec), so one that arrives before the worker can handle
+it waits instead of killing it; the worker unblocks it once its handler is in place.
 """
 from __future__ import annotations
 
@@ -76,15 +79,19 @@ def supervise(
 
         def forward(signum: int, _frame: object) -> None:
             nonlocal stopping
-            stopping = True
+            if signum != signal.SIGHUP:
+                stopping = True  # each worker drains on its own
             for w in group:
                 if w.process is not None and w.process.is_alive() and w.process.pid is not None:
-                    os.kill(w.process.pid, signum)  # each worker drains on its own
+                    try:
+                        os.kill(w.process.pid, signum)
+                    except ProcessLookupError:  # it died just now: the loop restarts it
+                        pass
 
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             for w in group:
-                w.process = start(w.index, w.ready_file)
+                w.process = _start_with_sighup_blocked(start, w.index, w.ready_file)
             deadline = clock() + policy.start_timeout_s
             while not all(w.ready_file.exists() for w in group):
                 if stopping or any(not w.process.is_alive() for w in group if w.process) or clock() > deadline:
@@ -97,6 +104,16 @@ def supervise(
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _start_with_sighup_blocked(start: Callable[[int, Path], multiprocessing.process.BaseProcess], index: int,
+                               ready_file: Path) -> multiprocessing.process.BaseProcess:
+    """Start a worker that inherits a blocked SIGHUP (the supervisor's own arrives once it is started)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        return start(index, ready_file)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
 def _keep_up(group: list[_Worker], start: Callable[[int, Path], multiprocessing.process.BaseProcess],
@@ -129,7 +146,7 @@ def _keep_up(group: list[_Worker], start: Callable[[int, Path], multiprocessing.
                 w.restarts.append(now)
                 w.restart_at = None
                 w.ready_file.unlink(missing_ok=True)
-                w.process = start(w.index, w.ready_file)
+                w.process = _start_with_sighup_blocked(start, w.index, w.ready_file)
                 log.info("worker %d restarted (pid %s)", w.index, w.process.pid)
         for w in group:
             if w.process is not None:
@@ -165,7 +182,7 @@ def _worker_config(config: ServerConfig, port: int, index: int) -> ServerConfig:
 
 def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None = None, log_format: str = "text",
                 policy: RestartPolicy = RestartPolicy()) -> int:
-    """Start the workers on one port, keep them up, forward SIGTERM/SIGINT; the exit status."""
+    """Start the workers on one port, keep them up, forward SIGTERM/SIGINT/SIGHUP; the exit status."""
     reservation = reserve_port(config.host, config.port)
     port = reservation.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
