@@ -42,6 +42,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from .card import ModelCard
 from .config import ModelConfig
 from .errors import InvalidInput, ModelLoadFailed
 
@@ -82,17 +83,17 @@ def _param_int(config: ModelConfig, key: str, default: int) -> int:
     return number
 
 
-def _chosen_output(config: ModelConfig, card: Mapping[str, object] | None) -> object:
+def _chosen_output(config: ModelConfig, card: ModelCard | None) -> str | None:
     """The `explain_output` the config or the card names, if any."""
-    return config.parameters.get("explain_output") or (card or {}).get("explain_output")
+    return config.parameters.get("explain_output") or (card.explain_output if card is not None else None)
 
 
-def explained_output(config: ModelConfig, card: Mapping[str, object] | None) -> str | None:
+def explained_output(config: ModelConfig, card: ModelCard | None) -> str | None:
     """The output an explanation is about: the card's or config's `explain_output`, else
     `probabilities`, else the first floating-point output of one value per target."""
     chosen = _chosen_output(config, card)
     names = [t.name for t in config.outputs]
-    if isinstance(chosen, str) and chosen in names:
+    if chosen is not None and chosen in names:
         return chosen
     if "probabilities" in names:
         return "probabilities"
@@ -102,7 +103,7 @@ def explained_output(config: ModelConfig, card: Mapping[str, object] | None) -> 
 class Explainer:
     """Explains one model version's predictions; `evaluate` runs perturbed rows through it."""
 
-    def __init__(self, label: str, config: ModelConfig, card: Mapping[str, object] | None, evaluate: Evaluate,
+    def __init__(self, label: str, config: ModelConfig, card: ModelCard | None, evaluate: Evaluate,
                  seed: int = 0, offload: Offload = inline) -> None:
         self._label = label
         self._config = config
@@ -113,9 +114,9 @@ class Explainer:
         self.max_evaluations = _param_int(config, "explain_max_evaluations", DEFAULT_MAX_EVALUATIONS)
         self.max_rows = _param_int(config, "explain_max_rows", DEFAULT_MAX_ROWS)
         self.output = explained_output(config, card)
-        self._embedding = (card or {}).get("task") == "embedding" and not _chosen_output(config, card)
-        reference = (card or {}).get("reference")
-        self._reference = {k: np.asarray(v) for k, v in reference.items()} if isinstance(reference, dict) else {}
+        self._embedding = card is not None and card.task == "embedding" and not _chosen_output(config, card)
+        # Parsed and checked against the model's inputs at load (read-only arrays).
+        self._reference: Mapping[str, np.ndarray] = (card.reference if card is not None else None) or {}
         inputs = {t.name: t for t in config.graph_inputs or config.inputs}
         # Tables: every input one row of fixed width. Token ids (a variable-length axis) and
         # text are sequences: occlusion over windows of tokens.

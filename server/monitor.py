@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .card import CardError, ModelCard
 from .errors import InvalidInput
 
 PSI_WINDOW_ROWS = 10_000  # the sliding window's size ...
@@ -138,30 +139,43 @@ class FeatureMonitor:
         self.out_of_range = {n: 0 for n in self._names}
 
     @classmethod
-    def from_card(cls, label: str, card: Mapping[str, object] | None, inputs: Mapping[str, tuple[int, ...]]
-                  ) -> FeatureMonitor | None:
-        """The monitor a card supports (None without feature names or any of the three tables).
-        `inputs`: the model's inputs and their dims (after the batch dim)."""
-        if not card:
+    def from_card(cls, label: str, card: ModelCard | Mapping[str, object] | None,
+                  inputs: Mapping[str, tuple[int, ...]]) -> FeatureMonitor | None:
+        """The monitor a card supports: None when it gives no feature names or none of the three
+        tables. `inputs`: the model's inputs and their dims (after the batch dim). Tables the
+        model's input cannot carry raise CardError naming the table: a clinical limit that
+        would never be applied refuses the load rather than switching off in silence."""
+        if card is None:
             return None
-        names = card.get("feature_names")
-        limits, ranges, deciles = (card.get(k) or {} for k in ("feature_limits", "feature_ranges", "feature_deciles"))
-        if not isinstance(names, list) or not (limits or ranges or deciles):
+        if not isinstance(card, ModelCard):
+            card = ModelCard.from_dict(card)
+        names = card.feature_names
+        tables: dict[str, Mapping[str, object]] = {
+            "feature_limits": card.feature_limits or {}, "feature_ranges": card.feature_ranges or {},
+            "feature_deciles": card.feature_deciles or {}}
+        if names is None or not any(tables.values()):
             return None
-        groups = card.get("input_columns")
-        if isinstance(groups, dict) and "numeric" in groups and "numeric" in inputs:
-            input_name, wanted = "numeric", [str(n) for n in groups["numeric"]]
+        given = next(k for k, t in tables.items() if t)
+        groups = card.input_columns
+        if groups is not None and "numeric" in groups and "numeric" in inputs:
+            input_name, wanted = "numeric", list(groups["numeric"])
+            if len(inputs["numeric"]) != 1 or inputs["numeric"][0] not in (-1, len(wanted)):
+                raise CardError(given, f"input_columns['numeric'] lists {len(wanted)} columns; the model's input "
+                                       f"'numeric' has dims {list(inputs['numeric'])}")
         elif len(inputs) == 1 and next(iter(inputs.values())) == (len(names),):
-            input_name, wanted = next(iter(inputs)), [str(n) for n in names]
+            input_name, wanted = next(iter(inputs)), list(names)
         else:
-            return None
+            raise CardError(given, f"the model has no input whose columns are the card's {len(names)} feature_names "
+                                   f"(a 2-D input of that width, or 'numeric' with input_columns); inputs: "
+                                   f"{ {n: list(d) for n, d in inputs.items()} }")
+        for key, table in tables.items():
+            outside = [n for n in table if n not in wanted]
+            if outside:
+                raise CardError(f"{key}[{outside[0]!r}]", f"names no numeric column of input {input_name!r}")
         columns = list(range(len(wanted)))
-
-        def table(raw: object) -> dict[str, tuple[float, float]]:
-            return {str(k): (float(v[0]), float(v[1])) for k, v in raw.items()} if isinstance(raw, dict) else {}
-
-        return cls(label, input_name, wanted, columns, table(limits), table(ranges),
-                   {str(k): [float(x) for x in v] for k, v in deciles.items()} if isinstance(deciles, dict) else {})
+        limits, ranges = ({n: (b.low, b.high) for n, b in (t or {}).items()}
+                          for t in (card.feature_limits, card.feature_ranges))
+        return cls(label, input_name, wanted, columns, limits, ranges, card.feature_deciles or {})
 
     def check(self, inputs: Mapping[str, np.ndarray]) -> tuple[str, ...]:
         """Refuse values outside a clinical limit; count and return the features with a value

@@ -15,12 +15,12 @@ Paths never escape the root: model names are single path segments, and every fil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
-import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from .batching import Batcher, BatcherConfig, Clock, work_of
+from .card import CardError, ModelCard, loads
 from .config import ModelConfig, ServerConfig
 from .errors import ConfigError, MedserveError, ModelLoadFailed, ModelNotFound, ModelNotReady, model_label
 from .explain import Explainer
@@ -70,7 +71,7 @@ class LoadedVersion:
     model: OnnxModel
     stats: ModelStats
     sha256: str
-    card: Mapping[str, object] | None
+    card: ModelCard | None  # parsed once at load: every module reads its typed attributes
     executor: ThreadPoolExecutor
     warmups: tuple[tuple[int, float], ...] = ()  # (work, engine seconds) of the warm-ups: the cost model's seed
     stage: TokenizerStage | None = None  # text models: strings -> the graph's token ids
@@ -84,11 +85,6 @@ class LoadedVersion:
     def __post_init__(self) -> None:
         self.signature = Signature.of(self.config)
         self.label = model_label(self.name, self.version)
-        self.monitor = FeatureMonitor.from_card(self.label, self.card, {t.name: t.dims for t in self.config.inputs})
-
-    def card_list(self, key: str) -> list[str] | None:
-        value = (self.card or {}).get(key)
-        return [str(v) for v in value] if isinstance(value, list) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +380,14 @@ class ModelRepository:
         model = OnnxModel(source, self._session_options, instances, shown=self.shown(model_path))
         where = config_path if config_path.exists() else model_path
         config = complete(self.shown(where), base, model.inputs, model.outputs)
+        monitor = None
+        if card is not None:
+            with self._card_errors(version_dir):
+                if config.max_batch_size > 0:  # reference rows are per row of a batch
+                    card.check_fits({t.name: t.dims for t in config.graph_inputs or config.inputs},
+                                    [t.name for t in config.outputs])
+                monitor = FeatureMonitor.from_card(model_label(base.name, version), card,
+                                                   {t.name: t.dims for t in config.inputs})
         stage = self._stage(version_dir, config, card)
         warmups = self._warm_up(base.name, version, config, model)
         executor = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"ort-{base.name}")
@@ -392,16 +396,14 @@ class ModelRepository:
         background = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"ort-{base.name}-bg",
                                         initializer=lower_thread_priority)
         return LoadedVersion(base.name, version, config, model, ModelStats(), sha256, card, executor, warmups,
-                             stage=stage, background=background)
+                             stage=stage, monitor=monitor, background=background)
 
-    def _check_listed_files(self, version_dir: Path, card: Mapping[str, object] | None) -> None:
+    def _check_listed_files(self, version_dir: Path, card: ModelCard | None) -> None:
         """Every file the card lists (`files`: name -> SHA-256) is there, inside the version
         folder, with that hash: a version whose files were swapped does not load."""
-        listed = (card or {}).get("files")
+        listed = card.files if card is not None else None
         if listed is None:
             return
-        if not isinstance(listed, dict):
-            raise ConfigError(f"{self.shown(version_dir / CARD_FILENAME)}: files must map file names to SHA-256")
         for name, digest in sorted(listed.items()):
             path = version_dir / str(name)
             shown = self.shown(path)
@@ -411,15 +413,15 @@ class ModelRepository:
             if not path.is_file() or sha256_of(path) != digest:
                 raise ConfigError(f"{shown}: missing, or its SHA-256 does not match {CARD_FILENAME} files")
 
-    def _stage(self, version_dir: Path, config: ModelConfig, card: Mapping[str, object] | None) -> TokenizerStage | None:
+    def _stage(self, version_dir: Path, config: ModelConfig, card: ModelCard | None) -> TokenizerStage | None:
         """A text model's tokenizer, from the very bytes whose SHA-256 the card lists."""
         tokenizer = config.tokenizer
         if tokenizer is None:
             return None
         path = self._inside(version_dir / tokenizer.file, "the tokenizer")
         shown = self.shown(version_dir / tokenizer.file)
-        listed = (card or {}).get("files")
-        expected = listed.get(tokenizer.file) if isinstance(listed, dict) else None
+        listed = card.files if card is not None else None
+        expected = listed.get(tokenizer.file) if listed is not None else None
         if expected is None:
             raise ConfigError(f"{shown}: not listed with its SHA-256 in {CARD_FILENAME} files")
         try:
@@ -436,7 +438,7 @@ class ModelRepository:
         except Exception as exc:  # noqa: BLE001 - the tokenizers library raises its own types
             raise ConfigError(f"{shown}: the tokenizers library cannot load it: {type(exc).__name__}") from exc
 
-    def _check_external_data(self, model_path: Path, model_bytes: bytes, card: Mapping[str, object] | None) -> bool:
+    def _check_external_data(self, model_path: Path, model_bytes: bytes, card: ModelCard | None) -> bool:
         """Refuse external data unless each file is a plain relative path inside the version
         folder and listed with its SHA-256 in the card's `external_data`; True if there is any."""
         version_dir = model_path.parent
@@ -446,8 +448,7 @@ class ModelRepository:
             raise ConfigError(f"{self.shown(model_path)}: not a valid ONNX model file") from exc
         if not files:
             return False
-        listed = (card or {}).get("external_data")
-        listed = listed if isinstance(listed, dict) else {}
+        listed = (card.external_data if card is not None else None) or {}
         for name in sorted(files):
             shown = f"{self.shown(version_dir)}: external data {name!r}"
             if name not in listed:
@@ -459,24 +460,34 @@ class ModelRepository:
                 raise ConfigError(f"{shown}: missing, or its SHA-256 does not match {CARD_FILENAME}")
         return True
 
-    def _read_card(self, name: str, version: int, version_dir: Path, sha256: str) -> Mapping[str, object] | None:
+    @contextlib.contextmanager
+    def _card_errors(self, version_dir: Path) -> Iterator[None]:
+        """A card entry that does not parse (or does not fit the model) as a load failure naming
+        the card's file and the entry: clinical limits never switch off in silence."""
+        try:
+            yield
+        except CardError as exc:
+            raise ConfigError(f"{self.shown(version_dir / CARD_FILENAME)}: {exc}") from None
+
+    def _read_card(self, name: str, version: int, version_dir: Path, sha256: str) -> ModelCard | None:
+        """The version's card, parsed once into its typed value (None when there is none)."""
         card_path = version_dir / CARD_FILENAME
         if not card_path.exists():
             return None
         card_path = self._inside(card_path, "the model card")
         try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
+            raw = loads(card_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{self.shown(card_path)}: not valid JSON: {exc}") from exc
-        if not isinstance(card, dict):
-            raise ConfigError(f"{self.shown(card_path)}: expected a JSON object")
-        sealed = card.get(CARD_DIGEST_KEY)
-        if sealed is not None and sealed != card_digest(card):
+        sealed = raw.get(CARD_DIGEST_KEY)
+        if sealed is not None and sealed != card_digest(raw):
             raise ModelLoadFailed(
                 f"model {model_label(name, version)}: {CARD_FILENAME} was changed after publication (its content "
                 f"does not match its {CARD_DIGEST_KEY}); refusing reference rows and limits that are not the published ones"
             )
-        expected = card.get("model_sha256")
+        with self._card_errors(version_dir):
+            card = ModelCard.from_dict(raw)
+        expected = card.model_sha256
         if expected is not None and expected != sha256:
             raise ModelLoadFailed(
                 f"model {model_label(name, version)}: model file SHA-256 {sha256} does not match "

@@ -382,13 +382,14 @@ def _card_parameters(loaded: LoadedVersion) -> dict[str, str]:
     """The model card's feature names and class labels (JSON lists), which columns each input of
     a mixed table carries (`input_columns`, a JSON object), and the file's SHA-256."""
     params = {"model_sha256": loaded.sha256}
-    for key in ("feature_names", "class_labels"):
-        value = loaded.card_list(key)
+    card = loaded.card
+    if card is None:
+        return params
+    for key, value in (("feature_names", card.feature_names), ("class_labels", card.class_labels)):
         if value is not None:
-            params[key] = json.dumps(value)
-    columns = (loaded.card or {}).get("input_columns")
-    if isinstance(columns, dict) and all(isinstance(v, list) for v in columns.values()):
-        params["input_columns"] = json.dumps({str(k): [str(c) for c in v] for k, v in columns.items()})
+            params[key] = json.dumps(list(value))
+    if card.input_columns is not None:
+        params["input_columns"] = json.dumps({k: list(v) for k, v in card.input_columns.items()})
     return params
 
 
