@@ -113,3 +113,50 @@ def test_sigterm_is_forwarded_and_a_clean_stop_exits_0() -> None:
 
     assert supervise(start, 3, on_ready=on_ready) == 0
     assert len(starts) == 3 and not any(_alive(pid) for pid in starts)
+
+
+def _count_sighups_late(path: Path, seen: Path, late_s: float) -> None:
+    """Ready at once, but its SIGHUP handler only after `late_s` (as a worker loading models):
+    counts each SIGHUP as a line in `seen`; stops on SIGTERM."""
+    _ready(path)
+    time.sleep(late_s)
+    signal.signal(signal.SIGHUP, lambda *_: seen.open("a").write("hup\n"))
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # as app.run does, once its handler is in
+    while True:
+        time.sleep(1)
+
+
+def test_sighup_is_forwarded_to_every_worker_even_one_not_yet_listening_and_the_supervisor_carries_on(
+        tmp_path: Path) -> None:
+    """Row 8 of issue #25 without a server: a SIGHUP sent to the supervisor reaches every worker,
+    one sent before a worker has its handler waits for it (instead of killing it), the
+    supervisor keeps running (no worker restarted), and SIGTERM still ends it cleanly. On the code
+    before, SIGHUP's default action killed the supervisor."""
+    pids: list[int] = []
+    late_s = 0.5
+    seen = [tmp_path / f"seen-{i}" for i in range(2)]
+
+    def start(index: int, ready: Path) -> multiprocessing.process.BaseProcess:
+        process = FORK.Process(target=_count_sighups_late, args=(ready, seen[index], late_s))
+        process.start()
+        assert process.pid is not None
+        pids.append(process.pid)
+        return process
+
+    def hup_hup_term(_pids: list[int]) -> None:
+        def run() -> None:
+            os.kill(os.getpid(), signal.SIGHUP)  # while the workers cannot handle it yet
+            time.sleep(late_s + 0.5)
+            os.kill(os.getpid(), signal.SIGHUP)  # once they can
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(
+                    s.exists() and s.read_text().count("hup") == 2 for s in seen):
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    assert supervise(start, 2, on_ready=hup_hup_term) == 0
+    assert len(pids) == 2  # never restarted
+    assert [s.read_text().count("hup") for s in seen] == [2, 2]
