@@ -1,31 +1,23 @@
 """The model card: what a published version is, where it came from, and how well it and its
-conversion were shown to work. Written next to model.onnx as model_card.json; the server reads
-`model_sha256` (to refuse a swapped file), `feature_names` and `class_labels` from it.
+conversion were shown to work. Written next to model.onnx as model_card.json through the typed
+`ModelCard` the server parses it with (`medserve.server.card`: one schema), so an exporter can
+never publish a card whose limits, ranges or reference rows the server would refuse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 
+from medserve.server.card import SCHEMA_VERSION, CardError, ModelCard, TrainingData
+
 from .batch_size import BatchingChoice
+from .errors import ExportError
 from .parity import OutputParity
 from .specs import TensorSpec
 
-SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class TrainingData:
-    """What the model was trained on, in words, and how many samples."""
-
-    description: str
-    n_samples: int
-
-    def as_dict(self) -> dict[str, object]:
-        return {"description": self.description, "n_samples": int(self.n_samples)}
+__all__ = ["SCHEMA_VERSION", "ModelCard", "TrainingData", "build_card", "exporter_version"]
 
 
 def exporter_version() -> str:
@@ -58,9 +50,11 @@ def build_card(
     model_sha256: str,
     created_at: datetime | None = None,
     extra: Mapping[str, object] | None = None,
-) -> dict[str, object]:
-    """The card as a JSON-ready dict. Shapes include the batch dim (-1 = variable). `extra` adds
-    family-specific entries (a text model's `tokenizer`, `pooling`, `files`...) before the hash."""
+) -> ModelCard:
+    """The card, parsed through the server's schema (ExportError naming the entry that does not
+    parse). Shapes include the batch dim (-1 = variable). `extra` adds family-specific entries
+    (a text model's `tokenizer`, `pooling`, `files`...; the serving facts `reference`,
+    `feature_deciles`, `feature_limits`) before the hash."""
     created = (created_at or datetime.now(UTC)).astimezone(UTC)
     card: dict[str, object] = {
         "schema_version": SCHEMA_VERSION,
@@ -91,4 +85,7 @@ def build_card(
     card.update(extra or {})
     card["model_sha256"] = model_sha256
     card["created_at"] = created.isoformat(timespec="seconds").replace("+00:00", "Z")
-    return card
+    try:
+        return ModelCard.from_dict(card)
+    except CardError as exc:
+        raise ExportError(f"model card of {name!r}: {exc}") from None

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medserve.protos import model_config_pb2 as mc
+from medserve.server.card import CardError, ModelCard
 from medserve.server.layout import (
     CARD_DIGEST_KEY,
     CARD_FILENAME,
@@ -44,7 +45,7 @@ from .errors import ExportError, VersionExistsError
 TEMP_PREFIX = ".tmp-"
 __all__ = ["CARD_FILENAME", "CONFIG_FILENAME", "MODEL_FILENAME", "Published", "check_name", "file_hashes", "publish"]
 
-CardFactory = Callable[[int, str], Mapping[str, object]]  # (version, model_sha256) -> card
+CardFactory = Callable[[int, str], ModelCard | Mapping[str, object]]  # (version, model_sha256) -> card
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,18 @@ def publish(
         raise
 
 
+def _card_content(name: str, card: ModelCard | Mapping[str, object]) -> dict[str, object]:
+    """The card's JSON object, checked against the schema the server loads it with: a card the
+    server would refuse (limits, ranges, reference rows that do not parse) is never published."""
+    if isinstance(card, ModelCard):
+        return card.as_dict()
+    try:
+        ModelCard.from_dict(card)
+    except CardError as exc:
+        raise ExportError(f"model card of {name!r}: {exc}") from None
+    return dict(card)
+
+
 def _publish_into(
     model_dir: Path,
     name: str,
@@ -167,7 +180,7 @@ def _publish_into(
         _write(temp_dir / MODEL_FILENAME, model_bytes)
         for file_name, data in sorted(extra_files.items()):
             _write(temp_dir / file_name, data)
-        content = dict(make_card(number, sha256))
+        content = _card_content(name, make_card(number, sha256))
         content[CARD_DIGEST_KEY] = card_digest(content)
         card = json.dumps(content, indent=2, allow_nan=False) + "\n"
         _write(temp_dir / CARD_FILENAME, card.encode("utf-8"))

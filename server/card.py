@@ -42,13 +42,9 @@ class CardError(ValueError):
 
 
 def loads(text: str) -> dict[str, object]:
-    """A card's JSON object. NaN and Infinity (which Python's json accepts) are refused: a NaN
-    bound compares false both ways and would switch its limit off."""
-
-    def refuse(constant: str) -> object:
-        raise ValueError(f"{constant} is not a JSON number (a bound or value must be finite)")
-
-    value = json.loads(text, parse_constant=refuse)
+    """A card's JSON object. Python's json reads NaN and Infinity; `ModelCard.from_dict` refuses
+    them naming the entry (a NaN bound compares false both ways: its limit would be off)."""
+    value = json.loads(text)
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
     return value
@@ -162,7 +158,7 @@ class ModelCard:
         for key, parse in _PARSERS.items():
             if raw.get(key) is not None:
                 values[key] = parse(raw[key], key)
-        values["extra"] = MappingProxyType({str(k): _freeze(v) for k, v in raw.items() if k not in known})
+        values["extra"] = MappingProxyType({str(k): _freeze(v, str(k)) for k, v in raw.items() if k not in known})
         card = cls(**values)
         card._check_consistent()
         return card
@@ -256,7 +252,7 @@ def _number(value: object, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _fail(where, "a number", value)
     if not math.isfinite(value):
-        raise CardError(where, "expected a finite number")
+        raise CardError(where, "expected a finite number (NaN and Infinity are not JSON)")
     return value  # ints stay ints: the card round-trips exactly
 
 
@@ -309,8 +305,8 @@ def _deciles(value: object, where: str) -> tuple[float, ...]:
 
 
 def _reference(value: object, where: str) -> np.ndarray:
-    """Rows of one input: a non-empty rectangular nested array of numbers, or of strings (a mixed
-    table's text columns), made read-only."""
+    """Rows of one input: a non-empty rectangular nested array of numbers, of booleans or of
+    strings (a mixed table's text columns), made read-only."""
     rows = _list(value, where)
     if not rows:
         raise CardError(where, "expected at least one row")
@@ -318,6 +314,8 @@ def _reference(value: object, where: str) -> np.ndarray:
     _leaves(rows, leaves)
     if all(isinstance(v, str) for v in leaves):
         dtype: type | None = None
+    elif all(isinstance(v, bool) for v in leaves):
+        dtype = np.bool_
     elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in leaves):
         if not all(math.isfinite(v) for v in leaves):  # type: ignore[arg-type]
             raise CardError(where, "expected finite numbers")
@@ -374,18 +372,21 @@ def _tokenizer(value: object, where: str) -> TokenizerEntry:
 
 
 def _json_object(value: object, where: str) -> Mapping[str, Json]:
-    return _freeze(_object(value, where))  # type: ignore[no-any-return]
+    return _freeze(_object(value, where), where)  # type: ignore[no-any-return]
 
 
 def _json_array(value: object, where: str) -> tuple[Json, ...]:
-    return _freeze(_list(value, where))  # type: ignore[no-any-return]
+    return _freeze(_list(value, where), where)  # type: ignore[no-any-return]
 
 
-def _freeze(value: object) -> Json:
+def _freeze(value: object, where: str) -> Json:
+    """A JSON value made read-only; NaN and Infinity (which Python's json reads) refused."""
     if isinstance(value, dict):
-        return MappingProxyType({str(k): _freeze(v) for k, v in value.items()})
+        return MappingProxyType({str(k): _freeze(v, f"{where}[{k!r}]") for k, v in value.items()})
     if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
+        return tuple(_freeze(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CardError(where, "expected a finite number (NaN and Infinity are not JSON)")
     return value
 
 

@@ -479,14 +479,14 @@ class ModelRepository:
             raw = loads(card_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{self.shown(card_path)}: not valid JSON: {exc}") from exc
+        with self._card_errors(version_dir):
+            card = ModelCard.from_dict(raw)  # first: the digest is computed only over finite JSON
         sealed = raw.get(CARD_DIGEST_KEY)
         if sealed is not None and sealed != card_digest(raw):
             raise ModelLoadFailed(
                 f"model {model_label(name, version)}: {CARD_FILENAME} was changed after publication (its content "
                 f"does not match its {CARD_DIGEST_KEY}); refusing reference rows and limits that are not the published ones"
             )
-        with self._card_errors(version_dir):
-            card = ModelCard.from_dict(raw)
         expected = card.model_sha256
         if expected is not None and expected != sha256:
             raise ModelLoadFailed(
