@@ -6,7 +6,8 @@ two ends cannot drift apart. Raw layout: row-major (C order), little-endian, no 
 elements are a 4-byte little-endian uint32 length followed by the data.
 
 Pure numpy + stdlib (no protobuf) so it can be tested and reused without the generated stubs.
-Error messages name offsets, counts and byte sizes only, never tensor contents (patient data).
+Error messages name counts, indexes and buffer sizes only, never tensor contents (patient data)
+nor anything read from them (a declared length, an offset it leads to).
 """
 
 from __future__ import annotations
@@ -166,25 +167,24 @@ def deserialize_bytes(
     while offset < size and (count is None or len(elements) < count):
         index = len(elements)
         if size - offset < _LENGTH.size:
-            raise ValueError(
-                f"BYTES element {index}: truncated length prefix at byte offset {offset} "
-                f"({size - offset} of 4 bytes left)"
-            )
+            raise ValueError(f"BYTES element {index}: its 4-byte length prefix is cut off by the end of the tensor")
         (length,) = _LENGTH.unpack_from(view, offset)
         start = offset + _LENGTH.size
+        # Never the declared length or an offset in a message: a prefix that is not one (a float
+        # sent as BYTES, text without prefixes) is payload, and its integer would echo it.
         if length > size - start:
             raise ValueError(
-                f"BYTES element {index} at byte offset {offset} declares {length} bytes "
-                f"but only {size - start} remain"
+                f"BYTES element {index}: its length prefix runs past the end of the tensor "
+                "(each element is a 4-byte little-endian length, then that many bytes)"
             )
         if max_element_bytes is not None and length > max_element_bytes:
-            raise ValueError(f"BYTES element {index} has {length} bytes; at most {max_element_bytes} are accepted")
+            raise ValueError(f"BYTES element {index} is longer than {max_element_bytes} bytes, the most accepted")
         elements.append(bytes(view[start : start + length]))
         offset = start + length
     if count is not None and len(elements) != count:
         raise ValueError(f"BYTES tensor: expected {count} elements, found {len(elements)}")
     if offset != size:
-        raise ValueError(f"BYTES tensor: {size - offset} trailing bytes after {len(elements)} elements")
+        raise ValueError(f"BYTES tensor: bytes left over after its {len(elements)} elements")
     result = np.empty(len(elements), dtype=object)
     result[:] = elements
     return result

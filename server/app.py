@@ -63,7 +63,7 @@ class MedserveServer:
         self.config = config
         self.lifecycle = Lifecycle()
         self.repository = repository or ModelRepository(config, clock=clock)
-        self.core = InferenceCore(self.repository, clock)
+        self.core = InferenceCore(self.repository, clock, max_response_bytes=config.max_message_bytes)
         self._identities = IdentityFile.load(Path(config.tokens_file)) if config.tokens_file else None
         self.audit = (
             AuditLog(Path(config.audit_log), max_bytes=config.audit_max_bytes, retention=config.audit_retention,
@@ -81,7 +81,8 @@ class MedserveServer:
             self.repository, self.core, self.lifecycle, clock=clock, server_name=config.server_name,
             model_control_mode=config.model_control_mode, authenticated=self._identities is not None,
             on_stream_item=self.gate.finish,
-            limits=DecodeLimits(config.max_tensor_elements, config.max_bytes_elements, config.max_bytes_element_size),
+            limits=DecodeLimits(config.max_tensor_elements, config.max_bytes_elements, config.max_bytes_element_size,
+                                text_bytes=config.max_text_bytes),
             tracing=tracing or Tracing(),
         )
         # Server-level health open to probes; a model's health only to callers allowed the model.

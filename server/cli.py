@@ -70,8 +70,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--inline-below-us", type=int, default=100,
                    help="batches measured faster than this run on the event loop, not a worker thread (0 = never)")
     p.add_argument("--max-tensor-elements", type=int, default=1 << 26, help="elements of one input tensor")
-    p.add_argument("--max-bytes-elements", type=int, default=1 << 20, help="elements of one BYTES input tensor")
+    p.add_argument("--max-bytes-elements", type=int, default=1 << 16, help="elements of one BYTES input tensor")
     p.add_argument("--max-bytes-element-size", type=int, default=1 << 20, help="bytes of one BYTES element")
+    p.add_argument("--max-text-bytes", type=int, default=8 << 20,
+                   help="bytes of text (all BYTES elements) in one request; more is refused before decoding")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="HTTP port for Prometheus /metrics and health probes (worker i: port+i)")
     p.add_argument("--metrics-host", default="127.0.0.1",
@@ -147,6 +149,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         inline_below_us=args.inline_below_us,
         max_bytes_elements=args.max_bytes_elements,
         max_bytes_element_size=args.max_bytes_element_size,
+        max_text_bytes=args.max_text_bytes,
     )
 
 

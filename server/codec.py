@@ -6,6 +6,7 @@ read). Errors are `InvalidInput` naming model, version, tensor, expected and got
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,11 +69,10 @@ def _typed_array(
             f"{entry.contents_field} has {len(values)}"
         )
     if tensor.datatype == "BYTES":
-        longest = max(map(len, values), default=0)
-        if longest > limits.bytes_element_size:
+        if max(map(len, values), default=0) > limits.bytes_element_size:
             raise InvalidInput(
-                f"model {label}: input {tensor.name!r}: a BYTES element has {longest} bytes; at most "
-                f"{limits.bytes_element_size} are accepted"
+                f"model {label}: input {tensor.name!r}: a BYTES element is longer than {limits.bytes_element_size} "
+                "bytes, the most accepted"
             )
         array = np.empty(count, dtype=object)
         array[:] = list(values)
@@ -106,13 +106,16 @@ _FIELD_DTYPES = {
 
 @dataclass(frozen=True, slots=True)
 class DecodeLimits:
-    """Caps checked before anything is allocated (`--max-tensor-elements`, `--max-bytes-elements`,
-    `--max-bytes-element-size`): a request within the message size can still ask for millions
-    of tiny BYTES elements, each a Python object."""
+    """Caps checked before any tensor is decoded (`--max-tensor-elements`, `--max-bytes-elements`,
+    `--max-bytes-element-size`, `--max-text-bytes`, and the input count): a request within the
+    message size can still ask for millions of tiny BYTES elements, each a Python object (and a
+    row to tokenize), 60 MiB of text, or 200,000 tensors of one element."""
 
     tensor_elements: int = 1 << 26
-    bytes_elements: int = 1 << 20
+    bytes_elements: int = 1 << 16
     bytes_element_size: int = 1 << 20
+    text_bytes: int = 8 << 20  # `--max-text-bytes`: the bytes of all of a request's BYTES elements together
+    inputs: int = 1024  # input tensors in one request
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -136,6 +139,50 @@ def _check_limits(label: str, name: str, datatype: str, shape: tuple[int, ...], 
         )
 
 
+def _check_tensors(request: pb.ModelInferRequest, limits: DecodeLimits) -> None:
+    """Every tensor's name, datatype, shape and size against the limits, and the request's text
+    against its budget, before the first tensor is decoded (a refusal costs no decoding)."""
+    label = _label(request)
+    raw = request.raw_input_contents
+    names: set[str] = set()
+    text = 0
+    for i, tensor in enumerate(request.inputs):
+        name, datatype = tensor.name, tensor.datatype
+        if name in names:
+            raise InvalidInput(f"model {label}: input {name!r} is given twice")
+        names.add(name)
+        if datatype not in DATATYPES or datatype == "BF16":
+            raise InvalidInput(
+                f"model {label}: input {name!r}: unsupported datatype {datatype!r}; expected one of "
+                f"{', '.join(d for d in DATATYPES if d != 'BF16')}"
+            )
+        if tensor.parameters and any(k in tensor.parameters for k in SHARED_MEMORY_KEYS):
+            raise InvalidInput(f"model {label}: input {name!r}: shared memory is not supported by this server")
+        shape = tuple(tensor.shape)
+        _check_limits(label, name, datatype, shape, limits)
+        has_contents = tensor.HasField("contents")
+        if raw and has_contents:
+            raise InvalidInput(
+                f"model {label}: input {name!r}: contents must not be set when raw_input_contents is used"
+            )
+        if not raw and not has_contents:
+            raise InvalidInput(f"model {label}: input {name!r} has no data (neither contents nor raw_input_contents)")
+        if datatype == "BYTES":
+            # The text's size without decoding it: a raw tensor's bytes less one 4-byte prefix per
+            # element (exact when well formed; decoding refuses the rest); typed, the elements' sizes
+            # (their count is capped already).
+            count = math.prod(shape)
+            if raw:
+                text += max(0, len(raw[i]) - 4 * count)
+            elif len(tensor.contents.bytes_contents) == count:  # otherwise refused when decoded
+                text += sum(map(len, tensor.contents.bytes_contents))
+            if text > limits.text_bytes:
+                raise InvalidInput(
+                    f"model {label}: the request's BYTES elements hold more than {limits.text_bytes} bytes of text "
+                    "together, the most the server accepts per request (--max-text-bytes)"
+                )
+
+
 def decode_infer_request(
     request: pb.ModelInferRequest, deadline_s: float | None = None, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> InferRequest:
@@ -143,45 +190,28 @@ def decode_infer_request(
     This runs for every request: checks are ordered so the common, valid case does the least."""
     raw = request.raw_input_contents
     tensors = request.inputs
+    if len(tensors) > limits.inputs:
+        raise InvalidInput(
+            f"model {_label(request)}: {len(tensors)} inputs; the server accepts at most {limits.inputs} per request"
+        )
     if raw and len(raw) != len(tensors):
         raise InvalidInput(
             f"model {_label(request)}: {len(tensors)} inputs but {len(raw)} raw_input_contents entries; "
             "expected one per input, in order"
         )
+    _check_tensors(request, limits)
     inputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(tensors):
         name = tensor.name
         datatype = tensor.datatype
-        if name in inputs:
-            raise InvalidInput(f"model {_label(request)}: input {name!r} is given twice")
-        if datatype not in DATATYPES or datatype == "BF16":
-            raise InvalidInput(
-                f"model {_label(request)}: input {name!r}: unsupported datatype {datatype!r}; expected one of "
-                f"{', '.join(d for d in DATATYPES if d != 'BF16')}"
-            )
-        if tensor.parameters and any(k in tensor.parameters for k in SHARED_MEMORY_KEYS):
-            raise InvalidInput(
-                f"model {_label(request)}: input {name!r}: shared memory is not supported by this server"
-            )
         shape = tuple(tensor.shape)
-        _check_limits(_label(request), name, datatype, shape, limits)
-        has_contents = tensor.HasField("contents")
         if raw:
-            if has_contents:
-                raise InvalidInput(
-                    f"model {_label(request)}: input {name!r}: contents must not be set when raw_input_contents "
-                    "is used"
-                )
             try:
                 inputs[name] = from_raw(raw[i], datatype, shape, limits.bytes_element_size)
             except ValueError as exc:
                 raise InvalidInput(f"model {_label(request)}: input {name!r}: {exc}") from None
-        elif has_contents:
-            inputs[name] = _typed_array(_label(request), tensor, shape, limits)
         else:
-            raise InvalidInput(
-                f"model {_label(request)}: input {name!r} has no data (neither contents nor raw_input_contents)"
-            )
+            inputs[name] = _typed_array(_label(request), tensor, shape, limits)
 
     outputs: list[str] = []
     for out in request.outputs:

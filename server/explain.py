@@ -51,6 +51,10 @@ T = TypeVar("T")
 Offload = Callable[[Callable[[], T]], Awaitable[T]]
 DEFAULT_MAX_EVALUATIONS = 4096
 DEFAULT_MAX_ROWS = 8
+# Elements of the explained inputs per request: occlusion evaluates SEGMENTS + 1 copies of them
+# (a 64 MiB FP32 batch at this bound), and the attributions are as large again per target.
+DEFAULT_MAX_ELEMENTS = 1 << 20
+RESPONSE_OVERHEAD_BYTES = 64 << 10  # names, shapes and parameters of a response, generously
 SEGMENTS = 16  # occlusion: about this many segments per input (a 4 x 4 grid for an image)
 
 
@@ -113,6 +117,7 @@ class Explainer:
         self._designs: dict[tuple[int, int], _Design] = {}  # (features, reference rows) -> coalitions
         self.max_evaluations = _param_int(config, "explain_max_evaluations", DEFAULT_MAX_EVALUATIONS)
         self.max_rows = _param_int(config, "explain_max_rows", DEFAULT_MAX_ROWS)
+        self.max_elements = _param_int(config, "explain_max_elements", DEFAULT_MAX_ELEMENTS)
         self.output = explained_output(config, card)
         self._embedding = card is not None and card.task == "embedding" and not _chosen_output(config, card)
         # Parsed and checked against the model's inputs at load (read-only arrays).
@@ -136,6 +141,39 @@ class Explainer:
         if self._tabular and not self._reference:
             return "its model card has no reference rows (re-export it: the exporters add them)"
         return None
+
+    def admit(self, shapes: Mapping[str, tuple[int, ...]], other_bytes: int, max_response_bytes: int | None) -> None:
+        """Refuse, from the inputs' shapes alone and before any work, an explanation this model
+        cannot give, of too many rows or elements (`explain_max_rows`, `explain_max_elements`),
+        or whose response (`other_bytes` for the outputs and tokens, plus the attributions and
+        base values) would not fit in `max_response_bytes` (the server's send limit)."""
+        why = self.refuse()
+        if why is not None:
+            raise InvalidInput(f"model {self._label} cannot be explained: {why}")
+        if not shapes:
+            return
+        first = next(iter(shapes.values()))
+        rows = first[0] if first else 1
+        if rows > self.max_rows:
+            raise InvalidInput(f"model {self._label}: explain takes at most {self.max_rows} rows per request "
+                               f"(explain_max_rows), got {rows}")
+        elements = sum(math.prod(s) for s in shapes.values())
+        if elements > self.max_elements:
+            raise InvalidInput(f"model {self._label}: explain takes at most {self.max_elements} input elements per "
+                               f"request (explain_max_elements), got {elements}")
+        spec = next((t for t in self._config.outputs if t.name == self.output), None)
+        targets = math.prod(max(1, d) for d in spec.dims) if spec is not None else 1
+        if self._tabular:
+            attributed = elements
+        else:
+            target = next((n for n in sorted(shapes) if "mask" not in n), sorted(shapes)[0])
+            attributed = math.prod(shapes[target])
+        size = other_bytes + 4 * targets * (attributed + rows) + RESPONSE_OVERHEAD_BYTES
+        if max_response_bytes is not None and size > max_response_bytes:
+            raise InvalidInput(f"model {self._label}: the explanation of this request would take about {size} "
+                               f"bytes, over the server's response limit of {max_response_bytes} bytes "
+                               "(--max-message-mb); send fewer rows or shorter inputs")
+        return
 
     async def explain(self, inputs: Mapping[str, np.ndarray], output: np.ndarray,
                       words: np.ndarray | None = None) -> Explanation:
@@ -215,13 +253,18 @@ class Explainer:
         x = inputs[target]
         rows = x.shape[0]
         segments = _segments(x.shape[1:])
-        drops, base = await self._drops(self._replaced_by_baseline(inputs, target, segments), f_x, len(segments) + 1)
-        attribution = np.zeros((rows, f_x.shape[1], *x.shape[1:]), np.float32)
-        for s, index in enumerate(segments):
-            size = math.prod(len(range(*i.indices(d))) for i, d in zip(index, x.shape[1:], strict=True))
-            attribution[(slice(None), slice(None), *index)] = (drops[:, s, :] / size)[
-                (slice(None), slice(None), *([None] * len(index)))]
-        return Explanation({target: attribution}, base, "occlusion", str(self.output))
+        batch = await self._offload(lambda: self._replaced_by_baseline(inputs, target, segments))
+        drops, base = await self._drops(batch, f_x, len(segments) + 1)
+
+        def spread() -> np.ndarray:
+            attribution = np.zeros((rows, f_x.shape[1], *x.shape[1:]), np.float32)
+            for s, index in enumerate(segments):
+                size = math.prod(len(range(*i.indices(d))) for i, d in zip(index, x.shape[1:], strict=True))
+                attribution[(slice(None), slice(None), *index)] = (drops[:, s, :] / size)[
+                    (slice(None), slice(None), *([None] * len(index)))]
+            return attribution
+
+        return Explanation({target: await self._offload(spread)}, base, "occlusion", str(self.output))
 
     async def _drops(self, batch: dict[str, np.ndarray], f_x: np.ndarray, variants: int) -> tuple[np.ndarray, np.ndarray]:
         """Evaluate `variants` perturbed copies per row (the last the all-removed one): each

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+
+from medserve.protos.wire import DATATYPES
 
 from .batching import BACKGROUND, BatchRequest, Clock, RequestTiming, work_of
 from .errors import ExecutionError, InvalidInput
@@ -60,7 +63,10 @@ class InferResult:
 
 
 T = TypeVar("T")
-TOKENIZE_INLINE_CHARS = 4096  # more text than this is tokenized off the event loop
+TOKENIZE_INLINE_CHARS = 4096  # more text than this is tokenized off the event loop ...
+TOKENIZE_INLINE_ROWS = 8  # ... and more rows than this (a million empty strings are seconds of work)
+VALIDATE_INLINE_ELEMENTS = 1 << 16  # inputs of more elements are validated off the event loop ...
+VALIDATE_INLINE_STRINGS = 256  # ... and of more strings (each decoded from UTF-8 in Python)
 BACKGROUND_PART_S = 8e-3  # a background part's estimated cost at most, on the CPU: callers' batches
 # start beside a running part (and the OS runs them first), so its length delays none of them,
 # while each part costs the event loop its queueing and hand-off (a forest explanation in parts
@@ -83,9 +89,11 @@ def background_part_rows(estimate_s: Callable[[int], float], row_work: int, limi
 class InferenceCore:
     """Runs decoded requests against the repository's model versions."""
 
-    def __init__(self, repository: ModelRepository, clock: Clock = time.monotonic) -> None:
+    def __init__(self, repository: ModelRepository, clock: Clock = time.monotonic,
+                 max_response_bytes: int | None = None) -> None:
         self._repository = repository
         self._clock = clock
+        self._max_response_bytes = max_response_bytes  # the send limit: an explanation must fit in it
 
     async def infer(self, request: InferRequest) -> InferResult:
         loaded = self._repository.get(request.model, request.version)
@@ -108,15 +116,46 @@ class InferenceCore:
         stage = loaded.stage
         assert stage is not None
         (texts,) = inputs.values()
-        if sum(len(t) for t in texts.reshape(-1)) > TOKENIZE_INLINE_CHARS:
+        if texts.size > TOKENIZE_INLINE_ROWS or sum(len(t) for t in texts.reshape(-1)) > TOKENIZE_INLINE_CHARS:
             return await asyncio.to_thread(stage.tokenize, texts)
         return stage.tokenize(texts)
+
+    @staticmethod
+    async def _validate(loaded: LoadedVersion, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """The signature's checks; a large request's on a worker thread (strings are decoded one
+        by one in Python, a float tensor scanned for NaN)."""
+        strings = sum(a.size for a in inputs.values() if a.dtype == object)
+        if strings > VALIDATE_INLINE_STRINGS or sum(a.size for a in inputs.values()) > VALIDATE_INLINE_ELEMENTS:
+            return await asyncio.to_thread(loaded.signature.validate, loaded.label, inputs)
+        return loaded.signature.validate(loaded.label, inputs)
+
+    def _admit_explanation(self, loaded: LoadedVersion, request: InferRequest, wanted: tuple[str, ...]) -> None:
+        """Refuse an explanation that would be too large before any of the request's work: the
+        explained elements against the model's bound, and the response's size (the outputs, the
+        attributions, the tokens) against the send limit, from the shapes alone."""
+        shapes = {n: a.shape for n, a in request.inputs.items()}
+        first = next(iter(shapes.values()), ())
+        rows = first[0] if first else 1
+        token_chars = 0
+        if loaded.stage is not None:  # text: the graph sees at most max_length tokens a row
+            length = loaded.stage.max_length
+            shapes = {n: (rows, length) for n in loaded.stage.inputs}
+            token_chars = rows * length * 24  # explain_tokens: a JSON string per token
+        output_bytes = 0
+        for name in wanted:
+            spec = loaded.signature.outputs[name]
+            entry = DATATYPES.get(spec.datatype)
+            itemsize = (entry.itemsize if entry is not None else None) or 8  # a string: its prefix, at least
+            output_bytes += rows * math.prod(max(1, d) for d in spec.dims) * itemsize
+        self._explainer(loaded).admit(shapes, output_bytes + token_chars, self._max_response_bytes)
 
     async def _infer(self, loaded: LoadedVersion, request: InferRequest) -> InferResult:
         signature = loaded.signature
         label = loaded.label
         wanted = signature.check_outputs(label, request.outputs)
-        inputs, rows = signature.validate(label, request.inputs)
+        if request.explain:
+            self._admit_explanation(loaded, request, wanted)
+        inputs, rows = await self._validate(loaded, request.inputs)
         flagged = loaded.monitor.check(inputs) if loaded.monitor is not None else ()
         tokenized = None
         if loaded.stage is not None:
@@ -163,6 +202,17 @@ class InferenceCore:
 
     async def _explain(self, loaded: LoadedVersion, inputs: Mapping[str, np.ndarray],
                        outputs: Mapping[str, np.ndarray], words: np.ndarray | None) -> Explanation:
+        explainer = self._explainer(loaded)
+        output = outputs[str(explainer.output)] if explainer.output in outputs else None
+        if output is None:
+            raise InvalidInput(f"model {loaded.label} cannot be explained: {explainer.refuse() or 'no output'}")
+        return await explainer.explain(inputs, output, words)
+
+    @staticmethod
+    def _explainer(loaded: LoadedVersion) -> Explainer:
+        """The version's explainer, made on its first explanation."""
+        if loaded.explainer is not None:
+            return loaded.explainer
         batcher = loaded.batcher
         assert batcher is not None
 
@@ -194,10 +244,5 @@ class InferenceCore:
                 return work()
             return await future
 
-        if loaded.explainer is None:  # one per version, made on its first explanation
-            loaded.explainer = Explainer(loaded.label, loaded.config, loaded.card, evaluate, offload=offload)
-        explainer = loaded.explainer
-        output = outputs[str(explainer.output)] if explainer.output in outputs else None
-        if output is None:
-            raise InvalidInput(f"model {loaded.label} cannot be explained: {explainer.refuse() or 'no output'}")
-        return await explainer.explain(inputs, output, words)
+        loaded.explainer = Explainer(loaded.label, loaded.config, loaded.card, evaluate, offload=offload)
+        return loaded.explainer

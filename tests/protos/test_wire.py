@@ -150,10 +150,10 @@ def test_serialize_rejects_non_string_elements_without_their_value() -> None:
 _SECRET_ELEMENT = struct.pack("<I", len(SECRET)) + SECRET.encode()
 
 MALFORMED = {
-    "truncated prefix": (_SECRET_ELEMENT + b"\x01\x00", None, "truncated length prefix at byte offset 26"),
-    "length past end": (_SECRET_ELEMENT + struct.pack("<I", 100) + b"xy", None, "declares 100 bytes"),
-    "length past end, count": (_SECRET_ELEMENT + struct.pack("<I", 9) + b"xy", 2, "only 2 remain"),
-    "trailing garbage": (_SECRET_ELEMENT + b"\x00\x00\x00\x00" + SECRET.encode(), 2, "trailing bytes"),
+    "truncated prefix": (_SECRET_ELEMENT + b"\x01\x00", None, "element 1: its 4-byte length prefix is cut off"),
+    "length past end": (_SECRET_ELEMENT + struct.pack("<I", 100) + b"xy", None, "element 1: its length prefix runs"),
+    "length past end, count": (_SECRET_ELEMENT + struct.pack("<I", 9) + b"xy", 2, "runs past the end"),
+    "trailing garbage": (_SECRET_ELEMENT + b"\x00\x00\x00\x00" + SECRET.encode(), 2, "left over after its 2"),
     "count beyond buffer": (_SECRET_ELEMENT + b"\x00\x00\x00\x00" * 2, 10, "needs at least 40 bytes, got 34"),
     "fewer than count": (_SECRET_ELEMENT + b"\x00\x00\x00\x00", 3, "expected 3 elements, found 2"),
     "negative count": (_SECRET_ELEMENT, -1, ">= 0"),
@@ -168,6 +168,9 @@ def test_malformed_bytes_raise_without_leaking_data(case: str) -> None:
         wire.deserialize_bytes(raw, count)
     assert SECRET not in str(info.value)
     assert "patient" not in str(info.value)
+    # Nothing read from the payload: neither a declared length nor an offset it leads to.
+    assert "declares" not in str(info.value) and "offset" not in str(info.value)
+    assert "100" not in str(info.value) and "9 bytes" not in str(info.value)
 
 
 def test_from_raw_bytes_checks_element_count() -> None:
