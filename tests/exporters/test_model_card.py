@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import GradientBoostingClassifier
 
 from medserve.exporters import TrainingData, export
+from medserve.protos import grpc_service_pb2 as pb
 
 from exporter_helpers import breast_cancer, read_card, read_config
 
@@ -128,3 +130,65 @@ def test_the_card_is_sealed_and_an_edited_card_does_not_load(tmp_path: Path) -> 
             server.stub().ModelInfer(pb.ModelInferRequest(model_name="gbm"))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "model_card.json was changed after publication" in info.value.details()
+
+
+# -- one schema: the exporters write cards through the server's ModelCard ---------------------
+
+# A table with deciles, ranges and reference rows, a torch table, a signal model and a token
+# model: every kind of serving entry (the text families' cards are checked by test_text_export).
+ROUND_TRIP_DEMO = ["breast_cancer_logreg", "risk_mlp", "ecg_cnn1d", "notes_transformer"]
+
+
+def test_demo_cards_round_trip_through_the_type(tmp_path: Path) -> None:
+    """Each demo card parses into a ModelCard that writes back the very same JSON object (so its
+    digest holds), and the server loads it: the exporters and the server share one schema."""
+    from medserve.exporters.demo import build_demo_repository
+    from medserve.server.card import ModelCard, loads
+    from medserve.server.layout import card_digest
+
+    from conftest import running_server
+
+    reports = build_demo_repository(tmp_path, seed=0, models=ROUND_TRIP_DEMO)
+    for report in reports:
+        raw = loads(report.card_path.read_text(encoding="utf-8"))
+        card = ModelCard.from_dict(raw)
+        assert card.as_dict() == raw and list(card.as_dict()) == list(raw), report.name
+        assert card_digest(card.as_dict()) == raw["card_sha256"] == card.card_sha256, report.name
+        assert card.model_sha256 == report.model_sha256 and card.reference, report.name
+    logreg = ModelCard.from_dict(loads(reports[0].card_path.read_text(encoding="utf-8")))
+    assert logreg.feature_names is not None and logreg.feature_ranges and logreg.feature_deciles
+    assert set(logreg.feature_deciles) == set(logreg.feature_names)
+    with running_server(tmp_path) as server:
+        stub = server.stub()
+        ready = {r.name for r in reports if stub.ModelReady(pb.ModelReadyRequest(name=r.name), timeout=30).ready}
+    assert ready == set(ROUND_TRIP_DEMO)
+
+
+def test_build_card_returns_the_typed_card_and_refuses_what_the_server_would() -> None:
+    from medserve.exporters import ExportError
+    from medserve.exporters.card import ModelCard, build_card
+
+    common: dict[str, Any] = dict(
+        name="m", version=1, framework="f", framework_version="1", converter="c", opset=17, inputs=[], outputs=[],
+        feature_names=["a", "b"], class_labels=None, input_columns=None, task=None, description=None,
+        training_data=TrainingData("rows", 3), metrics={}, parity=[], model_sha256="0" * 64)
+    card = build_card(**common, extra={"feature_limits": {"a": [0.0, 1.0]}})
+    assert isinstance(card, ModelCard) and card.training_data == TrainingData("rows", 3)
+    assert card.feature_limits is not None and card.feature_limits["a"].as_list() == [0.0, 1.0]
+    with pytest.raises(ExportError, match=r"model card of 'm': feature_deciles\['a'\]: expected the 9 cuts"):
+        build_card(**common, extra={"feature_deciles": {"a": [1.0, 2.0]}})
+    with pytest.raises(ExportError, match=r"feature_limits\['c'\]: names no feature in feature_names"):
+        build_card(**common, extra={"feature_limits": {"c": [0.0, 1.0]}})
+
+
+def test_publish_refuses_a_card_the_server_would_refuse(tmp_path: Path) -> None:
+    """A card factory's plain mapping is checked against the same schema; nothing is written."""
+    from medserve.exporters import ExportError, triton_config
+    from medserve.exporters.publish import publish
+    from medserve.exporters.specs import TensorSpec
+
+    config = triton_config.build_config("m", [TensorSpec("x", "FP32", (-1, 2))], [TensorSpec("y", "FP32", (-1, 1))], 8)
+    with pytest.raises(ExportError, match=r"feature_ranges\['a'\]: the lower bound exceeds the upper"):
+        publish(tmp_path, "m", version=1, model_bytes=b"g", config=config,
+                make_card=lambda v, s: {"feature_names": ["a", "b"], "feature_ranges": {"a": [2, 1]}})
+    assert list(tmp_path.iterdir()) == []

@@ -135,3 +135,15 @@ def test_a_model_file_swapped_after_publication_is_refused(tmp_path: Path) -> No
     card(version)
     onnx_models.affine(version / "model.onnx", features=5)  # another graph, same place
     assert "does not match model_card.json model_sha256" in load_error(repo)
+
+
+def test_listed_files_and_external_data_that_do_not_parse_refuse_the_load(tmp_path: Path) -> None:
+    """The card's `files` and `external_data` are typed at load: a SHA-256 that is not one, or a
+    list where a map belongs, is refused naming the card's file and the entry (before, a list of
+    external data read as "nothing listed", and a bad hash only as a mismatch)."""
+    repo = tmp_path / "repo"
+    version = onnx_models.affine(repo / "m" / "1" / "model.onnx").parent
+    card(version, files={"notes.txt": "not-a-sha"})
+    assert "m/1/model_card.json: files['notes.txt']: expected a SHA-256 as 64 lowercase hex digits" in load_error(repo)
+    card(version, external_data=["weights.bin"])
+    assert "m/1/model_card.json: external_data: expected an object, got an array" in load_error(repo)

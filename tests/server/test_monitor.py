@@ -154,3 +154,25 @@ def test_each_row_is_judged_against_the_limits_and_the_range_as_defined() -> Non
                         monitor.check({"x": x})
                 else:
                     assert monitor.check({"x": x}) == tuple(n for n, f in zip(FEATURES, flagged, strict=True) if f)
+
+
+def test_a_card_whose_tables_the_model_cannot_carry_raises_instead_of_returning_none() -> None:
+    """Before: None (no monitor, limits off without a word). Now CardError naming the table, which
+    the repository turns into a load failure naming the card's file."""
+    from medserve.server.card import CardError
+
+    card = {"feature_names": FEATURES, "feature_limits": LIMITS}
+    assert FeatureMonitor.from_card("m", {"feature_names": FEATURES}, {"x": (4,)}) is None  # no tables: no monitor
+    assert FeatureMonitor.from_card("m", card, {"x": (4,)}) is not None
+    with pytest.raises(CardError, match=r"^feature_limits: the model has no input whose columns"):
+        FeatureMonitor.from_card("m", card, {"x": (-1, 4)})  # a sequence model: one row is not the features
+    with pytest.raises(CardError, match=r"^feature_limits: the model has no input"):
+        FeatureMonitor.from_card("m", card, {"x": (4,), "mask": (4,)})
+    mixed = {"feature_names": [*FEATURES, "note"], "input_columns": {"numeric": FEATURES, "text": ["note"]},
+             "feature_limits": {"note": [0, 1]}}
+    with pytest.raises(CardError, match=r"^feature_limits\['note'\]: names no numeric column of input 'numeric'"):
+        FeatureMonitor.from_card("m", mixed, {"numeric": (4,), "text": (1,)})
+    with pytest.raises(CardError, match=r"input_columns\['numeric'\] lists 4 columns"):
+        FeatureMonitor.from_card("m", {**mixed, "feature_limits": LIMITS}, {"numeric": (3,), "text": (1,)})
+    monitor = FeatureMonitor.from_card("m", {**mixed, "feature_limits": LIMITS}, {"numeric": (4,), "text": (1,)})
+    assert monitor is not None and monitor.input == "numeric"
