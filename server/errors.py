@@ -8,6 +8,7 @@ these classes to gRPC status codes (walking the MRO), so the core never speaks t
      ├── ModelLoadFailed     the model exists but failed to load (config, file, hash, warm-up)
      │    └── ConfigError    a config.pbtxt / model file problem, naming the file and field
      ├── QueueFull           bounded queue or rate limit refused the request
+     ├── TooLarge            a message (request or response) over its size limit
      ├── DeadlineExceeded    the request expired (or could not meet its deadline) before running
      ├── Cancelled           the caller went away before the request ran
      ├── Unsupported         a protocol feature this server does not implement
@@ -60,6 +61,11 @@ class QueueFull(MedserveError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TooLarge(MedserveError):
+    """A request or response message over the size limit (`--max-message-mb`): RESOURCE_EXHAUSTED,
+    naming the limit; retrying the same call will not help."""
 
 
 class DeadlineExceeded(MedserveError):

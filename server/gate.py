@@ -2,15 +2,23 @@
 the method handlers themselves so it costs no extra task or coroutine per call.
 
 For each call, before its body is parsed: who is calling (a bearer token from the metadata, or
-the mutual-TLS client certificate's subject, resolved to a named `Identity`; a token is refused
-over plaintext from a non-loopback peer), whether that identity is within its rate limit
-(RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`), and whether the audit trail can take one
-more record (UNAVAILABLE while it is behind). Then the body is parsed — on a worker thread when
-it is large, so a big message never stalls the event loop — and the servicer runs with the
-call's `Call` in `CURRENT`, where it reads the identity (per-model access) and notes what the
-audit record needs (model, version, file, rows, request id). Inference, administration and
-refused calls each leave one audit record; probes (ServerLive, ServerReady) are open and
-unrecorded.
+the mutual-TLS client certificate's names, resolved to a named `Identity`; a token is refused
+over plaintext from a non-loopback peer), whether the message is within `--max-message-mb`
+(gRPC itself takes a little more, `receive_limit`, so that an oversized message is refused here,
+RESOURCE_EXHAUSTED naming the limit, and audited), whether that identity is within its rate limit
+(RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`; on a stream each message takes a token and is
+refused in band), and whether the audit trail can take one more record (UNAVAILABLE while it is
+behind). Then the body is parsed — on a worker thread when it is large, so a big message never
+stalls the event loop — and the servicer runs with the call's `Call` in `CURRENT`, where it reads
+the identity (per-model access) and notes what the audit record needs (model, version, file,
+rows, request id).
+
+Every inference (each stream message too), administration and refused call leaves an audit
+record with the identity, request id and status the caller really got; methods medserve does not
+serve are refused UNIMPLEMENTED here too (`unknown_methods`). Refusals of callers without valid
+credentials, and refusals because the audit trail is behind, are counted per peer per second
+(`refusals.RefusalTally`) so that a flood of them cannot fill the trail. Probes (ServerLive,
+ServerReady) are open and unrecorded.
 """
 from __future__ import annotations
 
@@ -23,25 +31,41 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from medserve.protos import grpc_service_pb2 as pb
 
 from .audit import AuditEvent, AuditLog
-from .errors import InvalidInput, MedserveError, ModelNotReady, QueueFull, Unauthenticated
+from .errors import (
+    InvalidInput,
+    MedserveError,
+    ModelNotReady,
+    QueueFull,
+    TooLarge,
+    Unauthenticated,
+    Unsupported,
+)
 from .identities import ANONYMOUS, Identity, IdentityFile, token_digest
 from .ratelimit import RateLimiter
+from .refusals import RefusalTally
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # probes: no credentials, no record
 AUDITED = frozenset({"ModelInfer", "RepositoryModelLoad", "RepositoryModelUnload"})  # + every refusal
+STREAMED = "ModelStreamInfer"  # its messages are rate-limited, parsed and audited one by one
 PARSE_IN_THREAD_BYTES = 1 << 20  # a body this large is parsed (and decoded) off the event loop
+MAX_REQUEST_ID_CHARS = 128  # a longer request id is refused (it is echoed and audited)
+MAX_RPC_NAME_CHARS = 128  # an unknown method's path, as far as the audit record keeps it
+TALLY_FLUSH_S = 1.0  # counted refusals reach the audit trail about this long after their second
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 
 @dataclass(slots=True, eq=False)
 class Call:
-    """One call as the gate admitted it; the servicer fills in what the audit record needs."""
+    """One call (or one stream message) as the gate admitted it; the servicer fills in what the
+    audit record needs. `tally`: the call was refused in a way that is counted per peer and
+    second rather than recorded alone (see `refusals`)."""
 
     rpc: str
     identity: Identity
@@ -55,6 +79,18 @@ class Call:
     rows: int = 0
     request_id: str = ""
     audited: bool = False
+    tally: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamItem:
+    """One message of a ModelStreamInfer stream as the gate hands it to the servicer: the
+    request, or the refusal the gate decided (rate limit, oversized, malformed, audit behind),
+    which the servicer answers in band. `call` is the message's own audit record."""
+
+    call: Call
+    request: Any = None
+    refusal: MedserveError | None = None
 
 
 # The call being served, per task (grpc.aio runs every call in a task of its own).
@@ -64,6 +100,27 @@ CURRENT: ContextVar[Call | None] = ContextVar("medserve_call", default=None)
 def current_identity() -> Identity:
     call = CURRENT.get()
     return ANONYMOUS if call is None else call.identity
+
+
+def audit_request_id(request_id: str) -> str:
+    """The request id as an audit record keeps it: whole up to the cap, else its first
+    `MAX_REQUEST_ID_CHARS` characters and "..." (a refused 1 MiB id must not make a 1 MiB record)."""
+    return request_id if len(request_id) <= MAX_REQUEST_ID_CHARS else request_id[:MAX_REQUEST_ID_CHARS] + "..."
+
+
+def check_request_id(request_id: str) -> None:
+    """Refuse an over-long request id (INVALID_ARGUMENT naming the limit, never the id)."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(f"the request id is longer than {MAX_REQUEST_ID_CHARS} characters (the limit); "
+                           "send a shorter, opaque id")
+
+
+def receive_limit(max_message_bytes: int) -> int:
+    """What gRPC itself accepts (`grpc.max_receive_message_length`): somewhat more than the
+    limit, so that a message a little over it reaches the gate, which refuses it with a status
+    naming the limit and audits it. Messages past this are refused by gRPC before any handler
+    runs (RESOURCE_EXHAUSTED, not audited: the server never sees them)."""
+    return min((1 << 31) - 1, max_message_bytes + max(1 << 20, max_message_bytes // 8))
 
 
 def is_loopback_peer(peer: str) -> bool:
@@ -78,17 +135,57 @@ def is_loopback_peer(peer: str) -> bool:
         return False
 
 
-def certificate_subject(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
-    """A verified client certificate's subject: its first subject alternative name, else its CN."""
+def certificate_names(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
+    """A verified client certificate's names in the order an identity is looked up by them:
+    every subject alternative name (DNS, URI, e-mail, IP) in the certificate's order, then the
+    common name."""
+    names: list[str] = []
     for key in ("x509_subject_alternative_name", "x509_common_name"):
-        values = list(auth_context.get(key) or ())
-        if values:
-            return values[0].decode("utf-8", "replace")
-    return None
+        names += [value.decode("utf-8", "replace") for value in auth_context.get(key) or ()]
+    return names
+
+
+def certificate_subject(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
+    """The name a certificate is first known by (its first SAN, else its CN), for messages."""
+    return next(iter(certificate_names(auth_context)), None)
+
+
+def _head_class() -> Any:
+    """A message of fields 1-3 only, as bytes: ModelInferRequest's model_name, model_version and
+    id (and the name and version of the model RPCs), read from a body that is refused before it
+    is parsed whole (the record still names the model and id the caller sent)."""
+    file = descriptor_pb2.FileDescriptorProto(name="medserve_gate_head.proto", package="medserve.gate",
+                                              syntax="proto3")
+    message = file.message_type.add(name="Head")
+    for number, name in ((1, "first"), (2, "second"), (3, "third")):
+        message.field.add(name=name, number=number, type=descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
+                          label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("medserve.gate.Head"))
+
+
+_HEAD = _head_class()
+# Which head fields name the model, the version and the request id, per RPC (0 = none).
+_HEAD_FIELDS = {"ModelInfer": (1, 2, 3), STREAMED: (1, 2, 3), "ModelReady": (1, 2, 0), "ModelMetadata": (1, 2, 0),
+                "ModelConfig": (1, 2, 0), "ModelStatistics": (1, 2, 0), "RepositoryModelLoad": (2, 0, 0),
+                "RepositoryModelUnload": (2, 0, 0)}
+
+
+def _head_text(head: Any, number: int) -> str:
+    return "" if not number else getattr(head, ("first", "second", "third")[number - 1]).decode("utf-8", "replace")
+
+
+class AuditBehind(ModelNotReady):
+    """The audit trail cannot take another record yet (UNAVAILABLE; counted, not recorded alone)."""
+
+
+class RateLimited(QueueFull):
+    """An identity is over its rate limit (RESOURCE_EXHAUSTED, with a retry hint)."""
 
 
 class Gate:
-    """Authentication, rate limits, audit admission and off-loop parsing for every call."""
+    """Authentication, size and rate limits, audit admission and off-loop parsing for every call."""
 
     def __init__(
         self,
@@ -99,6 +196,7 @@ class Gate:
         audit: AuditLog | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._identities = identities  # called per call: SIGHUP swaps the file underneath
         self._plaintext = plaintext
@@ -106,7 +204,11 @@ class Gate:
         self._audit = audit
         self._clock = clock
         self._wall = wall_clock
+        self._max_message_bytes = max_message_bytes
         self._held: asyncio.Event | None = None
+        self._tally = RefusalTally(audit.record if audit is not None else (lambda event: None),
+                                   clock=clock, wall_clock=wall_clock)
+        self._tally_timer: asyncio.TimerHandle | None = None
 
     # -- the end of a drain ----------------------------------------------------------------
 
@@ -120,6 +222,13 @@ class Gate:
     def release(self) -> None:
         if self._held is not None:
             self._held.set()
+
+    def close(self) -> None:
+        """Write the refusals still being counted (before the audit trail closes)."""
+        if self._tally_timer is not None:
+            self._tally_timer.cancel()
+            self._tally_timer = None
+        self._tally.flush()
 
     # -- admission -------------------------------------------------------------------------
 
@@ -141,42 +250,84 @@ class Gate:
             if identity is None:
                 raise Unauthenticated("unknown bearer token")
             return identity
-        subject = certificate_subject(context.auth_context()) if not self._plaintext else None
-        if subject is not None:
-            identity = identities.by_certificate.get(subject)
+        names = certificate_names(context.auth_context()) if not self._plaintext else []
+        if names:
+            identity = next((identities.by_certificate[n] for n in names if n in identities.by_certificate), None)
             if identity is None:
-                raise Unauthenticated(f"client certificate {subject!r} is not a known identity")
+                raise Unauthenticated(f"client certificate {names[0]!r} is not a known identity")
             return identity
         raise Unauthenticated("missing credentials: send 'authorization: Bearer <token>' or a client certificate")
 
-    def _admit(self, rpc: str, context: grpc.aio.ServicerContext, body_bytes: int) -> Call:
-        call = Call(rpc, ANONYMOUS, context.peer(), self._clock(), body_bytes, audited=rpc in AUDITED)
-        if rpc in OPEN_METHODS:
-            return call
+    def _admit(self, call: Call, context: grpc.aio.ServicerContext) -> None:
+        """Authenticate the call and, but for a stream (whose messages are admitted one by one),
+        check its size, rate and the audit trail. Raises the refusal; `call` says who it was."""
+        if call.rpc in OPEN_METHODS:
+            return
         call.identity = self.authenticate(context)
+        if call.rpc != STREAMED:
+            self._admit_message(call)
+
+    def _admit_message(self, call: Call) -> None:
+        if call.body_bytes > self._max_message_bytes:
+            raise TooLarge(f"{call.rpc}: the request is over the message size limit of "
+                           f"{_mib(self._max_message_bytes)} (--max-message-mb); send smaller requests")
         wait_s = self._rates.wait_s(call.identity)
         if wait_s > 0:
             raise RateLimited(f"identity {call.identity.name!r} is over its rate limit "
                               f"({call.identity.rate_per_s:g}/s); retry later", wait_s)
         if self._audit is not None and not self._audit.admit():
-            raise ModelNotReady("the audit trail is behind; retry shortly")
-        return call
+            raise AuditBehind("the audit trail is behind; retry shortly")
+
+    def _refused(self, call: Call, exc: MedserveError, body: bytes) -> None:
+        """Note a refusal decided before the body was parsed: its status, whether it is counted,
+        and (for an identified caller) the model, version and id the body names."""
+        from .status import status_code_name  # the one error table
+
+        call.status = status_code_name(type(exc))
+        call.tally = isinstance(exc, Unauthenticated | AuditBehind)
+        if call.tally or isinstance(exc, InvalidInput) or not body:
+            return  # a stranger's body is not read; a malformed one cannot be
+        fields = _HEAD_FIELDS.get(call.rpc)
+        if fields is None:
+            return
+        try:
+            head = _HEAD.FromString(body)
+        except DecodeError:
+            return
+        model, version, request_id = (_head_text(head, n) for n in fields)
+        call.model, call.version, call.request_id = model[:MAX_REQUEST_ID_CHARS], version[:32], audit_request_id(
+            request_id)
 
     def finish(self, call: Call) -> None:
         """Write the call's audit record (inference, administration, or any refusal)."""
         if self._audit is None or not (call.audited or call.status != "OK"):
             return
+        latency_ms = (self._clock() - call.started_s) * 1e3
+        if call.tally:
+            self._tally.add(call.identity.name, call.peer, call.rpc, call.status, latency_ms)
+            if self._tally_timer is None and self._tally.pending:
+                self._tally_timer = asyncio.get_running_loop().call_later(TALLY_FLUSH_S, self._flush_tally)
+            return
         self._audit.record(AuditEvent(
             time_unix=self._wall(), identity=call.identity.name, peer=call.peer, rpc=call.rpc, status=call.status,
-            latency_ms=(self._clock() - call.started_s) * 1e3, model=call.model, version=call.version,
+            latency_ms=latency_ms, model=call.model, version=call.version,
             model_sha256=call.model_sha256, rows=call.rows, request_id=call.request_id,
         ))
 
-    def _refuse(self, context: grpc.aio.ServicerContext, call: Call, exc: MedserveError) -> None:
-        from .service import status_for  # the one error table
+    def _flush_tally(self) -> None:
+        self._tally_timer = None
+        if self._tally.flush_ended():  # its second is not over yet (a slow clock): look again
+            self._tally_timer = asyncio.get_running_loop().call_later(TALLY_FLUSH_S, self._flush_tally)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, call: Call, exc: MedserveError,
+                      body: bytes = b"") -> None:
+        from .status import status_for  # the one error table
 
         code, message = status_for(exc)
-        call.status = code.name
+        if len(body) >= PARSE_IN_THREAD_BYTES and not isinstance(exc, Unauthenticated | AuditBehind | InvalidInput):
+            await asyncio.to_thread(self._refused, call, exc, body)
+        else:
+            self._refused(call, exc, body)
         self.finish(call)
         answer_with_status(context, code, message, retry_hint(exc))
 
@@ -197,19 +348,21 @@ class Gate:
                     self._unary(method.name, behavior, parse), response_serializer=serialize)
         return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
 
+    def unknown_methods(self) -> grpc.GenericRpcHandler:
+        """Every method no other handler serves (register it last): refused UNIMPLEMENTED behind
+        the same gate (credentials first), and audited, instead of by gRPC unseen."""
+        return _UnknownMethods(self)
+
     def _unary(self, rpc: str, behavior: Callable[[Any, Any], Awaitable[Any]], parse: Callable[[bytes], Any]):  # type: ignore[no-untyped-def]
         async def handle(body: bytes, context: grpc.aio.ServicerContext) -> Any:
             if self._held is not None:
                 await self._held.wait()
+            call = Call(rpc, ANONYMOUS, context.peer(), self._clock(), len(body), audited=rpc in AUDITED)
             try:
-                call = self._admit(rpc, context, len(body))
-            except MedserveError as exc:
-                self._refuse(context, Call(rpc, ANONYMOUS, context.peer(), self._clock()), exc)
-                return None
-            try:
+                self._admit(call, context)
                 request = await _parse(parse, body, rpc)
-            except InvalidInput as exc:
-                self._refuse(context, call, exc)
+            except MedserveError as exc:
+                await self._refuse(context, call, exc, body)
                 return None
             token = CURRENT.set(call)
             try:
@@ -222,28 +375,66 @@ class Gate:
 
     def _stream(self, rpc: str, behavior: Callable[[Any, Any], AsyncIterator[Any]], parse: Callable[[bytes], Any]):  # type: ignore[no-untyped-def]
         async def handle(bodies: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = Call(rpc, ANONYMOUS, context.peer(), self._clock())
             try:
-                call = self._admit(rpc, context, 0)
+                self._admit(call, context)
             except MedserveError as exc:
-                self._refuse(context, Call(rpc, ANONYMOUS, context.peer(), self._clock()), exc)
+                await self._refuse(context, call, exc)
                 return
 
-            async def requests() -> AsyncIterator[Any]:
+            async def items() -> AsyncIterator[StreamItem]:
                 async for body in bodies:
-                    yield await _parse(parse, body, rpc)
+                    item = Call(rpc, call.identity, call.peer, self._clock(), len(body), audited=True)
+                    try:
+                        self._admit_message(item)
+                        request = await _parse(parse, body, rpc)
+                    except MedserveError as exc:
+                        if len(body) >= PARSE_IN_THREAD_BYTES:
+                            await asyncio.to_thread(self._refused, item, exc, body)
+                        else:
+                            self._refused(item, exc, body)
+                        yield StreamItem(item, refusal=exc)
+                        continue
+                    yield StreamItem(item, request)
 
             token = CURRENT.set(call)
             try:
-                async for response in behavior(requests(), context):
+                async for response in behavior(items(), context):
                     yield response
             finally:
                 CURRENT.reset(token)
+                self.finish(call)
 
         return handle
 
+    async def _unknown(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        call = Call(method[:MAX_RPC_NAME_CHARS], ANONYMOUS, context.peer(), self._clock())
+        try:
+            self._admit(call, context)
+            raise Unsupported("method not found: medserve serves inference.GRPCInferenceService, "
+                              "grpc.health.v1.Health and server reflection")
+        except MedserveError as exc:
+            await self._refuse(context, call, exc)
 
-class RateLimited(QueueFull):
-    """An identity is over its rate limit (RESOURCE_EXHAUSTED, with a retry hint)."""
+
+class _UnknownMethods(grpc.GenericRpcHandler):
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = str(handler_call_details.method)  # type: ignore[attr-defined]
+        gate = self._gate
+
+        async def handle(bodies: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            await gate._unknown(method, context)  # noqa: SLF001 - the gate's own handler
+            return
+            yield b""  # an async generator: a stream handler answers any kind of call
+
+        return grpc.stream_stream_rpc_method_handler(handle)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):g} MiB"
 
 
 def answer_with_status(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,

@@ -31,9 +31,22 @@ from .errors import (
     ModelNotFound,
     ModelNotReady,
     PermissionDenied,
+    TooLarge,
     Unsupported,
 )
-from .gate import CURRENT, PARSE_IN_THREAD_BYTES, Call, answer_with_status, current_identity, retry_hint
+from .gate import (
+    CURRENT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_REQUEST_ID_CHARS,
+    PARSE_IN_THREAD_BYTES,
+    Call,
+    StreamItem,
+    answer_with_status,
+    audit_request_id,
+    check_request_id,
+    current_identity,
+    retry_hint,
+)
 from .inference import InferenceCore, InferRequest
 from .repository import LoadedVersion, ModelRepository, unknown_model
 from .runtime import usable_providers
@@ -46,6 +59,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 MAX_STREAM_IN_FLIGHT = 1024  # requests one ModelStreamInfer stream may have outstanding
+STREAM_FRAMING_BYTES = 16  # ModelStreamInferResponse's own bytes around the ModelInferResponse it carries
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy", "parameters")
 
@@ -97,8 +111,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         on_stream_item: Callable[[Call], None] = lambda call: None,
         limits: DecodeLimits = DEFAULT_LIMITS,
         tracing: Tracing | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._limits = limits
+        self._max_message_bytes = max_message_bytes  # gRPC's send limit: a larger answer is refused here
         self._tracing = tracing or Tracing(environ={})
         self._model_control_mode = model_control_mode
         self._authenticated = authenticated
@@ -112,8 +128,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- helpers ---------------------------------------------------------------------------
 
     @staticmethod
-    def _allow(model: str) -> None:
-        """A model the caller may not use answers exactly as one that does not exist."""
+    def _allow(model: str, version: str = "", call: Call | None = None) -> None:
+        """A model the caller may not use answers exactly as one that does not exist. The call's
+        audit record names the model asked for, allowed or not."""
+        call = call or CURRENT.get()
+        if call is not None:
+            call.model, call.version = model, version
         if not current_identity().may_use(model):
             raise unknown_model(model)
 
@@ -145,7 +165,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        self._allow(request.name)
+        self._allow(request.name, request.version)
         try:
             self._repository.get(request.name, request.version)
         except (ModelNotReady, ModelLoadFailed):
@@ -167,7 +187,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        self._allow(request.name)
+        self._allow(request.name, request.version)
         loaded = self._repository.get(request.name, request.version)
         config = loaded.config
         batch = (-1,) if config.max_batch_size > 0 else ()
@@ -184,7 +204,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        self._allow(request.name)
+        self._allow(request.name, request.version)
         loaded = self._repository.get(request.name, request.version)
         extra = {"execution_providers": ",".join(loaded.model.providers), **_card_parameters(loaded)}
         return pb.ModelConfigResponse(config=model_config.to_proto(loaded.config, extra))
@@ -194,7 +214,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         if request.name:
-            self._allow(request.name)
+            self._allow(request.name, request.version)
         identity = current_identity()
         versions = [v for v in self._repository.loaded_versions(request.name, request.version) if identity.may_use(v.name)]
         return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in versions])
@@ -203,17 +223,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        call = CURRENT.get()
+        return await self._infer(request, context, CURRENT.get(), self._deadline(context))
+
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, call: Call | None,
+                     deadline: float | None, framing_bytes: int = 0) -> pb.ModelInferResponse:
+        """One request, unary or one message of a stream: the id checked before anything is
+        decoded, access, decoding (off the loop when large), inference, the answer checked against
+        the send limit before it is handed to gRPC (so the caller's status is the audited one)."""
+        rpc_name = call.rpc if call is not None else "ModelInfer"
         if call is not None:
-            call.model, call.version, call.request_id = request.model_name, request.model_version, request.id
-        with self._tracing.span("ModelInfer", context.invocation_metadata()) as span:
+            call.model, call.version = request.model_name, request.model_version
+            call.request_id = audit_request_id(request.id)
+        with self._tracing.span(rpc_name, context.invocation_metadata()) as span:
             try:
-                self._allow(request.model_name)
+                check_request_id(request.id)  # first: the same answer for a forbidden and a missing model
+                self._allow(request.model_name, request.model_version, call)
                 self._check_accepting()
-                decoded = await self._decode(request, context, call)
+                decoded = await self._decode(request, deadline, call)
                 if span is not None:
                     decoded = replace(decoded, timing=RequestTiming())
                 result = await self._core.infer(decoded)
+                if call is not None:
+                    call.version, call.model_sha256, call.rows = result.version, result.sha256, result.rows
+                response = encode_infer_response(result)
+                if response.ByteSize() + framing_bytes > self._max_message_bytes:
+                    raise TooLarge(
+                        f"model {result.model!r} version {result.version}: the response is over the message size "
+                        f"limit of {self._max_message_bytes / (1 << 20):g} MiB (--max-message-mb); ask for fewer "
+                        "rows or outputs per request"
+                    )
             except Exception as exc:
                 self._tracing.fail(span, status_code_name(type(exc)))
                 raise
@@ -222,65 +260,57 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                      "medserve.model_sha256": result.sha256, "medserve.rows": result.rows})
                 t = decoded.timing
                 self._tracing.phases(span, t.queued_ns, t.started_ns, t.finished_ns)
-        if call is not None:
-            call.version, call.model_sha256, call.rows = result.version, result.sha256, result.rows
-        return encode_infer_response(result)
+        return response
 
-    async def _decode(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext,
-                      call: Call | None) -> InferRequest:
+    async def _decode(self, request: pb.ModelInferRequest, deadline: float | None, call: Call | None) -> InferRequest:
         """Tensors from the message; a large one on a worker thread (BYTES decoding loops in Python)."""
-        deadline = self._deadline(context)
         if call is not None and call.body_bytes >= PARSE_IN_THREAD_BYTES:
             return await asyncio.to_thread(decode_infer_request, request, deadline, self._limits)
         return decode_infer_request(request, deadline, self._limits)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+        self, items: AsyncIterator[StreamItem], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests on one stream run concurrently; each response (or in-band error) carries its
-        request id and is sent when ready, so callers can pipeline."""
+        """Requests on one stream run concurrently, each through ModelInfer's own path; each
+        response (or in-band error, with the refusals the gate decided per message: rate limit,
+        size, malformed message) carries its request id and is sent when ready, so callers can
+        pipeline. Every message leaves its own audit record (`on_stream_item`)."""
         # Bounded: a stream holds at most MAX_STREAM_IN_FLIGHT requests; past that the reader
         # stops reading and HTTP/2 flow control pushes back on the client.
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(MAX_STREAM_IN_FLIGHT)
         slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
         deadline = self._deadline(context)
 
-        async def one(request: pb.ModelInferRequest) -> None:
+        async def one(item: StreamItem) -> None:
             try:
-                await answer(request)
+                await answer(item)
             finally:
                 slots.release()
 
-        stream_call = CURRENT.get()
-
-        async def answer(request: pb.ModelInferRequest) -> None:
-            item = Call("ModelStreamInfer", current_identity(), stream_call.peer if stream_call else "",
-                        self._clock(), model=request.model_name, version=request.model_version,
-                        request_id=request.id, audited=True)
+        async def answer(item: StreamItem) -> None:
+            call = item.call
             try:
-                self._allow(request.model_name)
-                self._check_accepting()
-                result = await self._core.infer(decode_infer_request(request, deadline, self._limits))
-                item.version, item.model_sha256, item.rows = result.version, result.sha256, result.rows
-                await responses.put(pb.ModelStreamInferResponse(infer_response=encode_infer_response(result)))
+                if item.refusal is not None:
+                    raise item.refusal
+                response = await self._infer(item.request, context, call, deadline, STREAM_FRAMING_BYTES)
+                await responses.put(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:  # noqa: BLE001 - reported in-band; the stream stays open
                 code, message = status_for(exc)
-                item.status = code.name
-                failed = pb.ModelInferResponse(
-                    model_name=request.model_name, model_version=request.model_version, id=request.id
-                )
+                call.status = code.name
+                echo = call.request_id if len(call.request_id) <= MAX_REQUEST_ID_CHARS else ""
+                failed = pb.ModelInferResponse(model_name=call.model, model_version=call.version, id=echo)
                 # The stream message has no status field; the code travels as a parameter.
                 failed.parameters["status_code"].string_param = code.name
                 await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
             finally:
-                self._on_stream_item(item)
+                self._on_stream_item(call)
 
         async def read() -> None:
             tasks: set[asyncio.Task[None]] = set()
             try:
-                async for request in request_iterator:
+                async for item in items:
                     await slots.acquire()
-                    task = asyncio.create_task(one(request))
+                    task = asyncio.create_task(one(item))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
@@ -290,8 +320,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while (item := await responses.get()) is not None:
-                yield item
+            while (response := await responses.get()) is not None:
+                yield response
             await reader
         finally:
             reader.cancel()
@@ -350,32 +380,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- not implemented (and not advertised in ServerMetadata.extensions) ------------------
 
-    async def _unimplemented(self, context: grpc.aio.ServicerContext, feature: str) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{feature} is not supported by medserve")
+    # Answered UNIMPLEMENTED through `rpc` (status set, audit record written), not by abort.
 
+    @rpc
     async def SystemSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._unimplemented(context, "system shared memory")
+        raise Unsupported("system shared memory is not supported by medserve")
 
+    @rpc
     async def SystemSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._unimplemented(context, "system shared memory")
+        raise Unsupported("system shared memory is not supported by medserve")
 
+    @rpc
     async def SystemSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._unimplemented(context, "system shared memory")
+        raise Unsupported("system shared memory is not supported by medserve")
 
+    @rpc
     async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._unimplemented(context, "CUDA shared memory")
+        raise Unsupported("CUDA shared memory is not supported by medserve")
 
+    @rpc
     async def CudaSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._unimplemented(context, "CUDA shared memory")
+        raise Unsupported("CUDA shared memory is not supported by medserve")
 
+    @rpc
     async def CudaSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._unimplemented(context, "CUDA shared memory")
+        raise Unsupported("CUDA shared memory is not supported by medserve")
 
+    @rpc
     async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._unimplemented(context, "the trace extension")
+        raise Unsupported("the trace extension is not supported by medserve")
 
+    @rpc
     async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._unimplemented(context, "the logging extension")
+        raise Unsupported("the logging extension is not supported by medserve")
 
 
 def _card_parameters(loaded: LoadedVersion) -> dict[str, str]:

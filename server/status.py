@@ -19,6 +19,7 @@ from .errors import (
     ModelNotReady,
     PermissionDenied,
     QueueFull,
+    TooLarge,
     Unauthenticated,
     Unsupported,
 )
@@ -34,6 +35,7 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
     ModelLoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Unsupported: grpc.StatusCode.UNIMPLEMENTED,

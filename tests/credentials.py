@@ -62,3 +62,15 @@ def write_tokens(path: Path, tokens: dict[str, list[str]], certificates: dict[st
     ]
     path.write_text(json.dumps({"version": 1, "identities": identities}), encoding="utf-8")
     return path
+
+
+def make_client_cert(folder: Path, name: str, common_name: str, subject_alt_names: str = "") -> tuple[Path, Path]:
+    """Another client certificate signed by `make_certs`'s CA in `folder`: `subject_alt_names` in
+    openssl's syntax and order ("email:gw@ward7.local,DNS:gw.ward7.local"); returns (cert, key)."""
+    ext = "extendedKeyUsage=clientAuth\n" + (f"subjectAltName={subject_alt_names}\n" if subject_alt_names else "")
+    (folder / f"{name}.ext").write_text(ext, encoding="utf-8")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={common_name}", cwd=folder)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)
+    return folder / f"{name}.pem", folder / f"{name}.key"
