@@ -23,7 +23,7 @@ from .audit import AuditLog
 from .codec import DecodeLimits
 from .config import ServerConfig
 from .errors import ConfigError, InvalidSetting
-from .gate import Gate
+from .gate import Gate, receive_limit
 from .health import GatedHealthServicer
 from .httpd import HttpEndpoint, HttpLimits
 from .identities import IdentityFile
@@ -76,6 +76,7 @@ class MedserveServer:
             rate_limiter=RateLimiter(clock),
             audit=self.audit,
             clock=clock,
+            max_message_bytes=config.max_message_bytes,
         )
         self._servicer = InferenceServicer(
             self.repository, self.core, self.lifecycle, clock=clock, server_name=config.server_name,
@@ -84,6 +85,7 @@ class MedserveServer:
             limits=DecodeLimits(config.max_tensor_elements, config.max_bytes_elements, config.max_bytes_element_size,
                                 text_bytes=config.max_text_bytes),
             tracing=tracing or Tracing(),
+            max_message_bytes=config.max_message_bytes,
         )
         # Server-level health open to probes; a model's health only to callers allowed the model.
         self._health = GatedHealthServicer(frozenset({"", SERVICE_NAME}), self.gate.authenticate)
@@ -117,7 +119,8 @@ class MedserveServer:
         pending = max(MIN_PENDING_CALLS, 4 * cfg.max_concurrent_rpcs)
 
         return [
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            # A little over the limit: the gate refuses (and audits) what is over it.
+            ("grpc.max_receive_message_length", receive_limit(cfg.max_message_bytes)),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 1 if self._reuse_port else 0),
             ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
@@ -167,6 +170,7 @@ class MedserveServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
+        server.add_generic_rpc_handlers((self.gate.unknown_methods(),))  # last: what nothing else serves
         address = f"{self.config.host}:{self.config.port}"
         if ":" in self.config.host and not self.config.host.startswith("["):
             address = f"[{self.config.host}]:{self.config.port}"
@@ -248,6 +252,7 @@ class MedserveServer:
             self.gate.release()
             await stopping
         await self._close_http()
+        self.gate.close()  # the refusals still being counted, before the audit trail closes
         if self.audit is not None:
             self.audit.close()
         log.info("medserve stopped")
