@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from medserve.protos import grpc_service_pb2
 
-from .audit import AuditLog
+from .audit import AuditLog, load_key
 from .codec import DecodeLimits
 from .config import ServerConfig
 from .errors import ConfigError, InvalidSetting
@@ -61,15 +61,18 @@ class MedserveServer:
         tracing: Tracing | None = None,
     ) -> None:
         self.config = config
-        self.lifecycle = Lifecycle()
+        self.lifecycle = AuditedLifecycle()
         self.repository = repository or ModelRepository(config, clock=clock)
         self.core = InferenceCore(self.repository, clock, max_response_bytes=config.max_message_bytes)
         self._identities = IdentityFile.load(Path(config.tokens_file)) if config.tokens_file else None
         self.audit = (
-            AuditLog(Path(config.audit_log), max_bytes=config.audit_max_bytes, retention=config.audit_retention,
-                     fsync=config.audit_fsync)
+            AuditLog(Path(config.audit_log), key=load_key(Path(config.audit_key or "")),
+                     max_bytes=config.audit_max_bytes, retention=config.audit_retention, fsync=config.audit_fsync,
+                     checkpoint_s=config.audit_checkpoint_s, clock=clock, on_health=self._audit_health_changed)
             if config.audit_log else None
         )
+        self.lifecycle.audit = self.audit
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.gate = Gate(
             identities=lambda: self._identities,
             plaintext=not (config.tls_cert or config.tls_key),
@@ -161,8 +164,13 @@ class MedserveServer:
         except BaseException:
             await self._close_http()
             raise
+        self._loop = asyncio.get_running_loop()
         if self.audit is not None:
-            self.audit.start()
+            try:
+                self.audit.start()  # fails closed: a first write that fails leaves the server not ready
+            except BaseException:
+                await self._close_http()
+                raise
         server = grpc.aio.server(options=self._grpc_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         server.add_generic_rpc_handlers((self.gate.handler(self._servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -192,6 +200,7 @@ class MedserveServer:
         self.lifecycle.started = True
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._sync_server_health()  # NOT_SERVING while the audit trail cannot be written
         # grpc.health.v1 answers per model too (service name = model name), kept current as
         # models load and unload.
         for entry in self.repository.entries():
@@ -262,6 +271,27 @@ class MedserveServer:
             metrics, self._metrics = self._metrics, None
             await metrics.close()
 
+    def _audit_health_changed(self, healthy: bool) -> None:
+        """The audit writer's thread: its writes failed or succeed again; the loop updates health."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._sync_server_health)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+    def _sync_server_health(self) -> None:
+        """Server-level grpc.health follows readiness (audit writes included) once started."""
+        if not self.lifecycle.started or self.lifecycle.draining:
+            return
+        status = (health_pb2.HealthCheckResponse.SERVING if self.lifecycle.ready
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            task = asyncio.ensure_future(self._health.set(name, status))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
+
     async def _set_model_health(self, name: str, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         await self._health.set(name, status)
@@ -279,6 +309,21 @@ class MedserveServer:
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+class AuditedLifecycle(Lifecycle):
+    """Readiness that also needs the audit trail writable: while its writes fail, the server
+    reports not ready (ServerReady, grpc.health, HTTP /v2/health/ready) and refuses new calls."""
+
+    __slots__ = ("audit",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.audit: AuditLog | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining and (self.audit is None or self.audit.healthy)
 
 
 def write_ready_file(path: Path, port: int) -> None:

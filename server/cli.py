@@ -54,9 +54,15 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                    help="explicit mode: a model to load at start (repeatable; '*' = all)")
     p.add_argument("--repository-poll-s", type=float, default=15.0, help="poll mode: seconds between scans")
     p.add_argument("--audit-log", default=None, metavar="FILE",
-                   help="JSON-lines audit trail of inference, admin and refused calls (hash-chained)")
+                   help="JSON-lines audit trail of inference, admin and refused calls (HMAC-chained; needs "
+                        "--audit-key; with --workers N, worker i writes FILE.w<i>)")
+    p.add_argument("--audit-key", default=None, metavar="FILE",
+                   help="the audit chain's HMAC key (`medserve audit keygen FILE`); keep a copy for verify")
     p.add_argument("--audit-max-mb", type=int, default=100, help="rotate the audit log past this size")
-    p.add_argument("--audit-retention", type=int, default=10, help="rotated audit logs kept")
+    p.add_argument("--audit-retention", type=int, default=None,
+                   help="rotated audit logs kept, older ones deleted (default: keep all, delete nothing)")
+    p.add_argument("--audit-checkpoint-s", type=float, default=60.0,
+                   help="log the audit chain's checkpoint (count, head) this often, and on stop")
     p.add_argument("--audit-fsync", action="store_true",
                    help="fsync the audit log after each write (at most every 20 ms): no record lost on a power "
                         "failure (without it, one the OS had not written yet can be)")
@@ -92,6 +98,10 @@ def _serve(args: argparse.Namespace) -> int:
         return _refuse(f"--workers {args.workers}: expected >= 1")
     try:
         config = _server_config(args)
+        if config.audit_key is not None:
+            from .audit import load_key
+
+            load_key(Path(config.audit_key))  # a bad key file: one line here, not one per worker
     except InvalidSetting as exc:
         return _refuse(str(exc))
     from . import app, workers
@@ -137,6 +147,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         load_models=tuple(args.load_model),
         repository_poll_s=args.repository_poll_s,
         audit_log=args.audit_log,
+        audit_key=args.audit_key,
+        audit_checkpoint_s=args.audit_checkpoint_s,
         audit_max_bytes=args.audit_max_mb << 20,
         audit_fsync=args.audit_fsync,
         audit_retention=args.audit_retention,
@@ -202,23 +214,69 @@ def _tokens(args: argparse.Namespace) -> int:
 
 
 def _add_audit(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser("audit", help="check an audit log's hash chain")
+    p = subparsers.add_parser("audit", help="create the audit key; verify an audit log's keyed chain")
     actions = p.add_subparsers(dest="action", required=True)
-    verify = actions.add_parser("verify", help="verify FILE (and its rotated predecessors)")
-    verify.add_argument("file", type=Path)
+    keygen = actions.add_parser("keygen", help="write a new HMAC key to FILE (mode 0600; never overwrites)")
+    keygen.add_argument("file", type=Path)
+    verify = actions.add_parser(
+        "verify", help="verify FILE (its rotated predecessors FILE.1 ..., and per-worker FILE.w0, FILE.w1 ...)")
+    verify.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    verify.add_argument("--key", type=Path, default=None, help="the key file the server wrote with (--audit-key)")
+    verify.add_argument("--structure-only", action="store_true",
+                        help="without --key: check sequence and links only (an edit whose chain was recomputed "
+                             "passes)")
+    verify.add_argument("--expect-count", type=int, action="append", default=[], metavar="N",
+                        help="a checkpoint's count (from the server's log; one per chain, in order)")
+    verify.add_argument("--expect-head", action="append", default=[], metavar="H",
+                        help="a checkpoint's head, with --expect-count")
     verify.add_argument("--only-this-file", action="store_true", help="do not read FILE.1, FILE.2, ...")
     p.set_defaults(func=_audit, extras=())
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from .audit import verify
+    from . import audit
 
-    if not args.file.is_file():
-        print(f"medserve audit: {args.file}: no such file", file=sys.stderr)
+    def refuse(message: str) -> int:
+        print(f"medserve audit: {message}", file=sys.stderr)
         return 2
-    result = verify(args.file, rotated=not args.only_this_file)
-    print(result.message, file=sys.stdout if result.ok else sys.stderr)
-    return 0 if result.ok else 1
+
+    if args.action == "keygen":
+        try:
+            audit.keygen(args.file)
+        except InvalidSetting as exc:
+            return refuse(str(exc))
+        print(f"audit key written to {args.file} (mode 0600): serve with --audit-key {args.file}, and keep a copy "
+              "for `medserve audit verify` where the server's users cannot write it", file=sys.stderr)
+        return 0
+    if args.key is None and not args.structure_only:
+        return refuse("verify needs --key FILE (or --structure-only: no MAC checked)")
+    try:
+        key = audit.load_key(args.key) if args.key is not None else None
+    except InvalidSetting as exc:
+        return refuse(str(exc))
+    paths: list[Path] = []
+    for given in args.files:
+        for chain in (audit.chains(given) if not args.only_this_file else [given]):
+            if chain not in paths:
+                paths.append(chain)
+    if not paths:
+        return refuse(f"{args.files[0]}: no such file")
+    if len(args.expect_count) != len(args.expect_head):
+        return refuse("--expect-count and --expect-head come in pairs")
+    if args.expect_count and len(args.expect_count) != len(paths):
+        return refuse(f"{len(args.expect_count)} checkpoint(s) for {len(paths)} chain(s) "
+                      f"({', '.join(str(p) for p in paths)}): give one per chain, in that order")
+    checkpoints: list[tuple[int, str] | None] = (
+        list(zip(args.expect_count, args.expect_head, strict=True)) or [None] * len(paths))
+    results = [audit.verify(p, key=key, checkpoint=c, rotated=not args.only_this_file)
+               for p, c in zip(paths, checkpoints, strict=True)]
+    for r in results:
+        print(r.message, file=sys.stdout if r.ok else sys.stderr)
+    ok = all(r.ok for r in results)
+    if ok and len(results) > 1:
+        print(f"{len(results)} chains intact: {sum(r.records for r in results)} records "
+              f"({sum(r.calls for r in results)} calls)")
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -202,9 +202,11 @@ class ServerConfig:
     load_models: tuple[str, ...] = ()
     repository_poll_s: float = 15.0  # poll mode: seconds between repository scans
     audit_log: str | None = None  # JSON-lines audit trail; None = off
+    audit_key: str | None = None  # the audit chain's HMAC key file (`medserve audit keygen`); needed with audit_log
     audit_max_bytes: int = 100 << 20  # rotate the audit log past this size
     audit_fsync: bool = False  # fsync each write (every 20 ms at most): records survive a power loss
-    audit_retention: int = 10  # rotated audit files kept
+    audit_retention: int | None = None  # rotated audit files kept; None = all (rotation deletes nothing)
+    audit_checkpoint_s: float = 60.0  # the audit chain's head and count go to the server's log this often
     max_concurrent_rpcs: int = 4096  # calls in progress at once; more are refused RESOURCE_EXHAUSTED
     max_streams_per_connection: int = 1024  # HTTP/2 concurrent streams one connection may open
     keepalive_time_s: float = 60.0  # the server pings an idle connection this often ...
@@ -245,7 +247,9 @@ class ServerConfig:
              "only with --model-control-mode explicit"),
             ("--repository-poll-s", self.repository_poll_s, self.repository_poll_s > 0, "> 0 seconds"),
             ("--audit-max-mb", self.audit_max_bytes >> 20, self.audit_max_bytes > 0, ">= 1"),
-            ("--audit-retention", self.audit_retention, self.audit_retention >= 0, ">= 0"),
+            ("--audit-retention", self.audit_retention, self.audit_retention is None or self.audit_retention >= 1,
+             ">= 1 (or leave it out: keep every rotated file)"),
+            ("--audit-checkpoint-s", self.audit_checkpoint_s, self.audit_checkpoint_s > 0, "> 0 seconds"),
             ("--max-concurrent-rpcs", self.max_concurrent_rpcs, self.max_concurrent_rpcs >= 1, ">= 1"),
             ("--max-streams-per-connection", self.max_streams_per_connection, self.max_streams_per_connection >= 1,
              ">= 1"),
@@ -261,6 +265,11 @@ class ServerConfig:
         for flag, value, ok, expected in checks:
             if not ok:
                 raise InvalidSetting(f"{flag} {value}: expected {expected}")
+        if self.audit_log is not None and self.audit_key is None:
+            raise InvalidSetting(
+                f"--audit-log {self.audit_log} needs --audit-key FILE, the key of its HMAC chain "
+                "(create one with `medserve audit keygen FILE`)"
+            )
         if self.port != 0 and self.port == self.metrics_port:
             raise InvalidSetting(f"--metrics-port {self.metrics_port}: the same port as --port")
         if not self.loopback and not (self.tls_cert or self.tls_key) and not self.allow_plaintext:

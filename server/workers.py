@@ -177,7 +177,10 @@ def _worker_main(config: ServerConfig, index: int, ready_file: Path, log_level: 
 
 def _worker_config(config: ServerConfig, port: int, index: int) -> ServerConfig:
     metrics = None if config.metrics_port is None else (config.metrics_port + index if config.metrics_port else 0)
-    return replace(config, port=port, server_name=f"medserve-w{index}", metrics_port=metrics)
+    # One audit chain per worker (FILE.w<i>; `medserve audit verify FILE` reads them all): two
+    # writers appending to one file would interleave two chains.
+    audit_log = None if config.audit_log is None else f"{config.audit_log}.w{index}"
+    return replace(config, port=port, server_name=f"medserve-w{index}", metrics_port=metrics, audit_log=audit_log)
 
 
 def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None = None, log_format: str = "text",

@@ -49,8 +49,11 @@ def test_no_sentinel_reaches_a_log_an_audit_record_a_metric_or_a_message(tmp_pat
     token = subprocess.run([sys.executable, "-m", "medserve.server.cli", "tokens", "add", "ward", "--models", "*",
                             "--file", str(ids)], capture_output=True, text=True, check=True).stdout.strip()
     audit, log, ready = tmp_path / "audit.jsonl", tmp_path / "server.log", tmp_path / "ready.json"
+    subprocess.run([sys.executable, "-m", "medserve.server.cli", "audit", "keygen", str(tmp_path / "audit.key")],
+                   capture_output=True, check=True)
     cmd = [sys.executable, "-m", "medserve.server.cli", "--log-level", "DEBUG", "serve", "--repository", str(repo),
            "--port", "0", "--ready-file", str(ready), "--tokens", str(ids), "--audit-log", str(audit),
+           "--audit-key", str(tmp_path / "audit.key"),
            "--metrics-port", "0", "--max-bytes-elements", "4"]
     messages: list[str] = []
     with start_process(cmd, ready, log) as handle:
