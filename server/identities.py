@@ -9,9 +9,12 @@ administer the repository, and how fast it may call. Read from the `--tokens` fi
 
 A token is stored only as its SHA-256 (tokens are 256-bit random strings, so a plain digest is
 safe to keep; the token itself is printed once by `medserve tokens add`). `certificate` names a
-mutual-TLS client certificate's subject: its first DNS/URI subject alternative name, else its
-common name. Model names are matched whole or by shell-style patterns (`icu_*`); "*" is every
-model. Standard library only.
+mutual-TLS client certificate (verified against `--tls-client-ca`) by one of its names: the gate
+looks its subject alternative names up in the certificate's order (DNS, URI, e-mail and IP
+alike), then its common name; the first of those names listed here is the identity — so a
+certificate whose first SAN is an e-mail address is still known by a DNS name listed after it.
+Model names are matched whole or by shell-style patterns (`icu_*`); "*" is every model.
+Standard library only.
 """
 from __future__ import annotations
 
