@@ -1,9 +1,13 @@
 """A real container test of deploy/Dockerfile: build the image with podman and run its default
 command the way a cluster would (read-only root filesystem, a tmpfs on /tmp only, numeric
-non-root user, no capabilities, the model repository and a TLS certificate mounted read-only),
-make inferences over TLS through the client library, check the HTTP health paths and /metrics,
-then SIGTERM while calls are in flight and require a clean drain (every call OK or UNAVAILABLE,
-exit status 0 within the grace period); and mutual TLS in a second container.
+non-root user, no capabilities, the model repository and three Secrets mounted read-only: a TLS
+certificate, an identities file and the audit key; a writable audit volume), make inferences over
+TLS with a bearer token through the client library (none without one), check the HTTP health
+paths and /metrics, verify the keyed audit trail on the volume, then SIGTERM while calls are in
+flight and require a clean drain (every call OK or UNAVAILABLE, exit status 0 within the grace
+period) and the audit trail to verify against the checkpoint the server logged on stop; mutual
+TLS with a certificate identity in a second container; and the image without its Secrets (or
+without the audit volume) refusing to serve.
 
     python3 .ci/container_check.py                 # from the repository root, as root
     python3 .ci/container_check.py --hand-built-model   # skip the demo repository: one tiny ONNX model
@@ -14,15 +18,23 @@ debootstrap unless it exists; build the wheels of `.[server]` on the host with `
 wheel`; build the image (`podman --runtime runc build --build-arg BASE=...`); check its user,
 command and contents; pick a model repository (`demo-repository/` if present, else
 `.venv/bin/medserve demo-repository`, else a hand-built ONNX model); make a throwaway CA, a server
-certificate (SAN IP:127.0.0.1, DNS:localhost) and a client certificate with `openssl`; check that
-the image refuses plaintext on 0.0.0.0; run the image's default command with the certificate at
-/etc/medserve/tls and ports 8001/9090 published on 127.0.0.1; wait until /v2/health/ready is 200;
-check PID 1, the user and the read-only filesystem from inside; the HTTP health paths; one
-inference per READY model through `medserve.clients.Client` over TLS; a /metrics scrape; SIGTERM
-(to the container's PID 1) while client threads call continuously: every call ends OK or
-UNAVAILABLE, /v2/health/ready turns 503, exit status 0 in time; then the default command plus
-`--tls-client-ca`: a client with a certificate is served, one without is refused. Any failure
-exits non-zero and prints the container's log. Nothing depends on the log's text.
+certificate (SAN IP:127.0.0.1, DNS:localhost) and a client certificate with `openssl`; the
+identities file (a token identity, and the client certificate's subject) with `medserve tokens
+add` and the audit key with `medserve audit keygen` on the host, laid out as Secret volumes;
+check that the image refuses plaintext on 0.0.0.0, and refuses to start without its Secrets
+(each missing one named) or to serve without the audit volume; run the image's default command
+with the Secrets and an audit folder mounted and ports 8001/9090 published on 127.0.0.1; wait
+until /v2/health/ready is 200; check PID 1, the user and the read-only filesystem from inside;
+the HTTP health paths (model readiness without credentials told to nobody); a call without a
+token refused UNAUTHENTICATED; one inference per READY model through `medserve.clients.Client`
+over TLS with the token; a /metrics scrape; `medserve audit verify --key` of the trail on the
+volume, which holds the calls and never the token; SIGTERM (to the container's PID 1) while
+client threads call continuously: every call ends OK or UNAVAILABLE, /v2/health/ready turns 503,
+exit status 0 in time, and the trail verifies against the checkpoint (count, head) of the
+server's last log line that carries one; then the default command plus `--tls-client-ca`: a
+client with a certificate (an identity by its subject, no token) is served, one without is
+refused. Any failure exits non-zero and prints the container's log. Only the audit checkpoint is
+read from the log's text.
 
 Standard library only: it runs with the machine's python3. It expects `.venv` (with at least the
 `server` extra) in the repository root.
@@ -60,6 +72,11 @@ BASE_IMAGE = "localhost/debian-python:bookworm"
 IMAGE = "localhost/medserve:container-check"
 UID = 10001
 TLS_MOUNT = "/etc/medserve/tls"  # where the image's command reads tls.crt and tls.key (a kubernetes.io/tls Secret)
+IDENTITIES_MOUNT = "/etc/medserve/identities"  # identities.json (--tokens), a Secret
+AUDIT_KEY_MOUNT = "/etc/medserve/audit-key"  # audit.key (--audit-key), a Secret
+AUDIT_MOUNT = "/var/lib/medserve/audit"  # audit.jsonl (--audit-log), a writable volume
+CHECK_IDENTITY = "container-check"  # the token identity the clients call as
+CLIENT_SUBJECT = "container-check-client"  # the client certificate's SAN and CN: a certificate identity
 # The image's default command runs as is, so the server's own defaults apply.
 DRAIN_GRACE_S = 10.0  # --drain-grace-s default
 DRAIN_ANNOUNCE_S = 0.5  # --drain-announce-s default
@@ -68,20 +85,25 @@ READY_TIMEOUT_S = 240.0
 DRAIN_THREADS = 4  # client threads calling continuously while SIGTERM arrives
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 EXPECTED_CMD = ["--log-format", "json", "serve", "--repository", "/models", "--host", "0.0.0.0", "--port", "8001",
-                "--tls-cert", f"{TLS_MOUNT}/tls.crt", "--tls-key", f"{TLS_MOUNT}/tls.key", "--metrics-port", "9090"]
+                "--tls-cert", f"{TLS_MOUNT}/tls.crt", "--tls-key", f"{TLS_MOUNT}/tls.key",
+                "--tokens", f"{IDENTITIES_MOUNT}/identities.json",
+                "--audit-log", f"{AUDIT_MOUNT}/audit.jsonl", "--audit-key", f"{AUDIT_KEY_MOUNT}/audit.key",
+                "--metrics-port", "9090", "--metrics-host", "0.0.0.0"]
 EXPECTED_ENTRYPOINT = ["medserve"]
 GRPC_PORT, HTTP_PORT = 8001, 9090  # in the container
 
-# Runs in the host's .venv. argv: MODE TARGET CA ...
+# Runs in the host's .venv. argv: MODE TARGET CA ...; the bearer token, if any, in the environment
+# (MEDSERVE_CHECK_TOKEN), never in argv.
 #   ready [CERT KEY]:  the server answers ServerReady true over TLS
 #   infer [CERT KEY]:  one inference per READY model (inputs from metadata)
 #   refused:           without a client certificate, a call fails (mutual TLS)
+#   unauthenticated:   without a token, an inference is refused UNAUTHENTICATED
 #   drain THREADS URL: THREADS clients call continuously (no retries) and a thread polls URL (the
 #                      ready path); prints "loaded" once every thread has answers, then on a line
 #                      from stdin stops and prints every call (thread, start, end, status) and
 #                      every health answer (start, end, status) as JSON (monotonic clock times).
 CLIENT = r"""
-import json, sys, threading, time, urllib.error, urllib.request
+import json, os, sys, threading, time, urllib.error, urllib.request
 import numpy as np
 from medserve.clients import Client, RetryPolicy, TLSConfig
 from medserve.clients.errors import MedserveClientError
@@ -93,6 +115,7 @@ cert = key = None
 if mode in ("ready", "infer") and len(rest) == 2:
     cert, key = rest
 TLS = TLSConfig(ca_file=ca, cert_file=cert, key_file=key)
+TOKEN = os.environ.get("MEDSERVE_CHECK_TOKEN") or None
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
@@ -110,11 +133,11 @@ def code_of(exc):
 
 
 if mode == "ready":
-    with Client(target, tls=TLS, timeout_s=10.0) as client:
+    with Client(target, tls=TLS, token=TOKEN, timeout_s=10.0) as client:
         sys.exit(0 if client.server_ready() else 3)
 
 if mode == "infer":
-    with Client(target, tls=TLS, timeout_s=10.0) as client:
+    with Client(target, tls=TLS, token=TOKEN, timeout_s=10.0) as client:
         models = list(client.repository_index(ready=True))
         assert models, "no model is READY"
         for m in models:
@@ -122,8 +145,22 @@ if mode == "infer":
             assert result.model_version == m.version and result.request_id == "container-check", result
             assert len(result.model_sha256) == 64 and len(result) > 0, result
             print(f"    {m.name} v{m.version}: {', '.join(f'{k} {v.shape}' for k, v in result.items())}")
-        print(f"    {len(models)} model(s) answered over TLS" + (" with a client certificate" if cert else ""))
+        how = "a client certificate (its subject's identity)" if cert else "a bearer token" if TOKEN else "nothing"
+        print(f"    {len(models)} model(s) answered over TLS to {how}")
     sys.exit(0)
+
+if mode == "unauthenticated":
+    name = rest[0]
+    with Client(target, tls=TLS, token=TOKEN, timeout_s=10.0) as client:
+        inputs = inputs_of(client, name)
+    with Client(target, tls=TLS, timeout_s=10.0, retries=NO_RETRY) as client:
+        try:
+            client.infer(name, inputs, request_id="container-check-anonymous")
+        except MedserveClientError as exc:
+            print(f"    without a token: {code_of(exc)}")
+            sys.exit(0 if code_of(exc) == "UNAUTHENTICATED" else 1)
+    print("    without a token the server answered: identities are not enforced")
+    sys.exit(1)
 
 if mode == "refused":
     with Client(target, tls=TLS, timeout_s=5.0, retries=NO_RETRY) as client:
@@ -137,7 +174,7 @@ if mode == "refused":
 
 assert mode == "drain", mode
 threads_n, health_url = int(rest[0]), rest[1]
-with Client(target, tls=TLS, timeout_s=10.0) as client:
+with Client(target, tls=TLS, token=TOKEN, timeout_s=10.0) as client:
     work = [(m.name, inputs_of(client, m.name)) for m in client.repository_index(ready=True)]
 assert work, "no model is READY"
 calls, health = [], []
@@ -145,7 +182,7 @@ stop = threading.Event()
 
 
 def caller(i):
-    with Client(target, tls=TLS, timeout_s=10.0, retries=NO_RETRY) as client:
+    with Client(target, tls=TLS, token=TOKEN, timeout_s=10.0, retries=NO_RETRY) as client:
         k = i
         while not stop.is_set():
             name, inputs = work[k % len(work)]
@@ -540,6 +577,66 @@ def make_certificates(root: Path) -> Certificates:
     return Certificates(tls, work / "ca.crt", client / "client.crt", client / "client.key")
 
 
+# -- 5b. the identities and the audit key ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Secrets:
+    identities_dir: Path  # mounted at IDENTITIES_MOUNT: identities.json (a Secret's key)
+    audit_key_dir: Path  # mounted at AUDIT_KEY_MOUNT: audit.key
+    key_file: Path  # the verifier's copy of the audit key (on the host, root only)
+    token: str  # the bearer token of CHECK_IDENTITY
+    audit_root: Path  # one writable audit folder per container under here
+
+    def client_env(self, token: bool = True) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "MEDSERVE_CHECK_TOKEN"}
+        return {**env, "MEDSERVE_CHECK_TOKEN": self.token} if token else env
+
+
+def _as_secret_volume(folder: Path) -> None:
+    """Lay a folder out as a Kubernetes Secret volume with defaultMode 0440 and fsGroup 10001:
+    root-owned, readable by the server's group, nobody else."""
+    os.chown(folder, 0, UID)
+    folder.chmod(0o750)
+    for path in folder.iterdir():
+        os.chown(path, 0, UID)
+        path.chmod(0o440)
+
+
+def make_secrets(root: Path) -> Secrets:
+    """The identities file (a token identity for the clients, and the client certificate's
+    subject for the mutual-TLS container) with `medserve tokens add`, and the audit key with
+    `medserve audit keygen`, run on the host as an operator would."""
+    medserve = VENV / "bin" / "medserve"
+    identities, key_dir, verifier = root / "identities", root / "audit-key", root / "verifier"
+    for folder in (identities, key_dir, verifier):
+        folder.mkdir(mode=0o700, parents=True)
+    ids = identities / "identities.json"
+    token = run([medserve, "tokens", "add", CHECK_IDENTITY, "--models", "*", "--file", ids],
+                capture=True, timeout=60).stdout.strip()
+    if not token or len(token.split()) != 1:
+        raise CheckFailed("`medserve tokens add` printed no token")
+    run([medserve, "tokens", "add", CLIENT_SUBJECT, "--certificate", CLIENT_SUBJECT, "--models", "*", "--file", ids],
+        capture=True, timeout=60)
+    run([medserve, "audit", "keygen", key_dir / "audit.key"], capture=True, timeout=60)
+    shutil.copy(key_dir / "audit.key", verifier / "audit.key")
+    for folder in (identities, key_dir):
+        _as_secret_volume(folder)
+    audit_root = root / "audit"
+    audit_root.mkdir(mode=0o700)
+    print(f"    {ids.name}: identities {CHECK_IDENTITY!r} (token) and {CLIENT_SUBJECT!r} (certificate subject); "
+          f"audit.key; both laid out as Secret volumes (root:{UID}, 0440)")
+    return Secrets(identities, key_dir, verifier / "audit.key", token, audit_root)
+
+
+def audit_folder(secrets: Secrets, name: str) -> Path:
+    """A fresh audit volume for one container: owned by the server's user, as a volume with
+    fsGroup (or the image's own folder, for a fresh named volume) would be."""
+    folder = secrets.audit_root / name
+    folder.mkdir(mode=0o700)
+    os.chown(folder, UID, UID)
+    return folder
+
+
 # -- 6. the container ------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -569,6 +666,7 @@ class Server:
     name: str
     port: int  # gRPC over TLS, published on 127.0.0.1
     http_port: int  # /metrics and /v2/health/*, published on 127.0.0.1
+    audit_dir: Path | None = None  # the host folder mounted at AUDIT_MOUNT
 
     @property
     def target(self) -> str:
@@ -578,24 +676,39 @@ class Server:
         return f"http://127.0.0.1:{self.http_port}{path}"
 
 
-def start_container(name: str, image: str, repo: Path, certs: Certificates, command: Sequence[str] = ()) -> Server:
+HARDENING = ("--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=64m,mode=1777",
+             "--user", f"{UID}:{UID}", "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
+
+
+def secret_volumes(certs: Certificates | None, secrets: Secrets | None, *, identities: bool = True,
+                   audit_key: bool = True) -> list[str]:
+    """--volume options for the Secrets (each read-only), as a pod mounts them."""
+    out = ["--volume", f"{certs.tls_dir}:{TLS_MOUNT}:ro"] if certs else []
+    if secrets and identities:
+        out += ["--volume", f"{secrets.identities_dir}:{IDENTITIES_MOUNT}:ro"]
+    if secrets and audit_key:
+        out += ["--volume", f"{secrets.audit_key_dir}:{AUDIT_KEY_MOUNT}:ro"]
+    return out
+
+
+def start_container(name: str, image: str, repo: Path, certs: Certificates, secrets: Secrets,
+                    command: Sequence[str] = (), *, audit_volume: bool = True) -> Server:
     """Run the image the way the Deployment does; `command` empty = the image's default command."""
-    server = Server(name, free_port(), free_port())
+    server = Server(name, free_port(), free_port(), audit_folder(secrets, name) if audit_volume else None)
     while server.http_port == server.port:
         server.http_port = free_port()
+    audit = ["--volume", f"{server.audit_dir}:{AUDIT_MOUNT}:rw"] if server.audit_dir else []
     podman(
         "run", "--detach", "--name", name,
         "--publish", f"127.0.0.1:{server.port}:{GRPC_PORT}", "--publish", f"127.0.0.1:{server.http_port}:{HTTP_PORT}",
-        "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=64m,mode=1777",
-        "--user", f"{UID}:{UID}", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-        "--volume", f"{repo}:/models:ro", "--volume", f"{certs.tls_dir}:{TLS_MOUNT}:ro",
+        *HARDENING, "--volume", f"{repo}:/models:ro", *secret_volumes(certs, secrets), *audit,
         image, *command,
         capture=True,
     )
     return server
 
 
-def wait_ready(server: Server, certs: Certificates, client_cert: bool = False) -> None:
+def wait_ready(server: Server, certs: Certificates, secrets: Secrets, client_cert: bool = False) -> None:
     """Until /v2/health/ready answers 200 (it answers 503 while the models load), then ServerReady
     over TLS."""
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -616,7 +729,8 @@ def wait_ready(server: Server, certs: Certificates, client_cert: bool = False) -
     else:
         raise CheckFailed(f"/v2/health/ready not 200 within {READY_TIMEOUT_S:.0f} s (answers: {seen})")
     extra = [str(certs.client_cert), str(certs.client_key)] if client_cert else []
-    run([PYTHON, "-c", CLIENT, "ready", server.target, certs.ca, *extra], capture=True, timeout=60)
+    run([PYTHON, "-c", CLIENT, "ready", server.target, certs.ca, *extra], capture=True, timeout=60,
+        env=secrets.client_env(token=not client_cert))
     print(f"    /v2/health/ready answers: {' -> '.join('no answer' if s == 0 else str(s) for s in seen)}; "
           f"ServerReady over TLS: true")
 
@@ -632,13 +746,71 @@ def check_plaintext_refused(image: str) -> None:
     print(f"    exit 2: {text.splitlines()[-1][:160]}")
 
 
+def check_refused_without_secrets(image: str, repo: Path, certs: Certificates, secrets: Secrets) -> None:
+    """Secure by default: the image's default command without one of its Secrets refuses to
+    start, naming the missing file (exit 2); without the audit volume (a read-only root) it never
+    serves. Nothing here needs the network."""
+    cases = [
+        ("no Secrets at all", secret_volumes(None, None), "/etc/medserve/"),
+        ("no identities", secret_volumes(certs, secrets, identities=False), f"--tokens {IDENTITIES_MOUNT}/"),
+        ("no audit key", secret_volumes(certs, secrets, audit_key=False), f"--audit-key {AUDIT_KEY_MOUNT}/"),
+    ]
+    for what, volumes, named in cases:
+        proc = podman("run", "--rm", "--network", "none", *HARDENING, "--volume", f"{repo}:/models:ro", *volumes,
+                      image, capture=True, check=False, timeout=120)
+        text = (proc.stdout + proc.stderr).strip()
+        lines = [line for line in text.splitlines() if named in line]
+        if proc.returncode == 0 or not lines:
+            raise CheckFailed(f"the image's command with {what} did not refuse to start naming {named!r} "
+                              f"(exit {proc.returncode}): {text[-600:]}")
+        if "Traceback" in text:
+            raise CheckFailed(f"the image's command with {what} refused with a traceback: {text[-600:]}")
+        print(f"    {what}: exit {proc.returncode}: {lines[-1][:200]}")
+
+
+def check_no_audit_volume(image: str, repo: Path, certs: Certificates, secrets: Secrets, name: str,
+                          launched: list[str], wait_s: float = 20.0) -> None:
+    """Every Secret but no audit volume: the audit folder is on the read-only root, so the
+    server must not serve: it exits non-zero, or stays not ready (503) while it runs."""
+    launched.append(name)
+    try:
+        server = start_container(name, image, repo, certs, secrets, audit_volume=False)
+        deadline = time.monotonic() + wait_s
+        seen: list[int] = []
+        while time.monotonic() < deadline:
+            state = container_state(name)
+            if not state.get("Running"):
+                code = state.get("ExitCode")
+                logs = podman("logs", name, capture=True, check=False)
+                tail = [line for line in (logs.stdout + logs.stderr).splitlines() if line.strip()][-1:]
+                if code == 0:
+                    raise CheckFailed(f"without the audit volume the server exited 0: {tail}")
+                print(f"    no audit volume: exit {code}: {tail[0][:200] if tail else ''}")
+                return
+            status, _ = http_status(server.url("/v2/health/ready"), timeout=2)
+            if status == 200:
+                raise CheckFailed("without the audit volume (read-only root) /v2/health/ready answered 200: "
+                                  "the server serves calls it cannot record")
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            time.sleep(0.5)
+        print(f"    no audit volume: still not ready after {wait_s:.0f} s (/v2/health/ready: "
+              f"{' -> '.join('no answer' if s == 0 else str(s) for s in seen)})")
+    finally:
+        podman("rm", "--force", "--ignore", name, capture=True, check=False)
+        launched.remove(name)
+
+
 def check_inside(name: str) -> None:
-    """PID 1 is the server with TLS, running as UID 10001; only /tmp is writable."""
+    """PID 1 is the server with TLS, identities and the audit trail, running as UID 10001; the
+    Secrets are read-only; only /tmp and the audit volume are writable."""
     cmdline = podman("exec", name, "cat", "/proc/1/cmdline", capture=True).stdout.split("\0")
     if not any(arg.endswith("medserve") for arg in cmdline) or "serve" not in cmdline:
         raise CheckFailed(f"PID 1 is not the server: {' '.join(cmdline)}")
     if "--tls-cert" not in cmdline or "--allow-plaintext" in cmdline:
         raise CheckFailed(f"PID 1 does not serve TLS: {' '.join(cmdline)}")
+    if not {"--tokens", "--audit-log", "--audit-key"} <= set(cmdline):
+        raise CheckFailed(f"PID 1 runs without identities or the keyed audit trail: {' '.join(cmdline)}")
     status = podman("exec", name, "cat", "/proc/1/status", capture=True).stdout
     uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, flags=re.MULTILINE)
     if uids is None or {uids.group(1), uids.group(2)} != {str(UID)}:
@@ -646,24 +818,82 @@ def check_inside(name: str) -> None:
     caps = re.search(r"^CapEff:\s+([0-9a-f]+)", status, flags=re.MULTILINE)
     if caps is None or int(caps.group(1), 16) != 0:
         raise CheckFailed(f"PID 1 has effective capabilities: {caps.group(0) if caps else '?'}")
-    for path in ("/opt/medserve/probe", "/models/probe", f"{TLS_MOUNT}/probe", "/probe"):
+    for path in ("/opt/medserve/probe", "/models/probe", f"{TLS_MOUNT}/probe", f"{IDENTITIES_MOUNT}/probe",
+                 f"{AUDIT_KEY_MOUNT}/probe", "/probe"):
         if podman("exec", name, "touch", path, check=False, capture=True).returncode == 0:
             raise CheckFailed(f"{path} was writable: the root filesystem or a mount is not read-only")
     podman("exec", name, "touch", "/tmp/probe", capture=True)
-    print(f"    PID 1: {' '.join(a for a in cmdline if a)}; UID {UID}; no capabilities; only /tmp writable")
+    print(f"    PID 1: {' '.join(a for a in cmdline if a)}; UID {UID}; no capabilities; only /tmp and the audit "
+          "volume writable")
 
 
 def check_health(server: Server, models: list[str]) -> None:
-    """The open HTTP paths the probes use, from the host."""
-    expected = {"/v2/health/live": 200, "/v2/health/ready": 200, "/v2/models/no-such-model/ready": 404}
+    """The open HTTP paths the probes use, from the host; a model's readiness needs credentials
+    (identities are on), so without them a model that is there and one that is not answer alike."""
+    expected = {"/v2/health/live": 200, "/v2/health/ready": 200, "/v2/models/no-such-model/ready": 401}
     if models:
-        expected[f"/v2/models/{models[0]}/ready"] = 200
+        expected[f"/v2/models/{models[0]}/ready"] = 401
     answers = {path: http_status(server.url(path)) for path in expected}
     wrong = {path: status for path, (status, _) in answers.items() if status != expected[path]}
     if wrong:
         raise CheckFailed(f"health paths answered {wrong}, expected {expected}")
+    if models and answers[f"/v2/models/{models[0]}/ready"] != answers["/v2/models/no-such-model/ready"]:
+        raise CheckFailed("without credentials, a model's readiness answers differ from a missing model's")
     live = json.loads(answers["/v2/health/live"][1] or b"{}")
     print("    " + "; ".join(f"{path} {status}" for path, (status, _) in answers.items()) + f" {live}")
+
+
+def check_unauthenticated(server: Server, certs: Certificates, secrets: Secrets, model: str) -> None:
+    run([PYTHON, "-c", CLIENT, "unauthenticated", server.target, certs.ca, model], timeout=60,
+        env=secrets.client_env())
+
+
+_CHECKPOINT = re.compile(r"count\W{1,4}(\d+)\b.*?head\W{1,4}([0-9a-f]{64})")
+
+
+def last_checkpoint(name: str) -> tuple[int, str] | None:
+    """The (count, head) of the server's last log line that carries an audit checkpoint: what a
+    log pipeline would have carried off the host."""
+    logs = podman("logs", name, capture=True, check=False)
+    found = None
+    for line in (logs.stdout + logs.stderr).splitlines():
+        if "checkpoint" in line:
+            m = _CHECKPOINT.search(line)
+            if m:
+                found = (int(m.group(1)), m.group(2))
+    return found
+
+
+def check_audit(server: Server, secrets: Secrets, *, min_records: int,
+                checkpoint: tuple[int, str] | None = None) -> None:
+    """`medserve audit verify --key` (on the host, with the verifier's copy of the key) of the
+    trail on the container's audit volume; it holds the check's calls (identity and request id)
+    and never the token."""
+    assert server.audit_dir is not None
+    trail = server.audit_dir / "audit.jsonl"
+    if not trail.is_file():
+        found = sorted(p.name for p in server.audit_dir.iterdir())
+        raise CheckFailed(f"no {AUDIT_MOUNT}/audit.jsonl on the audit volume (it holds {found})")
+    cmd: list[str | Path] = [VENV / "bin" / "medserve", "audit", "verify", trail, "--key", secrets.key_file]
+    if checkpoint is not None:
+        cmd += ["--expect-count", str(checkpoint[0]), "--expect-head", checkpoint[1]]
+    proc = run(cmd, capture=True, check=False, timeout=120)
+    message = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        raise CheckFailed(f"`medserve audit verify` of the container's trail failed (exit {proc.returncode}): "
+                          f"{message[-600:]}")
+    text = "".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(server.audit_dir.iterdir())
+                   if p.is_file())
+    records = [line for line in text.splitlines() if line.strip()]
+    if len(records) < min_records:
+        raise CheckFailed(f"the audit trail holds {len(records)} records, expected at least {min_records}")
+    if f'"{CHECK_IDENTITY}"' not in text or '"container-check"' not in text:
+        raise CheckFailed(f"the audit trail does not name the identity {CHECK_IDENTITY!r} and the request id")
+    if secrets.token in text:
+        raise CheckFailed("the bearer token is in the audit trail")
+    against = f" against the logged checkpoint (count {checkpoint[0]})" if checkpoint else ""
+    print(f"    {trail.name}: {len(records)} records, verified with the key{against}: "
+          f"{message.splitlines()[-1][:160] if message else ''}")
 
 
 def scrape_metrics(server: Server) -> None:
@@ -706,14 +936,14 @@ def require_clean_exit(code: str, elapsed: float) -> None:
         raise CheckFailed(f"the server took {elapsed:.1f} s to stop, more than {STOP_LIMIT_S:.0f} s")
 
 
-def drain_under_load(server: Server, certs: Certificates) -> None:
+def drain_under_load(server: Server, certs: Certificates, secrets: Secrets) -> None:
     """SIGTERM while DRAIN_THREADS clients call continuously (no retries): every call ends OK or
     UNAVAILABLE (none CANCELLED, none other), calls are in flight when the signal arrives, the
     ready path turns 503, and the server exits 0 in time."""
     driver = subprocess.Popen(
         [str(PYTHON), "-c", CLIENT, "drain", server.target, str(certs.ca), str(DRAIN_THREADS),
          server.url("/v2/health/ready")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=secrets.client_env())
     assert driver.stdin is not None and driver.stdout is not None
     watchdog = threading.Timer(300, driver.kill)
     watchdog.start()
@@ -769,15 +999,16 @@ def drain_under_load(server: Server, certs: Certificates) -> None:
         raise CheckFailed(f"/v2/health/ready never answered 503 during the drain: {dict(ready_after)}")
 
 
-def repeat_drains(count: int, image: str, repo: Path, certs: Certificates, name: str, launched: list[str]) -> None:
+def repeat_drains(count: int, image: str, repo: Path, certs: Certificates, secrets: Secrets, name: str,
+                  launched: list[str]) -> None:
     failures = []
     for i in range(count):
         container = f"{name}-drain-{i}"
         launched.append(container)
         try:
-            server = start_container(container, image, repo, certs)
-            wait_ready(server, certs)
-            drain_under_load(server, certs)
+            server = start_container(container, image, repo, certs, secrets)
+            wait_ready(server, certs, secrets)
+            drain_under_load(server, certs, secrets)
         except CheckFailed as exc:
             failures.append(f"drain {i + 1}: {exc}")
             print(f"    drain {i + 1} of {count} FAILED: {exc}")
@@ -805,9 +1036,11 @@ def summarize_log(name: str) -> None:
     print(f"    log: {len(records)} JSON lines {dict(levels)}, {len(lines) - len(records)} other; last: {last!r}")
 
 
-def check_mutual_tls(server: Server, certs: Certificates) -> None:
-    run([PYTHON, "-c", CLIENT, "infer", server.target, certs.ca, certs.client_cert, certs.client_key], timeout=120)
-    run([PYTHON, "-c", CLIENT, "refused", server.target, certs.ca], timeout=60)
+def check_mutual_tls(server: Server, certs: Certificates, secrets: Secrets) -> None:
+    """With a client certificate and no token: the identity of its subject; without one: refused."""
+    run([PYTHON, "-c", CLIENT, "infer", server.target, certs.ca, certs.client_cert, certs.client_key], timeout=120,
+        env=secrets.client_env(token=False))
+    run([PYTHON, "-c", CLIENT, "refused", server.target, certs.ca], timeout=60, env=secrets.client_env(token=False))
 
 
 def main(argv: list[str]) -> int:
@@ -851,33 +1084,48 @@ def main(argv: list[str]) -> int:
             print(f"    {repo}: {len(models)} model(s): {', '.join(models)}")
         with step("throwaway CA and certificates (openssl)"):
             certs = make_certificates(scratch / "pki")
+        with step("identities and audit key (medserve tokens add, medserve audit keygen)"):
+            secrets = make_secrets(scratch / "secrets")
         with step("plaintext on 0.0.0.0 is refused"):
             check_plaintext_refused(args.image)
+        with step("without its Secrets the image refuses to start"):
+            check_refused_without_secrets(args.image, repo, certs, secrets)
+        with step("without the audit volume the image does not serve"):
+            check_no_audit_volume(args.image, repo, certs, secrets, f"{name}-no-audit", launched)
         with step("container start (the image's default command) until ready"):
             launched.append(name)
-            server = start_container(name, args.image, repo, certs)
-            wait_ready(server, certs)
+            server = start_container(name, args.image, repo, certs, secrets)
+            wait_ready(server, certs, secrets)
         with step("inside: PID 1, user, read-only filesystem"):
             check_inside(name)
         with step("HTTP health paths"):
             check_health(server, models)
-        with step("inference over TLS through medserve.clients.Client"):
-            run([PYTHON, "-c", CLIENT, "infer", server.target, certs.ca], timeout=120)
+        with step("a call without a token is refused"):
+            check_unauthenticated(server, certs, secrets, models[0])
+        with step("inference over TLS with a token through medserve.clients.Client"):
+            run([PYTHON, "-c", CLIENT, "infer", server.target, certs.ca], timeout=120, env=secrets.client_env())
         with step("metrics scrape"):
             scrape_metrics(server)
+        with step("the audit trail on the volume verifies with the key"):
+            check_audit(server, secrets, min_records=len(models) + 1)
         with step("SIGTERM under load: drain and exit 0"):
-            drain_under_load(server, certs)
+            drain_under_load(server, certs, secrets)
             summarize_log(name)
+        with step("the audit trail verifies against the checkpoint logged on stop"):
+            checkpoint = last_checkpoint(name)
+            if checkpoint is None:
+                raise CheckFailed("the server's log carries no audit checkpoint (count, head) after the stop")
+            check_audit(server, secrets, min_records=len(models) + 1, checkpoint=checkpoint)
         with step("mutual TLS (--tls-client-ca): start, client certificate required, SIGTERM"):
             launched.append(mtls_name)
-            mtls = start_container(mtls_name, args.image, repo, certs,
+            mtls = start_container(mtls_name, args.image, repo, certs, secrets,
                                    [*EXPECTED_CMD, "--tls-client-ca", f"{TLS_MOUNT}/ca.crt"])
-            wait_ready(mtls, certs, client_cert=True)
-            check_mutual_tls(mtls, certs)
+            wait_ready(mtls, certs, secrets, client_cert=True)
+            check_mutual_tls(mtls, certs, secrets)
             require_clean_exit(*wait_stopped(mtls_name, send_sigterm(mtls_name)[0]))
         if args.drain_repeat:
             with step(f"{args.drain_repeat} more drains under load, each in a fresh container"):
-                repeat_drains(args.drain_repeat, args.image, repo, certs, name, launched)
+                repeat_drains(args.drain_repeat, args.image, repo, certs, secrets, name, launched)
     except CheckFailed as exc:
         print(f"container-check: FAILED: {exc}", file=sys.stderr)
         for container in launched:

@@ -37,9 +37,11 @@ KUSTOMIZATIONS = {
     "overlays/model-image": K8S / "overlays" / "model-image",
     "overlays/mtls": K8S / "overlays" / "mtls",
     "model-volume": K8S / "model-volume",
+    "audit-volume": K8S / "audit-volume",
     "kserve": K8S / "kserve",
 }
 KSERVE_KINDS = {"ServingRuntime", "ClusterServingRuntime", "InferenceService"}
+ISTIO_KINDS = {"PeerAuthentication", "AuthorizationPolicy"}
 
 Doc = dict[str, Any]
 
@@ -319,9 +321,18 @@ def validate_kserve(doc: Doc, version: str) -> None:
                             version)
 
 
+def validate_istio(doc: Doc) -> None:
+    """The minimal Istio schema of the kind (kserve/schemas/README.md). Raises on failure."""
+    with (SCHEMAS / f"{doc['kind'].lower()}.minimal.schema.json").open(encoding="utf-8") as f:
+        schema: Doc = json.load(f)
+    jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
+
+
 def validate(doc: Doc, version: str) -> None:
     if doc.get("kind") in KSERVE_KINDS:
         validate_kserve(doc, version)
+    elif doc.get("kind") in ISTIO_KINDS:
+        validate_istio(doc)
     else:
         validate_kubernetes(doc, version)
 
@@ -367,7 +378,19 @@ TLS_DIR = "/etc/medserve/tls"
 TLS_ARGS = ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
 # Flags that name a file the server reads at start (credentials): each must lie in a read-only
 # Secret volume that only the server's user or group can read.
-SECRET_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--tokens")
+SECRET_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--tokens", "--audit-key")
+# Secure by default: identities from a Secret, and the keyed audit trail on a volume of its own.
+IDENTITIES_FILE = "/etc/medserve/identities/identities.json"
+AUDIT_KEY_FILE = "/etc/medserve/audit-key/audit.key"
+AUDIT_DIR = "/var/lib/medserve/audit"
+# The environment variable the pod's name comes from (downward API), for one audit file per pod.
+POD_NAME_VAR = "POD_NAME"
+# NetworkPolicy: the label a namespace needs for its pods to call the server, the namespace that
+# may scrape the metrics port, and the ports of each.
+CLIENT_NAMESPACE_LABEL = {"medserve/client": "true"}
+MONITORING_NAMESPACE = "monitoring"
+DATA_PORTS = {8000, 8001}  # gRPC, and REST (a later release)
+METRICS_PORT = 9090
 # The probes: HTTP on --metrics-port (a gRPC probe cannot do TLS). Liveness must not follow
 # readiness (a drain or a model reload would restart the pod); startup may use either.
 PROBE_PATHS = {
@@ -490,6 +513,7 @@ def container_problems(container: Doc, volumes: list[Doc], pod_security: Doc, gr
                         "to start")
     if "--tls-client-ca" in args and not tls:
         problems.append(f"{name}: --tls-client-ca without --tls-cert/--tls-key")
+    problems += _secure_default_problems(name, args, container, mounts, by_name)
     for flag in SECRET_FILE_FLAGS:
         path = _arg(args, flag)
         if path is None:
@@ -532,6 +556,192 @@ def container_problems(container: Doc, volumes: list[Doc], pod_security: Doc, gr
     if grace_s is None or grace_s < pre_stop + announce + drain + STOP_MARGIN_S:
         problems.append(f"{name}: terminationGracePeriodSeconds {grace_s} is not longer than preStop {pre_stop} s "
                         f"+ --drain-announce-s {announce} s + --drain-grace-s {drain} s + {STOP_MARGIN_S:.0f} s")
+    return problems
+
+
+def _pod_name_env(container: Doc) -> bool:
+    return any(e.get("name") == POD_NAME_VAR
+               and ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath") == "metadata.name"
+               for e in container.get("env") or [])
+
+
+def _secure_default_problems(name: str, args: list[str], container: Doc, mounts: dict[str, Doc],
+                             by_name: dict[str, Doc]) -> list[str]:
+    """Identities from a Secret (--tokens) and the audit trail (--audit-log, keyed with
+    --audit-key) on a writable volume that outlives the pod, one file per pod; --metrics-host on
+    every address where --metrics-port is served to probes and Prometheus."""
+    problems = []
+    if "--tokens" not in args:
+        problems.append(f"{name}: no --tokens: every caller would be served anonymously")
+    audit = _arg(args, "--audit-log")
+    if audit is None:
+        problems.append(f"{name}: no --audit-log: calls would leave no audit trail")
+    else:
+        if "--audit-key" not in args:
+            problems.append(f"{name}: --audit-log without --audit-key: an unkeyed chain can be rewritten")
+        holder = max((m for m in mounts if audit.startswith(m.rstrip("/") + "/")), key=len, default=None)
+        volume = by_name.get(mounts[holder].get("name"), {}) if holder else {}
+        if holder is None:
+            problems.append(f"{name}: --audit-log {audit} is not on a mounted volume (the root is read-only)")
+        elif holder == "/tmp" or "emptyDir" in volume:
+            problems.append(f"{name}: --audit-log {audit} is on an emptyDir: the audit trail would go with the pod")
+        elif mounts[holder].get("readOnly") is True or (volume.get("persistentVolumeClaim") or {}).get("readOnly"):
+            problems.append(f"{name}: --audit-log {audit} is on a read-only mount")
+        elif "persistentVolumeClaim" not in volume:
+            problems.append(f"{name}: --audit-log {audit} is not on a PersistentVolumeClaim")
+        elif f"$({POD_NAME_VAR})" not in audit or not _pod_name_env(container):
+            problems.append(f"{name}: --audit-log {audit} is one file for every replica of a shared claim: name it "
+                            f"after the pod ($({POD_NAME_VAR}) from metadata.name)")
+    if "--metrics-port" in args and _arg(args, "--metrics-host") != "0.0.0.0":
+        problems.append(f"{name}: --metrics-host is {_arg(args, '--metrics-host')!r}: the probes and Prometheus "
+                        "reach the metrics port from outside the pod (0.0.0.0; the NetworkPolicy limits who)")
+    return problems
+
+
+def network_policy_problems(policy: Doc, pod_labels: dict[str, str]) -> list[str]:
+    """The base's NetworkPolicy: it selects the server's pods; ingress only to the data ports from
+    namespaces with CLIENT_NAMESPACE_LABEL and to the metrics port from MONITORING_NAMESPACE (by
+    namespace label only: no pod-only selector, no ipBlock, no rule open to every source or port);
+    no egress."""
+    spec = policy.get("spec") or {}
+    problems = []
+    selector = (spec.get("podSelector") or {}).get("matchLabels") or {}
+    if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
+        problems.append(f"podSelector {selector} does not select the server's pods {pod_labels}")
+    if set(spec.get("policyTypes") or []) != {"Ingress", "Egress"}:
+        problems.append(f"policyTypes {spec.get('policyTypes')}: expected Ingress and Egress")
+    if spec.get("egress"):
+        problems.append("egress is allowed: the server calls nothing")
+    allowed = {"data": {frozenset(CLIENT_NAMESPACE_LABEL.items())},
+               "metrics": {frozenset({("kubernetes.io/metadata.name", MONITORING_NAMESPACE)})}}
+    reached: set[int] = set()
+    for i, rule in enumerate(spec.get("ingress") or []):
+        sources, ports = rule.get("from") or [], rule.get("ports") or []
+        if not sources:
+            problems.append(f"ingress[{i}] admits every source")
+            continue
+        if not ports:
+            problems.append(f"ingress[{i}] admits every port")
+            continue
+        numbers = {p.get("port") for p in ports}
+        if any(p.get("protocol", "TCP") != "TCP" or "endPort" in p for p in ports) or not all(
+                isinstance(n, int) for n in numbers):
+            problems.append(f"ingress[{i}]: ports {ports}: expected single TCP port numbers")
+            continue
+        kind = "data" if numbers <= DATA_PORTS else "metrics" if numbers == {METRICS_PORT} else None
+        if kind is None:
+            problems.append(f"ingress[{i}] mixes or names other ports: {sorted(numbers, key=str)}")
+            continue
+        reached |= numbers
+        for source in sources:
+            labels = (source.get("namespaceSelector") or {}).get("matchLabels") or {}
+            if set(source) != {"namespaceSelector"} or (source.get("namespaceSelector") or {}).get("matchExpressions"):
+                problems.append(f"ingress[{i}]: source {source}: only a namespaceSelector by labels is allowed")
+            elif frozenset(labels.items()) not in allowed[kind]:
+                problems.append(f"ingress[{i}]: namespaces {labels} may not reach the {kind} port(s) "
+                                f"{sorted(numbers)}")
+    for port in sorted({8001, METRICS_PORT} - reached):
+        problems.append(f"no ingress rule reaches port {port}")
+    return problems
+
+
+def _selector_matches(selector: Doc | None, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions); {} matches everything."""
+    if selector is None:
+        return False
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[op]:
+            return False
+    return True
+
+
+def network_policies_admit(policies: list[Doc], *, pod_labels: dict[str, str], policy_namespace: str,
+                           source_namespace: str, source_namespace_labels: dict[str, str],
+                           source_pod_labels: dict[str, str], port: int) -> bool:
+    """Whether Kubernetes lets a TCP connection from a pod (its labels, its namespace and that
+    namespace's labels) reach `port` of a pod with `pod_labels` in `policy_namespace`, given the
+    NetworkPolicies of that namespace: allowed when no policy selects the pod for Ingress, else
+    when some ingress rule of a selecting policy admits the source and the port (the union)."""
+    ns_labels = {**source_namespace_labels, "kubernetes.io/metadata.name": source_namespace}
+    selecting = [p for p in policies if _selector_matches(p["spec"].get("podSelector"), pod_labels)
+                 and "Ingress" in (p["spec"].get("policyTypes") or ["Ingress"])]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress") or []:
+            ports = rule.get("ports")
+            if ports and not any(p.get("protocol", "TCP") == "TCP" and (
+                    p.get("port") is None or p["port"] <= port <= p.get("endPort", p["port"])) for p in ports):
+                continue
+            sources = rule.get("from")
+            if not sources:
+                return True
+            for peer in sources:
+                if "ipBlock" in peer:
+                    continue  # pod-to-pod traffic in these checks; an ipBlock is refused by the rules anyway
+                ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
+                ns_ok = _selector_matches(ns_sel, ns_labels) if ns_sel is not None else (
+                    source_namespace == policy_namespace)
+                pod_ok = _selector_matches(pod_sel, source_pod_labels) if pod_sel is not None else True
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+def mesh_problems(docs: list[Doc], workload_labels: dict[str, str], grpc_port: int, metrics_port: int) -> list[str]:
+    """The KServe example's Istio policies: a PeerAuthentication in STRICT mode (every port) and an
+    ALLOW AuthorizationPolicy that selects the predictor's pods and admits only named principals
+    or namespaces, the gRPC port from callers and the metrics port from MONITORING_NAMESPACE."""
+    problems = []
+
+    def selects(doc: Doc) -> bool:
+        labels = ((doc.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        return bool(labels) and all(workload_labels.get(k) == v for k, v in labels.items())
+
+    peers = [d for d in docs if d.get("kind") == "PeerAuthentication" and selects(d)]
+    if not peers:
+        problems.append("no PeerAuthentication selects the predictor's pods")
+    for doc in peers:
+        spec = doc["spec"]
+        if (spec.get("mtls") or {}).get("mode") != "STRICT":
+            problems.append(f"PeerAuthentication {doc['metadata']['name']}: mtls mode is not STRICT")
+        loose = {p: m for p, m in (spec.get("portLevelMtls") or {}).items() if (m or {}).get("mode") != "STRICT"}
+        if loose:
+            problems.append(f"PeerAuthentication {doc['metadata']['name']}: ports {sorted(loose)} are not STRICT")
+    policies = [d for d in docs if d.get("kind") == "AuthorizationPolicy" and selects(d)]
+    if not policies:
+        problems.append("no AuthorizationPolicy selects the predictor's pods: every mesh workload may call them")
+    for doc in policies:
+        spec, where = doc["spec"], f"AuthorizationPolicy {doc['metadata']['name']}"
+        if spec.get("action", "ALLOW") != "ALLOW":
+            problems.append(f"{where}: action {spec.get('action')}: expected ALLOW (deny what no rule matches)")
+        rules = spec.get("rules") or []
+        if not rules:
+            problems.append(f"{where}: no rules")
+        reached: set[int] = set()
+        for i, rule in enumerate(rules):
+            sources = [f.get("source") or {} for f in rule.get("from") or []]
+            ports = {int(p) for t in rule.get("to") or [] for p in (t.get("operation") or {}).get("ports") or []}
+            if not sources or any(not (s.get("principals") or s.get("namespaces")) for s in sources):
+                problems.append(f"{where}: rules[{i}] admits a source without principals or namespaces")
+            if any("*" in v for s in sources for v in (s.get("principals") or []) + (s.get("namespaces") or [])):
+                problems.append(f"{where}: rules[{i}] admits a wildcard source")
+            if not ports or any(o.get("operation", {}).get("notPorts") for o in rule.get("to") or []):
+                problems.append(f"{where}: rules[{i}] admits every port")
+                continue
+            if ports - {grpc_port, metrics_port}:
+                problems.append(f"{where}: rules[{i}] opens ports {sorted(ports - {grpc_port, metrics_port})}")
+            if metrics_port in ports and any(s.get("principals") or s.get("namespaces") != [MONITORING_NAMESPACE]
+                                             for s in sources):
+                problems.append(f"{where}: rules[{i}]: the metrics port {metrics_port} from others than the "
+                                f"namespace {MONITORING_NAMESPACE}")
+            reached |= ports
+        if grpc_port not in reached:
+            problems.append(f"{where}: nobody may reach the gRPC port {grpc_port}")
     return problems
 
 

@@ -1,6 +1,7 @@
 """deploy/Dockerfile, read statically (the real build and run is `.ci/container_check.py`): the
 base is a build argument, the final stage runs the server as a numeric non-root user with the
-documented default command (TLS from /etc/medserve/tls, never plaintext), wheels come only from
+documented default command (TLS from /etc/medserve/tls, never plaintext; identities from
+/etc/medserve/identities; the keyed audit trail on /var/lib/medserve/audit), wheels come only from
 the build context, and the image command, the Kubernetes arguments and the container check
 agree."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ import importlib.util
 import json
 import re
 import sys
+from pathlib import PurePosixPath
 from types import ModuleType
 
 import k8s_manifests as km
@@ -65,7 +67,8 @@ def test_the_final_stage_runs_the_server_as_a_numeric_non_root_user() -> None:
     assert json.loads(words["ENTRYPOINT"]) == ["medserve"]
     cmd = json.loads(words["CMD"])
     assert cmd == ["--log-format", "json", "serve", "--repository", "/models", "--host", "0.0.0.0", "--port", "8001",
-                   *km.TLS_ARGS, "--metrics-port", "9090"]
+                   *km.TLS_ARGS, "--tokens", km.IDENTITIES_FILE, "--audit-log", f"{km.AUDIT_DIR}/audit.jsonl",
+                   "--audit-key", km.AUDIT_KEY_FILE, "--metrics-port", "9090", "--metrics-host", "0.0.0.0"]
     assert words["STOPSIGNAL"] == "SIGTERM"
     assert {"8001", "9090"} <= set(words["EXPOSE"].split())
 
@@ -81,7 +84,7 @@ def test_the_default_command_serves_tls_and_never_plaintext() -> None:
     assert km._arg(args, "--tls-key") == "/etc/medserve/tls/tls.key"
     assert "--allow-plaintext" not in cmd and "--tls-client-ca" not in cmd
     assert km._arg(args, "--metrics-port") == "9090"
-    # the mount point exists in the image; mutual TLS and the mesh-only plaintext override are
+    # the mount points exist in the image; mutual TLS and the mesh-only plaintext override are
     # documented beside the command
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert "/etc/medserve/tls" in next(rest for word, rest in _stages()[-1] if word == "RUN")
@@ -89,13 +92,42 @@ def test_the_default_command_serves_tls_and_never_plaintext() -> None:
     assert "--tls-client-ca /etc/medserve/tls/ca.crt" in comments and "--allow-plaintext" in comments
 
 
+def test_the_default_command_needs_identities_and_a_keyed_audit_trail_on_a_volume() -> None:
+    """Secure by default (issue 25, row 16): the image's command asks every caller for an identity
+    of the mounted identities file and records every call in the keyed audit trail on the audit
+    volume's mount point, which the image gives to the server's user (a fresh named volume takes
+    its owner) and nothing else."""
+    cmd = json.loads(dict(_stages()[-1])["CMD"])
+    args = km.serve_args(cmd)
+    assert args is not None
+    assert km._arg(args, "--tokens") == km.IDENTITIES_FILE
+    assert km._arg(args, "--audit-log") == f"{km.AUDIT_DIR}/audit.jsonl"
+    assert km._arg(args, "--audit-key") == km.AUDIT_KEY_FILE
+    # the metrics port is published from the container: every address (the NetworkPolicy limits who)
+    assert km._arg(args, "--metrics-host") == "0.0.0.0"
+    run = " ".join(rest for word, rest in _stages()[-1] if word == "RUN")
+    for folder in ("/etc/medserve/identities", "/etc/medserve/audit-key", km.AUDIT_DIR):
+        assert folder in run
+    assert f"chown ${{UID}}:${{UID}} {km.AUDIT_DIR}" in run and f"chmod 0700 {km.AUDIT_DIR}" in run
+    # no VOLUME: an anonymous volume would keep the trail somewhere nobody looks, and vanish with --rm
+    assert not any(word == "VOLUME" for word, _ in _stages()[-1])
+
+
 def test_the_image_command_the_deployment_and_the_container_check_agree() -> None:
     cmd = json.loads(dict(_stages()[-1])["CMD"])
     check = _container_check()
     assert check.EXPECTED_CMD == cmd and check.EXPECTED_ENTRYPOINT == ["medserve"] and check.UID == km.UID
     assert check.TLS_MOUNT == km.TLS_DIR
+    assert (check.IDENTITIES_MOUNT, check.AUDIT_KEY_MOUNT, check.AUDIT_MOUNT) == (
+        str(PurePosixPath(km.IDENTITIES_FILE).parent), str(PurePosixPath(km.AUDIT_KEY_FILE).parent),
+        km.AUDIT_DIR)
     deployment = next(d for d in km.render(km.K8S / "base") if d["kind"] == "Deployment")
-    assert km.pod_spec(deployment)["containers"][0]["args"][: len(cmd)] == cmd
+    args = km.pod_spec(deployment)["containers"][0]["args"][: len(cmd)]
+    # the Deployment runs the image's command; only the audit file is named after the pod, since
+    # the replicas share the audit claim
+    audit = cmd.index("--audit-log") + 1
+    assert args[:audit] == cmd[:audit] and args[audit + 1:] == cmd[audit + 1:]
+    assert args[audit] == f"{km.AUDIT_DIR}/$({km.POD_NAME_VAR}).jsonl"
 
 
 def test_wheels_come_from_the_context_only_and_never_reach_the_final_stage() -> None:

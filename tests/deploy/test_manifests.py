@@ -148,22 +148,19 @@ def test_base_serves_tls_from_the_secret_with_http_probes() -> None:
         assert grpc.get("appProtocol") == "https"
 
 
-def test_the_mtls_overlay_requires_client_certificates_and_identities() -> None:
+def test_the_mtls_overlay_requires_client_certificates_on_top_of_the_base_identities() -> None:
     base = _one(RENDERED["base"], "Deployment")
     mtls = _one(RENDERED["overlays/mtls"], "Deployment")
     container, pod = _container(mtls), km.pod_spec(mtls)
     base_args = _container(base)["args"]
     assert container["args"][: len(base_args)] == base_args
-    assert container["args"][len(base_args):] == ["--tls-client-ca", "/etc/medserve/tls/ca.crt",
-                                                  "--tokens", "/etc/medserve/identities/identities.json"]
-    identities = next(v for v in pod["volumes"] if v["name"] == "identities")
-    assert identities["secret"] == {"secretName": "medserve-identities", "defaultMode": 0o440}
-    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert mounts["/etc/medserve/identities"]["readOnly"] is True
+    assert container["args"][len(base_args):] == ["--tls-client-ca", "/etc/medserve/tls/ca.crt"]
+    # the identities (certificate subjects and tokens) are the base's: one Secret, mounted once
+    assert km._arg(container["args"], "--tokens") == km.IDENTITIES_FILE
     # everything else is the base's
-    for key in ("startupProbe", "readinessProbe", "livenessProbe", "securityContext", "image"):
+    for key in ("startupProbe", "readinessProbe", "livenessProbe", "securityContext", "image", "volumeMounts", "env"):
         assert container[key] == _container(base)[key]
-    assert [v for v in pod["volumes"] if v["name"] != "identities"] == km.pod_spec(base)["volumes"]
+    assert pod["volumes"] == km.pod_spec(base)["volumes"]
 
 
 def test_the_gpu_overlay_asks_for_a_gpu_and_the_cuda_provider() -> None:
@@ -359,7 +356,7 @@ def _volume(pod: dict[str, Any], name: str) -> dict[str, Any]:
         (lambda c, p: _volume(p, "tls")["secret"].pop("defaultMode"), "readable by others"),
         (lambda c, p: _volume(p, "tls")["secret"].update(defaultMode=0o444), "readable by others"),
         (lambda c, p: c["volumeMounts"][1].update(readOnly=False), "not mounted readOnly"),
-        (lambda c, p: c["args"].extend(["--tokens", "/models/identities.json"]), "--tokens /models/identities.json"),
+        (lambda c, p: _set_arg(c["args"], "--tokens", "/models/identities.json"), "--tokens /models/identities.json"),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )
@@ -430,8 +427,10 @@ def test_strategic_merge_follows_kubernetes_merge_keys(tmp_path: Path) -> None:
     (doc,) = [d for d in km.render(tmp_path) if d["kind"] == "Deployment"]
     containers = km.pod_spec(doc)["containers"]
     assert [c["name"] for c in containers] == ["medserve", "sidecar"]
-    assert containers[0]["env"] == [{"name": "A", "value": "b"}] and "args" in containers[0]
+    assert containers[0]["env"] == [{"name": "A", "value": "b"}, {"name": "POD_NAME", "valueFrom": {
+        "fieldRef": {"fieldPath": "metadata.name"}}}] and "args" in containers[0]
     tmp = next(v for v in km.pod_spec(doc)["volumes"] if v["name"] == "tmp")
     assert tmp == {"name": "tmp", "hostPath": {"path": "/t"}}
     # kustomize's order: the patch's items first, then the base's others
-    assert [v["name"] for v in km.pod_spec(doc)["volumes"]] == ["tmp", "models", "tls"]
+    assert [v["name"] for v in km.pod_spec(doc)["volumes"]] == ["tmp", "models", "tls", "identities", "audit-key",
+                                                                "audit"]
