@@ -102,6 +102,11 @@ def _serve(args: argparse.Namespace) -> int:
             from .audit import load_key
 
             load_key(Path(config.audit_key))  # a bad key file: one line here, not one per worker
+        if config.tokens_file is not None and not Path(config.tokens_file).is_file():
+            # Secure by default: a missing identities file (an unmounted Secret) stops the start
+            # rather than serving with no identity at all. `tokens add` still creates the file.
+            raise InvalidSetting(f"--tokens {config.tokens_file}: no such file (create it with `medserve tokens "
+                                 "add NAME --models ... --file FILE`; in a container, mount the identities Secret)")
     except InvalidSetting as exc:
         return _refuse(str(exc))
     from . import app, workers
