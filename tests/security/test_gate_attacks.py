@@ -333,3 +333,70 @@ def test_a_certificate_is_known_by_any_listed_subject_alternative_name(tmp_path:
         assert infer_as(stranger) == grpc.StatusCode.UNAUTHENTICATED
     names = {"x509_subject_alternative_name": [b"ops@ward7.local", b"gw.ward7.local"], "x509_common_name": [b"gw"]}
     assert certificate_names(names) == ["ops@ward7.local", "gw.ward7.local", "gw"]
+
+
+class _Context:
+    """What the gate reads of and writes to a call (a unit test of the gate alone)."""
+
+    def __init__(self, peer: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._peer, self._metadata = peer, metadata
+        self.code: grpc.StatusCode | None = None
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        pass
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+
+def test_refusals_while_the_audit_trail_is_behind_are_counted_not_queued_one_by_one(tmp_path: Path) -> None:
+    """While the trail cannot take more (writes failing, buffer full), every call is refused
+    UNAVAILABLE; a record each would grow the backlog without bound. They are counted instead."""
+    import asyncio
+
+    from medserve.server.audit import AuditLog
+    from medserve.server.gate import Call, Gate
+    from medserve.server.identities import ANONYMOUS
+    from medserve.server.ratelimit import RateLimiter
+
+    ids = IdentityFile.load(tmp_path / "ids.json")
+    token = str(ids.add("ward", ["ward"]))
+    ids.save()
+    loaded = IdentityFile.load(tmp_path / "ids.json")
+    log = tmp_path / "audit.jsonl"
+    trail = AuditLog(log, key=b"k" * 32, max_pending=1)  # not started: nothing drains yet
+    trail.record(AuditEvent(1.7e9, "ward", "ipv4:127.0.0.1:1", "ModelInfer", "OK", 1.0, request_id="before"))
+    now = [50.0]
+    gate = Gate(identities=lambda: loaded, plaintext=True, rate_limiter=RateLimiter(lambda: now[0]), audit=trail,
+                clock=lambda: now[0])
+
+    async def refuse_many(n: int) -> list[grpc.StatusCode | None]:
+        codes = []
+        for _ in range(n):
+            context = _Context("ipv4:127.0.0.1:6000", bearer(token))
+            call = Call("ModelInfer", ANONYMOUS, context.peer(), now[0], 10, audited=True)
+            try:
+                gate._admit(call, context)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - the refusal under test
+                await gate._refuse(context, call, exc)  # type: ignore[arg-type]
+            codes.append(context.code)
+        gate.close()
+        return codes
+
+    assert asyncio.run(refuse_many(100)) == [grpc.StatusCode.UNAVAILABLE] * 100
+    trail.start()
+    trail.close()
+    behind = [r for r in records(log) if r["status"] == "UNAVAILABLE"]
+    assert [(r["identity"], r["count"]) for r in behind] == [("ward", 1), ("ward", 99)]
