@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
@@ -323,8 +324,9 @@ class Gate:
                       body: bytes = b"") -> None:
         from .status import status_for  # the one error table
 
-        code, message = status_for(exc)
-        if len(body) >= PARSE_IN_THREAD_BYTES and not isinstance(exc, Unauthenticated | AuditBehind | InvalidInput):
+        counted = isinstance(exc, Unauthenticated | AuditBehind)
+        code, message = status_for(exc, logging.DEBUG if counted else logging.INFO)
+        if len(body) >= PARSE_IN_THREAD_BYTES and not (counted or isinstance(exc, InvalidInput)):
             await asyncio.to_thread(self._refused, call, exc, body)
         else:
             self._refused(call, exc, body)

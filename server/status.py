@@ -43,15 +43,17 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and caller-facing message for an exception (logs what the caller must not see)."""
+def status_for(exc: BaseException, refusal_level: int = logging.INFO) -> tuple[grpc.StatusCode, str]:
+    """The status and caller-facing message for an exception (logs what the caller must not see).
+    A refusal is logged at `refusal_level` (the gate logs the refusals it counts per peer and
+    second at DEBUG: a flood of strangers must not become a flood of log lines)."""
     for cls in type(exc).__mro__:
         code = STATUS_BY_ERROR.get(cls)
         if code is not None:
             message = str(exc)
             if len(message) > MAX_MESSAGE_CHARS:
                 message = message[: MAX_MESSAGE_CHARS - 3] + "..."
-            log.info("request refused: %s: %s", code.name, message)
+            log.log(refusal_level, "request refused: %s: %s", code.name, message)
             return code, message
     if isinstance(exc, ExecutionError):  # its text is safe to show: the engine's own never is in it
         log.error("execution failed [correlation id %s]: %s", exc.correlation_id, exc)

@@ -9,6 +9,7 @@ size limit, either way, is refused by the gate (RESOURCE_EXHAUSTED naming the li
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -251,10 +252,14 @@ def test_a_forbidden_model_config_call_names_the_model_in_its_record(gated: Any)
         "ward", "secret", "1", "NOT_FOUND")
 
 
-def test_a_flood_of_strangers_is_counted_and_cannot_push_a_real_record_out(tmp_path: Path) -> None:
+def test_a_flood_of_strangers_is_counted_and_cannot_push_a_real_record_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Row 3: `--audit-max-mb 1 --audit-retention 1`, one real call, then thousands of
     unauthenticated ServerMetadata calls: before, a line each (9,000 lines in 3 s pushed the real
-    record out of both files). Now a handful of records whose counts add up to the calls."""
+    record out of both files). Now a handful of records whose counts add up to the calls, and
+    no INFO log line per call either."""
+    caplog.set_level(logging.INFO, logger="medserve")
     onnx_models.affine(tmp_path / "repo" / "ward" / "1" / "model.onnx")
     ids = IdentityFile.load(tmp_path / "ids.json")
     token = str(ids.add("ward", ["ward"]))
@@ -279,6 +284,7 @@ def test_a_flood_of_strangers_is_counted_and_cannot_push_a_real_record_out(tmp_p
     assert {(r["identity"], r["status"], r["peer"]) for r in flood} == {("anonymous", "UNAUTHENTICATED",
                                                                           "ipv4:127.0.0.1")}
     assert [r["request_id"] for r in records(log) if r["rpc"] == "ModelInfer"] == ["the-real-one"]
+    assert not [r for r in caplog.records if "UNAUTHENTICATED" in r.getMessage() and r.levelno >= logging.INFO]
 
 
 def test_refusal_tally_writes_the_first_at_once_and_then_one_count_per_second() -> None:
