@@ -455,3 +455,23 @@ def test_audit_fsync_syncs_every_write_to_the_disk(tmp_path: Path, monkeypatch: 
     writer.close()
     assert len(synced) == (5 if fsync else 0)  # the start record, three calls, the stop record
     assert [r["request_id"] for r in calls(tmp_path / "audit.jsonl")] == ["0", "1", "2"]
+
+
+def test_the_cli_needs_a_key_to_serve_or_verify_and_says_what_it_did_not_check(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "medserve.server.cli", *args], capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    served = cli("serve", "--repository", str(tmp_path), "--audit-log", str(tmp_path / "a.jsonl"))
+    assert served.returncode == 2 and served.stderr.count("\n") == 1
+    assert "needs --audit-key FILE" in served.stderr and "medserve audit keygen FILE" in served.stderr
+    log = written_log(tmp_path / "audit.jsonl")
+    (tmp_path / "k").write_text(KEY.hex() + "\n")
+    assert cli("audit", "verify", str(log)).returncode == 2  # no key, and not asked for structure only
+    structure = cli("audit", "verify", str(log), "--structure-only")
+    assert structure.returncode == 0 and "MACs NOT checked (no --key)" in structure.stdout
+    keyed = cli("audit", "verify", str(log), "--key", str(tmp_path / "k"))
+    assert keyed.returncode == 0 and "7 records (5 calls), chain intact" in keyed.stdout
