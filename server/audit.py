@@ -57,7 +57,8 @@ WAKE_AT = 4096  # ... or as soon as this many are buffered
 KEY_BYTES = 32
 CHECKPOINT_S = 60.0
 RETRY_MAX_S = 1.0  # the longest wait between two tries of a failing write
-STOP_RETRY_S = 2.0  # on stop, how long a failing write is still retried before records are given up
+STOP_RETRY_S = 2.0
+ROTATION_RETRY_S = 60.0  # after a rotation failed (a rename refused), the writer keeps to one file this long  # on stop, how long a failing write is still retried before records are given up
 _MAC_SUFFIX = re.compile(r',"mac":"([0-9a-f]{64})"\}\Z')
 _MAC_SUFFIX_LEN = len(',"mac":"') + 64 + len('"}')
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
@@ -309,6 +310,7 @@ class AuditLog:
         self._written = 0
         self._failing = False
         self._next_checkpoint = 0.0
+        self._no_rotation_until = 0.0
 
     # -- the event loop's side (cheap) -------------------------------------------------------
 
@@ -404,19 +406,22 @@ class AuditLog:
         while True:
             self._wake.wait(wait)
             self._wake.clear()
-            self._serialize()
-            if self._stop:
-                if stop_deadline is None:
-                    stop_deadline = self._clock() + STOP_RETRY_S
+            try:
+                self._serialize()
+                if self._stop and stop_deadline is None:
+                    stop_deadline = time.monotonic() + STOP_RETRY_S
                     self._control("stop", file=self.path.name)
-            self._flush()
+                self._flush()
+            except Exception:  # noqa: BLE001 - a dead writer would let calls run unrecorded: fail closed
+                log.exception("audit log %s: the writer failed", self.path)
+                self._set_failing(True, "the writer failed")
             if self._failing:
                 wait = next(delays)
             else:
                 delays, wait = _retry_delays(), WRITE_PERIOD_S
             if not self._failing and self._clock() >= self._next_checkpoint:
                 self._log_checkpoint()
-            if self._stop and not self._pending and (not self._out or self._clock() >= (stop_deadline or 0)):
+            if self._stop and not self._pending and (not self._out or time.monotonic() >= (stop_deadline or 0)):
                 if self._out:
                     log.error("audit log %s: writes still failing at stop: %d records not written",
                               self.path, self._out.count(b"\n"))
@@ -499,19 +504,23 @@ class AuditLog:
     def _rotate(self) -> None:
         """FILE becomes FILE.1 (FILE.1 -> FILE.2 ...; with a retention, files past it are
         deleted); the new FILE begins with a rotate record that continues the chain."""
+        if time.monotonic() < self._no_rotation_until:
+            return
         assert self._fd is not None
         os.close(self._fd)
         self._fd = None
-        numbered = sorted(_numbered(self.path), key=lambda pair: -pair[0])
-        for i, p in numbered:
-            if self._retention is not None and i + 1 > self._retention:
-                p.unlink()
-            else:
-                os.replace(p, _nth(self.path, i + 1))
-        if self._retention == 0:
-            self.path.unlink()
-        else:
+        try:
+            for i, p in sorted(_numbered(self.path), key=lambda pair: -pair[0]):
+                if self._retention is not None and i + 1 > self._retention:
+                    p.unlink()
+                else:
+                    os.replace(p, _nth(self.path, i + 1))
             os.replace(self.path, _nth(self.path, 1))
+        except OSError as exc:  # the chain goes on in the same file (the next write reopens it)
+            self._no_rotation_until = time.monotonic() + ROTATION_RETRY_S
+            log.error("audit log %s: rotation failed (%s); writing on in the same file, trying again in %.0f s",
+                      self.path, exc.strerror or exc, ROTATION_RETRY_S)
+            return
         self._control("rotate", file=self.path.name, retention=self._retention)
         self._flush(may_rotate=False)
 

@@ -340,6 +340,26 @@ def test_failed_writes_keep_records_pending_refuse_new_calls_and_resume(tmp_path
     assert [r["request_id"] for r in calls(log)] == ["r0", "r1", "r2"]
 
 
+def test_an_unexpected_writer_error_fails_closed_rather_than_killing_the_writer(tmp_path: Path) -> None:
+    broken = threading.Event()
+
+    def write(fd: int, data: bytes) -> int:
+        if broken.is_set():
+            raise RuntimeError("a bug")
+        return os.write(fd, data)
+
+    writer = AuditLog(tmp_path / "audit.jsonl", key=KEY, write=write)
+    writer.start()
+    broken.set()
+    writer.record(event(0))
+    wait_for(lambda: not writer.healthy)
+    assert not writer.admit()
+    broken.clear()
+    wait_for(lambda: writer.healthy and writer.written == 1, timeout_s=5)
+    writer.close()
+    assert verify(tmp_path / "audit.jsonl", key=KEY).ok
+
+
 def test_a_log_that_cannot_be_written_at_start_is_not_healthy(tmp_path: Path) -> None:
     writer = AuditLog(Path("/dev/full"), key=KEY)
     writer.start()
