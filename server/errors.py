@@ -65,7 +65,10 @@ class QueueFull(MedserveError):
 
 class TooLarge(MedserveError):
     """A request or response message over the size limit (`--max-message-mb`): RESOURCE_EXHAUSTED,
-    naming the limit; retrying the same call will not help."""
+    naming the limit. Retrying the same call will not help (and a response too large would be
+    computed again): `retry_after_s` -1 is sent as `grpc-retry-pushback-ms: -1`, "do not retry"."""
+
+    retry_after_s = -1.0
 
 
 class DeadlineExceeded(MedserveError):

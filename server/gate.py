@@ -451,9 +451,12 @@ def answer_with_status(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
 
 
 def retry_hint(exc: BaseException) -> tuple[tuple[str, str], ...]:
-    """`grpc-retry-pushback-ms` for a refusal that knows when to retry (gRPC clients honour it)."""
+    """`grpc-retry-pushback-ms` for a refusal that knows when to retry (gRPC clients honour it);
+    a negative `retry_after_s` is sent as -1: do not retry."""
     after = getattr(exc, "retry_after_s", None)
-    return (("grpc-retry-pushback-ms", str(max(1, round(after * 1e3)))),) if after else ()
+    if not after:
+        return ()
+    return (("grpc-retry-pushback-ms", "-1" if after < 0 else str(max(1, round(after * 1e3)))),)
 
 
 async def _parse(parse: Callable[[bytes], Any], body: bytes, rpc: str) -> Any:

@@ -210,8 +210,11 @@ def test_an_oversized_message_is_refused_by_the_gate_and_audited(gated: Any) -> 
     stub = server.stub()
     over = infer_request(rows=(MIB + MIB // 4) // 16, request_id="big-1")
     assert MIB < over.ByteSize() < receive_limit(MIB)
-    code, details = code_of(lambda: stub.ModelInfer(over, metadata=bearer(tokens["ward"]), timeout=30))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 1 MiB (--max-message-mb)" in details
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(over, metadata=bearer(tokens["ward"]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit of 1 MiB (--max-message-mb)" in info.value.details()
+    assert dict(info.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"  # do not retry it
     streamed = list(stub.ModelStreamInfer(iter([over]), metadata=bearer(tokens["ward"]), timeout=30))
     assert streamed[0].infer_response.parameters["status_code"].string_param == "RESOURCE_EXHAUSTED"
     assert streamed[0].infer_response.id == "big-1"
@@ -230,9 +233,11 @@ def test_a_response_over_the_send_limit_is_refused_and_audited_as_refused(gated:
     stub = server.stub()
     request = infer_request(rows=int(0.9 * MIB) // 16, request_id="wide-answer")  # answer: 1.25 x the request
     assert request.ByteSize() < MIB
-    code, details = code_of(lambda: stub.ModelInfer(request, metadata=bearer(tokens["ward"]), timeout=30))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "the response is over the message size limit of 1 MiB" in details
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, metadata=bearer(tokens["ward"]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the response is over the message size limit of 1 MiB" in info.value.details()
+    assert dict(info.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"  # it would run again
     streamed = list(stub.ModelStreamInfer(iter([request]), metadata=bearer(tokens["ward"]), timeout=30))
     assert streamed[0].infer_response.parameters["status_code"].string_param == "RESOURCE_EXHAUSTED"
     wait_for(lambda: len([r for r in records(log) if r["request_id"] == "wide-answer"]) == 2)
