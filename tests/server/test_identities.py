@@ -17,7 +17,7 @@ from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 from medserve.protos.wire import to_raw
 from medserve.server.errors import InvalidSetting, Unauthenticated
-from medserve.server.gate import Gate, certificate_subject, is_loopback_peer
+from medserve.server.gate import Gate, certificate_names, certificate_subject, is_loopback_peer
 from medserve.server.identities import IdentityFile, token_digest
 from medserve.server.ratelimit import RateLimiter
 
@@ -119,6 +119,11 @@ def test_peers_and_certificate_subjects() -> None:
     both = {"x509_subject_alternative_name": [b"gw.ward7.local"], "x509_common_name": [b"CN gw"]}
     assert certificate_subject(both) == "gw.ward7.local"
     assert certificate_subject({"x509_common_name": [b"gw"]}) == "gw" and certificate_subject({}) is None
+    # An identity is looked up by every SAN in the certificate's order (e-mail, IP, URI, DNS
+    # alike), then the CN: the first listed one wins.
+    many = {"x509_subject_alternative_name": [b"ops@ward7.local", b"10.1.2.3", b"spiffe://ward7/gw", b"gw.local"],
+            "x509_common_name": [b"gw"]}
+    assert certificate_names(many) == ["ops@ward7.local", "10.1.2.3", "spiffe://ward7/gw", "gw.local", "gw"]
 
 
 def test_sighup_rotates_tokens_without_a_restart(tmp_path: Path) -> None:
