@@ -103,10 +103,12 @@ def current_identity() -> Identity:
     return ANONYMOUS if call is None else call.identity
 
 
-def audit_request_id(request_id: str) -> str:
-    """The request id as an audit record keeps it: whole up to the cap, else its first
-    `MAX_REQUEST_ID_CHARS` characters and "..." (a refused 1 MiB id must not make a 1 MiB record)."""
-    return request_id if len(request_id) <= MAX_REQUEST_ID_CHARS else request_id[:MAX_REQUEST_ID_CHARS] + "..."
+def audit_text(text: str) -> str:
+    """A caller's text (request id, model name, version) as an audit record keeps it: whole up to
+    `MAX_REQUEST_ID_CHARS`, else its first that many characters and "..." (a refused 1 MiB id
+    or model name must not make a 1 MiB record)."""
+    return text if len(text) <= MAX_REQUEST_ID_CHARS else text[:MAX_REQUEST_ID_CHARS] + "..."
+
 
 
 def check_request_id(request_id: str) -> None:
@@ -295,9 +297,7 @@ class Gate:
             head = _HEAD.FromString(body)
         except DecodeError:
             return
-        model, version, request_id = (_head_text(head, n) for n in fields)
-        call.model, call.version, call.request_id = model[:MAX_REQUEST_ID_CHARS], version[:32], audit_request_id(
-            request_id)
+        call.model, call.version, call.request_id = (_head_text(head, n) for n in fields)
 
     def finish(self, call: Call) -> None:
         """Write the call's audit record (inference, administration, or any refusal)."""
@@ -311,8 +311,8 @@ class Gate:
             return
         self._audit.record(AuditEvent(
             time_unix=self._wall(), identity=call.identity.name, peer=call.peer, rpc=call.rpc, status=call.status,
-            latency_ms=latency_ms, model=call.model, version=call.version,
-            model_sha256=call.model_sha256, rows=call.rows, request_id=call.request_id,
+            latency_ms=latency_ms, model=audit_text(call.model), version=audit_text(call.version),
+            model_sha256=call.model_sha256, rows=call.rows, request_id=audit_text(call.request_id),
         ))
 
     def _flush_tally(self) -> None:

@@ -42,7 +42,6 @@ from .gate import (
     Call,
     StreamItem,
     answer_with_status,
-    audit_request_id,
     check_request_id,
     current_identity,
     retry_hint,
@@ -233,7 +232,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         rpc_name = call.rpc if call is not None else "ModelInfer"
         if call is not None:
             call.model, call.version = request.model_name, request.model_version
-            call.request_id = audit_request_id(request.id)
+            call.request_id = request.id  # the record keeps at most MAX_REQUEST_ID_CHARS of it
         with self._tracing.span(rpc_name, context.invocation_metadata()) as span:
             try:
                 check_request_id(request.id)  # first: the same answer for a forbidden and a missing model
@@ -297,8 +296,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except Exception as exc:  # noqa: BLE001 - reported in-band; the stream stays open
                 code, message = status_for(exc)
                 call.status = code.name
-                echo = call.request_id if len(call.request_id) <= MAX_REQUEST_ID_CHARS else ""
-                failed = pb.ModelInferResponse(model_name=call.model, model_version=call.version, id=echo)
+                failed = pb.ModelInferResponse(model_name=_echo(call.model), model_version=_echo(call.version),
+                                               id=_echo(call.request_id))
                 # The stream message has no status field; the code travels as a parameter.
                 failed.parameters["status_code"].string_param = code.name
                 await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
@@ -413,6 +412,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         raise Unsupported("the logging extension is not supported by medserve")
+
+
+def _echo(text: str) -> str:
+    """A caller's name or id echoed in an in-band error: not one over the cap (it was refused, or
+    would make the answer as large as the question)."""
+    return text if len(text) <= MAX_REQUEST_ID_CHARS else ""
 
 
 def _card_parameters(loaded: LoadedVersion) -> dict[str, str]:

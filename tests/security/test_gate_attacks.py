@@ -155,9 +155,15 @@ def test_a_request_id_over_128_characters_is_refused_without_echo(gated: Any) ->
     assert set(by_id) == {"", "fine"}  # the long id is not echoed
     assert by_id[""].infer_response.parameters["status_code"].string_param == "INVALID_ARGUMENT"
     assert "xxxx" not in by_id[""].error_message and by_id["fine"].error_message == ""
+    long_name = "M-" + "m" * (MIB - 100)  # a caller's model name is capped in its record too
+    code, details = code_of(lambda: stub.ModelInfer(infer_request(long_name, request_id="long-name"),
+                                                    metadata=bearer(tokens["ward"]), timeout=30))
+    assert code == grpc.StatusCode.NOT_FOUND and len(details) <= 1024
     wait_for(lambda: len([r for r in records(log) if r["request_id"].startswith("ID-")]) == 4)
     long_records = [r for r in records(log) if r["request_id"].startswith("ID-")]
     assert all(len(r["request_id"]) <= MAX_REQUEST_ID_CHARS + 3 for r in long_records)
+    wait_for(lambda: any(r["request_id"] == "long-name" for r in records(log)))
+    assert [len(r["model"]) for r in records(log) if r["request_id"] == "long-name"] == [MAX_REQUEST_ID_CHARS + 3]
     assert max(len(line) for line in log.read_text().splitlines()) < 2048
 
 
