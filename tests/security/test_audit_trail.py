@@ -299,9 +299,9 @@ def test_rotation_keeps_the_real_record_however_many_rotations_follow(tmp_path: 
                         audit_max_bytes=1024) as server:
         stub = server.stub()
         stub.ModelInfer(request("the-real-one"), timeout=10)
-        for i in range(200):  # one after another: the writer's batches (every 20 ms) each rotate
+        for i in range(200):  # ten at a time, each ten written before the next: 20 batches, 20 rotations
             stub.ModelInfer(request(f"filler-{i}"), timeout=10)
-            if i % 20 == 0:
+            if i % 10 == 9:
                 wait_for(lambda n=i + 2: server.server.audit.written >= n)
     rotated = list(tmp_path.glob("audit.jsonl.*"))
     assert len(rotated) > 11
