@@ -343,7 +343,10 @@ class AuditLog:
         """Open the log, continue its chain if its last record verifies (else record a break),
         write the start record (a failure leaves the log failing, not the server down), and
         start the writer thread. A log that cannot be opened at all is InvalidSetting."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidSetting(f"--audit-log {self.path}: cannot create its folder ({exc.strerror})") from None
         self._fd = self._open()
         self._chain_onto_tail()
         self._next_checkpoint = self._clock() + self._checkpoint_s
