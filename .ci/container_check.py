@@ -867,8 +867,8 @@ def last_checkpoint(name: str) -> tuple[int, str] | None:
 def check_audit(server: Server, secrets: Secrets, *, min_records: int,
                 checkpoint: tuple[int, str] | None = None) -> None:
     """`medserve audit verify --key` (on the host, with the verifier's copy of the key) of the
-    trail on the container's audit volume; it holds the check's calls (identity and request id)
-    and never the token."""
+    trail on the container's audit volume; it holds the check's calls (identity and request id),
+    and neither it nor the server's log holds the token."""
     assert server.audit_dir is not None
     trail = server.audit_dir / "audit.jsonl"
     if not trail.is_file():
@@ -891,6 +891,9 @@ def check_audit(server: Server, secrets: Secrets, *, min_records: int,
         raise CheckFailed(f"the audit trail does not name the identity {CHECK_IDENTITY!r} and the request id")
     if secrets.token in text:
         raise CheckFailed("the bearer token is in the audit trail")
+    logs = podman("logs", server.name, capture=True, check=False)
+    if secrets.token in logs.stdout + logs.stderr:
+        raise CheckFailed("the bearer token is in the server's log")
     against = f" against the logged checkpoint (count {checkpoint[0]})" if checkpoint else ""
     print(f"    {trail.name}: {len(records)} records, verified with the key{against}: "
           f"{message.splitlines()[-1][:160] if message else ''}")
