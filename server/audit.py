@@ -608,6 +608,7 @@ def verify(path: Path, *, key: bytes | None, checkpoint: tuple[int, str] | None 
     first = True
     mac_failures: list[tuple[str, int, int]] = []  # (where, seq, ordinal)
     at_count: Record | None = None
+    last_kind = ""
     for p in files:
         data = p.read_bytes()
         if not data:
@@ -671,6 +672,7 @@ def verify(path: Path, *, key: bytes | None, checkpoint: tuple[int, str] | None 
             if checkpoint is not None and seq == checkpoint[0]:
                 at_count = record
             result.head = Checkpoint(p.name, seq, record.mac)
+            last_kind = record.kind
     _judge_macs(result, mac_failures, checkpoint)
     if checkpoint is not None:
         count, head = checkpoint
@@ -685,6 +687,11 @@ def verify(path: Path, *, key: bytes | None, checkpoint: tuple[int, str] | None 
                 f"{path}: record {count} is not the checkpoint's head: the log up to the checkpoint was rewritten")
         elif last_seq > count:
             result.notes.append(f"{last_seq - count} records after the checkpoint")
+    if result.head is not None and last_kind != "stop":
+        # Not a fault by itself (a running or killed server has none), but a clean stop always
+        # ends with one, and nobody without the key can write one after cutting records off.
+        result.notes.append("it does not end with a stop record: the server is running, was killed, or the end was "
+                            "cut off (a checkpoint tells)")
     if key is None:
         result.notes.append("MACs NOT checked (no --key): sequence and links only")
     return result
