@@ -6,6 +6,7 @@ certificate alone, whose subject is an identity of its own (it may use `ward` mo
 """
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,3 +141,49 @@ def test_a_forbidden_model_answers_exactly_like_a_missing_one(servers: dict[str,
                 stub.ModelMetadata(pb.ModelMetadataRequest(name=model), metadata=metadata, timeout=30)
             answers.append((info.value.code(), info.value.details().replace(model, "<m>")))
         assert answers[0] == answers[1]
+
+
+IDENTITY = {"none": "anonymous", "bad token": "anonymous", "good token": "ward-token", "other token": "other-token",
+            "admin": "admin-token"}
+
+
+def test_every_call_of_the_matrix_is_audited_as_the_caller_saw_it(repo: Path, tmp_path: Path) -> None:
+    """Every refused call of the matrix (and every audited success) is in the audit trail exactly
+    once with the identity, RPC and status its caller got — the strangers' (no or unknown
+    credentials: `anonymous`) as per-peer, per-second counts, the last of them written at stop.
+    A guard for counting refusals (it held on the code before too, with a line per refusal)."""
+    from collections import Counter
+
+    from medserve.server.audit import keygen  # type: ignore[attr-defined]
+
+    tokens = write_tokens(tmp_path / "identities.json",
+                          {"ward-token": ["ward"], "other-token": ["oth*"], "admin-token": ["*"]})
+    keygen(tmp_path / "audit.key")
+    log = tmp_path / "audit.jsonl"
+    expected: Counter[tuple[str, str, str]] = Counter()
+    with running_server(repo, tokens_file=str(tokens), model_control_mode="explicit", load_models=("*",),
+                        audit_log=str(log), audit_key=str(tmp_path / "audit.key")) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for credential in CREDENTIALS:
+                metadata = () if credential == "none" else (("authorization", f"Bearer {TOKENS[credential]}"),)
+                who = IDENTITY[credential]
+                for model in ("ward", "secret"):
+                    expected[(who, "ModelInfer", _status(lambda m=model, md=metadata: _infer(stub, m, md))[0])] += 1
+                index = _status(lambda md=metadata: stub.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=md,
+                                                             timeout=30))[0]
+                if index != OK:  # a successful index is not audited
+                    expected[(who, "RepositoryIndex", index)] += 1
+                unload = _status(lambda md=metadata: stub.RepositoryModelUnload(
+                    pb.RepositoryModelUnloadRequest(model_name="other"), metadata=md, timeout=30))[0]
+                expected[(who, "RepositoryModelUnload", unload)] += 1
+                if unload == OK:
+                    load = _status(lambda md=metadata: stub.RepositoryModelLoad(
+                        pb.RepositoryModelLoadRequest(model_name="other"), metadata=md, timeout=30))[0]
+                    expected[(who, "RepositoryModelLoad", load)] += 1
+    audited: Counter[tuple[str, str, str]] = Counter()
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if "rpc" in record:
+            audited[(record["identity"], record["rpc"], record["status"])] += record.get("count", 1)
+    assert audited == expected
