@@ -171,3 +171,60 @@ def test_responses_carry_raw_outputs_in_order_with_version_and_sha256() -> None:
     decoded = [from_raw(raw, o.datatype, o.shape) for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)]
     assert decoded[0].tolist() == [[0.25, 0.75]] and decoded[1].tolist() == [b"yes"]
     assert decoded[2].tolist() == [[1.0, 2.0]]  # converted to little-endian on the wire
+
+
+def test_every_budget_is_checked_before_the_first_tensor_is_decoded() -> None:
+    """The header pass refuses on the count, a later tensor's shape or the text budget even when
+    an earlier tensor is malformed: nothing was decoded before the refusal."""
+    from medserve.server.codec import DecodeLimits
+
+    limits = DecodeLimits(tensor_elements=100, bytes_elements=10, bytes_element_size=64, text_bytes=32, inputs=3)
+    many = request()
+    for i in range(4):
+        many.inputs.add(name=f"t{i}", datatype="FP32", shape=[1]).contents.fp32_contents.append(SECRET)
+    with pytest.raises(InvalidInput, match="4 inputs; the server accepts at most 3 per request"):
+        decode_infer_request(many, limits=limits)
+
+    def broken_then(second: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> pb.ModelInferRequest:
+        req = request()
+        req.inputs.add(name="broken", datatype="BYTES", shape=[1])
+        req.raw_input_contents.append(b"\xff\xff\xff\x7f" + b"ab")  # a prefix past the end: a decode error
+        req.inputs.append(second)
+        req.raw_input_contents.append(raw)
+        return req
+
+    big = pb.ModelInferRequest.InferInputTensor(name="big", datatype="FP32", shape=[101])
+    with pytest.raises(InvalidInput, match="'big': shape \\[101\\] has 101 elements"):
+        decode_infer_request(broken_then(big, b"\0" * 404), limits=limits)
+    text = pb.ModelInferRequest.InferInputTensor(name="notes", datatype="BYTES", shape=[2])
+    raw = b"".join(len(t).to_bytes(4, "little") + t for t in (b"a" * 20, b"b" * 20))
+    with pytest.raises(InvalidInput, match="more than 32 bytes of text together.*--max-text-bytes"):
+        decode_infer_request(broken_then(text, raw), limits=limits)
+    dup = broken_then(pb.ModelInferRequest.InferInputTensor(name="broken", datatype="FP32", shape=[1]), b"\0" * 4)
+    with pytest.raises(InvalidInput, match="'broken' is given twice"):
+        decode_infer_request(dup, limits=limits)
+
+
+def test_the_text_budget_counts_every_bytes_tensor_raw_and_typed() -> None:
+    from medserve.server.codec import DecodeLimits
+
+    limits = DecodeLimits(text_bytes=10)
+    fits = request()
+    fits.inputs.add(name="a", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"x" * 5)
+    fits.inputs.add(name="b", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"y" * 5)
+    assert decode_infer_request(fits, limits=limits).inputs["b"][0] == b"yyyyy"
+    over = request()
+    over.inputs.add(name="a", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"x" * 5)
+    over.inputs.add(name="b", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"y" * 6)
+    message = refused_with(over, limits)
+    assert "more than 10 bytes of text" in message and "11" not in message  # the limit, never the size sent
+    raw = request()
+    raw.inputs.add(name="a", datatype="BYTES", shape=[2])
+    raw.raw_input_contents.append(b"\x05\0\0\0xxxxx\x06\0\0\0yyyyyy")
+    assert "more than 10 bytes of text" in refused_with(raw, limits)
+
+
+def refused_with(req: pb.ModelInferRequest, limits: object) -> str:
+    with pytest.raises(InvalidInput) as info:
+        decode_infer_request(req, limits=limits)  # type: ignore[arg-type]
+    return str(info.value)

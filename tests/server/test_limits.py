@@ -16,6 +16,7 @@ from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 from medserve.protos.wire import to_raw
 from medserve.server.config import ServerConfig
+from medserve.server.errors import InvalidSetting
 
 import onnx_models
 from conftest import gated_repository, running_server, wait_for
@@ -101,6 +102,35 @@ def test_tensor_and_bytes_element_caps(repo: Path) -> None:
         assert "a BYTES element is longer than 16 bytes" in info.value.details()
         assert "17" not in info.value.details()
         assert stub.ModelInfer(text(8, size=16), timeout=30).outputs[0].name == "upper"
+
+
+def test_text_and_input_count_budgets_reach_the_server(repo: Path) -> None:
+    """`--max-text-bytes` (ServerConfig.max_text_bytes) refuses naming the flag; the defaults hold a
+    batch of notes and refuse a million strings (the element cap is 65,536 since issue 25)."""
+    assert ServerConfig(repository=str(repo)).max_text_bytes == 8 << 20
+    assert ServerConfig(repository=str(repo)).max_bytes_elements == 1 << 16
+    with pytest.raises(InvalidSetting, match="--max-text-bytes 0: expected >= 1"):
+        ServerConfig(repository=str(repo), max_text_bytes=0)
+    from medserve.server import cli
+
+    args = cli.build_parser().parse_args(["serve", "--repository", str(repo), "--max-text-bytes", "1234"])
+    assert cli._server_config(args).max_text_bytes == 1234
+    default = cli._server_config(cli.build_parser().parse_args(["serve", "--repository", str(repo)]))
+    assert (default.max_text_bytes, default.max_bytes_elements) == (8 << 20, 1 << 16)
+    with running_server(repo, max_text_bytes=40) as server:
+        stub = server.stub()
+        assert stub.ModelInfer(text(2, size=20), timeout=30).outputs[0].name == "upper"
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(text(3, size=20), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "more than 40 bytes of text together" in info.value.details()
+        assert "--max-text-bytes" in info.value.details() and "60" not in info.value.details()
+        many = pb.ModelInferRequest(model_name="affine")
+        for i in range(1025):
+            many.inputs.add(name=f"t{i}", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([0.0] * 4)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(many, timeout=30)
+        assert "1025 inputs; the server accepts at most 1024 per request" in info.value.details()
 
 
 def test_refuse_non_finite_names_the_tensor_and_never_the_value(repo: Path) -> None:
