@@ -20,10 +20,12 @@ import asyncio
 import gzip
 import ipaddress
 import json
+import logging
 import socket
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -34,6 +36,9 @@ from .errors import MedserveError
 from .identities import Identity, IdentityFile, token_digest
 from .layout import is_model_name
 from .repository import ModelRepository
+
+log = logging.getLogger(__name__)
+SERVER_HEADER = {"Server": "medserve"}  # not aiohttp's name and version
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +56,36 @@ class _Unauthorized(Exception):
     """No usable credentials for a path that needs them (401; the message says what to send)."""
 
 
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, but a request it cannot parse is answered with the status's
+    phrase alone and logged as one DEBUG line naming the peer and the kind of error: aiohttp's
+    own answer and its ERROR log line (with a traceback) quote the bytes the client sent."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:  # a bug in the handler (which reads no payload): its traceback
+            log.error("HTTP request failed", exc_info=exc)
+        else:
+            log.debug("HTTP request from %s refused %d (%s)", request.remote, status,
+                      type(exc).__name__ if exc else "malformed")
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had begun: the connection is closed instead")
+        response = web.Response(status=status, text=HTTPStatus(status).phrase, headers=SERVER_HEADER)
+        response.force_close()
+        return response
+
+
 class _BoundedServer(web.Server):
-    """aiohttp's low-level server with a cap on open connections: past it, the oldest is closed."""
+    """aiohttp's low-level server with a cap on open connections (past it, the oldest is closed)
+    and `_Handler` for each connection. It reads aiohttp's `_connections`, `_loop` and `_kwargs`
+    (aiohttp is pinned; tests/security/test_strangers.py covers both behaviours)."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], object], max_connections: int, **kwargs: object) -> None:
         super().__init__(handler, **kwargs)  # type: ignore[arg-type]
         self._max_connections = max_connections
+
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
@@ -68,7 +97,7 @@ class _BoundedServer(web.Server):
 
 def _json(status: int, body: Mapping[str, object], headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json",
-                        headers=headers)
+                        headers={**SERVER_HEADER, **(headers or {})})
 
 
 NOT_FOUND_MODEL = {"error": "no such model"}  # a missing model and one the caller may not use alike
@@ -183,7 +212,7 @@ class HttpEndpoint:
         accept, encoding = request.headers.get("Accept"), request.headers.get("Accept-Encoding", "")
         body, content_type = await asyncio.get_running_loop().run_in_executor(
             self._executor, _render, self._registry, accept, "gzip" in encoding)
-        response = web.Response(body=body, headers={"Content-Type": content_type})
+        response = web.Response(body=body, headers={**SERVER_HEADER, "Content-Type": content_type})
         if "gzip" in encoding:
             response.headers["Content-Encoding"] = "gzip"
         return response
