@@ -162,25 +162,34 @@ def deserialize_bytes(
             raise ValueError(
                 f"BYTES tensor of {count} elements needs at least {count * _LENGTH.size} bytes, got {size}"
             )
+    # The loop runs once per element (65,536 of them at the server's default cap): names bound
+    # locally, elements sliced from bytes (one copy each, no memoryview per element).
+    data = buf if isinstance(buf, bytes) else view.tobytes()
+    unpack = _LENGTH.unpack_from
+    limit = size if max_element_bytes is None else max_element_bytes
+    wanted = size if count is None else count
     elements: list[bytes] = []
+    append = elements.append
     offset = 0
-    while offset < size and (count is None or len(elements) < count):
-        index = len(elements)
-        if size - offset < _LENGTH.size:
-            raise ValueError(f"BYTES element {index}: its 4-byte length prefix is cut off by the end of the tensor")
-        (length,) = _LENGTH.unpack_from(view, offset)
-        start = offset + _LENGTH.size
+    while offset < size and len(elements) < wanted:
+        if size - offset < 4:
+            raise ValueError(
+                f"BYTES element {len(elements)}: its 4-byte length prefix is cut off by the end of the tensor")
+        (length,) = unpack(data, offset)
+        start = offset + 4
+        end = start + length
         # Never the declared length or an offset in a message: a prefix that is not one (a float
         # sent as BYTES, text without prefixes) is payload, and its integer would echo it.
-        if length > size - start:
+        if end > size:
             raise ValueError(
-                f"BYTES element {index}: its length prefix runs past the end of the tensor "
+                f"BYTES element {len(elements)}: its length prefix runs past the end of the tensor "
                 "(each element is a 4-byte little-endian length, then that many bytes)"
             )
-        if max_element_bytes is not None and length > max_element_bytes:
-            raise ValueError(f"BYTES element {index} is longer than {max_element_bytes} bytes, the most accepted")
-        elements.append(bytes(view[start : start + length]))
-        offset = start + length
+        if length > limit:
+            raise ValueError(
+                f"BYTES element {len(elements)} is longer than {max_element_bytes} bytes, the most accepted")
+        append(data[start:end])
+        offset = end
     if count is not None and len(elements) != count:
         raise ValueError(f"BYTES tensor: expected {count} elements, found {len(elements)}")
     if offset != size:

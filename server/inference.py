@@ -65,8 +65,8 @@ class InferResult:
 T = TypeVar("T")
 TOKENIZE_INLINE_CHARS = 4096  # more text than this is tokenized off the event loop ...
 TOKENIZE_INLINE_ROWS = 8  # ... and more rows than this (a million empty strings are seconds of work)
-VALIDATE_INLINE_ELEMENTS = 1 << 16  # inputs of more elements are validated off the event loop ...
-VALIDATE_INLINE_STRINGS = 256  # ... and of more strings (each decoded from UTF-8 in Python)
+VALIDATE_INLINE_ELEMENTS = 1 << 16  # more elements scanned for NaN (refuse_non_finite) off the event loop ...
+VALIDATE_INLINE_STRINGS = 256  # ... and more strings (each decoded from UTF-8 in Python)
 BACKGROUND_PART_S = 8e-3  # a background part's estimated cost at most, on the CPU: callers' batches
 # start beside a running part (and the OS runs them first), so its length delays none of them,
 # while each part costs the event loop its queueing and hand-off (a forest explanation in parts
@@ -124,9 +124,11 @@ class InferenceCore:
     async def _validate(loaded: LoadedVersion, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """The signature's checks; a large request's on a worker thread (strings are decoded one
         by one in Python, a float tensor scanned for NaN)."""
+        signature = loaded.signature
         strings = sum(a.size for a in inputs.values() if a.dtype == object)
-        if strings > VALIDATE_INLINE_STRINGS or sum(a.size for a in inputs.values()) > VALIDATE_INLINE_ELEMENTS:
-            return await asyncio.to_thread(loaded.signature.validate, loaded.label, inputs)
+        scanned = sum(a.size for a in inputs.values()) if signature.refuse_non_finite else 0
+        if strings > VALIDATE_INLINE_STRINGS or scanned > VALIDATE_INLINE_ELEMENTS:
+            return await asyncio.to_thread(signature.validate, loaded.label, inputs)
         return loaded.signature.validate(loaded.label, inputs)
 
     def _admit_explanation(self, loaded: LoadedVersion, request: InferRequest, wanted: tuple[str, ...]) -> None:
