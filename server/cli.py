@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -94,6 +95,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Until the server (or the supervisor) handles SIGHUP, one would kill it: ignored meanwhile,
+    # it loses nothing, since the identities file is read after the handler is in place.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.workers < 1:
         return _refuse(f"--workers {args.workers}: expected >= 1")
     try:

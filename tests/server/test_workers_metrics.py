@@ -128,3 +128,59 @@ def test_draining_finishes_in_flight_work_and_refuses_new(make_repo) -> None:  #
         gate.set()
         assert in_flight.result().model_name == "m"  # accepted work is never lost
         stopping.result(60)
+
+
+def test_sighup_while_workers_start_kills_none_of_them(make_repo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """SIGHUP to the supervisor every 20 ms from the moment it handles one until its workers are ready
+    (an operator's `kill -HUP` racing a start or a restart): the supervisor forwards each, a worker
+    that cannot handle it yet holds it (it starts with SIGHUP blocked), so no process dies and
+    none is restarted. On the code before, the first SIGHUP killed the supervisor."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from credentials import write_tokens
+
+    repo = make_repo(m=onnx_models.affine)
+    tokens = write_tokens(tmp_path / "identities.json", {"t0123456789": ["m"]})
+    ready, log = tmp_path / "ready.json", tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medserve.server.cli", "--log-level", "INFO", "serve", "--repository", str(repo),
+             "--port", "0", "--workers", "2", "--tokens", str(tokens), "--ready-file", str(ready)],
+            stdout=out, stderr=subprocess.STDOUT)
+    def handles_sighup() -> bool:  # SIGHUP (bit 0) ignored or caught, from /proc/<pid>/status
+        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+        return bool((int(fields["SigIgn"], 16) | int(fields["SigCgt"], 16)) & 1)
+
+    try:
+        wait_for(handles_sighup, timeout_s=30)  # Python's own start-up: a SIGHUP there would kill any program
+        deadline = time.monotonic() + 120
+        sent = 0
+        while not ready.exists():
+            assert proc.poll() is None, f"the supervisor died after {sent} SIGHUPs:\n{log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline
+            os.kill(proc.pid, signal.SIGHUP)
+            sent += 1
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGHUP)
+        pids = json.loads(ready.read_text())["workers"]
+        wait_for(lambda: log.read_text().count("identities reloaded") >= 2, timeout_s=10)  # the last one, each
+        text = log.read_text()
+        print(f"{sent} SIGHUPs during start-up; {text.count('identities reloaded')} reloads logged")
+        assert proc.poll() is None and all(os.path.exists(f"/proc/{pid}") for pid in pids)
+        assert "exited" not in text and "restarted" not in text
+        with grpc.insecure_channel(f"127.0.0.1:{json.loads(ready.read_text())['port']}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ModelInfer(affine_request(), metadata=(("authorization", "Bearer t0123456789"),),
+                                   timeout=10).model_name == "m"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
