@@ -47,6 +47,27 @@ class GatedHealthServicer(health_aio.HealthServicer):
 
     async def Watch(self, request: health_pb2.HealthCheckRequest,  # type: ignore[override]
                     context: grpc.aio.ServicerContext) -> None:
-        if not self._allowed(request.service, context):
-            request = health_pb2.HealthCheckRequest(service=_NOBODY)
-        await super().Watch(request, context)
+        service = request.service
+        if not self._allowed(service, context):
+            await super().Watch(health_pb2.HealthCheckRequest(service=_NOBODY), context)
+            return
+        await super().Watch(request, _Rechecked(context, lambda: self._allowed(service, context)))  # type: ignore[arg-type]
+
+
+class _Rechecked:
+    """A Watch stream's context that checks the caller again before each update (a watch lives
+    on; the identities file may change under it): once the caller may no longer use the model,
+    the stream says SERVICE_UNKNOWN, as for a missing name, and nothing more."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, allowed: Callable[[], bool]) -> None:
+        self._context = context
+        self._allowed = allowed
+        self._revoked = False
+
+    async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+        if self._revoked:
+            return
+        if not self._allowed():
+            self._revoked = True
+            response = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        await self._context.write(response)

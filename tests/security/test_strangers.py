@@ -256,3 +256,53 @@ def test_a_malformed_http_request_is_answered_and_logged_without_its_bytes(make_
     for canary in ("CANARY", "4242", "7731", "7777"):
         assert canary not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= 30 and r.name.startswith(("aiohttp", "medserve"))]
+
+
+def test_a_health_watch_says_nothing_more_once_its_caller_is_revoked(make_repo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Alice watches model m's health; her identity is revoked (file rewritten, SIGHUP's reload);
+    the model is then unloaded by an admin. Alice's open watch gets SERVICE_UNKNOWN (as for a
+    missing name), not m's new status; a caller still allowed sees NOT_SERVING."""
+    import queue
+    import threading
+
+    from medserve.protos import grpc_service_pb2 as pb
+
+    repo = make_repo(m=onnx_models.affine)
+    tokens = tmp_path / "identities.json"
+    write_tokens(tokens, {ALICE: ["m"], BOB: ["m"], "ops-token-0123456789": ["*"]})
+    with running_server(repo, tokens_file=str(tokens), model_control_mode="explicit", load_models=("m",)) as srv:
+        seen: dict[str, queue.Queue[int]] = {ALICE: queue.Queue(), BOB: queue.Queue()}
+        channels = [grpc.insecure_channel(srv.target) for _ in seen]
+        streams = []
+        for channel, (token, out) in zip(channels, seen.items(), strict=True):
+            stream = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="m"), metadata=(("authorization", f"Bearer {token}"),),
+                timeout=30)
+            streams.append(stream)
+
+            def read(stream=stream, out=out) -> None:  # type: ignore[no-untyped-def]
+                try:
+                    for response in stream:
+                        out.put(int(response.status))
+                except grpc.RpcError:
+                    pass
+
+            threading.Thread(target=read, daemon=True).start()
+        try:
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert seen[ALICE].get(timeout=10) == serving and seen[BOB].get(timeout=10) == serving
+            write_tokens(tokens, {BOB: ["m"], "ops-token-0123456789": ["*"]})  # alice revoked
+
+            async def reload() -> None:  # what SIGHUP does, on the server's loop
+                srv.server.reload_identities()
+
+            srv.call(reload())
+            srv.stub().RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="m"),
+                                             metadata=(("authorization", "Bearer ops-token-0123456789"),), timeout=30)
+            assert seen[BOB].get(timeout=10) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert seen[ALICE].get(timeout=10) == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN  # old: NOT_SERVING
+        finally:
+            for stream in streams:
+                stream.cancel()
+            for channel in channels:
+                channel.close()
