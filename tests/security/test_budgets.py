@@ -344,3 +344,50 @@ def test_cut_text_of_hard_shapes(stages: tuple[TokenizerStage, TokenizerStage]) 
     cutting.tokenize(np.array([" ".join(NOTE_WORDS * 60_000)] * 8, dtype=object).reshape(-1, 1))
     print(f"8 notes of {len(' '.join(NOTE_WORDS * 60_000)) >> 20} MiB cut and tokenized in "
           f"{time.perf_counter() - started:.3f} s")
+
+
+def trained_tokenizer(family: str) -> str:
+    """A small tokenizer of another family, trained here: ByteLevel BPE (GPT-2, RoBERTa),
+    Metaspace Unigram (SentencePiece: T5, XLM-R), WordPiece over Whitespace."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    corpus = [" ".join(NOTE_WORDS), "病人稳定 心率 正常 e\u0301 İstanbul 😀"] * 50
+    if family == "bytelevel-bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif family == "metaspace-unigram":
+        tokenizer = Tokenizer(models.Unigram())
+        tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<unk>", "<pad>"], unk_token="<unk>")
+    else:
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.Lowercase()
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]", "[PAD]"])
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer.to_str()
+
+
+@pytest.mark.parametrize("family", ["bytelevel-bpe", "metaspace-unigram", "whitespace-wordpiece"])
+def test_cut_text_is_exact_for_other_tokenizer_families(family: str) -> None:
+    """The cut before a space holds for every pre-tokenizer that splits at one (and a Replace
+    normalizer or a ByteLevel without its split regex is never cut)."""
+    tokenizer_json = trained_tokenizer(family)
+    config = TokenizerConfig("tokenizer.json", 16, "longest_first", ("input_ids", "attention_mask"))
+    cutting, whole = TokenizerStage(tokenizer_json, config, 0), TokenizerStage(tokenizer_json, config, 0)
+    whole._rules = None
+    assert cutting.cuts
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(PIECES, min_size=1, max_size=60).map("".join))
+    def exact(text: str) -> None:
+        same_tokens(cutting, whole, [text * (1 + 3000 // max(1, len(text)))])
+
+    exact()
+    spec = json.loads(tokenizer_json)
+    spec["normalizer"] = {"type": "Replace", "pattern": {"String": "  "}, "content": " "}
+    assert not TokenizerStage(json.dumps(spec), config, 0).cuts
