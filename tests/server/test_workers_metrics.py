@@ -184,3 +184,23 @@ def test_sighup_while_workers_start_kills_none_of_them(make_repo, tmp_path: Path
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_metrics_negotiate_openmetrics_and_gzip_as_prometheus_asks(make_repo) -> None:  # type: ignore[no-untyped-def]
+    """What prometheus_client's own WSGI app did and a Prometheus scrape asks for: OpenMetrics by
+    the Accept header, gzip by Accept-Encoding; a plain GET gets the text format uncompressed."""
+    import gzip
+
+    repo = make_repo(m=onnx_models.affine)
+    with running_server(repo, metrics_port=0) as srv:
+        url = f"http://127.0.0.1:{srv.server.metrics_port}/metrics"
+        scrape = urllib.request.Request(url, headers={
+            "Accept-Encoding": "gzip",
+            "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"})
+        with urllib.request.urlopen(scrape, timeout=10) as resp:
+            kind, encoding, body = resp.headers["Content-Type"], resp.headers["Content-Encoding"], resp.read()
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            plain_kind, plain = resp.headers["Content-Type"], resp.read()
+    assert kind.startswith("application/openmetrics-text") and encoding == "gzip"
+    assert gzip.decompress(body).endswith(b"# EOF\n")
+    assert plain_kind.startswith("text/plain") and b'medserve_requests_total{model="m"' in plain
