@@ -385,9 +385,17 @@ class Gate:
                 return
 
             async def items() -> AsyncIterator[StreamItem]:
+                # A stream outlives SIGHUP: each message re-checks that the identity it opened with
+                # is still in the identities file in force (looked up only when the file changed).
+                checked, revoked = self._identities(), False
                 async for body in bodies:
                     item = Call(rpc, call.identity, call.peer, self._clock(), len(body), audited=True)
                     try:
+                        if (known := self._identities()) is not checked:
+                            checked, revoked = known, known is not None and call.identity not in known.identities
+                        if revoked:
+                            raise Unauthenticated("the credentials of this stream were revoked or changed; "
+                                                  "open a new stream")
                         self._admit_message(item)
                         request = await _parse(parse, body, rpc)
                     except MedserveError as exc:
