@@ -105,10 +105,13 @@ def load_key(path: Path) -> bytes:
     value = text.strip()
     if not re.fullmatch(rb"[0-9a-fA-F]{64}", value):
         raise InvalidSetting(f"--audit-key {path}: expected 64 hex digits (as `medserve audit keygen FILE` writes)")
-    mode = path.stat().st_mode
-    if mode & 0o077:
+    st = path.stat()
+    # Group bits are fine when the group is the server's own (a Kubernetes Secret mounted 0440 with
+    # the pod's fsGroup); anyone else who can read the key can rewrite the audit trail.
+    ours = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+    if st.st_mode & 0o007 or (st.st_mode & 0o070 and not ours):
         log.warning("--audit-key %s: readable by others (mode %o): whoever can read it can rewrite the audit trail",
-                    path, stat.S_IMODE(mode))
+                    path, stat.S_IMODE(st.st_mode))
     return bytes.fromhex(value.decode("ascii"))
 
 

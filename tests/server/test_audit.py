@@ -496,3 +496,22 @@ def test_the_cli_needs_a_key_to_serve_or_verify_and_says_what_it_did_not_check(t
     assert structure.returncode == 0 and "MACs NOT checked (no --key)" in structure.stdout
     keyed = cli("audit", "verify", str(log), "--key", str(tmp_path / "k"))
     assert keyed.returncode == 0 and "7 records (5 calls), chain intact" in keyed.stdout
+
+
+@pytest.mark.parametrize(("mode", "group", "warned"), [
+    (0o600, "ours", False),
+    (0o440, "ours", False),  # a Kubernetes Secret mounted 0440 with the pod's fsGroup
+    (0o440, "other", True),
+    (0o604, "ours", True),
+])
+def test_the_key_is_warned_about_when_someone_else_can_read_it(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                              mode: int, group: str, warned: bool) -> None:
+    key = tmp_path / "audit.key"
+    keygen(key)
+    if group == "other":
+        others = [g for g in range(1, 65534) if g != os.getegid() and g not in os.getgroups()]
+        os.chown(key, -1, others[0])
+    os.chmod(key, mode)
+    with caplog.at_level(logging.WARNING, logger="medserve.server.audit"):
+        load_key(key)
+    assert ("readable by others" in caplog.text) is warned
