@@ -47,7 +47,7 @@ from .errors import (
     Unauthenticated,
     Unsupported,
 )
-from .identities import ANONYMOUS, Identity, IdentityFile, token_digest
+from .identities import ANONYMOUS, Identity, IdentityFile, bearer_identity
 from .ratelimit import RateLimiter
 from .refusals import RefusalTally
 
@@ -245,14 +245,7 @@ class Gate:
                 raise Unauthenticated(
                     "bearer tokens are not accepted over plaintext from another host; connect with TLS"
                 )
-            value = header.decode() if isinstance(header, bytes) else header
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
-            identity = identities.by_token.get(token_digest(token.strip()))
-            if identity is None:
-                raise Unauthenticated("unknown bearer token")
-            return identity
+            return bearer_identity(identities, header.decode() if isinstance(header, bytes) else header)
         names = certificate_names(context.auth_context()) if not self._plaintext else []
         if names:
             identity = next((identities.by_certificate[n] for n in names if n in identities.by_certificate), None)

@@ -32,8 +32,8 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from .errors import MedserveError
-from .identities import Identity, IdentityFile, token_digest
+from .errors import MedserveError, Unauthenticated
+from .identities import Identity, IdentityFile, bearer_identity
 from .layout import is_model_name
 from .repository import ModelRepository
 
@@ -189,13 +189,10 @@ class HttpEndpoint:
             raise _Unauthorized("model readiness needs credentials: send 'Authorization: Bearer <token>'")
         if not _is_loopback(request.remote):
             raise _Unauthorized("bearer tokens are not accepted over plaintext from another host")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise _Unauthorized("the Authorization header must be 'Bearer <token>'")
-        identity = identities.by_token.get(token_digest(token.strip()))
-        if identity is None:
-            raise _Unauthorized("unknown bearer token")
-        return identity
+        try:
+            return bearer_identity(identities, header)
+        except Unauthenticated as exc:
+            raise _Unauthorized(str(exc)) from None
 
     def _model_ready(self, name: str, caller: Identity | None) -> web.Response:
         if (not is_model_name(name) or (caller is not None and not caller.may_use(name))

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import InvalidSetting
+from .errors import InvalidSetting, Unauthenticated
 
 FORMAT_VERSION = 1
 TOKEN_BYTES = 32  # 256 bits of randomness: a token cannot be guessed, so its plain SHA-256 is safe
@@ -38,6 +38,18 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def bearer_identity(identities: IdentityFile, authorization: str) -> Identity:
+    """The identity an `authorization: Bearer <token>` value names (gRPC metadata or HTTP header
+    alike), else Unauthenticated saying what is wrong: never the token."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("authorization must be 'Bearer <token>'")
+    identity = identities.by_token.get(token_digest(token.strip()))
+    if identity is None:
+        raise Unauthenticated("unknown bearer token")
+    return identity
 
 
 @dataclass(frozen=True, slots=True)
