@@ -81,7 +81,7 @@ def test_failure_mid_publication_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_unserializable_card_leaves_nothing_behind(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):  # NaN is not JSON
+    with pytest.raises(ExportError, match="model card of 'm': x: .*NaN and Infinity are not JSON"):
         publish(
             tmp_path, "m", version=1, model_bytes=b"g", make_card=lambda v, s: {"x": float("nan")}, config=_config("m")
         )
