@@ -50,6 +50,7 @@ from .errors import (
 from .identities import ANONYMOUS, Identity, IdentityFile, bearer_identity
 from .ratelimit import RateLimiter
 from .refusals import RefusalTally
+from .status import status_code_name, status_for  # the one error table
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # probes: no credentials, no record
@@ -277,8 +278,6 @@ class Gate:
     def _refused(self, call: Call, exc: MedserveError, body: bytes) -> None:
         """Note a refusal decided before the body was parsed: its status, whether it is counted,
         and (for an identified caller) the model, version and id the body names."""
-        from .status import status_code_name  # the one error table
-
         call.status = status_code_name(type(exc))
         call.tally = isinstance(exc, Unauthenticated | AuditBehind)
         if call.tally or isinstance(exc, InvalidInput) or not body:
@@ -315,8 +314,6 @@ class Gate:
 
     async def _refuse(self, context: grpc.aio.ServicerContext, call: Call, exc: MedserveError,
                       body: bytes = b"") -> None:
-        from .status import status_for  # the one error table
-
         counted = isinstance(exc, Unauthenticated | AuditBehind)
         code, message = status_for(exc, logging.DEBUG if counted else logging.INFO)
         if len(body) >= PARSE_IN_THREAD_BYTES and not (counted or isinstance(exc, InvalidInput)):
