@@ -1,10 +1,13 @@
 """Dynamic batching for one model version. Knows numpy and the standard library, nothing of
 protobuf or gRPC.
 
-    policy.py       queued items, `Decision` and the pure `decide` (what runs, when, where)
+    policy.py       queued items and the pure policy: `admit` (a request's arrival: refused, run
+                    now, or queued), `decide` (what runs, when, where), `releasable` (ordering)
     estimators.py   the cost model (execution seconds by work) and the learned crowd size
-    execute.py      concatenate / run / bisect / split one batch; split and join oversized requests
-    driver.py       `Batcher`: the asyncio driver (queue, pump, timers, futures, statistics)
+    execute.py      concatenate / run / bisect / split one batch; split and join oversized requests;
+                    the `Runner` protocol (a batch in, outputs out, and the engine's clock)
+    driver.py       `Batcher`: the asyncio driver (queue, pump, timer, executors, futures,
+                    statistics); every choice it makes is one of the policy's answers
 
 What a batch is: requests whose inputs have the same names, datatypes and non-batch dims (their
 `key`), concatenated along dim 0. A batch never holds more than `max_batch_rows` rows (the sum of
@@ -52,32 +55,45 @@ through the queue.
 Ordering: FIFO within a priority level and key. With `preserve_ordering`, batches release their
 results in the order they were dispatched.
 
-Refusals at `submit`: queue full (`QueueFull`, naming the model and the limit; a split request
-needs room for all its parts); a deadline that cannot be met even if the request ran now
-(`DeadlineExceeded`, never executed); a split request with more parts than the queue can ever
-hold (`InvalidInput`). Before a batch runs, expired requests fail with `DeadlineExceeded` and
+Refusals at `submit` (`admit`'s answers): queue full (`QueueFull`, naming the model and the
+limit, with a retry hint; a split request needs room for all its parts); a deadline that cannot
+be met even if the request ran now (`DeadlineExceeded`, never executed); a priority out of range,
+too many rows, or a split request with more parts than the queue can ever hold (`InvalidInput`).
+Before a batch runs, expired requests fail with `DeadlineExceeded` and
 cancelled ones are dropped; neither ever runs. If a batch fails, it is bisected and re-run so only
 the requests that cause the failure fail. Every future is resolved exactly once on every path.
 """
 from .driver import Batcher, BatcherConfig, BatcherStats, BatchObserver, Clock, Timer, TimerHandle, join_parts
 from .estimators import CostModel, CrowdEstimate, work_of
-from .execute import Outcome, Runner, execute, execution_failure, join_outputs, split_rows
+from .execute import Outcome, RunBatch, Runner, execute, execution_failure, join_outputs, split_rows
 from .policy import (
     BACKGROUND,
+    AdmissionConfig,
+    Admit,
     Arrays,
     BatchRequest,
     CostEstimate,
     Decision,
     PolicyConfig,
     QueuedItem,
+    Refuse,
     RequestTiming,
+    Snapshot,
+    admit,
     compatibility_key,
     decide,
+    has_slot,
+    queue_level,
+    queue_timeout_us,
+    releasable,
+    retry_after_s,
     runs_inline,
 )
 
 __all__ = [
     "BACKGROUND",
+    "Admit",
+    "AdmissionConfig",
     "Arrays",
     "BatchObserver",
     "BatchRequest",
@@ -92,16 +108,25 @@ __all__ = [
     "Outcome",
     "PolicyConfig",
     "QueuedItem",
+    "Refuse",
     "RequestTiming",
+    "RunBatch",
     "Runner",
+    "Snapshot",
     "Timer",
     "TimerHandle",
+    "admit",
     "compatibility_key",
     "decide",
     "execute",
     "execution_failure",
+    "has_slot",
     "join_outputs",
     "join_parts",
+    "queue_level",
+    "queue_timeout_us",
+    "releasable",
+    "retry_after_s",
     "runs_inline",
     "split_rows",
     "work_of",

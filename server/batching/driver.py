@@ -1,35 +1,39 @@
-"""The asyncio driver of one model version's batcher: it owns the queue, asks `policy.decide` what
-to do, starts batches (inline, or on an instance's worker thread through `executor`), records
-what they cost, and resolves every future. No task of its own: it runs as short callbacks (a
-"pump") scheduled when something arrives, finishes, or a timer the policy asked for fires.
+"""The asyncio driver of one model version's batcher: it owns the queue, the timer, the executors
+and the futures, and applies the policy's answers (`policy.admit` when a request arrives,
+`policy.decide` for the queue, `policy.releasable` for finished batches): it starts batches
+(inline, or on an instance's worker thread through `executor`), records what they cost, and
+resolves every future. No task of its own: it runs as short callbacks (a "pump") scheduled when
+something arrives, finishes, or a timer the policy asked for fires.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..config import BatchingConfig, PadSpec, QueuePolicy, TimeoutAction
-from ..errors import DeadlineExceeded, ExecutionError, InvalidInput, ModelNotReady, QueueFull
-from .estimators import CostModel, CrowdEstimate, work_of
-from .execute import Outcome, Padding, Runner, execute, join_outputs, split_rows
+from ..config import BatchingConfig, PadSpec
+from ..errors import DeadlineExceeded, ExecutionError, ModelNotReady
+from .estimators import CostModel, CrowdEstimate
+from .execute import Outcome, Padding, Runner, execute, join_outputs
 from .policy import (
-    BACKGROUND,
     BACKGROUND_LEVEL,
+    AdmissionConfig,
     Arrays,
     BatchRequest,
     Decision,
     PolicyConfig,
     QueuedItem,
+    Refuse,
+    Snapshot,
+    admit,
     batch_work,
-    compatibility_key,
     decide,
+    releasable,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +64,8 @@ class BatcherConfig:
     `batching` None = dynamic batching off (each request runs alone). `split_rows`: a request of
     more rows runs as parts of at most this many (0 = never split). `warmups`: (work, engine
     seconds) pairs measured at load; they seed the cost model. `inline_below_s`: a batch measured
-    to execute faster than this runs on the event loop (a hand-off would cost more)."""
+    to execute faster than this runs on the event loop (a hand-off would cost more). The engine
+    clock the costs are measured with is the runner's own (`Runner.engine_clock`)."""
 
     name: str  # "'sepsis' version 3", for messages
     batching: BatchingConfig | None = None
@@ -83,6 +88,19 @@ class BatcherConfig:
             max_queue_delay_s=cfg.max_queue_delay_us / 1e6,
             preferred_rows=tuple(sorted(p for p in cfg.preferred_batch_sizes if p > 0)),
             inline_below_s=self.inline_below_s,
+        )
+
+    def admission(self) -> AdmissionConfig:
+        policy = self.policy()
+        return AdmissionConfig(
+            name=self.name,
+            policy=policy,
+            batching=self.batching,
+            instances=max(1, self.instances),
+            max_queue_size=self.max_queue_size,
+            split_rows=self.split_rows,
+            batched=policy.max_batch_rows > 0 or self.split_rows > 0,
+            padded_axes={p.input: p.axis for p in self.padding},
         )
 
 
@@ -109,6 +127,10 @@ class _Flight:
     outcome: Outcome | BaseException | None = None
     work: int = 0
     background: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
 
 
 @dataclass(slots=True)
@@ -143,33 +165,33 @@ class Batcher:
         executor: Executor,
         background_executor: Executor | None = None,
         observer: BatchObserver | None = None,
-        engine_clock: Clock | None = None,
     ) -> None:
         self._runner = runner
         self._config = config
         self._name = config.name
-        self._policy = config.policy()
+        self._admission = config.admission()
+        self._policy = self._admission.policy
         self._clock = clock
         self._timer_factory = timer
         self._executor = executor
         self._background_executor = background_executor
         self._observer = observer
         # The engine's own time, read in the thread that executes (see `execute`).
-        self._engine_clock: Clock = engine_clock or getattr(runner, "engine_clock", None) or time.thread_time
-        self._instances = max(1, config.instances)
+        self._engine_clock: Clock = runner.engine_clock
+        self._instances = self._admission.instances
         policy = self._policy
         learns = policy.max_queue_delay_s > 0 and not policy.preferred_rows and policy.max_batch_rows > 0
         self._crowd = CrowdEstimate() if learns else None
         self._cost = CostModel()
         for work, seconds in config.warmups:
             self._cost.observe(work, seconds)
-        self._batched = policy.max_batch_rows > 0 or config.split_rows > 0
         self._background_chunk_rows = policy.max_batch_rows or config.split_rows  # engine calls of a background part
-        self._padded_axes = {p.input: p.axis for p in config.padding}
         self._pad_values = {p.input: (p.axis, p.value) for p in config.padding}
         self._padded_outputs = dict(config.padded_outputs)
         self._queue: list[QueuedItem] = []
-        self._seq = itertools.count()
+        # Every item's future, from admission until it is resolved (queued, running or released).
+        self._futures: dict[QueuedItem, asyncio.Future[Arrays]] = {}
+        self._next_seq = 0
         self._n = _Counters()
         self._flights: collections.deque[_Flight] = collections.deque()  # dispatch order (preserve_ordering)
         self._ordered = config.batching is not None and config.batching.preserve_ordering
@@ -204,6 +226,7 @@ class Batcher:
                 pass
         for item in self._queue:
             self._fail(item, ModelNotReady(f"model {self._name} was unloaded before the request ran"))
+            del self._futures[item]
         self._settle(self._queue)
         self._queue.clear()
         self._cancel_timer()
@@ -234,142 +257,48 @@ class Batcher:
 
     def submit(self, request: BatchRequest) -> asyncio.Future[Arrays]:
         """Queue a request; the future resolves to its outputs (views into the batch's outputs)
-        or to one of the errors in the package docstring."""
+        or to one of the errors in the package docstring (raised here if refused at arrival)."""
         loop = self._loop
         if self._stopping or loop is None:
             raise ModelNotReady(f"model {self._name} is not accepting requests (unloading or stopped)")
-        background = request.priority == BACKGROUND
-        split = self._config.split_rows
-        if 0 < split < request.rows and not background:
-            return self._submit_parts(request, loop)
-        limit = self._policy.max_batch_rows
-        if limit > 0 and request.rows > limit and not background:  # a background part runs in chunks
-            raise InvalidInput(f"model {self._name}: request has {request.rows} rows, more than max_batch_size {limit}")
-        level, policy = self._level(request.priority)
-        now = self._clock()
-        work = work_of(request.inputs)
-        self._check_deadline(request, work, now)
-        item = self._item(request, loop.create_future(), level, policy, now, work)
-        if not self._queue and self._has_slot(level):
-            # An idle batcher asks the policy about this request alone: usually "run it now".
-            # On an instance, that happens at once, without a trip through the queue and the
-            # pump (what arrives meanwhile batches behind it). Inline, it happens at the end of
-            # this loop iteration, from the pump, so that requests decoded in the same iteration
-            # join the batch (unless the model does not batch: then at once, too).
-            decision = decide((item,), now, self._policy, self._cost, self._instances, self._close_at())
-            if decision.run and (not decision.inline or self._policy.max_batch_rows <= 0):
-                self._count_level(level, +1)
-                self._start(decision)
-                return item.future
-        self._check_room(level, policy, 1)
-        self._enqueue(item)
-        return item.future
-
-    def _submit_parts(self, request: BatchRequest, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Arrays]:
-        """Queue an oversized request as parts of at most `split_rows` rows; one joined future."""
-        parts = [replace(request, inputs=p, rows=r) for p, r in split_rows(request.inputs, request.rows, self._config.split_rows)]
-        level, policy = self._level(request.priority)
-        now = self._clock()
-        works = [work_of(p.inputs) for p in parts]
-        self._check_deadline(parts[0], works[0], now)
-        self._check_room(level, policy, len(parts), request.rows)
-        items = [self._item(p, loop.create_future(), level, policy, now, w) for p, w in zip(parts, works, strict=True)]
-        for item in items:
-            self._enqueue(item)
-        return join_parts([it.future for it in items], [p.rows for p in parts], self._name, loop)
-
-    def _check_deadline(self, request: BatchRequest, work: int, now: float) -> None:
-        """Refuse a request that would miss its deadline even if it ran now."""
-        estimate = self._cost.estimate(work)
-        if request.deadline_s is not None and now + estimate > request.deadline_s:
-            raise DeadlineExceeded(
-                f"model {self._name}: deadline cannot be met (estimated execution {estimate * 1e3:.3f} ms, "
-                f"time left {max(0.0, request.deadline_s - now) * 1e3:.3f} ms); request not executed"
-            )
-
-    def _check_room(self, level: int, policy: QueuePolicy, items: int, rows: int = 0) -> None:
-        """Refuse `items` queue entries that do not fit now (QueueFull) or never can (InvalidInput)."""
-        server_cap = self._config.max_queue_size
-        level_limit = policy.max_queue_size  # 0: only the server-wide cap (>= 1) applies
-        cap = min(server_cap, level_limit or server_cap)
-        if items > cap:
-            raise InvalidInput(
-                f"model {self._name}: request has {rows} rows, {items} parts of at most max_batch_size "
-                f"{self._config.split_rows}; the queue holds at most {cap} (send at most "
-                f"{cap * self._config.split_rows} rows)"
-            )
-        if len(self._queue) + items > server_cap or (
-            level_limit and self._n.level_counts.get(level, 0) + items > level_limit
-        ):
-            # The hint: about the time the instances need to work off what is queued.
-            queued_s = sum(self._cost.estimate(it.work) for it in self._queue[:64]) * len(self._queue) / max(
-                1, min(64, len(self._queue))) / self._instances
-            raise QueueFull(f"model {self._name}: queue full ({cap} requests queued); retry later",
-                            retry_after_s=min(1.0, max(0.001, queued_s)))
-
-    def _item(
-        self, request: BatchRequest, future: asyncio.Future[Arrays], level: int, policy: QueuePolicy, now: float,
-        work: int,
-    ) -> QueuedItem:
+        verdict = admit(self._snapshot(), request, self._clock(), self._admission, self._cost)
+        if isinstance(verdict, Refuse):
+            raise verdict.error
+        items = verdict.items
+        self._next_seq += len(items)
         if request.timing is not None:
             request.timing.queued_ns = time.time_ns()
-        length = self._length(request) if self._padded_axes else 0
-        timeout_us = policy.default_timeout_us
-        if request.timeout_us and policy.allow_timeout_override:  # may only shorten the policy's
-            timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
-        return QueuedItem(
-            request=request,
-            future=future,
-            seq=next(self._seq),
-            level=level,
-            enqueued_s=now,
-            timeout_at_s=now + timeout_us / 1e6 if timeout_us else None,
-            delay_on_timeout=policy.timeout_action is TimeoutAction.DELAY,
-            key=request.key if request.key is not None else compatibility_key(
-                request.inputs, self._batched, self._padded_axes),
-            work=work,
-            length=length,
-        )
-
-    def _length(self, request: BatchRequest) -> int:
-        """The request's length along the padded axis (every padded input must agree)."""
-        lengths = {name: request.inputs[name].shape[axis] for name, axis in self._padded_axes.items()
-                   if name in request.inputs}
-        if len(set(lengths.values())) > 1:
-            raise InvalidInput(f"model {self._name}: the padded inputs disagree on their length: {lengths}")
-        return max(1, next(iter(lengths.values()), 1))
-
-    def _enqueue(self, item: QueuedItem) -> None:
-        self._queue.append(item)
-        self._count_level(item.level, +1)
-        if self._has_slot(item.level):  # otherwise the end of a batch pumps
+        futures = [loop.create_future() for _ in items]
+        self._futures.update(zip(items, futures, strict=True))
+        if verdict.run is not None:
+            # An idle batcher's lone request runs now. On an instance, that happens at once,
+            # without a trip through the queue and the pump (what arrives meanwhile batches
+            # behind it); a request the policy would run inline waits in the queue for the pump
+            # at the end of this loop iteration, so that requests decoded meanwhile join it.
+            self._count_level(items[0].level, +1)
+            self._start(verdict.run)
+            return futures[0]
+        for item in items:
+            self._queue.append(item)
+            self._count_level(item.level, +1)
+        if verdict.pump:  # otherwise the end of a batch pumps
             self._schedule_pump()
+        if len(futures) == 1:
+            return futures[0]
+        return join_parts(futures, [it.rows for it in items], self._name, loop)
 
-    def _has_slot(self, level: int) -> bool:
-        """Whether a batch of this level could start now: a caller's needs an instance no
-        caller's batch holds (it runs beside a background part), a background part a free one."""
-        held = self._n.in_flight if level == BACKGROUND_LEVEL else self._callers_in_flight()
-        return held < self._instances
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(
+            queue=self._queue,
+            level_counts=self._n.level_counts,
+            free_slots=self._instances - self._callers_in_flight(),
+            background_in_flight=self._n.background_in_flight,
+            close_at_rows=self._close_at(),
+            next_seq=self._next_seq,
+        )
 
     def _callers_in_flight(self) -> int:
         return self._n.in_flight - self._n.background_in_flight
-
-    def _level(self, priority: int) -> tuple[int, QueuePolicy]:
-        cfg = self._config.batching
-        if priority == BACKGROUND:  # after every caller's request, whatever the model's levels
-            return BACKGROUND_LEVEL, cfg.default_queue_policy if cfg is not None else QueuePolicy()
-        if cfg is None:
-            return 0, QueuePolicy()
-        levels = cfg.priority_levels
-        if levels <= 0:
-            return 0, cfg.default_queue_policy
-        if priority == 0:
-            level = cfg.default_priority_level or levels
-        elif priority > levels:
-            raise InvalidInput(f"model {self._name}: priority {priority} out of range, expected 1..{levels} (0 = default)")
-        else:
-            level = priority
-        return level, cfg.policy_for(level)
 
     def _count_level(self, level: int, delta: int) -> None:
         counts = self._n.level_counts
@@ -400,12 +329,14 @@ class Batcher:
             self._pumping = False
 
     def _pump_until_wait(self) -> None:
+        futures = self._futures
         while True:
             now = self._clock()
+            cancelled = {it for it in self._queue if futures[it].done()}  # by the caller, or a joined part's failure
             decision = decide(
                 self._queue, now, self._policy, self._cost,
                 self._instances - self._callers_in_flight(), self._close_at(),
-                self._n.background_in_flight,
+                self._n.background_in_flight, cancelled,
             )
             settled = decision.expire + decision.drop + decision.run
             if settled:
@@ -414,6 +345,8 @@ class Batcher:
                 self._settle(decision.expire + decision.drop)
             for item in decision.expire:
                 self._fail(item, DeadlineExceeded(f"model {self._name}: request expired in the queue; not executed"))
+            for item in decision.expire + decision.drop:
+                del futures[item]
             if decision.run:
                 self._start(decision)
                 continue
@@ -489,14 +422,9 @@ class Batcher:
 
     def _finished(self) -> None:
         """Release finished batches (in dispatch order with preserve_ordering) and pump."""
-        flights = self._flights
-        blocked = False  # with ordering: a caller's batch still running holds back those after it
-        for flight in list(flights):  # at most two per instance
-            if flight.outcome is None:
-                blocked = blocked or (self._ordered and not flight.background)
-            elif flight.background or not blocked:  # ordering is among callers' batches only
-                flights.remove(flight)
-                self._release(flight)
+        for flight in releasable(self._flights, self._ordered):  # at most two per instance
+            self._flights.remove(flight)
+            self._release(flight)
         if self._queue:
             self._schedule_pump()
         self._check_drained()
@@ -507,11 +435,13 @@ class Batcher:
         self._n.background_in_flight -= flight.background
         self._n.in_flight_requests -= len(items)
         self._n.executed += 1
+        futures = [self._futures.pop(it) for it in items]
         if not isinstance(outcome, Outcome):
             log.error("model %s: batch of %d requests failed outside the runtime", self._name, len(items),
                       exc_info=outcome)
-            for item in items:
-                self._fail(item, ExecutionError(f"model {self._name}: batch failed: {type(outcome).__name__}"))
+            for future in futures:
+                if not future.done():
+                    future.set_exception(ExecutionError(f"model {self._name}: batch failed: {type(outcome).__name__}"))
             return
         rows = sum(it.rows for it in items)
         self._n.work_requested += sum(it.work for it in items)
@@ -523,20 +453,20 @@ class Batcher:
                 rows, [int((flight.started_s - it.enqueued_s) * 1e9) for it in items],
                 int(outcome.input_s * 1e9), int(outcome.infer_s * 1e9), int(outcome.output_s * 1e9),
             )
-        for item, result in zip(items, outcome.outputs, strict=True):
+        for item, future, result in zip(items, futures, outcome.outputs, strict=True):
             if item.request.timing is not None:
                 item.request.timing.finished_ns = time.time_ns()
-            if item.future.done():
+            if future.done():
                 continue
             if isinstance(result, BaseException):
-                item.future.set_exception(result)
+                future.set_exception(result)
             else:
-                item.future.set_result(result)
+                future.set_result(result)
 
-    @staticmethod
-    def _fail(item: QueuedItem, error: BaseException) -> None:
-        if not item.future.done():
-            item.future.set_exception(error)
+    def _fail(self, item: QueuedItem, error: BaseException) -> None:
+        future = self._futures[item]
+        if not future.done():
+            future.set_exception(error)
 
 
 def join_parts(

@@ -24,9 +24,19 @@ Arrays = Mapping[str, np.ndarray]
 Clock = Callable[[], float]
 
 
+RunBatch = Callable[[Arrays], Arrays]
+
+
 class Runner(Protocol):
     """Executes one batch: input name -> array in, output name -> array out. Called in a worker
-    thread (onnxruntime releases the GIL while it runs) or, for cheap batches, on the event loop."""
+    thread (onnxruntime releases the GIL while it runs) or, for cheap batches, on the event loop.
+
+    `engine_clock` is how the engine's own time is read in the executing thread, for the cost
+    model: thread CPU time when the engine runs the whole batch on that thread, wall time when
+    other threads or a device do the work (`runtime.OnnxModel` chooses)."""
+
+    @property
+    def engine_clock(self) -> Clock: ...
 
     def __call__(self, inputs: Arrays) -> Arrays: ...
 
@@ -92,7 +102,7 @@ def concatenate(members: Sequence[Arrays], padding: Padding | None = None) -> di
     return out
 
 
-def execute(runner: Runner, members: Sequence[Arrays], rows: Sequence[int], name: str, engine_clock: Clock,
+def execute(runner: RunBatch, members: Sequence[Arrays], rows: Sequence[int], name: str, engine_clock: Clock,
             padding: Padding | None = None, chunk_rows: int = 0) -> Outcome:
     """Concatenate (padding where declared), run and split one batch; on failure bisect so only
     culprits fail. `chunk_rows` > 0: a batch of more rows runs as consecutive engine calls of at
@@ -103,7 +113,7 @@ def execute(runner: Runner, members: Sequence[Arrays], rows: Sequence[int], name
     return outcome
 
 
-def _chunked(runner: Runner, chunk_rows: int, total: int, name: str) -> Runner:
+def _chunked(runner: RunBatch, chunk_rows: int, total: int, name: str) -> RunBatch:
     """`runner` over consecutive slices of at most `chunk_rows` rows, outputs joined."""
     if total <= chunk_rows:
         return runner
@@ -118,7 +128,7 @@ def _chunked(runner: Runner, chunk_rows: int, total: int, name: str) -> Runner:
 
 
 def _run_group(
-    runner: Runner, members: list[Arrays], rows: list[int], name: str, clock: Clock, outcome: Outcome,
+    runner: RunBatch, members: list[Arrays], rows: list[int], name: str, clock: Clock, outcome: Outcome,
     padding: Padding | None = None,
 ) -> list[Arrays | BaseException]:
     t0 = clock()

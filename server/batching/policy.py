@@ -1,19 +1,29 @@
-"""The batching policy as a pure step function: given the queue, `now`, the measured costs and the
-free instances, `decide` answers what happens next — which items expire or are dropped, which
-group runs now and where (inline on the event loop, or on an instance's worker thread), or how
-long to wait. No event loop, no clock, no I/O: tested with explicit times.
+"""The batching policy as two pure functions: no event loop, no clock, no futures, no I/O; both
+tested with explicit times.
 
-Every outcome of batching is one of `decide`'s answers, including the one for a lone request on
-an idle batcher (the driver asks `decide` about a queue of one before queueing it).
+`admit` answers a request's arrival: refused (and why: queue full with a retry hint, a deadline
+that cannot be met, a priority out of range, too many rows), or accepted as queue items (the
+request, or its parts when it is split), which run at once on an idle batcher or are queued.
+`decide` answers what happens next to the queue: which items expire or are dropped (the driver
+hands it those the callers cancelled), which group runs now and where (inline on the event
+loop, or on an instance's worker thread), or how long to wait. `releasable` says which finished
+batches may hand their results back (`preserve_ordering`).
+
+Every outcome of batching is one of these answers; the driver (`driver.py`) only applies them
+to its queue, timer, executors and futures.
 """
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol, TypeVar
 
 import numpy as np
+
+from ..config import BatchingConfig, QueuePolicy, TimeoutAction
+from ..errors import DeadlineExceeded, InvalidInput, QueueFull
+from .estimators import work_of
+from .execute import split_rows
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -54,10 +64,10 @@ class BatchRequest:
 class QueuedItem:
     """A request in the queue: its level (1 = highest priority), arrival time, REJECT/DELAY queue
     timeout, compatibility key (requests of one key may share a batch) and work (input
-    elements: what the cost model is keyed by)."""
+    elements: what the cost model is keyed by). Its future is the driver's, never the policy's
+    (items compare and hash by identity: the driver maps them to their futures)."""
 
     request: BatchRequest
-    future: asyncio.Future[Arrays]
     seq: int
     level: int
     enqueued_s: float
@@ -134,14 +144,28 @@ def runs_inline(work: int, cfg: PolicyConfig, cost: CostEstimate) -> bool:
     return cost.measured(work) and cost.estimate(work) < cfg.inline_below_s
 
 
+def has_slot(level: int, free_slots: int, background_in_flight: int) -> bool:
+    """Whether a batch of `level` could start now. `free_slots` counts the instances no caller's
+    batch holds; a caller's batch needs one (it starts beside a running background part: a
+    caller never waits behind the server's own work), a background part a truly free one."""
+    if level == BACKGROUND_LEVEL:
+        return free_slots - background_in_flight > 0
+    return free_slots > 0
+
+
 def _rank(item: QueuedItem, now: float) -> tuple[bool, int, int]:
     delayed = item.delay_on_timeout and item.timeout_at_s is not None and item.timeout_at_s <= now
     return (delayed, item.level, item.seq)
 
 
+def _misses_deadline(deadline: float | None, work: int, now: float, cost: CostEstimate) -> bool:
+    """Whether work started now would finish after `deadline` (the rule for refusing a request at
+    arrival and for expiring it in the queue)."""
+    return deadline is not None and now + cost.estimate(work) > deadline
+
+
 def _must_expire(item: QueuedItem, now: float, cost: CostEstimate) -> bool:
-    deadline = item.request.deadline_s
-    if deadline is not None and now + cost.estimate(item.work) > deadline:
+    if _misses_deadline(item.request.deadline_s, item.work, now, cost):
         return True
     return (not item.delay_on_timeout) and item.timeout_at_s is not None and item.timeout_at_s <= now
 
@@ -210,18 +234,18 @@ def decide(
     free_slots: int,
     close_at_rows: int | None = None,
     background_in_flight: int = 0,
+    cancelled: Collection[QueuedItem] = frozenset(),
 ) -> Decision:
     """Pure batching policy (see the package docstring for the contract). `close_at_rows` is the
     crowd a batch closes at when no preferred sizes are configured (None: wait for the row
     limit or the delay). `free_slots` counts the instances no caller's batch holds; of those,
-    `background_in_flight` run background parts: a caller's batch may start beside one (a
-    caller never waits behind the server's own work), a background part only on a truly free
-    instance."""
+    `background_in_flight` run background parts (`has_slot`). `cancelled`: the queued items
+    whose callers went away (or that a stop resolved); they are dropped, never run."""
     expire: list[QueuedItem] = []
     drop: list[QueuedItem] = []
     live: list[QueuedItem] = []
     for item in queue:
-        if item.future.done():  # cancelled by the caller (or resolved by a stop)
+        if cancelled and item in cancelled:
             drop.append(item)
         elif _must_expire(item, now, cost):
             expire.append(item)
@@ -258,9 +282,9 @@ def decide(
         else:
             wake_at = min(wake_at, ready_at)
 
-    if best is not None and best[1][0].level == BACKGROUND_LEVEL and free_slots - background_in_flight <= 0:
-        best = None  # a background part waits for a truly free instance (a finished batch pumps)
-    if best is not None and free_slots > 0:
+    # A ready batch runs if an instance can take it (a background part may wait for a truly free
+    # one: the end of a batch pumps).
+    if best is not None and has_slot(best[1][0].level, free_slots, background_in_flight):
         work = batch_work(best[1])
         return Decision(run=tuple(best[1]), inline=runs_inline(work, cfg, cost), expire=tuple(expire),
                         drop=tuple(drop))
@@ -269,3 +293,226 @@ def decide(
         wake_at = min((_start_by(it, it.work, cost) for it in live), default=float("inf"))
     wait = None if wake_at == float("inf") else max(0.0, wake_at - now)
     return Decision(expire=tuple(expire), drop=tuple(drop), wait_s=wait)
+
+
+# -- admission ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """What `admit` needs of a batcher's configuration, derived once (`BatcherConfig.admission`).
+
+    `batching` None = dynamic batching off (one level, the default queue policy). `split_rows` > 0:
+    a caller's request of more rows is queued as parts of at most that many. `batched`: requests
+    carry a batch dim (their key ignores it). `padded_axes`: input -> the axis padded batching pads."""
+
+    name: str  # "'sepsis' version 3", for messages
+    policy: PolicyConfig
+    batching: BatchingConfig | None = None
+    instances: int = 1
+    max_queue_size: int = 4096
+    split_rows: int = 0
+    batched: bool = False
+    padded_axes: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The batcher as admission sees it when a request arrives: the queue (arrival order), the
+    queued items per level, the instances no caller's batch holds and how many of those run
+    background parts, the learned crowd (`decide`'s `close_at_rows`) and the next sequence number."""
+
+    queue: Sequence[QueuedItem] = ()
+    level_counts: Mapping[int, int] = field(default_factory=dict)
+    free_slots: int = 1
+    background_in_flight: int = 0
+    close_at_rows: int | None = None
+    next_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """Accepted: `items` (the request, or its parts in order) are the driver's to give futures.
+    `run` set: a lone request on an idle batcher runs now as this decision, without a trip
+    through the queue. Otherwise the items are queued, and `pump` says a batch of their level
+    could start now (else the end of a running batch pumps)."""
+
+    items: tuple[QueuedItem, ...]
+    run: Decision | None = None
+    pump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Refused at arrival with the error the caller gets; nothing was queued or run."""
+
+    error: InvalidInput | DeadlineExceeded | QueueFull
+
+
+def admit(snapshot: Snapshot, request: BatchRequest, now: float, config: AdmissionConfig,
+          cost: CostEstimate) -> Admit | Refuse:
+    """A request's arrival (see the package docstring for the refusals). Checked in this order:
+    rows (a caller's request over `split_rows` is split instead), priority, deadline (refused if
+    it would be missed even if the request ran now), the padded inputs' length; then an idle
+    batcher asks `decide` about the request alone (run now unless it would run inline on a
+    batching model: it then waits for the end of this loop iteration so that requests decoded
+    meanwhile join it); else there must be room in the queue."""
+    try:
+        if 0 < config.split_rows < request.rows and request.priority != BACKGROUND:
+            return _admit_parts(snapshot, request, now, config, cost)
+        return _admit_one(snapshot, request, now, config, cost)
+    except (InvalidInput, DeadlineExceeded, QueueFull) as error:
+        return Refuse(error)
+
+
+def _admit_one(snapshot: Snapshot, request: BatchRequest, now: float, config: AdmissionConfig,
+               cost: CostEstimate) -> Admit:
+    limit = config.policy.max_batch_rows
+    if limit > 0 and request.rows > limit and request.priority != BACKGROUND:  # a background part runs in chunks
+        raise InvalidInput(f"model {config.name}: request has {request.rows} rows, more than max_batch_size {limit}")
+    level, queue_policy = queue_level(request.priority, config)
+    work = work_of(request.inputs)
+    _check_deadline(request, work, now, config.name, cost)
+    item = _item(request, snapshot.next_seq, level, queue_policy, now, work, config)
+    free, background = snapshot.free_slots, snapshot.background_in_flight
+    if not snapshot.queue and has_slot(level, free, background):
+        decision = decide((item,), now, config.policy, cost, free, snapshot.close_at_rows, background)
+        if decision.run and (not decision.inline or limit <= 0):
+            return Admit((item,), run=decision)
+    _check_room(snapshot, level, queue_policy, 1, config, cost)
+    return Admit((item,), pump=has_slot(level, free, background))
+
+
+def _admit_parts(snapshot: Snapshot, request: BatchRequest, now: float, config: AdmissionConfig,
+                 cost: CostEstimate) -> Admit:
+    """An oversized request as parts of at most `split_rows` rows, queued together in order; it
+    needs room for all of them (and is refused if the queue could never hold them)."""
+    parts = [replace(request, inputs=p, rows=r) for p, r in split_rows(request.inputs, request.rows, config.split_rows)]
+    level, queue_policy = queue_level(request.priority, config)
+    works = [work_of(p.inputs) for p in parts]
+    _check_deadline(parts[0], works[0], now, config.name, cost)
+    _check_room(snapshot, level, queue_policy, len(parts), config, cost, request.rows)
+    items = tuple(_item(p, snapshot.next_seq + i, level, queue_policy, now, w, config)
+                  for i, (p, w) in enumerate(zip(parts, works, strict=True)))
+    return Admit(items, pump=has_slot(level, snapshot.free_slots, snapshot.background_in_flight))
+
+
+def queue_level(priority: int, config: AdmissionConfig) -> tuple[int, QueuePolicy]:
+    """A request's priority as its queue level (1 = highest) and that level's queue policy.
+    Priority 0 is the model's default level; `BACKGROUND` ranks after every caller's level."""
+    cfg = config.batching
+    if priority == BACKGROUND:
+        return BACKGROUND_LEVEL, cfg.default_queue_policy if cfg is not None else QueuePolicy()
+    if cfg is None:
+        return 0, QueuePolicy()
+    levels = cfg.priority_levels
+    if levels <= 0:
+        return 0, cfg.default_queue_policy
+    if priority == 0:
+        level = cfg.default_priority_level or levels
+    elif priority > levels:
+        raise InvalidInput(f"model {config.name}: priority {priority} out of range, expected 1..{levels} (0 = default)")
+    else:
+        level = priority
+    return level, cfg.policy_for(level)
+
+
+def queue_timeout_us(request: BatchRequest, policy: QueuePolicy) -> int:
+    """The request's queue timeout (0 = none): the policy's, which the caller's own `timeout_us`
+    may only shorten, and only where the policy allows an override."""
+    timeout_us = policy.default_timeout_us
+    if request.timeout_us and policy.allow_timeout_override:
+        timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
+    return timeout_us
+
+
+def retry_after_s(queue: Sequence[QueuedItem], cost: CostEstimate, instances: int) -> float:
+    """The hint a queue-full refusal carries: about the time the instances need to work off what
+    is queued (estimated from at most 64 queued items), between 1 ms and 1 s."""
+    sample = queue[:64]
+    queued_s = sum(cost.estimate(it.work) for it in sample) * len(queue) / max(1, len(sample)) / max(1, instances)
+    return min(1.0, max(0.001, queued_s))
+
+
+def _check_deadline(request: BatchRequest, work: int, now: float, name: str, cost: CostEstimate) -> None:
+    """Refuse a request that would miss its deadline even if it ran now (`decide` would expire it)."""
+    deadline = request.deadline_s
+    if deadline is not None and _misses_deadline(deadline, work, now, cost):
+        estimate = cost.estimate(work)
+        raise DeadlineExceeded(
+            f"model {name}: deadline cannot be met (estimated execution {estimate * 1e3:.3f} ms, "
+            f"time left {max(0.0, deadline - now) * 1e3:.3f} ms); request not executed"
+        )
+
+
+def _check_room(snapshot: Snapshot, level: int, policy: QueuePolicy, items: int, config: AdmissionConfig,
+                cost: CostEstimate, rows: int = 0) -> None:
+    """Refuse `items` queue entries that do not fit now (QueueFull) or never can (InvalidInput)."""
+    server_cap = config.max_queue_size
+    level_limit = policy.max_queue_size  # 0: only the server-wide cap (>= 1) applies
+    cap = min(server_cap, level_limit or server_cap)
+    if items > cap:
+        raise InvalidInput(
+            f"model {config.name}: request has {rows} rows, {items} parts of at most max_batch_size "
+            f"{config.split_rows}; the queue holds at most {cap} (send at most {cap * config.split_rows} rows)"
+        )
+    queue = snapshot.queue
+    if len(queue) + items > server_cap or (level_limit and snapshot.level_counts.get(level, 0) + items > level_limit):
+        raise QueueFull(f"model {config.name}: queue full ({cap} requests queued); retry later",
+                        retry_after_s=retry_after_s(queue, cost, config.instances))
+
+
+def _item(request: BatchRequest, seq: int, level: int, policy: QueuePolicy, now: float, work: int,
+          config: AdmissionConfig) -> QueuedItem:
+    timeout_us = queue_timeout_us(request, policy)
+    padded = config.padded_axes
+    return QueuedItem(
+        request=request,
+        seq=seq,
+        level=level,
+        enqueued_s=now,
+        timeout_at_s=now + timeout_us / 1e6 if timeout_us else None,
+        delay_on_timeout=policy.timeout_action is TimeoutAction.DELAY,
+        key=request.key if request.key is not None else compatibility_key(request.inputs, config.batched, padded),
+        work=work,
+        length=_length(request, padded, config.name) if padded else 0,
+    )
+
+
+def _length(request: BatchRequest, padded_axes: Mapping[str, int], name: str) -> int:
+    """The request's length along the padded axis (every padded input must agree)."""
+    lengths = {n: request.inputs[n].shape[axis] for n, axis in padded_axes.items() if n in request.inputs}
+    if len(set(lengths.values())) > 1:
+        raise InvalidInput(f"model {name}: the padded inputs disagree on their length: {lengths}")
+    return max(1, next(iter(lengths.values()), 1))
+
+
+# -- releasing results ----------------------------------------------------------------------------
+
+
+class Flight(Protocol):
+    """A dispatched batch as `releasable` sees it."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    @property
+    def background(self) -> bool: ...
+
+
+F = TypeVar("F", bound=Flight)
+
+
+def releasable(flights: Sequence[F], ordered: bool) -> list[F]:
+    """The finished batches (of `flights`, in dispatch order) whose results may be handed back now:
+    all of them; with `preserve_ordering` (`ordered`), only those that no caller's batch
+    dispatched before and still running holds back. Ordering is among callers' batches only: a
+    background part neither waits nor holds anyone back."""
+    ready: list[F] = []
+    blocked = False
+    for flight in flights:
+        if not flight.finished:
+            blocked = blocked or (ordered and not flight.background)
+        elif flight.background or not blocked:
+            ready.append(flight)
+    return ready

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +22,8 @@ KEY = ("x", "<f4", (2,))
 
 class GatedRunner:
     """Doubles x; records each batch's rows; blocks while the gate is closed; fails on NaN."""
+
+    engine_clock = staticmethod(time.thread_time)
 
     def __init__(self) -> None:
         self.gate = threading.Event()
@@ -440,9 +443,10 @@ def test_a_fixed_signature_gives_every_valid_request_one_batching_key() -> None:
 
 
 class ThreadRecorder:
-    """A fast runner that records which thread ran each batch."""
+    """A fast runner that records which thread ran each batch; its engine clock is the test's."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine_clock) -> None:  # type: ignore[no-untyped-def]
+        self.engine_clock = engine_clock
         self.threads: list[int] = []
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -462,9 +466,9 @@ def ticking(step_s: float):  # type: ignore[no-untyped-def]
 
 
 async def test_a_cheap_measured_request_runs_inline_and_a_larger_one_on_an_instance() -> None:
-    runner = ThreadRecorder()
+    runner = ThreadRecorder(ticking(5e-6))
     batcher = await started(runner, BatchingConfig(max_batch_rows=64), inline_below_s=100e-6,
-                            warmups=((2, 10e-6), (16, 40e-6)), engine_clock=ticking(5e-6))
+                            warmups=((2, 10e-6), (16, 40e-6)))
     out = await batcher.submit(request(1.0))  # work 2: measured, 10 µs
     assert np.array_equal(out["y"], np.full((1, 2), 2.0, np.float32))
     assert runner.threads == [threading.get_ident()]  # on the event loop: no hand-off
@@ -475,9 +479,9 @@ async def test_a_cheap_measured_request_runs_inline_and_a_larger_one_on_an_insta
 
 
 async def test_a_batch_measured_slower_than_the_bound_moves_off_the_event_loop() -> None:
-    runner = ThreadRecorder()
+    runner = ThreadRecorder(ticking(300e-6))  # each run: 300 µs
     batcher = await started(runner, BatchingConfig(max_batch_rows=64), inline_below_s=100e-6,
-                            warmups=((2, 10e-6),), engine_clock=ticking(300e-6))  # each run: 300 µs
+                            warmups=((2, 10e-6),))
     await batcher.submit(request(1.0))  # estimated 10 µs: inline, measured ~300 µs
     for _ in range(12):  # the estimate follows the measurements past the bound
         await batcher.submit(request(1.0))
@@ -489,6 +493,8 @@ async def test_a_batch_measured_slower_than_the_bound_moves_off_the_event_loop()
 class BackgroundGate:
     """Doubles x; a batch holding the value 7 (a background part here) blocks until the gate
     opens; records the thread names and how many parts ran at once."""
+
+    engine_clock = staticmethod(time.thread_time)
 
     def __init__(self) -> None:
         self.gate = threading.Event()

@@ -1,28 +1,41 @@
-"""The batching policy as a pure function: explicit queues and explicit `now`, no event loop
-running, no clock."""
+"""The batching policy as pure functions: explicit queues and explicit `now`, no event loop, no
+clock, no futures (`decide` is handed the cancelled items; `admit` a snapshot of the batcher)."""
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from medserve.server.batching import BatchRequest, CostModel, CrowdEstimate, PolicyConfig, QueuedItem, decide, work_of
+from medserve.server.batching import (
+    BACKGROUND,
+    AdmissionConfig,
+    Admit,
+    BatchRequest,
+    CostModel,
+    CrowdEstimate,
+    PolicyConfig,
+    QueuedItem,
+    Refuse,
+    Snapshot,
+    admit,
+    decide,
+    has_slot,
+    queue_level,
+    queue_timeout_us,
+    releasable,
+    retry_after_s,
+    work_of,
+)
+from medserve.server.config import BatchingConfig, QueuePolicy, TimeoutAction
+from medserve.server.errors import DeadlineExceeded, InvalidInput, QueueFull
 
 KEY_A = ("x", "<f4", (4,))
 KEY_B = ("x", "<f4", (8,))
 
 
 @pytest.fixture
-def loop() -> asyncio.AbstractEventLoop:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
-def item(loop: asyncio.AbstractEventLoop) -> Callable[..., QueuedItem]:
+def item() -> Callable[..., QueuedItem]:
     """item(seq, at, rows=1, key=KEY_A, level=0, deadline=None, timeout_at=None, delay=False)"""
 
     def make(
@@ -36,7 +49,7 @@ def item(loop: asyncio.AbstractEventLoop) -> Callable[..., QueuedItem]:
         delay: bool = False,
     ) -> QueuedItem:
         request = BatchRequest(inputs={"x": np.zeros((rows, 4), np.float32)}, rows=rows, key=key, deadline_s=deadline)
-        return QueuedItem(request, loop.create_future(), seq, level, at, timeout_at, delay, key, work_of(request.inputs))
+        return QueuedItem(request, seq, level, at, timeout_at, delay, key, work_of(request.inputs))
 
     return make
 
@@ -55,6 +68,7 @@ class FixedCost:
 
 
 no_cost = FixedCost(0.0)
+unmeasured = FixedCost(0.0, largest=0)  # nothing measured: never runs inline
 
 
 def seqs(items: tuple[QueuedItem, ...]) -> list[int]:
@@ -227,8 +241,7 @@ def test_batch_closes_early_for_a_deadline(item) -> None:
 
 def test_cancelled_requests_are_dropped(item) -> None:
     q = [item(0, 0.0), item(1, 0.0)]
-    q[0].future.cancel()
-    d = decide(q, 0.0, PolicyConfig(max_batch_rows=8), no_cost, free_slots=1)
+    d = decide(q, 0.0, PolicyConfig(max_batch_rows=8), no_cost, free_slots=1, cancelled={q[0]})
     assert seqs(d.drop) == [0] and seqs(d.run) == [1]
 
 
@@ -350,6 +363,187 @@ def test_a_batch_is_costed_by_its_work_not_its_rows(item) -> None:
     assert seqs(decide([short], 0.0, cfg, cost, free_slots=1).run) == [0]
     long = QueuedItem(
         BatchRequest(inputs={"x": np.zeros((1, 64), np.float32)}, rows=1, key=KEY_A, deadline_s=0.010),
-        short.future.get_loop().create_future(), 1, 0, 0.0, None, False, KEY_A, 64,
+        1, 0, 0.0, None, False, KEY_A, 64,
     )
     assert seqs(decide([long], 0.0, cfg, cost, free_slots=1).expire) == [1]  # 16 ms > 10 ms
+
+
+# -- admission: a request's arrival, against an explicit snapshot of the batcher -----------------
+
+def admission(max_batch_rows: int = 8, **kw: object) -> AdmissionConfig:
+    """An AdmissionConfig for "'m' version 1"; `kw` holds its fields (policy fields go to PolicyConfig)."""
+    policy_fields = {k: kw.pop(k) for k in ("max_queue_delay_s", "preferred_rows", "inline_below_s") if k in kw}
+    policy = PolicyConfig(max_batch_rows=max_batch_rows, **policy_fields)  # type: ignore[arg-type]
+    kw.setdefault("batching", BatchingConfig(max_batch_rows=max_batch_rows) if max_batch_rows else None)
+    return AdmissionConfig("'m' version 1", policy, batched=True, **kw)  # type: ignore[arg-type]
+
+
+def arrival(rows: int = 1, **kw: object) -> BatchRequest:
+    return BatchRequest(inputs={"x": np.zeros((rows, 4), np.float32)}, rows=rows, key=KEY_A, **kw)  # type: ignore[arg-type]
+
+
+def admitted(verdict: Admit | Refuse) -> Admit:
+    assert isinstance(verdict, Admit), verdict
+    return verdict
+
+
+def refused(verdict: Admit | Refuse) -> Exception:
+    assert isinstance(verdict, Refuse), verdict
+    return verdict.error
+
+
+def test_an_idle_batcher_runs_a_lone_request_at_once_and_a_busy_one_queues_it(item) -> None:
+    cfg = admission()
+    now = admitted(admit(Snapshot(next_seq=7), arrival(), 1.0, cfg, unmeasured))
+    assert now.run is not None and now.run.run == now.items and not now.run.inline and seqs(now.items) == [7]
+    assert now.items[0].enqueued_s == 1.0 and now.items[0].work == 4
+    busy = admitted(admit(Snapshot(free_slots=0), arrival(), 1.0, cfg, no_cost))
+    assert busy.run is None and not busy.pump  # queued; the end of the running batch pumps
+    behind = admitted(admit(Snapshot(queue=[item(0, 0.5)]), arrival(), 1.0, cfg, no_cost))
+    assert behind.run is None and behind.pump  # joins the queue, and the pump may start it now
+
+
+def test_a_request_cheap_enough_for_the_event_loop_waits_for_the_pump_unless_the_model_does_not_batch() -> None:
+    """Inline on a batching model, it waits for the end of the loop iteration so that requests
+    decoded meanwhile join its batch; without batching there is nobody to wait for."""
+    cheap = FixedCost(50e-6)
+    verdict = admitted(admit(Snapshot(), arrival(), 0.0, admission(8, inline_below_s=100e-6), cheap))
+    assert verdict.run is None and verdict.pump
+    verdict = admitted(admit(Snapshot(), arrival(), 0.0, admission(0, inline_below_s=100e-6), cheap))
+    assert verdict.run is not None and verdict.run.inline
+
+
+def test_admission_keeps_decides_background_rule(item) -> None:
+    """One instance running a background part: a caller's request starts beside it at once; a
+    background part is queued and waits for a truly free instance (no pump)."""
+    from medserve.server.batching.policy import BACKGROUND_LEVEL
+
+    busy = Snapshot(free_slots=1, background_in_flight=1)
+    assert admitted(admit(busy, arrival(), 0.0, admission(), unmeasured)).run is not None
+    part = admitted(admit(busy, arrival(rows=16, priority=BACKGROUND), 0.0, admission(), unmeasured))
+    assert part.run is None and not part.pump and part.items[0].level == BACKGROUND_LEVEL
+    assert part.items[0].rows == 16  # more than max_batch_rows: a background part runs in chunks
+    for level, free, background, expected in [(1, 1, 1, True), (1, 0, 0, False), (BACKGROUND_LEVEL, 1, 1, False),
+                                              (BACKGROUND_LEVEL, 2, 1, True), (BACKGROUND_LEVEL, 0, 0, False)]:
+        assert has_slot(level, free, background) is expected
+        q = [item(0, 0.0, level=level)]
+        assert bool(decide(q, 0.0, PolicyConfig(max_batch_rows=8), no_cost, free, background_in_flight=background).run) is expected
+
+
+def test_admission_refuses_a_deadline_exactly_when_decide_would_expire_it(item) -> None:
+    cost = FixedCost(0.005)
+    for deadline in (1.000, 1.004, 1.005, 1.006):
+        verdict = admit(Snapshot(), arrival(deadline_s=deadline), 1.0, admission(), cost)
+        expires = bool(decide([item(0, 1.0, deadline=deadline)], 1.0, PolicyConfig(8), cost, free_slots=1).expire)
+        assert isinstance(verdict, Refuse) is expires, deadline
+    error = refused(admit(Snapshot(), arrival(deadline_s=1.004), 1.0, admission(), cost))
+    assert isinstance(error, DeadlineExceeded)
+    assert str(error) == ("model 'm' version 1: deadline cannot be met (estimated execution 5.000 ms, "
+                          "time left 4.000 ms); request not executed")
+
+
+def test_a_full_queue_refuses_with_a_hint_of_the_time_to_work_it_off(item) -> None:
+    cfg = admission(max_queue_size=4, instances=2)
+    queue = [item(i, 0.0) for i in range(4)]
+    error = refused(admit(Snapshot(queue=queue, free_slots=0), arrival(), 1.0, cfg, FixedCost(0.010)))
+    assert isinstance(error, QueueFull) and "queue full (4 requests queued)" in str(error)
+    assert error.retry_after_s == pytest.approx(0.020)  # 4 x 10 ms over 2 instances
+    assert retry_after_s(queue, no_cost, 2) == 0.001  # never "retry at once" ...
+    assert retry_after_s(queue, FixedCost(10.0), 1) == 1.0  # ... nor later than a second
+    assert retry_after_s([item(i, 0.0) for i in range(640)], FixedCost(0.001), 1) == pytest.approx(0.640)  # sampled
+    assert isinstance(admit(Snapshot(queue=queue[:3], free_slots=0), arrival(), 1.0, cfg, no_cost), Admit)
+
+
+def test_a_levels_own_queue_limit_counts_only_that_level(item) -> None:
+    policy = QueuePolicy(max_queue_size=2)
+    cfg = admission(batching=BatchingConfig(max_batch_rows=8, priority_levels=2, priority_queue_policies={1: policy}))
+    queue = [item(0, 0.0, level=1), item(1, 0.0, level=1), item(2, 0.0, level=2)]
+    snapshot = Snapshot(queue=queue, level_counts={1: 2, 2: 1}, free_slots=0)
+    assert isinstance(refused(admit(snapshot, arrival(priority=1), 1.0, cfg, no_cost)), QueueFull)
+    assert admitted(admit(snapshot, arrival(priority=2), 1.0, cfg, no_cost)).items[0].level == 2
+
+
+def test_an_oversized_request_is_admitted_as_parts_that_need_room_together(item) -> None:
+    cfg = admission(4, split_rows=4, batching=BatchingConfig(max_batch_rows=4,
+                                                            default_queue_policy=QueuePolicy(max_queue_size=3)))
+    parts = admitted(admit(Snapshot(next_seq=10), arrival(rows=10), 1.0, cfg, no_cost))
+    assert [it.rows for it in parts.items] == [4, 4, 2] and seqs(parts.items) == [10, 11, 12]
+    assert parts.run is None and parts.pump  # parts always queue: they may share batches with others
+    one_queued = Snapshot(queue=[item(0, 0.0)], level_counts={0: 1}, free_slots=0)
+    assert isinstance(refused(admit(one_queued, arrival(rows=12), 1.0, cfg, no_cost)), QueueFull)  # 3 parts, 2 places
+    error = refused(admit(one_queued, arrival(rows=16), 1.0, cfg, no_cost))  # 4 parts: never
+    assert isinstance(error, InvalidInput) and str(error) == (
+        "model 'm' version 1: request has 16 rows, 4 parts of at most max_batch_size 4; the queue holds at most 3 "
+        "(send at most 12 rows)")
+
+
+def test_rows_over_the_limit_are_refused_unless_split_or_background() -> None:
+    error = refused(admit(Snapshot(), arrival(rows=9), 0.0, admission(8), no_cost))
+    assert isinstance(error, InvalidInput) and "9 rows, more than max_batch_size 8" in str(error)
+    assert admitted(admit(Snapshot(), arrival(rows=9, priority=BACKGROUND), 0.0, admission(8), no_cost)).items
+
+
+def test_priorities_map_to_levels_and_out_of_range_is_refused() -> None:
+    from medserve.server.batching.policy import BACKGROUND_LEVEL
+
+    levels = admission(batching=BatchingConfig(max_batch_rows=8, priority_levels=3, default_priority_level=2))
+    assert queue_level(0, levels)[0] == 2 and queue_level(1, levels)[0] == 1 and queue_level(3, levels)[0] == 3
+    assert queue_level(BACKGROUND, levels)[0] == BACKGROUND_LEVEL
+    no_default = admission(batching=BatchingConfig(max_batch_rows=8, priority_levels=3))
+    assert queue_level(0, no_default)[0] == 3  # the lowest level
+    assert queue_level(5, admission())[0] == 0  # no levels configured: one level, any priority
+    error = refused(admit(Snapshot(), arrival(priority=4), 0.0, levels, no_cost))
+    assert isinstance(error, InvalidInput) and "priority 4 out of range, expected 1..3 (0 = default)" in str(error)
+
+
+def test_a_callers_queue_timeout_only_shortens_the_policys_and_only_where_allowed() -> None:
+    allowed = QueuePolicy(default_timeout_us=1_000_000, allow_timeout_override=True)
+    assert queue_timeout_us(arrival(timeout_us=1_000), allowed) == 1_000
+    assert queue_timeout_us(arrival(timeout_us=5_000_000), allowed) == 1_000_000
+    assert queue_timeout_us(arrival(), allowed) == 1_000_000
+    assert queue_timeout_us(arrival(timeout_us=1_000), QueuePolicy(allow_timeout_override=True)) == 1_000
+    assert queue_timeout_us(arrival(timeout_us=1_000), QueuePolicy(default_timeout_us=2_000_000)) == 2_000_000
+    cfg = admission(batching=BatchingConfig(max_batch_rows=8, default_queue_policy=QueuePolicy(
+        timeout_action=TimeoutAction.DELAY, default_timeout_us=1_000_000, allow_timeout_override=True)))
+    queued = admitted(admit(Snapshot(free_slots=0), arrival(timeout_us=1_000), 100.0, cfg, no_cost)).items[0]
+    assert queued.timeout_at_s == pytest.approx(100.001) and queued.delay_on_timeout
+
+
+def test_padded_requests_carry_their_length_and_must_agree_on_it() -> None:
+    cfg = admission(padded_axes={"seq": 1, "mask": 1})
+
+    def padded(seq_len: int, mask_len: int) -> BatchRequest:
+        return BatchRequest({"seq": np.zeros((1, seq_len, 3), np.float32), "mask": np.ones((1, mask_len), np.int64)},
+                            rows=1)
+
+    a = admitted(admit(Snapshot(free_slots=0), padded(5, 5), 0.0, cfg, no_cost)).items[0]
+    b = admitted(admit(Snapshot(free_slots=0), padded(7, 7), 0.0, cfg, no_cost)).items[0]
+    assert (a.length, b.length) == (5, 7) and a.key == b.key  # one group whatever the length
+    error = refused(admit(Snapshot(), padded(5, 6), 0.0, cfg, no_cost))
+    assert isinstance(error, InvalidInput) and "the padded inputs disagree on their length" in str(error)
+
+
+def test_the_batchers_configuration_derives_admissions_once() -> None:
+    from medserve.server.batching import BatcherConfig
+    from medserve.server.config import PadSpec
+
+    cfg = BatcherConfig("'m' version 1", BatchingConfig(max_batch_rows=16, max_queue_delay_us=500), instances=0,
+                        max_queue_size=9, split_rows=16, padding=(PadSpec("seq", 1, 0.0),)).admission()
+    assert cfg.policy == PolicyConfig(max_batch_rows=16, max_queue_delay_s=0.0005)
+    assert (cfg.instances, cfg.max_queue_size, cfg.split_rows, cfg.batched) == (1, 9, 16, True)
+    assert dict(cfg.padded_axes) == {"seq": 1}
+    assert not BatcherConfig("'m' version 1").admission().batched
+
+
+class Flown:
+    def __init__(self, name: str, finished: bool, background: bool = False) -> None:
+        self.name, self.finished, self.background = name, finished, background
+
+
+def test_ordered_results_wait_for_earlier_callers_batches_but_not_for_background_parts() -> None:
+    flights = [Flown("a", False), Flown("bg", True, background=True), Flown("b", True), Flown("bg2", False, True),
+               Flown("c", True)]
+    assert [f.name for f in releasable(flights, ordered=False)] == ["bg", "b", "c"]
+    assert [f.name for f in releasable(flights, ordered=True)] == ["bg"]  # "a" still runs: b and c wait
+    flights[0].finished = True
+    assert [f.name for f in releasable(flights, ordered=True)] == ["a", "bg", "b", "c"]  # a running part holds nobody
