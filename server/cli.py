@@ -102,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _refuse(f"--workers {args.workers}: expected >= 1")
     try:
         config = _server_config(args)
+        _check_port_free(config.host, config.port)  # before any model loads: one line, not a traceback after
         if config.audit_key is not None:
             from .audit import load_key
 
@@ -113,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
                                  "add NAME --models ... --file FILE`; in a container, mount the identities Secret)")
     except InvalidSetting as exc:
         return _refuse(str(exc))
+    _warn_if_empty(Path(config.repository))
     from . import app, workers
 
     try:
@@ -123,6 +125,45 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("medserve").error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process holds before any model loads (gRPC would only fail to bind
+    after loading every model, with a traceback). Bound as gRPC binds (SO_REUSEADDR, no
+    SO_REUSEPORT), so a socket in TIME_WAIT is no conflict and another server's port is."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InvalidSetting(f"--host {host}: cannot resolve ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            shown = f"[{host.strip('[]')}]" if ":" in host else host
+            if exc.errno == errno.EADDRINUSE:
+                raise InvalidSetting(f"{shown}:{port} is in use (another server? pick --port, or 0 for any "
+                                     "free port)") from None
+            raise InvalidSetting(f"{shown}:{port}: cannot bind ({exc.strerror})") from None
+
+
+def _warn_if_empty(repository: Path) -> None:
+    """A repository without a single model folder serves nothing: say so rather than report
+    "0 model(s) READY" as if that were the intent (poll and explicit modes may fill it later)."""
+    try:
+        folders = [p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return  # a missing or unreadable repository is the repository's own error to report
+    if not folders:
+        logging.getLogger("medserve").warning(
+            "repository %s holds no model (expected %s/<model>/<version>/model.onnx): serving none", repository,
+            repository)
 
 
 def _refuse(message: str) -> int:
@@ -180,7 +221,7 @@ def _add_tokens(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
     add = actions.add_parser("add", help="add an identity; prints its new token once")
     add.add_argument("name")
     add.add_argument("--models", action="append", default=[], required=True,
-                     help="model name or pattern it may use (repeatable; '*' = all)")
+                     help="model names or patterns it may use (comma-separated or repeated; '*' = all)")
     add.add_argument("--admin", action="store_true", help="may load and unload models (explicit mode)")
     add.add_argument("--certificate", default=None, metavar="SUBJECT",
                      help="a mutual-TLS client certificate subject (SAN, else CN) instead of a token")
@@ -206,7 +247,8 @@ def _tokens(args: argparse.Namespace) -> int:
             print(json.dumps(identities.describe(), indent=1))
             return 0
         if args.action == "add":
-            token = identities.add(args.name, args.models, admin=args.admin, certificate=args.certificate,
+            models = [m.strip() for given in args.models for m in given.split(",")]  # `--models rf,lookup`
+            token = identities.add(args.name, models, admin=args.admin, certificate=args.certificate,
                                    rate_per_s=args.rate, burst=args.burst)
             identities.save()
             if token is not None:
@@ -290,9 +332,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medserve", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"],
-                        help="text, or one JSON object per line (for log search)")
+    _add_global_options(parser, default=True)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
     _add_tokens(subparsers)
@@ -303,7 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export(subparsers)
     add_perf(subparsers)
+    for sub in subparsers.choices.values():  # `medserve serve --log-format json` works as well
+        _add_global_options(sub, default=False)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, default: bool) -> None:
+    """--log-level and --log-format, before the subcommand (with the defaults) or after it
+    (SUPPRESS: set only when given there, so they never reset what was given before it)."""
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        default="INFO" if default else argparse.SUPPRESS, help="log level (default INFO)")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text" if default else argparse.SUPPRESS,
+                        help="text, or one JSON object per line (for log search)")
 
 
 def missing_extra_message(command: str, extras: tuple[str, ...], missing: str) -> str:

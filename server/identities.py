@@ -34,6 +34,9 @@ FORMAT_VERSION = 1
 TOKEN_BYTES = 32  # 256 bits of randomness: a token cannot be guessed, so its plain SHA-256 is safe
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 _HEX = re.compile(r"[0-9a-f]{64}")
+# A model name's characters (server/layout.py's MODEL_NAME) and fnmatch's: anything else (a comma,
+# a space, a slash) makes a pattern no model name can match, which would grant nothing in silence.
+_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
 
 
 def token_digest(token: str) -> str:
@@ -88,6 +91,10 @@ def _entry(path: Path, i: int, raw: object) -> Identity:
     models = raw.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
         raise InvalidSetting(f"{where} ({name}).models: expected a list of model names or patterns")
+    impossible = [m for m in models if not _PATTERN.fullmatch(m)]
+    if impossible:
+        raise InvalidSetting(f"{where} ({name}).models: {impossible[0]!r} can never match a model name (names hold "
+                             "letters, digits, '_', '.', '-'; patterns add '*', '?', '[...]'; give one per entry)")
     token, cert = raw.get("token_sha256"), raw.get("certificate")
     if (token is None) == (cert is None):
         raise InvalidSetting(f"{where} ({name}): give exactly one of token_sha256 and certificate")

@@ -122,3 +122,77 @@ def test_a_bad_setting_stops_the_server_at_start_naming_the_flag(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"medserve serve: {message}"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- One clear line for each CLI mistake a new user made (issue 26) ---
+
+
+def test_a_port_in_use_is_one_line_before_any_model_loads(tmp_path: Path) -> None:
+    """Before: every model loaded, then gRPC's `RuntimeError: Failed to bind` as a traceback."""
+    import socket
+
+    repo = tmp_path / "repo"
+    onnx_models.affine(repo / "affine" / "1" / "model.onnx")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = _medserve([], "serve", "--repository", str(repo), "--port", str(port))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"medserve serve: 127.0.0.1:{port} is in use (another server? pick --port, or 0 "
+                                   "for any free port)")
+    assert "affine" not in done.stderr + done.stdout  # nothing was loaded
+
+
+def test_an_empty_repository_is_warned_and_global_options_work_after_the_subcommand(tmp_path: Path) -> None:
+    """`medserve serve --log-format json` (a top-level option after the subcommand) is accepted,
+    and an empty repository says so instead of only "0 model(s) READY"."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ready = tmp_path / "ready.json"
+    cmd = [sys.executable, "-c", CHILD, "[]", "serve", "--repository", str(empty), "--port", "0",
+           "--ready-file", str(ready), "--log-format", "json"]
+    with start_process(cmd, ready, tmp_path / "serve.log"):
+        pass
+    records = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines() if line.strip()]
+    warned = [r for r in records if r.get("level") == "WARNING" and "holds no model" in r.get("message", "")]
+    assert len(warned) == 1, records
+    assert warned[0]["message"] == (f"repository {empty} holds no model (expected {empty}/<model>/<version>/model.onnx):"
+                                    " serving none")
+
+
+def test_global_options_parse_before_or_after_the_subcommand(tmp_path: Path) -> None:
+    from medserve.server.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["--log-format", "json", "--log-level", "DEBUG", "serve", "--repository", "r"],
+                 ["serve", "--repository", "r", "--log-format", "json", "--log-level", "DEBUG"],
+                 ["--log-level", "DEBUG", "serve", "--repository", "r", "--log-format", "json"]):
+        args = parser.parse_args(argv)
+        assert (args.log_format, args.log_level) == ("json", "DEBUG"), argv
+    args = parser.parse_args(["--log-format", "json", "serve", "--repository", "r"])
+    assert (args.log_format, args.log_level) == ("json", "INFO")  # not reset by the subcommand's own
+
+
+def test_tokens_add_splits_comma_separated_models_and_refuses_impossible_patterns(tmp_path: Path) -> None:
+    """Before: `--models rf,lookup` stored the one pattern "rf,lookup", which no model name can
+    match: the identity could use nothing, and nothing said so."""
+    from medserve.server.identities import IdentityFile
+
+    file = tmp_path / "tokens.json"
+    done = _medserve([], "tokens", "add", "ward", "--models", "rf,lookup", "--models", "icu_*", "--file", str(file))
+    assert done.returncode == 0, done.stderr
+    (ward,) = IdentityFile.load(file).identities
+    assert ward.models == ("rf", "lookup", "icu_*")
+    assert ward.may_use("rf") and ward.may_use("lookup") and ward.may_use("icu_beds") and not ward.may_use("ward")
+    for pattern in ("rf lookup", "models/rf", "rf;lookup"):
+        done = _medserve([], "tokens", "add", "other", "--models", pattern, "--file", str(file))
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith("medserve tokens: ") and f"{pattern!r} can never match a model name" in line
+    assert [i.name for i in IdentityFile.load(file).identities] == ["ward"]  # nothing stored
+    hand_edited = json.loads(file.read_text())
+    hand_edited["identities"][0]["models"] = ["rf,lookup"]
+    file.write_text(json.dumps(hand_edited))
+    with pytest.raises(Exception, match="'rf,lookup' can never match a model name"):
+        IdentityFile.load(file)
