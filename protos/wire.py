@@ -1,8 +1,9 @@
 """V2 datatypes and the raw tensor encoding, shared by server and client.
 
 One table (``DATATYPES``) ties each Open Inference Protocol datatype string to its numpy dtype,
-element size, typed ``InferTensorContents`` field and model_config ``DataType`` enum name, so the
-two ends cannot drift apart. Raw layout: row-major (C order), little-endian, no padding; BYTES
+element size, typed ``InferTensorContents`` field (and that field's own element type), model_config
+``DataType`` enum name and ONNX tensor type, so the two ends cannot drift apart: the server's
+codec and runtime and the client derive their lookups from it rather than keeping their own. Raw layout: row-major (C order), little-endian, no padding; BYTES
 elements are a 4-byte little-endian uint32 length followed by the data.
 
 Pure numpy + stdlib (no protobuf) so it can be tested and reused without the generated stubs.
@@ -25,6 +26,7 @@ import numpy.typing as npt
 __all__ = [
     "DATATYPES",
     "MAX_RANK",
+    "ONNX_TYPES",
     "Datatype",
     "datatype_of",
     "deserialize_bytes",
@@ -52,33 +54,55 @@ class Datatype:
     itemsize: int | None  # bytes per element in raw form; None for variable-size BYTES
     contents_field: str | None  # typed InferTensorContents field; None: raw only (FP16, BF16)
     config_enum: str  # model_config DataType enum name (BYTES <-> TYPE_STRING)
+    # The typed field's own element type (the protocol's: INT8 travels in int32 `int_contents`);
+    # None where there is no typed field, and for BYTES (its elements are bytes).
+    contents_dtype: np.dtype[Any] | None
+    onnx_type: str | None  # the ONNX tensor type as onnxruntime names it; None: not served (BF16)
 
 
-def _entry(name: str, dtype: str | None, itemsize: int | None, field: str | None) -> Datatype:
+_CONTENTS_DTYPES = {
+    "bool_contents": "|b1",
+    "int_contents": "<i4",
+    "int64_contents": "<i8",
+    "uint_contents": "<u4",
+    "uint64_contents": "<u8",
+    "fp32_contents": "<f4",
+    "fp64_contents": "<f8",
+}
+
+
+def _entry(name: str, dtype: str | None, itemsize: int | None, field: str | None, onnx: str | None) -> Datatype:
     enum = "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}"
-    return Datatype(name, None if dtype is None else np.dtype(dtype), itemsize, field, enum)
+    contents = _CONTENTS_DTYPES.get(field or "")
+    return Datatype(name, None if dtype is None else np.dtype(dtype), itemsize, field, enum,
+                    None if contents is None else np.dtype(contents), None if onnx is None else f"tensor({onnx})")
 
 
 DATATYPES: Mapping[str, Datatype] = MappingProxyType(
     {
         d.name: d
         for d in (
-            _entry("BOOL", "|b1", 1, "bool_contents"),
-            _entry("UINT8", "|u1", 1, "uint_contents"),
-            _entry("UINT16", "<u2", 2, "uint_contents"),
-            _entry("UINT32", "<u4", 4, "uint_contents"),
-            _entry("UINT64", "<u8", 8, "uint64_contents"),
-            _entry("INT8", "|i1", 1, "int_contents"),
-            _entry("INT16", "<i2", 2, "int_contents"),
-            _entry("INT32", "<i4", 4, "int_contents"),
-            _entry("INT64", "<i8", 8, "int64_contents"),
-            _entry("FP16", "<f2", 2, None),
-            _entry("FP32", "<f4", 4, "fp32_contents"),
-            _entry("FP64", "<f8", 8, "fp64_contents"),
-            _entry("BYTES", "O", None, "bytes_contents"),
-            _entry("BF16", None, 2, None),
+            _entry("BOOL", "|b1", 1, "bool_contents", "bool"),
+            _entry("UINT8", "|u1", 1, "uint_contents", "uint8"),
+            _entry("UINT16", "<u2", 2, "uint_contents", "uint16"),
+            _entry("UINT32", "<u4", 4, "uint_contents", "uint32"),
+            _entry("UINT64", "<u8", 8, "uint64_contents", "uint64"),
+            _entry("INT8", "|i1", 1, "int_contents", "int8"),
+            _entry("INT16", "<i2", 2, "int_contents", "int16"),
+            _entry("INT32", "<i4", 4, "int_contents", "int32"),
+            _entry("INT64", "<i8", 8, "int64_contents", "int64"),
+            _entry("FP16", "<f2", 2, None, "float16"),
+            _entry("FP32", "<f4", 4, "fp32_contents", "float"),
+            _entry("FP64", "<f8", 8, "fp64_contents", "double"),
+            _entry("BYTES", "O", None, "bytes_contents", "string"),
+            _entry("BF16", None, 2, None, None),  # numpy has no bfloat16, so no graph of it is served
         )
     }
+)
+
+# ONNX tensor type (onnxruntime's NodeArg.type, e.g. "tensor(float)") -> V2 name.
+ONNX_TYPES: Mapping[str, str] = MappingProxyType(
+    {d.onnx_type: d.name for d in DATATYPES.values() if d.onnx_type is not None}
 )
 
 # (kind, itemsize) -> V2 name; byte order deliberately ignored (to_raw converts to little-endian).

@@ -77,11 +77,11 @@ def _typed_array(
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
-    assert entry.dtype is not None
+    assert entry.dtype is not None and entry.contents_dtype is not None
     if not count:
         return np.zeros(shape, entry.dtype)
     # The field's own width first: numpy would wrap 1000 into an INT8 silently.
-    wide: np.ndarray = np.asarray(values, dtype=_FIELD_DTYPES[entry.contents_field])
+    wide: np.ndarray = np.asarray(values, dtype=entry.contents_dtype)
     if entry.dtype.kind in "iu" and entry.dtype.itemsize < wide.dtype.itemsize:
         bounds = np.iinfo(entry.dtype)
         if wide.min() < bounds.min or wide.max() > bounds.max:
@@ -90,18 +90,6 @@ def _typed_array(
                 f"({bounds.min}..{bounds.max})"
             )
     return wide.astype(entry.dtype, copy=False).reshape(shape)
-
-
-# Each typed-contents field's own element type (the protocol's: int32, uint32, int64, ...).
-_FIELD_DTYPES = {
-    "bool_contents": np.bool_,
-    "int_contents": np.int32,
-    "int64_contents": np.int64,
-    "uint_contents": np.uint32,
-    "uint64_contents": np.uint64,
-    "fp32_contents": np.float32,
-    "fp64_contents": np.float64,
-}
 
 
 @dataclass(frozen=True, slots=True)

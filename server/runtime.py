@@ -22,28 +22,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from medserve.protos.wire import numpy_dtype
+from medserve.protos.wire import ONNX_TYPES, numpy_dtype
 
 from .errors import ConfigError, ExecutionError
 
 log = logging.getLogger(__name__)
-
-# ONNX tensor element types (as onnxruntime names them) -> V2 datatypes.
-ONNX_TO_V2: Mapping[str, str] = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -257,7 +240,7 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def _graph_tensor(path: Path, arg: ort.NodeArg) -> GraphTensor:
-    datatype = ONNX_TO_V2.get(arg.type)
+    datatype = ONNX_TYPES.get(arg.type)  # protos/wire.py's one datatype table
     if datatype is None:
         raise ConfigError(f"{path}: tensor {arg.name!r} has type {arg.type}, which medserve cannot serve")
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))

@@ -39,6 +39,37 @@ def test_table_covers_every_v2_datatype() -> None:
     assert wire.DATATYPES["UINT8"].contents_field == "uint_contents"
 
 
+def test_table_names_the_onnx_types_the_server_serves() -> None:
+    """What server/runtime.py kept as its own table, now read from this one."""
+    assert dict(wire.ONNX_TYPES) == {
+        "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
+        "tensor(uint64)": "UINT64", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
+        "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+        "tensor(string)": "BYTES",
+    }
+    assert wire.DATATYPES["BF16"].onnx_type is None  # numpy has no bfloat16: such a graph is refused
+
+
+def test_contents_dtype_is_the_protobuf_fields_own_type() -> None:
+    """What server/codec.py kept as its own table (a typed field is decoded at its own width
+    first, so 1000 sent for an INT8 is refused, not wrapped), checked against the generated
+    descriptor rather than restated."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    from medserve.protos import grpc_service_pb2 as pb
+
+    by_cpp_type = {F.CPPTYPE_BOOL: np.dtype(np.bool_), F.CPPTYPE_INT32: np.dtype(np.int32),
+                   F.CPPTYPE_INT64: np.dtype(np.int64), F.CPPTYPE_UINT32: np.dtype(np.uint32),
+                   F.CPPTYPE_UINT64: np.dtype(np.uint64), F.CPPTYPE_FLOAT: np.dtype(np.float32),
+                   F.CPPTYPE_DOUBLE: np.dtype(np.float64)}
+    fields = pb.InferTensorContents.DESCRIPTOR.fields_by_name
+    for entry in wire.DATATYPES.values():
+        if entry.contents_field is None or entry.name == "BYTES":
+            assert entry.contents_dtype is None, entry.name
+            continue
+        assert entry.contents_dtype == by_cpp_type[fields[entry.contents_field].cpp_type], entry.name
+
+
 @pytest.mark.parametrize("datatype", sorted(FIXED))
 def test_fixed_size_round_trip(datatype: str) -> None:
     array = FIXED[datatype]
