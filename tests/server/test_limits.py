@@ -3,9 +3,9 @@ streams per connection, keepalive enforcement, connection age, tensor and BYTES 
 and `refuse_non_finite`."""
 from __future__ import annotations
 
+import socket
 import struct
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -181,8 +181,54 @@ def test_a_full_queue_is_refused_with_a_retry_hint(repo: Path) -> None:
     assert pushback is not None and 1 <= int(pushback) <= 1000
 
 
-def test_one_connection_opens_at_most_the_stream_cap_at_once(repo: Path) -> None:
-    """The third call on one connection waits for a stream (HTTP/2 flow control, not an error)."""
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def _h2_read(sock: socket.socket) -> tuple[int, int, int, bytes]:
+    """One HTTP/2 frame: (type, flags, stream id, payload)."""
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "the server closed the connection"
+            data += chunk
+        return data
+
+    head = exactly(9)
+    return head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, exactly(int.from_bytes(head[:3], "big"))
+
+
+def test_a_stream_beyond_the_cap_is_refused_by_the_server(repo: Path) -> None:
+    """Speaking HTTP/2 by hand (a client that ignores the advertised cap): the server advertises
+    SETTINGS_MAX_CONCURRENT_STREAMS = --max-streams-per-connection and, with two streams open,
+    refuses a third with RST_STREAM REFUSED_STREAM. No time window: the refusal is a frame."""
+    settings_frame, headers_frame, rst_stream, refused_stream, max_concurrent_streams = 4, 1, 3, 7, 3
+    with running_server(repo, max_streams_per_connection=2) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(settings_frame, 0, 0))
+            kind, flags = -1, 1
+            while not (kind == settings_frame and not flags & 1):
+                kind, flags, _, body = _h2_read(sock)
+            settings = dict(struct.unpack(">HI", body[i:i + 6]) for i in range(0, len(body), 6))
+            assert settings[max_concurrent_streams] == 2
+            sock.sendall(_h2_frame(settings_frame, 1, 0))  # ACK: the cap is in force from here
+            # HPACK literals without indexing; END_HEADERS and no END_STREAM: each stream stays open.
+            fields = ((":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
+                      (":authority", server.target), ("content-type", "application/grpc"), ("te", "trailers"))
+            block = b"".join(bytes([0, len(k)]) + k.encode() + bytes([len(v)]) + v.encode() for k, v in fields)
+            sock.sendall(b"".join(_h2_frame(headers_frame, 4, sid, block) for sid in (1, 3, 5)))
+            refused = []
+            while not refused:
+                kind, _, stream, body = _h2_read(sock)
+                if kind == rst_stream:
+                    refused.append((stream, int.from_bytes(body, "big")))
+            assert refused == [(5, refused_stream)]
+
+
+def test_one_connection_runs_the_calls_over_the_stream_cap_in_turn(repo: Path) -> None:
+    """gRPC's client honours the cap: two calls reach the model, the third waits for a stream
+    (not an error) and runs once one is free."""
     gate = threading.Event()
     with running_server(repo, repository_cls=gated_repository({"slow": gate}), max_streams_per_connection=2) as server:
         stub = server.stub()  # one channel: one connection
@@ -190,8 +236,7 @@ def test_one_connection_opens_at_most_the_stream_cap_at_once(repo: Path) -> None
         calls = [stub.ModelInfer.future(x, timeout=60) for _ in range(3)]
         batcher = server.server.repository.get("slow").batcher
         wait_for(lambda: batcher.stats().in_flight_requests + batcher.stats().queued == 2)
-        time.sleep(0.3)  # give the third stream every chance to arrive: it must not
-        assert batcher.stats().in_flight_requests + batcher.stats().queued == 2
+        assert not any(c.done() for c in calls)
         gate.set()
         assert all(c.result().outputs for c in calls)
 
