@@ -235,7 +235,6 @@ def test_bench_explain_sets_aside_the_rounds_the_hypervisor_slowed_in_every_cond
     """A round in which any phase lost more than QUIET_STEAL of its CPU time to the hypervisor
     leaves the quiet figures of every condition; the pooled and paired figures keep it."""
     from medserve.perf.bench_explain import QUIET_STEAL, summarize
-    from medserve.perf.measure import host_stolen_s
 
     fast, slow = np.full(100, 0.004), np.full(100, 0.040)
     phases = {"alone": [fast, fast, fast], "beside": [fast * 1.2, slow, fast * 1.2]}
@@ -250,7 +249,27 @@ def test_bench_explain_sets_aside_the_rounds_the_hypervisor_slowed_in_every_cond
     assert "p99_ratio" not in rows["alone"] and rows["alone"]["p99_quiet_us"] == 4000
     assert summarize(phases, {n: [limit_ms + 1] * 3 for n in phases}, cpu_s)["beside"].keys().isdisjoint(
         {"p99_quiet_us", "p99_ratio_quiet"})  # no quiet round: no quiet figure
-    assert host_stolen_s() >= 0.0
+
+
+def test_host_stolen_s_reads_the_steal_column_of_proc_stat() -> None:
+    """host_stolen_s is /proc/stat's steal time (the 8th number of the "cpu" line, proc(5)), in
+    seconds: read here independently before and after, it lies between (another column, or 0.0
+    where the host steals, would not)."""
+    import os
+
+    from medserve.perf.measure import host_stolen_s
+
+    def steal_s() -> float:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        assert fields[0] == "cpu"
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+    before = steal_s()
+    stolen = host_stolen_s()
+    after = steal_s()
+    print(f"stolen since boot: {stolen:.2f} s")
+    assert before <= stolen <= after
 
 
 def test_thread_schedstat_charges_a_threads_own_cpu_time() -> None:
