@@ -35,7 +35,6 @@ differ (~100 µs on some, a fraction of that on others), and every figure says w
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -48,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from .report import figure
+from .measure import time_calls
+from .report import bench_parser, figure, write_result
 
 MODELS = ("rf", "mlp")
 VARIANTS = ("off", "on")
@@ -125,13 +125,7 @@ def engine_us(model_path: Path, batch: int, seconds: float = 0.3) -> float:
     feed = {"input": rng.random((batch, 30), dtype=np.float32) * 100}
     for _ in range(20):
         model(feed)
-    samples: list[int] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(samples) < 50:
-        t0 = time.perf_counter_ns()
-        model(feed)
-        samples.append(time.perf_counter_ns() - t0)
-    return float(np.median(samples)) / 1e3
+    return float(np.median(time_calls(lambda: model(feed), calls=50, seconds=seconds))) / 1e3
 
 
 # -- the sweep -------------------------------------------------------------------------------
@@ -273,8 +267,7 @@ def print_report(analysis: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medserve.perf.bench_batching", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("bench_batching", __doc__)
     parser.add_argument("--levels", default="1,8,64,256", help="concurrencies (batch-1 requests)")
     parser.add_argument("--workers", default="1,2", help="server worker counts to measure")
     parser.add_argument("--warmup-s", type=float, default=1.0)
@@ -285,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         help="load generator: h2load (C, a tenth of a core here; default), the harness's Python processes over "
              "raw HTTP/2 (python) or over grpc.aio (grpcio)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default perf/results)")
     parser.add_argument("--build-repository", type=Path, default=None, metavar="DIR",
                         help="only build the four-model repository into DIR and exit")
     args = parser.parse_args(argv)
@@ -293,12 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(build_repository(args.build_repository), indent=1))
         return 0
     levels = tuple(float(v) for v in args.levels.split(","))
-    from .bench_transports import executor_round_trip_us
+    from .measure import executor_round_trip_us
 
     hand_off = executor_round_trip_us()
     print(f"thread hand-off (one loop.run_in_executor round trip): {hand_off['median_us']} µs median", file=sys.stderr)
-    out_dir = args.out or Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="medserve-bench-") as tmp:
         repo = Path(tmp) / "repo"
@@ -317,11 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings = sorted({f"{n} workers: {x}" for n, s in sweeps.items() for x in s["warnings"]})
     for line in warnings:
         print(f"warning: {line}")
-    result = {
-        "schema": "medserve.perf.bench_batching/1",
-        "started_unix": round(started, 3),
-        "duration_s": round(time.time() - started, 1),
-        "host": {"cpus": os.cpu_count(), "hand_off_us": hand_off},
+    body = {
         "generator": (
             "h2load (nghttp2): pre-encoded gRPC frames, closed loop"
             if args.generator == "h2load"
@@ -335,9 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         "warnings": warnings,
         "sweeps": {str(w): s for w, s in sweeps.items()},
     }
-    path = out_dir / f"bench_batching-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"\nresults: {path}  ({result['duration_s']:.0f} s)")
+    path = write_result("bench_batching", body, started_unix=started, out_dir=args.out, hand_off_us=hand_off)
+    print(f"\nresults: {path}  ({time.time() - started:.0f} s)")
     return 0
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import sys
 import tempfile
 import time
@@ -33,6 +31,8 @@ import grpc
 import numpy as np
 
 from medserve.clients import Client
+from medserve.perf.measure import time_calls
+from medserve.perf.report import write_result
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 from medserve.protos.wire import datatype_of, from_raw, to_raw
@@ -87,16 +87,6 @@ def _raw_call(stub: pb_grpc.GRPCInferenceServiceStub, model: str, x: np.ndarray)
     return call
 
 
-def _block(call: Callable[[], object], n: int) -> list[int]:
-    times: list[int] = []
-    clock = time.perf_counter_ns
-    for _ in range(n):
-        start = clock()
-        call()
-        times.append(clock() - start)
-    return times
-
-
 def _summary(ns: list[int]) -> dict[str, float]:
     us = np.asarray(ns, dtype=np.float64) / 1000.0
     return {
@@ -124,7 +114,7 @@ def bench(target: str, model: str, features: int, calls: int, blocks: int) -> di
             for name, call in (("raw", raw), ("client", via_client)) if block % 2 else (
                 ("client", via_client), ("raw", raw)
             ):
-                times = _block(call, calls)
+                times = time_calls(call, calls=calls)
                 if block:
                     results[name].extend(times)
     channel.close()
@@ -140,7 +130,6 @@ def bench(target: str, model: str, features: int, calls: int, blocks: int) -> di
         "ratio_mean": client_s["mean_us"] / raw_s["mean_us"],
         "ratio_p50": client_s["p50_us"] / raw_s["p50_us"],
         "overhead_mean_us": client_s["mean_us"] - raw_s["mean_us"],
-        "cpus": os.cpu_count(),
     }
 
 
@@ -154,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
+    started = time.time()
     with contextlib.ExitStack() as stack:
         target = args.target or stack.enter_context(tiny_server(args.features))
         report = bench(target, args.model, args.features, args.calls, args.blocks)
@@ -164,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f" ratio: mean {report['ratio_mean']:.3f}  p50 {report['ratio_p50']:.3f}  "
           f"(client overhead {report['overhead_mean_us']:+.1f} us per call; target ratio <= 1.10)")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_result("bench_client", report, started_unix=started, path=args.json)
     return 0
 
 

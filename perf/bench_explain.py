@@ -30,20 +30,19 @@ Prints a table and writes perf/results/bench_explain-<time>.json.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bench_transports import executor_round_trip_us
 from .loadgen import Job, LoadPool
-from .measure import INCOMPLETE, host_stolen_s, thread_schedstat_s
+from .measure import INCOMPLETE, executor_round_trip_us, host_stolen_s, thread_schedstat_s, time_calls
+from .report import bench_parser, write_result
 from .serverproc import medserve
 
 FAMILIES = {"table (forest, 30 features)": "breast_cancer_rf", "table (linear, 10 features)": "diabetes_linear",
@@ -122,8 +121,7 @@ def summarize(phases: dict[str, list[np.ndarray]], stolen_ms: dict[str, list[flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medserve.perf.bench_explain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("bench_explain", __doc__)
     parser.add_argument("--rate", type=float, default=200.0, help="plain requests per second")
     parser.add_argument("--measure-s", type=float, default=24.0, help="seconds per condition, over all rounds")
     parser.add_argument("--rounds", type=int, default=12,
@@ -132,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="explanations per second in the fixed-rate condition (the other: back to back)")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="an argument for `medserve serve` (repeat), e.g. --serve-arg=--intra-op-threads=1")
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     from medserve.clients import Client
     from medserve.exporters.demo import build_demo_repository
 
+    started = time.time()
     with tempfile.TemporaryDirectory(prefix="medserve-bench-explain-") as tmp:
         repo = Path(tmp) / "repo"
         print("building the demo models ...", file=sys.stderr)
@@ -149,14 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             per_family = {}
             for family, model in FAMILIES.items():
                 inputs = _zeros(client, model)
-                client.explain(model, inputs)  # warm
+                why = client.explain(model, inputs)  # warm
                 client.infer(model, inputs)
-                times = []
                 loop0, _ = thread_schedstat_s(loop_pid)
-                for _ in range(LOOP_CALLS):
-                    t0 = time.perf_counter()
-                    why = client.explain(model, inputs)
-                    times.append(time.perf_counter() - t0)
+                times = np.asarray(time_calls(partial(client.explain, model, inputs), calls=LOOP_CALLS)) / 1e9
                 loop1, _ = thread_schedstat_s(loop_pid)
                 for _ in range(LOOP_CALLS):
                     client.infer(model, inputs)
@@ -229,13 +223,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['event_loop_plain_ms']} ms")
     print(f"machine: {os.cpu_count()} cores; thread hand-off (loop.run_in_executor round trip) "
           f"{hand_off['median_us']} µs median")
-    out = args.out or Path(__file__).resolve().parent / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_explain-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"rate": args.rate, "explain_rate": args.explain_rate, "phases": rows,
-                                "quiet_steal": QUIET_STEAL,
-                                "host": {"cpus": os.cpu_count(), "hand_off_us": hand_off},
-                                "families": per_family}, indent=1) + "\n")
+    path = write_result("bench_explain", {"rate": args.rate, "explain_rate": args.explain_rate, "phases": rows,
+                                          "quiet_steal": QUIET_STEAL, "families": per_family},
+                        started_unix=started, out_dir=args.out, hand_off_us=hand_off)
     print(f"results: {path}")
     return 0
 

@@ -30,7 +30,6 @@ perf/results/bench_monitor-<time>.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -44,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .measure import executor_round_trip_us
+from .report import bench_parser, write_result
 
 SOURCE = "breast_cancer_rf"
 COPIES = {"monitored": "rf_monitored", "monitored_b": "rf_monitored_b", "plain": "rf_plain"}
@@ -166,17 +168,13 @@ def analyse(reps: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medserve.perf.bench_monitor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("bench_monitor", __doc__)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--measure-s", type=float, default=3.0)
     parser.add_argument("--repetitions", type=int, default=9,
                         help="measurements per copy and server run (interleaved; two server runs)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default perf/results)")
     args = parser.parse_args(argv)
-    from .bench_transports import executor_round_trip_us
-
     hand_off = executor_round_trip_us()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="medserve-bench-monitor-") as tmp:
@@ -198,16 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, key in (("plain / monitored (target <= 1.03)", "plain_over_monitored"), ("A/A (the noise)", "a_a")):
         r = analysis[key]
         print(f"{label}: pooled {r['pooled']}, median of paired repetitions {r['paired_median']}")
-    out_dir = args.out or Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"bench_monitor-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({
-        "schema": "medserve.perf.bench_monitor/1", "started_unix": round(started, 3),
-        "duration_s": round(time.time() - started, 1), "host": {"cpus": os.cpu_count(), "hand_off_us": hand_off},
+    path = write_result("bench_monitor", {
         "concurrency": args.concurrency, "measure_s": args.measure_s, "repetitions": args.repetitions,
         "check_us": check, **analysis, "repetitions_measured": reps,
-    }, indent=1), encoding="utf-8")
-    print(f"json: {path}")
+    }, started_unix=started, out_dir=args.out, hand_off_us=hand_off)
+    print(f"results: {path}")
     return 0
 
 

@@ -17,13 +17,14 @@ the text models:
      whose word counts are log-normal (median 15 words, capped at 120), seeded; the transformer
      gets random ids (within its vocabulary) with the same token counts (all-MiniLM-L6-v2's
      tokenizer applied to the same texts, each model's own maximum length). One request = one row;
-  3. a closed loop at each concurrency (`--concurrency`, default 1, 8, 64; grpc.aio through
-     `medserve.clients.AsyncClient`) for `--measure-s` after `--warmup-s`, the two variants of a
+  3. a closed loop at each concurrency (`--concurrency`, default 1, 8, 64; one load process
+     of the harness's pool, the requests encoded once as `medserve.clients` encodes them) for
+     `--measure-s` after `--warmup-s`, the two variants of a
      model interleaved at each level: throughput, p50/p99 latency, the mean batch size the
      server formed (ModelStatistics: Δinference_count / Δexecution_count) and the padding waste
      (the fraction of input elements in executed batches that were padding),
      the server's own engine time per batch (compute_infer; JSON only) and the CPU the server,
-     this client and the rest of the host used in the window;
+     the load process and the rest of the host used in the window;
   4. onnxruntime in process (CPU provider, one intra-op thread, as the server's default) on the
      exported model.onnx at each point's mean batch size (rounded): padded variant = batches
      of lengths drawn from the same distribution, padded to their longest; shape groups = batches
@@ -35,7 +36,8 @@ the text models:
      (one `loop.run_in_executor` round trip), printed beside the figures.
 Prints a table and writes perf/results/bench_text-<time>.json.
 
-The padding waste comes from the server's Prometheus metrics (`--metrics-port`):
+The padding waste comes from the server's Prometheus metrics (`--metrics-port 0`: the server
+binds a free port and reports it in its ready file):
 `medserve_input_elements_total` counts the input elements the requests carried and those the
 batches ran; the difference is the padding.
 """
@@ -44,9 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
-import itertools
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -58,9 +58,10 @@ from typing import Any
 
 import numpy as np
 
-from .measure import descendants, host_busy_s, proc_delta, proc_snapshot
-from .report import figure
-from .serverproc import medserve
+from .loadgen import Job, LoadPool
+from .measure import StatsProbe, descendants, host_busy_s, proc_delta, proc_snapshot, status_name, time_calls
+from .report import bench_parser, figure, write_result
+from .serverproc import ServerHandle, medserve
 
 MODELS = ("notes_minilm", "notes_transformer")
 SHAPE_GROUPS = "_shape_groups"  # suffix of the copy without `pad` / `pad_mask`
@@ -87,6 +88,14 @@ class Served:
     variant: str
     name: str  # the name it is served under
     requests: tuple[dict[str, np.ndarray], ...]  # one-row requests, cycled
+    bodies: tuple[bytes, ...] = ()  # the same, serialized as ModelInferRequests for `name`
+
+    @classmethod
+    def of(cls, model: str, variant: str, name: str, requests: Sequence[dict[str, np.ndarray]]) -> Served:
+        from medserve.clients._codec import encode_infer_request
+
+        return cls(model, variant, name, tuple(requests),
+                   tuple(encode_infer_request(name, r).SerializeToString() for r in requests))
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -169,62 +178,53 @@ def _server_config(repo: Path, name: str) -> Any:
 # -- load -----------------------------------------------------------------------------------
 
 
-def _summed(stats: Sequence[Any]) -> tuple[int, int, int, int]:
-    """Rows, batches, and the batches' engine runs and nanoseconds (compute_infer), over versions."""
-    return (sum(s.inference_count for s in stats), sum(s.execution_count for s in stats),
-            sum(s.compute_infer.count for s in stats), sum(s.compute_infer.ns for s in stats))
+def _counters(probe: StatsProbe, name: str) -> tuple[int, int, int, int]:
+    """Rows, batches, and the batches' engine runs and nanoseconds (compute_infer) the server
+    counted for `name`, summed over its versions."""
+    stats = probe.snapshot() or {}
+    mine = [v for k, v in stats.items() if k == name or k.startswith(name + ":")]
+    return (sum(s.get("inference_count", 0) for s in mine), sum(s.get("execution_count", 0) for s in mine),
+            sum(s.get("compute_infer_count", 0) for s in mine), sum(s.get("compute_infer_ns", 0) for s in mine))
 
 
-async def closed_loop(client: Any, served: Served, concurrency: int, warmup_s: float, measure_s: float,
-                      server_pid: int, metrics_url: str) -> dict[str, Any]:
-    """`concurrency` callers back to back for warmup + measure seconds; figures of the measured window."""
-    order = itertools.count()
-    latencies_ns: list[int] = []
-    clock = time.perf_counter_ns
-    start_ns = clock() + int(warmup_s * 1e9)
-    end_ns = start_ns + int(measure_s * 1e9)
-    window: dict[str, Any] = {}
+def closed_loop(pool: LoadPool, server: ServerHandle, probe: StatsProbe, served: Served, concurrency: int,
+                warmup_s: float, measure_s: float) -> dict[str, Any]:
+    """`concurrency` callers back to back (the load process, closed loop) for warmup + measure
+    seconds; figures of the measured window."""
+    job = Job(address=server.address, mode="closed", concurrency=concurrency, rate=0.0, arrival="fixed", phase_s=0.0,
+              warmup_s=warmup_s, measure_s=measure_s, drain_s=30.0, bodies=(served.bodies,), timeouts_s=(60.0,),
+              goals_ns=(None,), plan=bytes(1), channels=1, max_outstanding=concurrency, seed=0)
+    pids = descendants(server.pid)
 
-    async def caller() -> None:
-        pool = served.requests
-        while (t0 := clock()) < end_ns:
-            await client.infer(served.name, pool[next(order) % len(pool)])
-            t1 = clock()
-            if start_ns <= t1 <= end_ns:
-                latencies_ns.append(t1 - t0)
+    def snapshot() -> dict[str, Any]:
+        return {"stats": _counters(probe, served.name), "elements": input_elements(server.metrics_url, served.name),
+                "server": proc_snapshot(pids), "host": host_busy_s(), "t": time.monotonic_ns()}
 
-    async def observe() -> None:
-        pids = descendants(server_pid)
-        await asyncio.sleep(max(0.0, (start_ns - clock()) / 1e9))
-        window["stats0"] = _summed(await client.model_statistics(served.name))
-        window["elements0"] = await asyncio.to_thread(input_elements, metrics_url, served.name)
-        window["server0"], window["client0"] = proc_snapshot(pids), proc_snapshot([os.getpid()])
-        window["host0"], window["t0"] = host_busy_s(), clock()
-        await asyncio.sleep(max(0.0, (end_ns - clock()) / 1e9))
-        window["host1"], window["t1"] = host_busy_s(), clock()
-        window["server1"], window["client1"] = proc_snapshot(pids), proc_snapshot([os.getpid()])
-        window["stats1"] = _summed(await client.model_statistics(served.name))
-        window["elements1"] = await asyncio.to_thread(input_elements, metrics_url, served.name)
-
-    await asyncio.gather(observe(), *(caller() for _ in range(concurrency)))
-    inferences = window["stats1"][0] - window["stats0"][0]
-    executions = window["stats1"][1] - window["stats0"][1]
-    engine_runs = window["stats1"][2] - window["stats0"][2]
-    engine_ns = window["stats1"][3] - window["stats0"][3]
-    wall_s = (window["t1"] - window["t0"]) / 1e9
-    server = proc_delta(window["server0"], window["server1"]) or {}
-    own = proc_delta(window["client0"], window["client1"]) or {}
-    server_cores, client_cores = server.get("cpu_cores", 0.0), own.get("cpu_cores", 0.0)
-    host_cores = (window["host1"] - window["host0"]) / wall_s if wall_s > 0 else 0.0
-    lat_us = np.asarray(latencies_ns, np.float64) / 1e3
+    start_ns = pool.start([job])
+    m0 = start_ns + int(warmup_s * 1e9)
+    time.sleep(max(0.0, (m0 - time.monotonic_ns()) / 1e9))
+    before = snapshot()
+    time.sleep(max(0.0, (m0 + int(measure_s * 1e9) - time.monotonic_ns()) / 1e9))
+    after = snapshot()
+    (run,) = pool.collect()
+    failed = run["status"] != 0
+    if failed.any():
+        codes = sorted({status_name(int(c)) for c in run["status"][failed]})
+        raise RuntimeError(f"{served.name} c={concurrency}: {int(failed.sum())} requests failed ({', '.join(codes)})")
+    inferences, executions, engine_runs, engine_ns = (a - b for a, b in zip(after["stats"], before["stats"], strict=True))
+    wall_s = (after["t"] - before["t"]) / 1e9
+    server_cores = (proc_delta(before["server"], after["server"]) or {}).get("cpu_cores", 0.0)
+    client_cores = round(run["cpu_s"] / run["window_s"], 3)
+    host_cores = (after["host"] - before["host"]) / wall_s if wall_s > 0 else 0.0
+    lat_us = run["latency_ns"].astype(np.float64) / 1e3
     mean_batch = inferences / executions if executions else None
-    requested = window["elements1"][0] - window["elements0"][0]
-    executed = window["elements1"][1] - window["elements0"][1]
+    requested = after["elements"][0] - before["elements"][0]
+    executed = after["elements"][1] - before["elements"][1]
     waste = round(1.0 - requested / executed, 4) if executed else None
     return {
         "model": served.model, "variant": served.variant, "served_as": served.name, "concurrency": concurrency,
-        "requests": len(latencies_ns), "window_s": round(measure_s, 3),
-        "throughput_rps": round(len(latencies_ns) / measure_s, 1),
+        "requests": run["window_ok"], "window_s": round(measure_s, 3),
+        "throughput_rps": round(run["window_ok"] / measure_s, 1),
         "latency_us": {"p50": round(float(np.percentile(lat_us, 50)), 1) if lat_us.size else None,
                        "p99": round(float(np.percentile(lat_us, 99)), 1) if lat_us.size else None,
                        "mean": round(float(lat_us.mean()), 1) if lat_us.size else None},
@@ -235,14 +235,6 @@ async def closed_loop(client: Any, served: Served, concurrency: int, warmup_s: f
         "cpu_cores": {"server": server_cores, "client": client_cores,
                       "rest_of_host": round(max(0.0, host_cores - server_cores - client_cores), 3)},
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def input_elements(metrics_url: str, model: str) -> tuple[float, float]:
@@ -260,18 +252,20 @@ def input_elements(metrics_url: str, model: str) -> tuple[float, float]:
     return found["requested"], found["executed"]
 
 
-async def run_load(address: str, served: Sequence[Served], levels: Sequence[int], warmup_s: float,
-                   measure_s: float, server_pid: int, metrics_url: str) -> list[dict[str, Any]]:
-    """Every variant at every level, the variants of one model interleaved level by level."""
-    from medserve.clients import AsyncClient
-
+def run_load(pool: LoadPool, server: ServerHandle, served: Sequence[Served], levels: Sequence[int],
+             warmup_s: float, measure_s: float) -> list[dict[str, Any]]:
+    """Every variant at every level, the variants of one model interleaved level by level, from
+    one load process of the shared pool (its client CPU is the load process's)."""
     points = []
-    async with AsyncClient(address, timeout_s=60) as client:
+    probe = StatsProbe(server.address)
+    try:
         for model in dict.fromkeys(s.model for s in served):
             for level in levels:
                 for s in (s for s in served if s.model == model):
                     print(f"  {s.name} c={level} ...", file=sys.stderr)
-                    points.append(await closed_loop(client, s, level, warmup_s, measure_s, server_pid, metrics_url))
+                    points.append(closed_loop(pool, server, probe, s, level, warmup_s, measure_s))
+    finally:
+        probe.close()
     return points
 
 
@@ -349,12 +343,8 @@ def tokenizer_stage_us(stage: Any, texts: TextLoad, calls: int = 2000) -> dict[s
     arrays = [np.array([[t]], dtype=object) for t in texts.texts[:calls]]
     for a in arrays[:100]:
         stage(a)
-    times = []
-    for a in arrays:
-        t0 = time.perf_counter_ns()
-        stage(a)
-        times.append(time.perf_counter_ns() - t0)
-    us = np.asarray(times, np.float64) / 1e3
+    each = iter(arrays)
+    us = np.asarray(time_calls(lambda: stage(next(each)), calls=len(arrays)), np.float64) / 1e3
     return {"median_us": round(float(np.median(us)), 1), "mean_us": round(float(us.mean()), 1),
             "p99_us": round(float(np.percentile(us, 99)), 1), "calls": len(arrays)}
 
@@ -413,8 +403,7 @@ def _models(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medserve.perf.bench_text", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("bench_text", __doc__)
     parser.add_argument("--concurrency", type=_levels, default=(1, 8, 64), help="closed-loop callers, e.g. 1,8,64")
     parser.add_argument("--measure-s", type=float, default=8.0, help="measured seconds per point")
     parser.add_argument("--warmup-s", type=float, default=1.5, help="unmeasured seconds before each point")
@@ -424,19 +413,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process-s", type=float, default=0.5, help="seconds of onnxruntime timing per point")
     parser.add_argument("--hand-off-calls", type=int, default=20_000, help="run_in_executor round trips timed")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default perf/results)")
     args = parser.parse_args(argv)
     from medserve.exporters.batch_size import server_like_session
     from medserve.exporters.demo import build_demo_repository
     from medserve.server.tokenize import TokenizerStage
 
-    from .bench_transports import executor_round_trip_us
+    from .measure import executor_round_trip_us
 
     started = time.time()
     hand_off = executor_round_trip_us(args.hand_off_calls)
     print(f"thread hand-off (one loop.run_in_executor round trip): {hand_off['median_us']} µs median", file=sys.stderr)
     texts = make_texts(args.requests, args.seed, args.max_words)
-    with tempfile.TemporaryDirectory(prefix="medserve-bench-text-") as tmp:
+    # The load process starts now: it imports while the models are built.
+    with tempfile.TemporaryDirectory(prefix="medserve-bench-text-") as tmp, LoadPool(1) as pool:
         repo = Path(tmp) / "repo"
         print(f"building {', '.join(args.models)} ...", file=sys.stderr)
         build_demo_repository(repo, models=list(args.models))
@@ -458,16 +447,14 @@ def main(argv: list[str] | None = None) -> int:
             models[model] = {"max_length": max_length,
                              "truncated_fraction": round(float(np.mean(texts.tokens > max_length)), 4)}
             for variant, name in zip(VARIANTS, (model, copy), strict=True):
-                served.append(Served(model, variant, name, tuple(requests)))
-        metrics_port = _free_port()
-        with medserve(repo, args=("--metrics-port", str(metrics_port)), log_dir=Path(tmp)) as server:
+                served.append(Served.of(model, variant, name, requests))
+        with medserve(repo, args=("--metrics-port", "0"), log_dir=Path(tmp)) as server:
             facts = asyncio.run(served_facts(server.address, [s.name for s in served]))
             for s in served:
                 if (facts[s.name]["pad"] is not None) != (s.variant == "padded"):
                     raise RuntimeError(f"{s.name}: served with pad={facts[s.name]['pad']!r}, expected the {s.variant} variant")
             print(f"closed loop, {args.warmup_s:g} s warm-up + {args.measure_s:g} s per point ...", file=sys.stderr)
-            points = asyncio.run(run_load(server.address, served, args.concurrency, args.warmup_s, args.measure_s,
-                                          server.pid, f"http://127.0.0.1:{metrics_port}/metrics"))
+            points = run_load(pool, server, served, args.concurrency, args.warmup_s, args.measure_s)
         print("onnxruntime in process at the mean batch sizes formed ...", file=sys.stderr)
         by_name = {s.name: s for s in served}
         for model in args.models:
@@ -481,12 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                                              args.seed, stages.get(model), session)
                 p["ratio_to_in_process"] = round(p["throughput_rps"] / p["in_process"]["rows_per_s"], 3)
     pct = (50, 90, 99, 100)
-    result = {
-        "schema": "medserve.perf.bench_text/1",
-        "started_unix": round(started, 3),
-        "duration_s": round(time.time() - started, 1),
+    body = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "host": {"cpus": os.cpu_count(), "hand_off_us": hand_off},
         "lengths": {"requests": len(texts.texts), "median_words": MEDIAN_WORDS, "words_sigma": WORDS_SIGMA,
                     "words_pct": [int(v) for v in np.percentile(texts.words, pct)],
                     "tokens_pct": [int(v) for v in np.percentile(texts.tokens, pct)]},
@@ -494,11 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         "served": facts,
         "points": points,
     }
+    path = write_result("bench_text", body, started_unix=started, out_dir=args.out, hand_off_us=hand_off)
+    result = json.loads(path.read_text(encoding="utf-8"))
     print_report(result)
-    out = args.out or Path(__file__).resolve().parent / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_text-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"results: {path}  ({result['duration_s']:.0f} s)")
     return 0
 

@@ -13,8 +13,6 @@ The harness (`medserve.perf.Runner`) drives it closed loop, one load process wit
 connections, the generators interleaved level by level and repetition by repetition:
 
   rawh2   - load processes over `perf/rawh2.py` (hand-framed HTTP/2);
-  h2      - load processes over `perf/h2client.py` (the `h2` library, header validation off,
-            rawh2's asyncio structure);
   grpcio  - load processes over grpc.aio;
   h2load  - nghttp2's C load generator, the yardstick.
 
@@ -27,12 +25,7 @@ machine's thread hand-off cost), for reading the per-call figures against.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,26 +34,11 @@ from typing import Any
 
 import numpy as np
 
-GENERATORS = {"h2load": "h2load", "rawh2": "python", "h2": "h2", "grpcio": "grpcio"}  # name -> harness generator
+from .measure import executor_round_trip_us
+from .report import bench_parser, write_result
+
+GENERATORS = {"h2load": "h2load", "rawh2": "python", "grpcio": "grpcio"}  # name -> harness generator
 TARGET_RATIO = 0.9  # the Python generator within 10 % of h2load's throughput
-
-
-def executor_round_trip_us(calls: int = 20_000) -> dict[str, float]:
-    """One `loop.run_in_executor(None, f)` round trip (submit to the default thread pool, run
-    a no-op there, wake the loop with the result), µs: median and mean over `calls`."""
-
-    async def run() -> list[int]:
-        loop = asyncio.get_running_loop()
-        clock = time.perf_counter_ns
-        times = []
-        for _ in range(calls):
-            t0 = clock()
-            await loop.run_in_executor(None, int)
-            times.append(clock() - t0)
-        return times
-
-    us = np.asarray(asyncio.run(run())[calls // 10:], dtype=np.float64) / 1e3  # the first tenth warms up
-    return {"median_us": round(float(np.median(us)), 1), "mean_us": round(float(us.mean()), 1)}
 
 
 @contextlib.contextmanager
@@ -104,7 +82,6 @@ def bench(levels: tuple[int, ...], repetitions: int, warmup_s: float, measure_s:
                 warnings += [f"{workers} server workers: {w}" for w in results["warnings"]]
         rows += _rows(runs, workers, generators, levels)
     return {
-        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "scenario": {"levels": list(levels), "repetitions": repetitions, "warmup_s": warmup_s, "measure_s": measure_s,
                      "channels": channels, "processes": 1, "server": "perf/fixed_server.py",
                      "server_workers": list(server_workers)},
@@ -219,8 +196,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medserve.perf.bench_transports", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("bench_transports", __doc__, out=False)
     parser.add_argument("--levels", default="16,64", help="closed-loop concurrencies")
     parser.add_argument("--server-workers", default="1,2",
                         help="fixed-server processes, one measurement each (2: the server can take both cores of a "
@@ -240,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(generators) - set(GENERATORS)
     if unknown:
         parser.error(f"unknown generators {sorted(unknown)}: expected {','.join(GENERATORS)}")
+    started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-transports-") as tmp:
         report = bench(tuple(int(c) for c in args.levels.split(",") if c), args.repetitions, args.warmup_s,
                        args.measure_s, args.channels, generators,
@@ -249,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in report["warnings"]:
         print(f"warning: {w}")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_result("bench_transports", report, started_unix=started, path=args.json)
     return 0
 
 

@@ -31,7 +31,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="--workers of the servers started with --serve, or of the --target servers (their "
                         "statistics are per worker process)")
     g.add_argument("--serve-arg", action="append", default=[], help="extra argument for `medserve serve`")
-    g.add_argument("--generator", choices=("python", "h2", "grpcio", "h2load"), default=None, help="load generator for all targets: python (load processes, raw HTTP/2; default), h2 (load processes, the h2 library), grpcio (load processes, grpc.aio) or h2load")
+    g.add_argument("--generator", choices=("python", "grpcio", "h2load"), default=None,
+                   help="load generator for all targets: python (load processes, raw HTTP/2; default), grpcio "
+                        "(load processes, grpc.aio) or h2load")
     g.add_argument("--compare-h2load", action="store_true",
                    help="also drive every target with h2load, interleaved: the generator saturation check")
     g = p.add_argument_group("requests")

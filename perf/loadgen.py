@@ -3,8 +3,6 @@ they are (no serializer; the response bytes come back undecoded), over the trans
 
 * `python` (default): `rawh2`, hand-framed HTTP/2, the cheapest per call, so on a small host
   the generator leaves the cores to the server it measures;
-* `h2`: `h2client`, the same structure over the `h2` library's state machine (about three
-  times rawh2's CPU per call);
 * `grpcio`: grpc.aio channels with a generic method, the reference client, for checking
   rawh2's figures against.
 Their costs, measured: `python -m medserve.perf.bench_transports` (figures in perf/README.md).
@@ -41,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from . import h2client, rawh2
+from . import rawh2
 from .measure import INCOMPLETE
 from .scenario import INFER_PATH
 
@@ -74,7 +72,8 @@ class Job:
     channels: int
     max_outstanding: int
     seed: int
-    generator: str = "python"  # "python": rawh2; "h2": h2client; "grpcio": grpc.aio channels
+    generator: str = "python"  # "python": rawh2; "grpcio": grpc.aio channels
+    back_off: bool = False  # closed: after RESOURCE_EXHAUSTED wait the server's retry pushback (else 5 ms)
 
 
 def _rusage_s() -> float:
@@ -133,12 +132,14 @@ class _Worker:
         self._index = index
         self._counters = counters
         self._channels: dict[str, list[Any]] = {}
-        self._raw: dict[tuple[str, str], list[rawh2.Channel]] = {}
+        self._raw: dict[str, list[rawh2.Channel]] = {}
         self.window = _WindowCounts()
+        self.messages: dict[int, str] = {}  # the first message of each status (never a payload's values)
+        self.pushback_s = 0.0  # the last failure's retry pushback (RESOURCE_EXHAUSTED)
 
     async def calls(self, address: str, count: int, generator: str) -> list[Any]:
         if generator != "grpcio":
-            return await self._raw_calls(address, count, generator)
+            return await self._raw_calls(address, count)
         chans = self._channels.setdefault(address, [])
         while len(chans) < count:
             options = [*CHANNEL_OPTIONS, ("medserve.perf.channel", f"{self._index}-{len(chans)}")]
@@ -150,10 +151,10 @@ class _Worker:
                 pass  # the first calls will fail with UNAVAILABLE and be counted as such
         return [ch.unary_unary(INFER_PATH, request_serializer=None, response_deserializer=None) for ch in chans[:count]]
 
-    async def _raw_calls(self, address: str, count: int, generator: str) -> list[Any]:
-        chans = self._raw.setdefault((address, generator), [])
+    async def _raw_calls(self, address: str, count: int) -> list[Any]:
+        chans = self._raw.setdefault(address, [])
         while len(chans) < count:
-            chan = (h2client.Channel if generator == "h2" else rawh2.Channel)(address)
+            chan = rawh2.Channel(address)
             await chan.connect()  # failing: the first calls end UNAVAILABLE and are counted as such
             chans.append(chan)
         return [ch.unary(INFER_PATH) for ch in chans[:count]]
@@ -170,6 +171,7 @@ class _Worker:
         calls = await self.calls(job.address, max(1, job.channels), job.generator)
         rec = _Recorder()
         self.window = _WindowCounts()
+        self.messages = {}
         m0 = start_ns + int(job.warmup_s * 1e9)
         m1 = m0 + int(job.measure_s * 1e9)
         cpu: dict[str, float] = {}
@@ -194,14 +196,24 @@ class _Worker:
             "window_ok": self.window.ok,
             "window_good": self.window.good,
             "sent_total": stats["sent"],
+            "messages": self.messages,
             "pid": os.getpid(),
         }
 
     def _status(self, exc: BaseException) -> int:
+        """The call's status; its first message per status is kept, and a retry pushback."""
+        pushback: Any = None
         if isinstance(exc, rawh2.RpcError):
-            return exc.code
-        code = exc.code() if isinstance(exc, self._grpc.aio.AioRpcError) else self._grpc.StatusCode.UNKNOWN
-        return int(code.value[0])
+            status, message, pushback = exc.code, exc.message, exc.pushback_ms
+        elif isinstance(exc, self._grpc.aio.AioRpcError):
+            status, message = int(exc.code().value[0]), str(exc.details())
+            pushback = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+        else:
+            status, message = int(self._grpc.StatusCode.UNKNOWN.value[0]), type(exc).__name__
+        if status not in self.messages:
+            self.messages[status] = message[:160]
+        self.pushback_s = int(pushback) / 1e3 if pushback is not None and str(pushback).isdigit() else 0.005
+        return status
 
     async def _closed(self, job: Job, calls: Sequence[Any], rec: _Recorder, m0: int, m1: int, stats: dict[str, int]) -> None:
         plan = job.plan
@@ -238,6 +250,8 @@ class _Worker:
                     win.count(status, t1 - t0, goals[mi])
                 stats["sent"] += 1
                 counters[index] += 1
+                if status == rawh2.RESOURCE_EXHAUSTED and job.back_off:
+                    await asyncio.sleep(self.pushback_s)
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(conc)]
         await _finish(tasks, m1 + int(job.drain_s * 1e9))

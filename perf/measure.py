@@ -1,13 +1,16 @@
 """Measurements around the load: latency histograms (HdrHistogram), the server's own
-ModelStatistics before and after the window (per worker process, summed), and CPU and RSS of
-processes read from /proc (the server) or getrusage (the harness).
+ModelStatistics before and after the window (per worker process, summed), CPU and RSS of
+processes read from /proc (the server) or getrusage (the harness), this machine's thread
+hand-off, and the timing of calls made in process (the engine, a tokenizer, a client library).
+Every benchmark reads these here, so a figure means the same wherever it is printed.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +144,17 @@ def _proc_rss_bytes(pid: int) -> int:
     return 0
 
 
+def rss_mib(pids: Iterable[int]) -> float:
+    """Resident memory of the processes (MiB, summed; one that has gone counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += _proc_rss_bytes(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 2**20
+
+
 @dataclass(frozen=True, slots=True)
 class ProcSnapshot:
     at_s: float
@@ -168,6 +182,42 @@ def proc_delta(before: ProcSnapshot | None, after: ProcSnapshot | None) -> dict[
     used = sum(after.cpu_s[p] - before.cpu_s[p] for p in after.cpu_s if p in before.cpu_s)
     return {"cpu_cores": round(used / wall, 3) if wall > 0 else 0.0, "rss_mib": round(after.rss_bytes / 2**20, 1),
             "processes": len(after.cpu_s)}
+
+
+# -- in process ------------------------------------------------------------------------------
+
+
+def executor_round_trip_us(calls: int = 20_000) -> dict[str, float]:
+    """This machine's thread hand-off: one `loop.run_in_executor(None, f)` round trip (submit
+    to the default thread pool, run a no-op there, wake the loop with the result), µs: median
+    and mean over `calls`. Machines of one kind differ several-fold here, so every benchmark
+    prints it beside its figures."""
+
+    async def run() -> list[int]:
+        loop = asyncio.get_running_loop()
+        clock = time.perf_counter_ns
+        times = []
+        for _ in range(calls):
+            t0 = clock()
+            await loop.run_in_executor(None, int)
+            times.append(clock() - t0)
+        return times
+
+    us = np.asarray(asyncio.run(run())[calls // 10:], dtype=np.float64) / 1e3  # the first tenth warms up
+    return {"median_us": round(float(np.median(us)), 1), "mean_us": round(float(us.mean()), 1)}
+
+
+def time_calls(call: Callable[[], object], *, calls: int = 0, seconds: float = 0.0) -> list[int]:
+    """Nanoseconds of each of `call()`'s runs, one after another: at least `calls` of them and
+    for at least `seconds` (the in-process loop every benchmark times its calls with)."""
+    clock = time.perf_counter_ns
+    end = clock() + int(seconds * 1e9)
+    times: list[int] = []
+    while len(times) < calls or clock() < end:
+        t0 = clock()
+        call()
+        times.append(clock() - t0)
+    return times
 
 
 # -- server statistics ----------------------------------------------------------------------

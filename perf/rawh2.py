@@ -4,7 +4,7 @@ Why not grpcio or h2: on a small host the generator shares the cores with the se
 measures, so every microsecond it spends per request is taken from the server. Measured
 (`python -m medserve.perf.bench_transports`, 2026-12-02, this 2-core machine, where one
 `loop.run_in_executor` round trip takes 110 µs): this client costs 51 µs of CPU per call, the
-`h2` library in the same structure (`perf/h2client.py`) 147 µs, grpc.aio 151 µs, h2load
+`h2` library in the same structure (a client since retired) 147 µs, grpc.aio 151 µs, h2load
 28 µs; against a server that can use both cores (two processes) the load processes over rawh2
 keep within 10 % of h2load's throughput, over h2 or grpc.aio they reach 0.5-0.7 of it. This
 client does only what a unary call with a pre-encoded message needs:
@@ -60,10 +60,11 @@ RST_STATUS = {0x7: UNAVAILABLE, 0x8: CANCELLED, 0xB: RESOURCE_EXHAUSTED, 0xC: PE
 class RpcError(Exception):
     """A call that ended with a non-OK gRPC status (`code` is the numeric status)."""
 
-    def __init__(self, code: int, message: str = "") -> None:
+    def __init__(self, code: int, message: str = "", pushback_ms: int | None = None) -> None:
         super().__init__(f"gRPC status {code}: {message}" if message else f"gRPC status {code}")
         self.code = code
         self.message = message
+        self.pushback_ms = pushback_ms  # the trailers' grpc-retry-pushback-ms: when to try again
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -105,6 +106,7 @@ class Call:
     http_status: int = 200
     grpc_status: int | None = None
     message: str = ""
+    pushback_ms: int | None = None
     timer: asyncio.TimerHandle | None = None
     send_window: int = DEFAULT_WINDOW
 
@@ -189,7 +191,7 @@ class CallProtocol(asyncio.Protocol):
                 body = b"".join(entry.chunks)
                 entry.future.set_result(body[5:])
             else:
-                entry.future.set_exception(RpcError(code, message))
+                entry.future.set_exception(RpcError(code, message, entry.pushback_ms))
         self._start_waiting()
 
     def _read_headers(self, entry: Call, headers: list[tuple[bytes, bytes]]) -> None:
@@ -200,6 +202,8 @@ class CallProtocol(asyncio.Protocol):
                 entry.grpc_status = int(value)
             elif name == b"grpc-message":
                 entry.message = unquote(value.decode("utf-8", "replace"))
+            elif name == b"grpc-retry-pushback-ms" and value.isdigit():
+                entry.pushback_ms = int(value)
 
     def _end(self, stream: int) -> None:
         """The server ended the stream: the trailers' status, else the HTTP status mapped."""

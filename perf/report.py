@@ -1,12 +1,19 @@
-"""Results out: JSON (everything), CSV (one row per configuration and level), a one-screen
-summary table, the comparison ratios, and PNG plots (matplotlib, Agg backend, imported here
-only)."""
+"""Results out: the one JSON envelope every benchmark writes (`write_result`), CSV (one row per
+configuration and level), a one-screen summary table, the comparison ratios, and PNG plots
+(matplotlib, Agg backend, imported here only)."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import os
+import platform
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark's default output folder
 
 CSV_FIELDS = (
     "config", "generator", "level", "offered_rps", "requests", "throughput_rps", "ok_rps", "goodput_rps",
@@ -16,10 +23,41 @@ CSV_FIELDS = (
 )
 
 
-def write_json(results: dict[str, Any], path: Path) -> Path:
+def write_json(results: Mapping[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     return path
+
+
+def envelope(schema: str, started_unix: float, **host: Any) -> dict[str, Any]:
+    """What every result file starts with: its schema, when it started and how long it took,
+    and the host it ran on (`host` adds figures such as the thread hand-off)."""
+    return {
+        "schema": schema,
+        "started_unix": round(started_unix, 3),
+        "duration_s": round(time.time() - started_unix, 1),
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                 **host},
+    }
+
+
+def bench_parser(kind: str, doc: str | None, *, out: bool = True) -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: `python -m medserve.perf.<kind>`, its
+    docstring as the help, and `--out` (the folder `write_result` writes to)."""
+    parser = argparse.ArgumentParser(prog=f"python -m medserve.perf.{kind}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if out:
+        parser.add_argument("--out", type=Path, default=None, help="results folder (default perf/results)")
+    return parser
+
+
+def write_result(kind: str, body: Mapping[str, Any], *, started_unix: float, out_dir: Path | None = None,
+                 path: Path | None = None, **host: Any) -> Path:
+    """A benchmark's results as JSON: the envelope (schema `medserve.perf.<kind>/1`), then
+    `body`; to `path`, else `<out_dir>/<kind>-<time>.json` (default perf/results)."""
+    if path is None:
+        path = (out_dir or RESULTS) / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return write_json({**envelope(f"medserve.perf.{kind}/1", started_unix, **host), **body}, path)
 
 
 def _server_figure(level: dict[str, Any], key: str) -> float | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import resource
 import shlex
 import sys
@@ -38,6 +37,7 @@ from .measure import (
     stats_delta,
     status_name,
 )
+from .report import envelope
 from .scenario import ModelInfo, ModelLoad, Scenario, Target, build_payloads, fetch_model_info
 
 SCHEMA = "medserve.perf/1"
@@ -412,11 +412,8 @@ class Runner:
                         p.levels.append(r)
             configs = [self._config_result(p) for p in targets]
         results = {
-            "schema": SCHEMA,
-            "started_unix": round(started, 3),
-            "duration_s": round(time.time() - started, 1),
-            "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                     "max_rss_mib_harness": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
+            **envelope(SCHEMA, started,
+                       max_rss_mib_harness=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)),
             "scenario": sc.as_dict(),
             "configs": configs,
             "comparisons": compare(configs),

@@ -30,7 +30,7 @@ A scenario file (every key optional except at least one model; flags override th
     address = "127.0.0.1:8001" # or: serve = { repository = "models", workers = 2, args = [] }
     pid = 1234                 # optional: the server's pid, for CPU and RSS
     workers = 2                # optional: `--workers` of that server (its statistics are per worker)
-    generator = "python"       # or "h2", "grpcio", "h2load"
+    generator = "python"       # or "grpcio", "h2load"
     models = ["rf_batched"]    # optional: this target's model names, replacing [[model]] names
 
 Several targets are measured in the same run, interleaved level by level, and compared.
@@ -52,7 +52,7 @@ SERVICE = "inference.GRPCInferenceService"
 INFER_PATH = f"/{SERVICE}/ModelInfer"
 MODES = ("closed", "open")
 ARRIVALS = ("poisson", "fixed")
-GENERATORS = ("python", "h2", "grpcio", "h2load")  # load processes over rawh2, h2client or grpc.aio; h2load
+GENERATORS = ("python", "grpcio", "h2load")  # load processes over rawh2 or grpc.aio; h2load
 DATA_SOURCES = ("card", "random", "zeros")
 
 

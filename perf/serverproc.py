@@ -1,5 +1,6 @@
 """Servers the harness starts itself: `medserve serve` (or the fixed-response server) as a child
-process on a free port, ready once it wrote its ready file; stopped with SIGTERM (drain)."""
+process that binds port 0 itself and reports the ports it bound in its ready file (no port is
+picked here and bound later by another process: that races); stopped with SIGTERM (drain)."""
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +22,13 @@ class ServerHandle:
     worker_pids: list[int] = field(default_factory=list)
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    metrics_port: int | None = None  # --metrics-port 0: the port the server bound
+
+    @property
+    def metrics_url(self) -> str:
+        if self.metrics_port is None:
+            raise RuntimeError("this server was started without --metrics-port")
+        return f"http://{self.address.rsplit(':', 1)[0]}:{self.metrics_port}/metrics"
 
     @property
     def port(self) -> int:
@@ -49,7 +57,8 @@ def start_process(cmd: Sequence[str], ready_file: Path, log_path: Path, timeout_
                 raise TimeoutError(f"server not ready after {timeout_s:.0f} s (log: {log_path})")
             time.sleep(0.05)
         ready = json.loads(ready_file.read_text())
-        yield ServerHandle(f"{host}:{ready['port']}", proc.pid, list(ready.get("workers", [])), log_path, proc)
+        yield ServerHandle(f"{host}:{ready['port']}", proc.pid, list(ready.get("workers", [])), log_path, proc,
+                           ready.get("metrics_port"))
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -326,10 +326,14 @@ class AuditedLifecycle(Lifecycle):
         return self.started and not self.draining and (self.audit is None or self.audit.healthy)
 
 
-def write_ready_file(path: Path, port: int) -> None:
-    """Tell a supervisor (or a test) the bound port, atomically, once the server is ready."""
+def write_ready_file(path: Path, port: int, metrics_port: int | None = None) -> None:
+    """Tell a supervisor (or a test) the bound ports, atomically, once the server is ready
+    (`metrics_port` where --metrics-port is on: with 0 only the server knows which it bound)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}), encoding="utf-8")
+    ready: dict[str, int] = {"port": port, "pid": os.getpid()}
+    if metrics_port is not None:
+        ready["metrics_port"] = metrics_port
+    tmp.write_text(json.dumps(ready), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -351,7 +355,7 @@ async def run(config: ServerConfig, *, ready_file: Path | None = None, reuse_por
     servers.append(server)
     port = await server.start()
     if ready_file is not None:
-        write_ready_file(ready_file, port)
+        write_ready_file(ready_file, port, server.metrics_port)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -117,7 +117,7 @@ def test_overloaded_open_loop_latency_counts_from_the_intended_send_time(make_re
     assert rep["send_lag_us"]["p50"] < rep["latency_us"]["p50"] / 10
 
 
-@pytest.mark.parametrize("generator", ["python", "h2", "grpcio"])  # rawh2, h2client, grpc.aio load processes
+@pytest.mark.parametrize("generator", ["python", "grpcio"])  # rawh2, grpc.aio load processes
 def test_errors_become_status_counts_not_a_crash(affine_repo: Path, tmp_path: Path, generator: str) -> None:
     mix = (
         ModelLoad("affine", weight=2),

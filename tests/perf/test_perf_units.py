@@ -290,3 +290,60 @@ def test_thread_schedstat_charges_a_threads_own_cpu_time() -> None:
     on2, _ = thread_schedstat_s(os.getpid(), tid)
     assert 0.03 <= on1 - on0 < 1.0 and wait1 >= wait0
     assert on2 - on1 < 0.02
+
+
+BENCHMARKS = ("bench_batching", "bench_client", "bench_explain", "bench_monitor", "bench_overload", "bench_text",
+              "bench_transports")
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_builds_its_command_line(name: str, capsys) -> None:
+    """`--help` of each benchmark (its parser, its imports) and, where it writes a results
+    folder, the shared `--out`."""
+    import importlib
+
+    module = importlib.import_module(f"medserve.perf.{name}")
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage:" in text
+    assert ("--out" in text) == (name not in ("bench_client", "bench_transports"))
+
+
+def test_one_result_envelope(tmp_path: Path) -> None:
+    """Every benchmark's JSON starts the same: schema, start, duration, host (with what the
+    benchmark adds), then its own figures; the file is named after the benchmark."""
+    import time
+
+    from medserve.perf.report import write_result
+
+    started = time.time() - 2.0
+    path = write_result("bench_x", {"figure": 1.5}, started_unix=started, out_dir=tmp_path / "out",
+                        hand_off_us={"median_us": 3.0})
+    assert path.parent == tmp_path / "out" and path.name.startswith("bench_x-") and path.suffix == ".json"
+    result = json.loads(path.read_text())
+    assert list(result)[:4] == ["schema", "started_unix", "duration_s", "host"]
+    assert result["schema"] == "medserve.perf.bench_x/1" and result["figure"] == 1.5
+    assert result["started_unix"] == round(started, 3) and 2.0 <= result["duration_s"] < 60
+    assert result["host"]["cpus"] and result["host"]["python"] and result["host"]["hand_off_us"] == {"median_us": 3.0}
+    named = write_result("bench_x", {}, started_unix=started, path=tmp_path / "given.json")
+    assert named == tmp_path / "given.json" and json.loads(named.read_text())["schema"] == "medserve.perf.bench_x/1"
+
+
+def test_in_process_timers_and_rss() -> None:
+    """The hand-off timer and the call timer time what they are given; the RSS reader reads
+    this process and counts a pid that is gone as nothing."""
+    import os
+    import time
+
+    from medserve.perf.measure import executor_round_trip_us, rss_mib, time_calls
+
+    hand_off = executor_round_trip_us(200)
+    assert 0 < hand_off["median_us"] < 1e5 and hand_off["mean_us"] > 0
+    times = time_calls(lambda: time.sleep(0.002), calls=5)
+    assert len(times) == 5 and min(times) >= 2_000_000
+    start = time.perf_counter()
+    assert len(time_calls(int, seconds=0.05)) > 5 and time.perf_counter() - start >= 0.05
+    own = rss_mib([os.getpid()])
+    assert own > 10 and rss_mib([os.getpid(), 2**22 + 7]) == own

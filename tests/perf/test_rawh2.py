@@ -1,6 +1,6 @@
-"""The load processes' HTTP/2 transports (rawh2, hand-framed; h2client, over the h2 library)
-against a real medserve server: the same response bytes as grpcio, every status, flow control
-with messages far above the windows, deadlines, and a server that goes away mid-call."""
+"""The load processes' HTTP/2 transport (rawh2, hand-framed) against a real medserve server:
+the same response bytes as grpcio, every status, flow control with messages far above the
+windows, deadlines, and a server that goes away mid-call."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from medserve.perf import h2client, rawh2
+from medserve.perf import rawh2
 from medserve.perf.scenario import INFER_PATH
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos.wire import from_raw
@@ -21,7 +21,7 @@ from conftest import running_server
 WIDE = 60_000  # features: a 240 kB request and a 240 kB response, past every 64 kB window
 
 
-@pytest.fixture(params=[rawh2.Channel, h2client.Channel], ids=["rawh2", "h2client"])
+@pytest.fixture(params=[rawh2.Channel], ids=["rawh2"])
 def channel_class(request: pytest.FixtureRequest) -> type[rawh2.Channel]:
     return request.param
 
