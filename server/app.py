@@ -34,6 +34,7 @@ from .repository import ModelRepository
 from .runtime import usable_providers
 from .service import InferenceServicer, Lifecycle
 from .tracing import Tracing
+from .wiring import build_repository
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class MedserveServer:
     ) -> None:
         self.config = config
         self.lifecycle = AuditedLifecycle()
-        self.repository = repository or ModelRepository(config, clock=clock)
+        self.repository = repository or build_repository(config, clock=clock)
         self.core = InferenceCore(self.repository, clock, max_response_bytes=config.max_message_bytes)
         self._identities = IdentityFile.load(Path(config.tokens_file)) if config.tokens_file else None
         self.audit = (

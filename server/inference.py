@@ -9,6 +9,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -16,7 +17,9 @@ import numpy as np
 
 from medserve.protos.wire import DATATYPES
 
-from .batching import BACKGROUND, BatchRequest, Clock, RequestTiming, work_of
+from .batching import BACKGROUND, Batcher, BatchRequest, Clock, RequestTiming, work_of
+from .card import ModelCard
+from .config import ModelConfig
 from .errors import ExecutionError, InvalidInput
 from .explain import Explainer, Explanation
 from .repository import LoadedVersion, ModelRepository
@@ -149,7 +152,7 @@ class InferenceCore:
             entry = DATATYPES.get(spec.datatype)
             itemsize = (entry.itemsize if entry is not None else None) or 8  # a string: its prefix, at least
             output_bytes += rows * math.prod(max(1, d) for d in spec.dims) * itemsize
-        self._explainer(loaded).admit(shapes, output_bytes + token_chars, self._max_response_bytes)
+        loaded.explainer.admit(shapes, output_bytes + token_chars, self._max_response_bytes)
 
     async def _infer(self, loaded: LoadedVersion, request: InferRequest) -> InferResult:
         signature = loaded.signature
@@ -164,7 +167,6 @@ class InferenceCore:
             tokenized = await self._tokenize(loaded, inputs)
             inputs = tokenized.inputs
         batcher = loaded.batcher
-        assert batcher is not None
         future = batcher.submit(
             BatchRequest(
                 inputs=inputs,
@@ -204,47 +206,40 @@ class InferenceCore:
 
     async def _explain(self, loaded: LoadedVersion, inputs: Mapping[str, np.ndarray],
                        outputs: Mapping[str, np.ndarray], words: np.ndarray | None) -> Explanation:
-        explainer = self._explainer(loaded)
+        explainer = loaded.explainer
         output = outputs[str(explainer.output)] if explainer.output in outputs else None
         if output is None:
             raise InvalidInput(f"model {loaded.label} cannot be explained: {explainer.refuse() or 'no output'}")
         return await explainer.explain(inputs, output, words)
 
-    @staticmethod
-    def _explainer(loaded: LoadedVersion) -> Explainer:
-        """The version's explainer, made on its first explanation."""
-        if loaded.explainer is not None:
-            return loaded.explainer
-        batcher = loaded.batcher
-        assert batcher is not None
 
-        async def evaluate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            """Perturbed rows through the model's own batcher, after every caller's request
-            (callers' batches start beside a running part), in short parts, only a few queued
-            at a time (an explanation never fills the queue)."""
-            total = next(iter(batch.values())).shape[0]
-            budget = BACKGROUND_PART_S if loaded.model.providers == (CPU,) else BACKGROUND_PART_GPU_S
-            limit = background_part_rows(batcher.estimate_s, work_of(batch) // max(1, total),
-                                         max(1, loaded.config.max_batch_size) * BACKGROUND_PART_CHUNKS, budget)
-            answers: list[Mapping[str, np.ndarray]] = []
-            for first in range(0, total, limit * BACKGROUND_WINDOW):
-                answers += await asyncio.gather(*(
-                    batcher.submit(BatchRequest({n: a[start:start + limit] for n, a in batch.items()},
-                                                rows=min(limit, total - start), priority=BACKGROUND))
-                    for start in range(first, min(total, first + limit * BACKGROUND_WINDOW), limit)))
-            return {n: np.concatenate([a[n] for a in answers]) for n in answers[0]}
+def explainer_for(label: str, config: ModelConfig, card: ModelCard | None, batcher: Batcher,
+                  providers: tuple[str, ...], background: Executor) -> Explainer:
+    """A version's explainer (the factory makes it with the version): perturbed rows through
+    the version's own batcher, the explanation's numpy work on its background threads."""
 
-        background = loaded.background
+    async def evaluate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Perturbed rows through the model's own batcher, after every caller's request
+        (callers' batches start beside a running part), in short parts, only a few queued
+        at a time (an explanation never fills the queue)."""
+        total = next(iter(batch.values())).shape[0]
+        budget = BACKGROUND_PART_S if providers == (CPU,) else BACKGROUND_PART_GPU_S
+        limit = background_part_rows(batcher.estimate_s, work_of(batch) // max(1, total),
+                                     max(1, config.max_batch_size) * BACKGROUND_PART_CHUNKS, budget)
+        answers: list[Mapping[str, np.ndarray]] = []
+        for first in range(0, total, limit * BACKGROUND_WINDOW):
+            answers += await asyncio.gather(*(
+                batcher.submit(BatchRequest({n: a[start:start + limit] for n, a in batch.items()},
+                                            rows=min(limit, total - start), priority=BACKGROUND))
+                for start in range(first, min(total, first + limit * BACKGROUND_WINDOW), limit)))
+        return {n: np.concatenate([a[n] for a in answers]) for n in answers[0]}
 
-        async def offload(work: Callable[[], T]) -> T:
-            """An explanation's own numpy work on the background threads (lowest OS priority)."""
-            if background is None:
-                return work()
-            try:
-                future = asyncio.get_running_loop().run_in_executor(background, work)
-            except RuntimeError:  # the version is retiring and its threads are shut down: finish here
-                return work()
-            return await future
+    async def offload(work: Callable[[], T]) -> T:
+        """An explanation's own numpy work on the background threads (lowest OS priority)."""
+        try:
+            future = asyncio.get_running_loop().run_in_executor(background, work)
+        except RuntimeError:  # the version is retiring and its threads are shut down: finish here
+            return work()
+        return await future
 
-        loaded.explainer = Explainer(loaded.label, loaded.config, loaded.card, evaluate, offload=offload)
-        return loaded.explainer
+    return Explainer(label, config, card, evaluate, offload=offload)

@@ -54,7 +54,8 @@ def running_server(
     repository: Path, repository_cls: Any = None, *, reuse_port: bool = False, tracing: Any = None, **overrides: Any
 ) -> Iterator[RunningServer]:
     """Start a real grpc.aio medserve server on 127.0.0.1, port 0, in a background thread.
-    `overrides` are ServerConfig fields; `repository_cls` a ModelRepository subclass;
+    `overrides` are ServerConfig fields; `repository_cls` makes the repository from the config and
+    a clock (`gated_repository`, or `medserve.server.wiring.build_repository` with a factory hook);
     `reuse_port` binds with SO_REUSEPORT (to share a port the test holds reserved)."""
     from medserve.server.app import MedserveServer
     from medserve.server.config import ServerConfig
@@ -145,19 +146,17 @@ class GatedModel:
 
 
 def gated_repository(gates: dict[str, threading.Event]) -> Any:
-    """A ModelRepository class whose models named in `gates` execute only while their gate is
-    set; nothing runs inline on the event loop (a closed gate there would stall the server)."""
-    from medserve.server.repository import ModelRepository
+    """A repository builder (for `running_server(repository_cls=...)`) whose models named in
+    `gates` execute only while their gate is set: the factory hands their batchers a
+    `GatedModel` (warm-up runs ungated); nothing runs inline on the event loop (a closed gate
+    there would stall the server)."""
+    from medserve.server.wiring import build_repository
 
-    class GatedRepository(ModelRepository):
-        def __init__(self, config: Any, **kw: Any) -> None:
-            super().__init__(replace(config, inline_below_us=0), **kw)
+    def gate_runner(files: Any, runner: Any) -> Any:
+        gate = gates.get(files.name)
+        return runner if gate is None else GatedModel(runner, gate)
 
-        def _load_version(self, *args: Any) -> Any:
-            loaded = super()._load_version(*args)
-            gate = gates.get(loaded.name)
-            if gate is not None:
-                loaded.model = GatedModel(loaded.model, gate)
-            return loaded
+    def build(config: Any, *, clock: Callable[[], float]) -> Any:
+        return build_repository(replace(config, inline_below_us=0), clock=clock, wrap_runner=gate_runner)
 
-    return GatedRepository
+    return build

@@ -183,17 +183,19 @@ def test_server_survives_and_still_answers(server: RunningServer) -> None:
 
 
 def test_model_loading_is_unavailable(tmp_path: Path) -> None:
-    """While a model loads (held at a gate before its sessions are built), requests for it get
-    UNAVAILABLE; once loaded they succeed."""
-    from medserve.server.repository import ModelRepository
+    """While a model loads (held at a gate in the factory that makes its version), requests for
+    it get UNAVAILABLE; once loaded they succeed."""
+    from medserve.server.wiring import build_repository
 
     gate = threading.Event()
 
-    class GatedRepository(ModelRepository):
-        def _load_sync(self, name: str):  # type: ignore[no-untyped-def]
-            if name == "late":
-                gate.wait(30)
-            return super()._load_sync(name)
+    def hold(files, runner):  # type: ignore[no-untyped-def]
+        if files.name == "late":
+            gate.wait(30)
+        return runner
+
+    def GatedRepository(config, *, clock):  # type: ignore[no-untyped-def]  # noqa: N802 - a repository "class"
+        return build_repository(config, clock=clock, wrap_runner=hold)
 
     root = tmp_path / "repo"
     onnx_models.affine(root / "early" / "1" / "model.onnx")

@@ -99,15 +99,14 @@ class Load:
 
 
 def test_http_health_through_loading_ready_and_draining_while_grpc_needs_mtls(tmp_path: Path) -> None:
-    from medserve.server.repository import ModelRepository
+    from medserve.server.wiring import build_repository
 
     certs = make_certs(tmp_path / "certs")
     gate = threading.Event()
 
-    class SlowToLoad(ModelRepository):
-        def _load_sync(self, name: str):  # type: ignore[no-untyped-def]
-            gate.wait(30)
-            return super()._load_sync(name)
+    def slow_to_load(files, runner):  # type: ignore[no-untyped-def]
+        gate.wait(30)  # in the factory, while the version is made
+        return runner
 
     repo = tmp_path / "repo"
     onnx_models.affine(repo / "m" / "1" / "model.onnx")
@@ -122,7 +121,8 @@ def test_http_health_through_loading_ready_and_draining_while_grpc_needs_mtls(tm
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = MedserveServer(config, repository=SlowToLoad(config, clock=time.monotonic))
+    server = MedserveServer(config, repository=build_repository(config, clock=time.monotonic,
+                                                                wrap_runner=slow_to_load))
     starting = asyncio.run_coroutine_threadsafe(server.start(), loop)
     try:
         wait_for(lambda: server.metrics_port is not None)
