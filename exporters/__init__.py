@@ -32,15 +32,15 @@ from .errors import (
 if TYPE_CHECKING:
     from .api import ExportReport, export
     from .card import TrainingData
-    from .parity import OutputParity, Tolerance
+    from .figures import OutputParity, Tolerance
     from .specs import TensorSpec
 
 _LAZY = {
     "export": ".api",
     "ExportReport": ".api",
     "TrainingData": ".card",
-    "OutputParity": ".parity",
-    "Tolerance": ".parity",
+    "OutputParity": ".figures",
+    "Tolerance": ".figures",
     "TensorSpec": ".specs",
 }
 

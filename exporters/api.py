@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,17 @@ def _split_heldout(heldout: Any) -> tuple[Any, np.ndarray | None]:
         inputs, targets = heldout
         return inputs, None if targets is None else np.asarray(targets)
     return heldout, None
+
+
+def _answers(conversion: Conversion, names: Sequence[str], inputs: Any) -> dict[str, np.ndarray]:
+    """The graph's outputs on `inputs`: at once, or `chunk_rows` at a time (text: each chunk
+    padded to its own longest text, as the server pads a batch) and joined."""
+    session = cpu_session(conversion.model_bytes)
+    rows = conversion.chunk_rows
+    if rows is None:
+        return dict(zip(names, session.run(names, conversion.feeds(inputs)), strict=True))
+    chunks = [session.run(names, conversion.feeds(inputs[i : i + rows])) for i in range(0, len(inputs), rows)]
+    return {name: np.concatenate([chunk[k] for chunk in chunks]) for k, name in enumerate(names)}
 
 
 def _check_lengths(
@@ -239,45 +251,42 @@ def export(
 
     Raises ParityError (nothing published), VersionExistsError, SignatureMismatchError,
     UnsupportedModelError, ExportError."""
-    if _is_text_model(model, tokenizer, pooling):
+    text_model = _is_text_model(model, tokenizer, pooling)
+    if text_model:
         if feature_names is not None or dynamic_axes is not None or output_names is not None:
             raise ExportError("feature_names, dynamic_axes and output_names do not apply to text encoders")
-        if isinstance(training_data, Mapping):
-            training_data = TrainingData(str(training_data["description"]), int(training_data["n_samples"]))
-        from . import text
-
-        return text.export_text(
-            model,
-            sample_inputs,
-            repository,
-            name,
-            tokenizer=tokenizer,
-            pooling=pooling,
-            normalize=normalize,
-            max_length=max_length,
-            head=head,
-            class_labels=class_labels,
-            heldout=heldout,
-            version=version,
-            description=description,
-            training_data=training_data,
-            tolerance=tolerance,
-            max_batch_size=max_batch_size,
-            opset=opset,
-            source=source,
-        )
-    if head is not None or normalize is not None or max_length is not None or source is not None:
+        if reference_data is not None or feature_limits is not None or padding is not None:
+            raise ExportError("reference_data, feature_limits and padding do not apply to text encoders "
+                              "(the server pads text batches itself once the padding check passes)")
+    elif head is not None or normalize is not None or max_length is not None or source is not None:
         raise ExportError("head, normalize, max_length and source apply to text encoders only")
     publishing.check_name(name)
-    if max_batch_size is not None and (
+    started = time.perf_counter()
+    if text_model:
+        if max_batch_size is not None and (
+            isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
+        ):
+            raise ExportError(
+                f"a text model is served in batches: max_batch_size must be an integer >= 1, got {max_batch_size!r}"
+            )
+    elif max_batch_size is not None and (
         isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0
     ):
         raise ExportError(f"max_batch_size must be an integer >= 0 or None (measure it), got {max_batch_size!r}")
     if isinstance(training_data, Mapping):
         training_data = TrainingData(str(training_data["description"]), int(training_data["n_samples"]))
 
-    log.info("converting %s model %r", type(model).__name__, name)
-    conversion = _convert(model, sample_inputs, opset, dynamic_axes, output_names)
+    if text_model:
+        from . import text
+
+        conversion = text.convert(
+            model, sample_inputs, tokenizer=tokenizer, pooling=pooling, normalize=normalize, max_length=max_length,
+            head=head, class_labels=class_labels, heldout=heldout, tolerance=tolerance, opset=opset, source=source,
+            name=name,
+        )
+    else:
+        log.info("converting %s model %r", type(model).__name__, name)
+        conversion = _convert(model, sample_inputs, opset, dynamic_axes, output_names)
     graph = onnx.load_model_from_string(conversion.model_bytes)
     inputs, outputs = graph_signature(graph)
     _check_batch_axis(inputs, outputs, max_batch_size)
@@ -286,7 +295,9 @@ def export(
     _check_lengths(conversion, feature_names, class_labels)
 
     heldout_inputs, targets = _split_heldout(heldout)
-    datasets = [sample_inputs] if heldout_inputs is None else [sample_inputs, heldout_inputs]
+    datasets: Sequence[Any] = [sample_inputs] if heldout_inputs is None else [sample_inputs, heldout_inputs]
+    if conversion.parity_data is not None:
+        datasets = conversion.parity_data
     tolerances = {
         k: (tolerance if v is not None and tolerance is not None else v) for k, v in conversion.tolerances.items()
     }
@@ -295,12 +306,10 @@ def export(
 
     quality: dict[str, float | int] = {}
     if heldout_inputs is not None and targets is not None:
-        session = cpu_session(conversion.model_bytes)
-        names = [o.name for o in outputs]
-        answers = dict(zip(names, session.run(names, conversion.feeds(heldout_inputs)), strict=True))
-        quality = conversion.metrics(answers, targets)
+        quality = conversion.metrics(_answers(conversion, [o.name for o in outputs], heldout_inputs), targets)
 
-    batching = batch_size.decide(max_batch_size, inputs, conversion.model_bytes, conversion.feeds(sample_inputs))
+    sample_feeds = conversion.sample_feeds if conversion.sample_feeds is not None else conversion.feeds(sample_inputs)
+    batching = batch_size.decide(max_batch_size, inputs, conversion.model_bytes, sample_feeds)
     if batching.chosen_by == "measured":
         log.info(
             "max_batch_size %d for %r (median ms by rows: %s)",
@@ -309,16 +318,18 @@ def export(
             ", ".join(f"{rows} {s * 1e3:.3f}" for rows, s in (batching.medians_s or {}).items()),
         )
 
-    # What explanations and drift monitoring need, without patient rows (exporters/reference.py).
-    ref_source = reference_data if reference_data is not None else (
-        heldout_inputs if heldout_inputs is not None else sample_inputs)
-    serving_facts = {
-        "reference": reference_rows(conversion.feeds(ref_source)),
-        "feature_deciles": feature_deciles(feature_names, ref_source),
-        "feature_limits": check_limits(feature_limits, feature_names),
-    }
-    pad_parameters = check_padding(name, conversion.model_bytes, conversion.feeds(sample_inputs), padding,
-                                   batching.max_batch_size)
+    # What explanations and drift monitoring need, without patient rows (exporters/reference.py):
+    # rows of what clients send, so none for a family whose clients send something else (text).
+    serving_facts: dict[str, object] = {}
+    if conversion.client_inputs is None:
+        ref_source = reference_data if reference_data is not None else (
+            heldout_inputs if heldout_inputs is not None else sample_inputs)
+        serving_facts = {
+            "reference": reference_rows(conversion.feeds(ref_source)),
+            "feature_deciles": feature_deciles(feature_names, ref_source),
+            "feature_limits": check_limits(feature_limits, feature_names),
+        }
+    pad_parameters = check_padding(name, conversion.model_bytes, sample_feeds, padding, batching.max_batch_size)
 
     columns = None
     if conversion.column_groups is not None:
@@ -347,10 +358,13 @@ def export(
             parity=parity,
             batching=batching,
             model_sha256=sha256,
-            extra={k: v for k, v in serving_facts.items() if v},
+            extra={**conversion.card_entries, **{k: v for k, v in serving_facts.items() if v}},
         )
 
-    config = triton_config.build_config(name, inputs, outputs, batching.max_batch_size, pad_parameters)
+    parameters = {**conversion.config_parameters, **(pad_parameters or {})}
+    config = triton_config.build_config(
+        name, conversion.client_inputs or inputs, outputs, batching.max_batch_size, parameters or None
+    )
     published = publishing.publish(
         Path(repository),
         name,
@@ -358,8 +372,15 @@ def export(
         model_bytes=conversion.model_bytes,
         make_card=make_card,
         config=config,
+        extra_files=dict(conversion.extra_files) or None,
     )
-    log.info("published %r version %d (sha256 %s)", name, published.version, published.model_sha256[:16])
+    log.info(
+        "published %r version %d (sha256 %s) in %.1f s",
+        name,
+        published.version,
+        published.model_sha256[:16],
+        time.perf_counter() - started,
+    )
     return ExportReport(
         name=name,
         version=published.version,
@@ -375,4 +396,6 @@ def export(
         parity=parity,
         metrics=quality,
         batching=batching,
+        padding_check=conversion.padding_check,
+        files={n: published.model_path.parent / n for n in conversion.extra_files},
     )

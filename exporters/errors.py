@@ -11,10 +11,8 @@ tensor values (the inputs may be patient data).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .parity import OutputParity
+from .figures import OutputParity
 
 
 class ExportError(Exception):

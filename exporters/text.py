@@ -7,6 +7,10 @@ embedding (or to class probabilities, with a classifier head on the embedding), 
            max_length=128, head=linear, class_labels=["routine", "urgent", "emergency"],
            heldout=(test_texts, test_labels))
 
+`convert` turns the encoder into a `Conversion` like the other families' (the graph, its feeds
+and reference, plus what a text model adds: the tokenizer file, its config parameters and card
+entries, the padding check); `export` checks, describes and publishes it in its one pipeline.
+
 What is published (the contract the server's text path is written to):
 
 - `model.onnx`: inputs `input_ids` and `attention_mask` (INT64 [batch, tokens], both axes
@@ -44,7 +48,6 @@ import inspect
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,14 +60,13 @@ import torch
 import transformers
 from torch import nn
 
-from . import batch_size, metrics, triton_config
+from . import metrics
 from . import publish as publishing
 from . import torch as torch_exporter
-from .api import ExportReport
-from .card import TrainingData, build_card
 from .clinical_text import PARITY_SENTENCES
+from .conversion import Conversion
 from .errors import ExportError, UnsupportedModelError
-from .parity import OutputParity, Tolerance, compare, cpu_session, verify
+from .parity import OutputParity, Tolerance, compare, cpu_session
 from .specs import TensorSpec, default_opset, graph_signature
 
 log = logging.getLogger(__name__)
@@ -381,11 +383,9 @@ def _padding_check(
     )
 
 
-def export_text(
+def convert(
     model: Any,
     sample_inputs: Any,
-    repository: str | Path,
-    name: str,
     *,
     tokenizer: Any = None,
     pooling: str | None = None,
@@ -394,23 +394,15 @@ def export_text(
     head: nn.Module | None = None,
     class_labels: Sequence[str] | None = None,
     heldout: Any = None,
-    version: int | None = None,
-    description: str | None = None,
-    training_data: TrainingData | None = None,
     tolerance: Tolerance | None = None,
-    max_batch_size: int | None = None,
     opset: int | None = None,
     source: str | None = None,
-) -> ExportReport:
-    """The text half of `medserve.exporters.export` (see the module docstring)."""
-    publishing.check_name(name)
-    started = time.perf_counter()
-    if max_batch_size is not None and (
-        isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
-    ):
-        raise ExportError(
-            f"a text model is served in batches: max_batch_size must be an integer >= 1, got {max_batch_size!r}"
-        )
+    name: str = "model",
+) -> Conversion:
+    """The text family's `Conversion` for `medserve.exporters.export`'s one pipeline (see the
+    module docstring): the graph from tokens to the pooled embedding (or probabilities), fed by
+    the published tokenizer; clients send `text`, and the tokenizer, its config parameters and
+    card entries and the padding check come with it. `name` only labels log lines."""
     if opset is not None and opset < MIN_OPSET:
         raise ExportError(f"text encoders need opset {MIN_OPSET} or later, got {opset}")
     texts = [] if sample_inputs is None else _texts(sample_inputs, "sample_inputs")
@@ -443,23 +435,25 @@ def export_text(
 
     # The export sample: a few texts of different lengths, padded (a batch of 3, so no size-1 dims).
     sample = tokenize(encoder, list(PARITY_SENTENCES[4:7]))
+    n_classes = None
     if head is not None:
         with torch.no_grad():
             probe = graph_module(*(torch.from_numpy(a) for a in sample.values()))
         if probe.ndim != 2 or probe.shape[1] < 2:
             raise UnsupportedModelError(f"the head must answer logits [rows, classes >= 2], got {list(probe.shape)}")
-        if class_labels is not None and len(class_labels) != probe.shape[1]:
-            raise ExportError(f"{len(class_labels)} class_labels for a head of {probe.shape[1]} classes")
+        n_classes = int(probe.shape[1])
+        if class_labels is not None and len(class_labels) != n_classes:
+            raise ExportError(f"{len(class_labels)} class_labels for a head of {n_classes} classes")
     log.info("converting %r (%s pooling%s)", name, encoder.pooling, ", normalized" if encoder.normalize else "")
-    conversion = torch_exporter.convert(
+    traced = torch_exporter.convert(
         graph_module,
         sample,
         dynamic_axes={n: {1: "tokens"} for n in encoder.input_names},
         output_names=[output],
         opset=opset,
     )
-    graph = onnx.load_model_from_string(conversion.model_bytes)
-    inputs, outputs = graph_signature(graph)
+    graph = onnx.load_model_from_string(traced.model_bytes)
+    inputs, _ = graph_signature(graph)
     if [i.name for i in inputs] != list(encoder.input_names) or any(i.shape != (-1, -1) for i in inputs):
         raise ExportError(f"unexpected graph inputs {[(i.name, i.shape) for i in inputs]}")
     opset_used = default_opset(graph)
@@ -477,33 +471,26 @@ def export_text(
     server_tokenizer = encoder.server_tokenizer()
 
     def feeds(batch: Sequence[str]) -> dict[str, np.ndarray]:
-        return tokenize(encoder, batch, server_tokenizer)
+        return tokenize(encoder, [str(t) for t in batch], server_tokenizer)  # numpy str_ elements too
+
+    def quality(answers: Mapping[str, np.ndarray], labels: np.ndarray) -> dict[str, float | int]:
+        y = _targets(labels, class_labels, len(heldout_texts))
+        probabilities = answers[output]
+        predicted = probabilities.argmax(axis=1)
+        figures = metrics.classification_metrics(y, predicted, probabilities, probabilities.shape[1])
+        figures["macro_f1"] = _macro_f1(y, predicted, probabilities.shape[1])
+        return figures
 
     value_tolerance = tolerance or (EMBEDDING_TOLERANCE if head is None else PROBABILITY_TOLERANCE)
     parity_texts = list(dict.fromkeys([*texts, *heldout_texts, *PARITY_SENTENCES]))
     whole = tokenizers.Tokenizer.from_str(encoder.tokenizer_json.decode("utf-8"))
     whole.no_truncation()
     untruncated = [len(e.ids) for e in whole.encode_batch(parity_texts)]
-    log.info("checking parity of %r on %d texts", name, len(parity_texts))
-    parity = verify(
-        name, conversion.model_bytes, reference, feeds, _batches(parity_texts, PARITY_BATCH), {output: value_tolerance}
-    )
-    session = cpu_session(conversion.model_bytes)
     check_texts = list(dict.fromkeys([*texts, *PARITY_SENTENCES]))
-    padding = _padding_check(session, encoder, check_texts, output, value_tolerance)
+    padding = _padding_check(cpu_session(traced.model_bytes), encoder, check_texts, output, value_tolerance)
     if not padding.passed:
         log.warning("%r: %s; publishing without the pad parameter (no padded batches)", name, padding.describe())
 
-    quality: dict[str, float | int] = {}
-    if targets is not None:
-        probabilities = np.concatenate(
-            [session.run([output], feeds(chunk))[0] for chunk in _batches(heldout_texts, PARITY_BATCH)]
-        )
-        predicted = probabilities.argmax(axis=1)
-        quality = metrics.classification_metrics(targets, predicted, probabilities, probabilities.shape[1])
-        quality["macro_f1"] = _macro_f1(targets, predicted, probabilities.shape[1])
-
-    batching = batch_size.decide(max_batch_size, inputs, conversion.model_bytes, sample)
     tokenizer_sha = publishing.file_hashes({TOKENIZER_FILENAME: encoder.tokenizer_json})[TOKENIZER_FILENAME]
     pad_values = {"input_ids": encoder.pad_id, "attention_mask": 0, "token_type_ids": encoder.pad_type_id}
     parameters = {
@@ -514,8 +501,7 @@ def export_text(
     }
     if padding.passed:
         parameters["pad"] = ",".join(f"{n}:1:{pad_values[n]}" for n in encoder.input_names)
-    labels = tuple(str(c) for c in class_labels) if class_labels is not None else None
-    extra = {
+    entries = {
         "tokenizer": {
             "file": TOKENIZER_FILENAME,
             "sha256": tokenizer_sha,
@@ -539,64 +525,25 @@ def export_text(
             "batch": PARITY_BATCH,
         },
     }
-    config = triton_config.build_config(name, [TEXT_INPUT], outputs, batching.max_batch_size, parameters)
-
-    def make_card(number: int, sha256: str) -> Mapping[str, object]:
-        return build_card(
-            name=name,
-            version=number,
-            framework="transformers",
-            framework_version=transformers.__version__,
-            converter=conversion.converter,
-            opset=opset_used,
-            inputs=inputs,
-            outputs=outputs,
-            feature_names=None,
-            class_labels=labels,
-            input_columns=None,
-            task="embedding" if head is None else "classification",
-            description=description,
-            training_data=training_data,
-            metrics=quality,
-            parity=parity,
-            batching=batching,
-            model_sha256=sha256,
-            extra=extra,
-        )
-
-    published = publishing.publish(
-        Path(repository),
-        name,
-        version=version,
-        model_bytes=conversion.model_bytes,
-        make_card=make_card,
-        config=config,
-        extra_files={TOKENIZER_FILENAME: encoder.tokenizer_json},
-    )
-    log.info(
-        "published %r version %d (sha256 %s) in %.1f s",
-        name,
-        published.version,
-        published.model_sha256[:16],
-        time.perf_counter() - started,
-    )
-    return ExportReport(
-        name=name,
-        version=published.version,
-        model_path=published.model_path,
-        card_path=published.card_path,
-        config_path=published.config_path,
-        model_sha256=published.model_sha256,
+    return Conversion(
+        model_bytes=traced.model_bytes,
         framework="transformers",
-        converter=conversion.converter,
-        opset=opset_used,
-        inputs=inputs,
-        outputs=outputs,
-        parity=parity,
+        framework_version=transformers.__version__,
+        converter=traced.converter,
+        feeds=feeds,
+        reference=reference,
+        tolerances={output: value_tolerance},
         metrics=quality,
-        batching=batching,
+        task="embedding" if head is None else "classification",
+        n_classes=n_classes,
+        client_inputs=(TEXT_INPUT,),
+        config_parameters=parameters,
+        card_entries=entries,
+        extra_files={TOKENIZER_FILENAME: encoder.tokenizer_json},
+        sample_feeds=sample,
+        parity_data=tuple(_batches(parity_texts, PARITY_BATCH)),
+        chunk_rows=PARITY_BATCH,
         padding_check=padding,
-        files={TOKENIZER_FILENAME: published.model_path.parent / TOKENIZER_FILENAME},
     )
 
 

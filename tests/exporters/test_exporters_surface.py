@@ -37,3 +37,15 @@ def test_importing_the_cli_loads_no_framework() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert done.stdout.strip() == "[]"
+
+
+def test_parity_figures_live_apart_from_the_check() -> None:
+    """`ParityError` carries `OutputParity` figures from `figures.py`, which imports nothing of
+    the package: errors.py and parity.py no longer import each other (tests/test_import_graph.py)."""
+    from medserve.exporters import errors, figures, parity
+
+    assert exporters.Tolerance is parity.Tolerance is figures.Tolerance
+    assert exporters.OutputParity is parity.OutputParity is figures.OutputParity
+    failed = figures.OutputParity("p", 0.5, 0.5, figures.Tolerance(1e-6, 0.0), 4, 2)
+    error = errors.ParityError("m", [failed, figures.OutputParity("label", 0.0, 0.0, None, 4, 0)])
+    assert error.failures == (failed,) and "1 output(s)" in str(error) and "'p'" in str(error)

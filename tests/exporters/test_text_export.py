@@ -291,6 +291,9 @@ def test_refusals_publish_nothing(tiny: tuple[Any, Any], minilm_folder: Path, tm
         export(model, texts, tmp_path, "t", pooling="mean", max_length=32)
     with pytest.raises(ExportError, match="do not apply to text encoders"):
         export(model, texts, tmp_path, "t", tokenizer=tokenizer, pooling="mean", feature_names=["a"])
+    for extra in ({"reference_data": texts}, {"feature_limits": {"a": (0, 1)}}, {"padding": {"input_ids": (1, 0)}}):
+        with pytest.raises(ExportError, match="do not apply to text encoders"):  # once ignored in silence
+            export(model, texts, tmp_path, "t", tokenizer=tokenizer, pooling="mean", max_length=32, **extra)
     with pytest.raises(ExportError, match="sequence of strings"):
         export(model, "one string", tmp_path, "t", tokenizer=tokenizer, pooling="mean", max_length=32)
     with pytest.raises(ExportError, match="max_batch_size"):
@@ -307,6 +310,30 @@ def test_refusals_publish_nothing(tiny: tuple[Any, Any], minilm_folder: Path, tm
     with pytest.raises(UnsupportedModelError, match="float32"):
         export(half, texts, tmp_path, "t", tokenizer=tokenizer, pooling="mean", max_length=32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_text_encoder_returns_a_conversion_like_the_other_families(tiny: tuple[Any, Any]) -> None:
+    """`text.convert` hands `export`'s one pipeline a Conversion (as sklearn.py and torch.py do)
+    that says what differs: clients send `text`, the tokenizer file and parameters come with it,
+    parity runs on padded batches of every distinct text. It publishes nothing itself."""
+    from medserve.exporters import text
+    from medserve.exporters.conversion import Conversion
+
+    model, tokenizer = tiny
+    conversion = text.convert(model, NOTES, tokenizer=tokenizer, pooling="mean", max_length=32)
+    assert isinstance(conversion, Conversion)
+    assert (conversion.framework, conversion.task) == ("transformers", "embedding")
+    assert conversion.client_inputs == (text.TEXT_INPUT,)
+    assert list(conversion.extra_files) == ["tokenizer.json"]
+    assert conversion.config_parameters["tokenizer"] == "tokenizer.json"
+    assert conversion.config_parameters["tokenizer_inputs"] == ",".join(INPUTS)
+    assert {"tokenizer", "pooling", "files", "padding_check", "text_parity"} == set(conversion.card_entries)
+    assert conversion.padding_check is not None and conversion.padding_check.passed
+    assert conversion.parity_data is not None and all(len(b) <= text.PARITY_BATCH for b in conversion.parity_data)
+    distinct = len(dict.fromkeys([*NOTES, *PARITY_SENTENCES]))
+    assert sum(len(b) for b in conversion.parity_data) == distinct
+    assert set(conversion.feeds(NOTES[:2])) == set(INPUTS)
+    assert not hasattr(text, "export_text")
 
 
 def test_failed_parity_publishes_nothing(tiny: tuple[Any, Any], tmp_path: Path) -> None:
