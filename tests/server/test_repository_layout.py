@@ -118,9 +118,11 @@ def test_specific_version_policy(make_repo) -> None:  # type: ignore[no-untyped-
         ("instance_group [ { kind: KIND_GPU } ]", "instance_group kind KIND_GPU, but no GPU execution provider is usable"),
         ("parameters { key: 'oversized_requests' value: { string_value: 'clip' } }",
          "parameters['oversized_requests'] is 'clip'; expected one of split, refuse"),
+        ("parameters { key: 'explain_max_rows' value: { string_value: 'many' } }",
+         "parameters['explain_max_rows'] must be an integer"),
     ],
     ids=["dims", "datatype", "unknown-input", "preferred", "syntax", "platform", "name", "no-version", "kind-model",
-         "cpu-gpus", "gpu-without-gpu", "bad-parameter"],
+         "cpu-gpus", "gpu-without-gpu", "bad-parameter", "bad-explain-parameter"],
 )
 def test_broken_config_fails_at_start_naming_file_and_field(make_repo, config: str, message: str) -> None:  # type: ignore[no-untyped-def]
     repo = make_repo(m=(onnx_models.affine, config))
@@ -250,3 +252,53 @@ def test_unimplemented_triton_fields_are_named_in_a_warning(make_repo, caplog: p
     for field in ("optimization", "model_warmup", "response_cache", "instance_group[0].rate_limiter"):
         assert field in unimplemented
     assert any("parameters['intra_op_thread_count'] is not a medserve parameter" in w for w in warnings), warnings
+
+
+def test_a_version_is_made_whole_and_frozen_and_runs_what_the_factory_was_given(make_repo) -> None:  # type: ignore[no-untyped-def]
+    """The loader checks a version's files once and the factory makes it complete (batcher,
+    explainer, signature, warm-up figures are there when it is made; nothing is set later):
+    its batches run on what `wrap_runner` returned, its warm-up on the sessions themselves."""
+    import asyncio
+    import time
+    from dataclasses import FrozenInstanceError
+
+    from medserve.server.batching import BatchRequest
+    from medserve.server.config import ServerConfig
+    from medserve.server.loader import RepositoryFiles
+    from medserve.server.wiring import VersionFactory
+
+    calls: list[int] = []
+
+    class Counting:
+        def __init__(self, runner) -> None:  # type: ignore[no-untyped-def]
+            self._runner = runner
+            self.engine_clock = runner.engine_clock
+
+        def __call__(self, inputs):  # type: ignore[no-untyped-def]
+            calls.append(len(next(iter(inputs.values()))))
+            return self._runner(inputs)
+
+    def counting(files, runner):  # type: ignore[no-untyped-def]
+        assert (files.name, files.version) == ("m", 1)
+        return Counting(runner)
+
+    repo = make_repo(m=onnx_models.affine)
+    files = RepositoryFiles(repo)
+    base, versions = files.versions("m")
+    factory = VersionFactory(ServerConfig(repository=str(repo), port=0), clock=time.monotonic, wrap_runner=counting)
+    loaded = factory(files.version(base, versions[0]))
+    assert loaded.label == "'m' version 1" and loaded.warmups and loaded.explainer.output == "y"
+    assert calls == []  # the warm-up ran on the sessions, not on the injected runner
+    with pytest.raises(FrozenInstanceError):
+        loaded.batcher = None  # type: ignore[misc]
+
+    async def one() -> dict[str, np.ndarray]:
+        loaded.start()
+        try:
+            return await loaded.batcher.submit(BatchRequest({"x": np.ones((2, 4), np.float32)}, rows=2))
+        finally:
+            await loaded.close(1.0)
+
+    out = asyncio.run(one())
+    np.testing.assert_allclose(out["y"], onnx_models.affine_answer(np.ones((2, 4), np.float32))["y"], rtol=1e-6)
+    assert calls == [2]
