@@ -150,3 +150,28 @@ def test_every_readme_snippet_runs_against_the_served_demo(tmp_path_factory: pyt
                 for cell, tensors in ((inputs, meta.inputs), (outputs, meta.outputs)):
                     for t in tensors:
                         assert f"`{t.name}` {t.datatype} {list(t.shape)}" in cell, (entry.name, t, cell)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_of_the_readmes_resolves() -> None:
+    """The README links into perf/README.md's journal by heading: a moved file or a renamed
+    heading breaks the link, and this test."""
+    broken = []
+    for readme in (README, ROOT / "perf" / "README.md"):
+        text = readme.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (readme.parent / path).resolve() if path else readme
+            if not file.exists():
+                broken.append(f"{readme.name}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(encoding="utf-8"), flags=re.MULTILINE)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{readme.name}: {target} (no such heading)")
+    assert broken == []
