@@ -12,7 +12,9 @@ touch protobuf types):
     metrics.py           Prometheus metrics read from the statistics at scrape time
     inference.py         InferenceCore: resolve model version, validate, batch, collect stats
     signature.py         a version's inputs/outputs, computed once; request validation
-    repository.py        model repository on disk -> loaded model versions and their states
+    repository.py        the served versions' states (load, reload, drain, unload) and lookup
+    loader.py            a version's files on disk, checked once (model, config, card, tokenizer)
+    wiring.py            the factory that makes a checked version whole (sessions, batcher, explainer)
     model_config.py      config.pbtxt <-> frozen ModelConfig (and completion from the ONNX graph)
     config.py            frozen configuration dataclasses
     batching.py          dynamic batcher: pure policy + asyncio driver (numpy only)
