@@ -268,17 +268,19 @@ class Batcher:
         self._next_seq += len(items)
         if request.timing is not None:
             request.timing.queued_ns = time.time_ns()
-        futures = [loop.create_future() for _ in items]
-        self._futures.update(zip(items, futures, strict=True))
         if verdict.run is not None:
             # An idle batcher's lone request runs now. On an instance, that happens at once,
             # without a trip through the queue and the pump (what arrives meanwhile batches
             # behind it); a request the policy would run inline waits in the queue for the pump
             # at the end of this loop iteration, so that requests decoded meanwhile join it.
+            future = self._futures[items[0]] = loop.create_future()
             self._count_level(items[0].level, +1)
             self._start(verdict.run)
-            return futures[0]
+            return future
+        futures = []
         for item in items:
+            future = self._futures[item] = loop.create_future()
+            futures.append(future)
             self._queue.append(item)
             self._count_level(item.level, +1)
         if verdict.pump:  # otherwise the end of a batch pumps
@@ -288,14 +290,9 @@ class Batcher:
         return join_parts(futures, [it.rows for it in items], self._name, loop)
 
     def _snapshot(self) -> Snapshot:
-        return Snapshot(
-            queue=self._queue,
-            level_counts=self._n.level_counts,
-            free_slots=self._instances - self._callers_in_flight(),
-            background_in_flight=self._n.background_in_flight,
-            close_at_rows=self._close_at(),
-            next_seq=self._next_seq,
-        )
+        n = self._n
+        return Snapshot(self._queue, n.level_counts, self._instances - n.in_flight + n.background_in_flight,
+                        n.background_in_flight, self._close_at(), self._next_seq)
 
     def _callers_in_flight(self) -> int:
         return self._n.in_flight - self._n.background_in_flight

@@ -158,14 +158,15 @@ def _rank(item: QueuedItem, now: float) -> tuple[bool, int, int]:
     return (delayed, item.level, item.seq)
 
 
-def _misses_deadline(deadline: float | None, work: int, now: float, cost: CostEstimate) -> bool:
+def _misses_deadline(deadline: float, work: int, now: float, cost: CostEstimate) -> bool:
     """Whether work started now would finish after `deadline` (the rule for refusing a request at
     arrival and for expiring it in the queue)."""
-    return deadline is not None and now + cost.estimate(work) > deadline
+    return now + cost.estimate(work) > deadline
 
 
 def _must_expire(item: QueuedItem, now: float, cost: CostEstimate) -> bool:
-    if _misses_deadline(item.request.deadline_s, item.work, now, cost):
+    deadline = item.request.deadline_s
+    if deadline is not None and _misses_deadline(deadline, item.work, now, cost):
         return True
     return (not item.delay_on_timeout) and item.timeout_at_s is not None and item.timeout_at_s <= now
 
@@ -316,11 +317,12 @@ class AdmissionConfig:
     padded_axes: Mapping[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Snapshot:
     """The batcher as admission sees it when a request arrives: the queue (arrival order), the
     queued items per level, the instances no caller's batch holds and how many of those run
-    background parts, the learned crowd (`decide`'s `close_at_rows`) and the next sequence number."""
+    background parts, the learned crowd (`decide`'s `close_at_rows`) and the next sequence number.
+    `admit` only reads it (not frozen: one is made per request, and a frozen one costs more)."""
 
     queue: Sequence[QueuedItem] = ()
     level_counts: Mapping[int, int] = field(default_factory=dict)
@@ -330,12 +332,12 @@ class Snapshot:
     next_seq: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admit:
     """Accepted: `items` (the request, or its parts in order) are the driver's to give futures.
     `run` set: a lone request on an idle batcher runs now as this decision, without a trip
     through the queue. Otherwise the items are queued, and `pump` says a batch of their level
-    could start now (else the end of a running batch pumps)."""
+    could start now (else the end of a running batch pumps). Made per request: not frozen."""
 
     items: tuple[QueuedItem, ...]
     run: Decision | None = None
@@ -375,12 +377,13 @@ def _admit_one(snapshot: Snapshot, request: BatchRequest, now: float, config: Ad
     _check_deadline(request, work, now, config.name, cost)
     item = _item(request, snapshot.next_seq, level, queue_policy, now, work, config)
     free, background = snapshot.free_slots, snapshot.background_in_flight
-    if not snapshot.queue and has_slot(level, free, background):
+    slot = has_slot(level, free, background)
+    if slot and not snapshot.queue:
         decision = decide((item,), now, config.policy, cost, free, snapshot.close_at_rows, background)
         if decision.run and (not decision.inline or limit <= 0):
-            return Admit((item,), run=decision)
+            return Admit((item,), decision)
     _check_room(snapshot, level, queue_policy, 1, config, cost)
-    return Admit((item,), pump=has_slot(level, free, background))
+    return Admit((item,), None, slot)
 
 
 def _admit_parts(snapshot: Snapshot, request: BatchRequest, now: float, config: AdmissionConfig,
