@@ -108,13 +108,12 @@ class RepositoryCollector(Collector):
             executions.add_metric(labels, s.execution_count)
             for size, b in sorted(dict(s.batches).items()):
                 batches.add_metric([*labels, str(size)], b.compute_infer.count)
-            if v.batcher is not None:
-                snapshot = v.batcher.stats()
-                queued.add_metric(labels, snapshot.queued)
-                work.add_metric([*labels, "requested"], snapshot.work_requested)
-                work.add_metric([*labels, "executed"], snapshot.work_executed)
-                if snapshot.close_at_rows is not None:
-                    close_at.add_metric(labels, snapshot.close_at_rows)
+            snapshot = v.batcher.stats()  # every version is built whole: it has its batcher
+            queued.add_metric(labels, snapshot.queued)
+            work.add_metric([*labels, "requested"], snapshot.work_requested)
+            work.add_metric([*labels, "executed"], snapshot.work_executed)
+            if snapshot.close_at_rows is not None:
+                close_at.add_metric(labels, snapshot.close_at_rows)
         yield from (requests, request_seconds, phase_seconds, inferences, executions, batches, queued, close_at, work,
                     request_h, queue_h, compute_h, batch_h, failures, in_flight, state, out_of_range, psi)
         yield from gpu_metrics()

@@ -68,9 +68,11 @@ MEDSERVE_PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "oversized_requests": ("split", "refuse"),
     "refuse_non_finite": ("false", "true"),  # NaN/Inf in a floating-point input: INVALID_ARGUMENT
 }
-# medserve's parameters that take a value of their own (parsed by `_tokenizer` and `_padding`).
+# medserve's parameters that take a value of their own (parsed by `_tokenizer` and `_padding`, and
+# the explanation's by `explain.Explainer`, which refuses the load when one does not parse).
 FREE_PARAMETERS = frozenset({"tokenizer", "tokenizer_max_length", "tokenizer_truncation", "tokenizer_inputs", "pad",
-                             "pad_mask"})
+                             "pad_mask", "explain_output", "explain_max_evaluations", "explain_max_rows",
+                             "explain_max_elements"})
 TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TRUNCATIONS = ("longest_first", "only_first", "only_second")
 

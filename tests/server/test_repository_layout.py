@@ -243,6 +243,7 @@ def test_unimplemented_triton_fields_are_named_in_a_warning(make_repo, caplog: p
         "response_cache { enable: true }\n"
         "instance_group [ { count: 1 kind: KIND_CPU rate_limiter { priority: 2 } } ]\n"
         "parameters { key: 'intra_op_thread_count' value: { string_value: '4' } }\n"
+        "parameters { key: 'explain_max_rows' value: { string_value: '4' } }\n"
     )
     repo = make_repo(m=(onnx_models.affine, config))
     with caplog.at_level("WARNING"), running_server(repo) as srv:
@@ -252,6 +253,7 @@ def test_unimplemented_triton_fields_are_named_in_a_warning(make_repo, caplog: p
     for field in ("optimization", "model_warmup", "response_cache", "instance_group[0].rate_limiter"):
         assert field in unimplemented
     assert any("parameters['intra_op_thread_count'] is not a medserve parameter" in w for w in warnings), warnings
+    assert not any("explain_max_rows" in w for w in warnings), warnings  # medserve's own: read, not ignored
 
 
 def test_a_version_is_made_whole_and_frozen_and_runs_what_the_factory_was_given(make_repo) -> None:  # type: ignore[no-untyped-def]
