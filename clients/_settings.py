@@ -19,7 +19,7 @@ import grpc
 from ._types import RetryPolicy, TLSConfig
 from .errors import UsageError
 
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # the server's default cap; imaging tensors fit
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # above any server cap (medserve: --max-message-mb, 16 MiB by default)
 DEFAULT_RETRIES = RetryPolicy()
 
 # Reconnect quickly after a replica restarts (gRPC's default starts at 1 s and grows to 120 s).

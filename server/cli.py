@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ServerConfig
+from .config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
 from .errors import InvalidSetting, MedserveError
 from .logs import configure as configure_logging
 
@@ -25,7 +25,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: patient data stays local)")
     p.add_argument("--port", type=int, default=8001, help="port (0 = any free port; see --ready-file)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
-    p.add_argument("--max-message-mb", type=int, default=64, help="cap on one gRPC message, MiB (default 64)")
+    p.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES >> 20,
+                   help="cap on one gRPC message, MiB (default %(default)s; a larger accepted message stalls the event loop longer)")
     p.add_argument("--max-queue-size", type=int, default=4096, help="cap on queued requests per model version")
     p.add_argument(
         "--intra-op-threads", type=int, default=1,

@@ -38,6 +38,7 @@ from google.protobuf.message import DecodeError
 from medserve.protos import grpc_service_pb2 as pb
 
 from .audit import AuditEvent, AuditLog
+from .config import DEFAULT_MAX_MESSAGE_BYTES
 from .errors import (
     InvalidInput,
     MedserveError,
@@ -60,7 +61,6 @@ PARSE_IN_THREAD_BYTES = 1 << 20  # a body this large is parsed (and decoded) off
 MAX_REQUEST_ID_CHARS = 128  # a longer request id is refused (it is echoed and audited)
 MAX_RPC_NAME_CHARS = 128  # an unknown method's path, as far as the audit record keeps it
 TALLY_FLUSH_S = 1.0  # counted refusals reach the audit trail about this long after their second
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 
 @dataclass(slots=True, eq=False)

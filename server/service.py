@@ -26,6 +26,7 @@ from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 from . import model_config
 from .batching import RequestTiming
 from .codec import DEFAULT_LIMITS, DecodeLimits, decode_infer_request, encode_infer_response
+from .config import DEFAULT_MAX_MESSAGE_BYTES
 from .errors import (
     ModelLoadFailed,
     ModelNotFound,
@@ -36,7 +37,6 @@ from .errors import (
 )
 from .gate import (
     CURRENT,
-    DEFAULT_MAX_MESSAGE_BYTES,
     MAX_REQUEST_ID_CHARS,
     PARSE_IN_THREAD_BYTES,
     Call,

@@ -70,7 +70,7 @@ def repo(tmp_path: Path) -> Path:
 
 
 def test_the_default_message_cap_is_64_mib() -> None:
-    assert ServerConfig(repository="r").max_message_bytes == 64 << 20
+    assert ServerConfig(repository="r").max_message_bytes == 16 << 20
 
 
 def test_a_message_over_the_cap_is_refused_before_it_is_parsed(repo: Path) -> None:
