@@ -132,9 +132,15 @@ def is_loopback_peer(peer: str) -> bool:
     kind, _, rest = peer.partition(":")
     if kind == "unix":
         return True
-    host = rest.rsplit(":", 1)[0].strip("[]")
+    return is_loopback_address(rest.rsplit(":", 1)[0].strip("[]"))
+
+
+def is_loopback_address(host: str | None) -> bool:
+    """Whether an IP address ("127.0.0.1", "::1", "fe80::1%eth0") is this host's loopback."""
+    if host is None:
+        return False
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         return False
 

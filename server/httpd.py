@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import ipaddress
 import json
 import logging
 import socket
@@ -33,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .errors import MedserveError, Unauthenticated
+from .gate import is_loopback_address
 from .identities import Identity, IdentityFile, bearer_identity
 from .layout import is_model_name
 from .repository import ModelRepository
@@ -187,7 +187,7 @@ class HttpEndpoint:
         header = request.headers.get("Authorization")
         if header is None:
             raise _Unauthorized("model readiness needs credentials: send 'Authorization: Bearer <token>'")
-        if not _is_loopback(request.remote):
+        if not is_loopback_address(request.remote):
             raise _Unauthorized("bearer tokens are not accepted over plaintext from another host")
         try:
             return bearer_identity(identities, header)
@@ -219,12 +219,3 @@ def _render(registry: CollectorRegistry, accept: str | None, compress: bool) -> 
     encoder, content_type = choose_encoder(accept or "")
     body = encoder(registry)
     return (gzip.compress(body) if compress else body), content_type
-
-
-def _is_loopback(remote: str | None) -> bool:
-    if remote is None:
-        return False
-    try:
-        return ipaddress.ip_address(remote.split("%")[0]).is_loopback
-    except ValueError:
-        return False
