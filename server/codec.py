@@ -109,20 +109,21 @@ class DecodeLimits:
 DEFAULT_LIMITS = DecodeLimits()
 
 
-def _check_limits(label: str, name: str, datatype: str, shape: tuple[int, ...], limits: DecodeLimits) -> None:
+def _check_limits(request: pb.ModelInferRequest, name: str, datatype: str, shape: tuple[int, ...],
+                  limits: DecodeLimits) -> None:
     entry = DATATYPES[datatype]
     try:
         count = element_count(shape, entry.itemsize or 8)
     except ValueError as exc:
-        raise InvalidInput(f"model {label}: input {name!r}: {exc}") from None
+        raise InvalidInput(f"model {_label(request)}: input {name!r}: {exc}") from None
     if count > limits.tensor_elements:
         raise InvalidInput(
-            f"model {label}: input {name!r}: shape {list(shape)} has {count} elements; the server accepts at most "
+            f"model {_label(request)}: input {name!r}: shape {list(shape)} has {count} elements; the server accepts at most "
             f"{limits.tensor_elements} per tensor"
         )
     if datatype == "BYTES" and count > limits.bytes_elements:
         raise InvalidInput(
-            f"model {label}: input {name!r}: {count} BYTES elements; the server accepts at most "
+            f"model {_label(request)}: input {name!r}: {count} BYTES elements; the server accepts at most "
             f"{limits.bytes_elements} per tensor"
         )
 
@@ -130,31 +131,30 @@ def _check_limits(label: str, name: str, datatype: str, shape: tuple[int, ...], 
 def _check_tensors(request: pb.ModelInferRequest, limits: DecodeLimits) -> None:
     """Every tensor's name, datatype, shape and size against the limits, and the request's text
     against its budget, before the first tensor is decoded (a refusal costs no decoding)."""
-    label = _label(request)
     raw = request.raw_input_contents
     names: set[str] = set()
     text = 0
     for i, tensor in enumerate(request.inputs):
         name, datatype = tensor.name, tensor.datatype
         if name in names:
-            raise InvalidInput(f"model {label}: input {name!r} is given twice")
+            raise InvalidInput(f"model {_label(request)}: input {name!r} is given twice")
         names.add(name)
         if datatype not in DATATYPES or datatype == "BF16":
             raise InvalidInput(
-                f"model {label}: input {name!r}: unsupported datatype {datatype!r}; expected one of "
+                f"model {_label(request)}: input {name!r}: unsupported datatype {datatype!r}; expected one of "
                 f"{', '.join(d for d in DATATYPES if d != 'BF16')}"
             )
         if tensor.parameters and any(k in tensor.parameters for k in SHARED_MEMORY_KEYS):
-            raise InvalidInput(f"model {label}: input {name!r}: shared memory is not supported by this server")
+            raise InvalidInput(f"model {_label(request)}: input {name!r}: shared memory is not supported by this server")
         shape = tuple(tensor.shape)
-        _check_limits(label, name, datatype, shape, limits)
+        _check_limits(request, name, datatype, shape, limits)
         has_contents = tensor.HasField("contents")
         if raw and has_contents:
             raise InvalidInput(
-                f"model {label}: input {name!r}: contents must not be set when raw_input_contents is used"
+                f"model {_label(request)}: input {name!r}: contents must not be set when raw_input_contents is used"
             )
         if not raw and not has_contents:
-            raise InvalidInput(f"model {label}: input {name!r} has no data (neither contents nor raw_input_contents)")
+            raise InvalidInput(f"model {_label(request)}: input {name!r} has no data (neither contents nor raw_input_contents)")
         if datatype == "BYTES":
             # The text's size without decoding it: a raw tensor's bytes less one 4-byte prefix per
             # element (exact when well formed; decoding refuses the rest); typed, the elements' sizes
@@ -166,7 +166,7 @@ def _check_tensors(request: pb.ModelInferRequest, limits: DecodeLimits) -> None:
                 text += sum(map(len, tensor.contents.bytes_contents))
             if text > limits.text_bytes:
                 raise InvalidInput(
-                    f"model {label}: the request's BYTES elements hold more than {limits.text_bytes} bytes of text "
+                    f"model {_label(request)}: the request's BYTES elements hold more than {limits.text_bytes} bytes of text "
                     "together, the most the server accepts per request (--max-text-bytes)"
                 )
 

@@ -124,15 +124,13 @@ class InferenceCore:
         return stage.tokenize(texts)
 
     @staticmethod
-    async def _validate(loaded: LoadedVersion, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        """The signature's checks; a large request's on a worker thread (strings are decoded one
-        by one in Python, a float tensor scanned for NaN)."""
-        signature = loaded.signature
+    def _validate_off_loop(loaded: LoadedVersion, inputs: Mapping[str, np.ndarray]) -> bool:
+        """Whether the signature's checks go to a worker thread: strings are decoded one by one
+        in Python, a float tensor scanned for NaN. (A plain test, so the common small request
+        costs no coroutine of its own.)"""
         strings = sum(a.size for a in inputs.values() if a.dtype == object)
-        scanned = sum(a.size for a in inputs.values()) if signature.refuse_non_finite else 0
-        if strings > VALIDATE_INLINE_STRINGS or scanned > VALIDATE_INLINE_ELEMENTS:
-            return await asyncio.to_thread(signature.validate, loaded.label, inputs)
-        return loaded.signature.validate(loaded.label, inputs)
+        scanned = sum(a.size for a in inputs.values()) if loaded.signature.refuse_non_finite else 0
+        return strings > VALIDATE_INLINE_STRINGS or scanned > VALIDATE_INLINE_ELEMENTS
 
     def _admit_explanation(self, loaded: LoadedVersion, request: InferRequest, wanted: tuple[str, ...]) -> None:
         """Refuse an explanation that would be too large before any of the request's work: the
@@ -160,7 +158,10 @@ class InferenceCore:
         wanted = signature.check_outputs(label, request.outputs)
         if request.explain:
             self._admit_explanation(loaded, request, wanted)
-        inputs, rows = await self._validate(loaded, request.inputs)
+        if self._validate_off_loop(loaded, request.inputs):
+            inputs, rows = await asyncio.to_thread(signature.validate, label, request.inputs)
+        else:
+            inputs, rows = signature.validate(label, request.inputs)
         flagged = loaded.monitor.check(inputs) if loaded.monitor is not None else ()
         tokenized = None
         if loaded.stage is not None:
