@@ -25,6 +25,7 @@ from .explain import Explainer, Explanation
 from .repository import LoadedVersion, ModelRepository
 from .runtime import CPU
 from .tokenize import Tokenized
+from .trial import ShadowTrial
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,7 @@ class InferRequest:
     deadline_s: float | None = None
     timing: RequestTiming | None = None  # a traced request: the batcher notes its phases here
     explain: bool = False  # request parameter `explain`: add attributions to the answer
+    routing_key: str = ""  # request parameter `routing_key`: which side of a canary (never logged)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class InferResult:
     rows: int = 0
     out_of_range: tuple[str, ...] = ()  # features with a value outside the training range (scored, flagged)
     parameters: tuple[tuple[str, str], ...] = ()  # more response parameters (explain_method, explain_output)
+    label: str = ""  # the version label the request reached it by (also the parameter `version_label`)
 
 
 T = TypeVar("T")
@@ -97,14 +100,21 @@ class InferenceCore:
         self._repository = repository
         self._clock = clock
         self._max_response_bytes = max_response_bytes  # the send limit: an explanation must fit in it
+        self._routes = repository.routes  # models with labels (`rollout`); most have none
 
     async def infer(self, request: InferRequest) -> InferResult:
-        loaded = self._repository.get(request.model, request.version)
+        route = self._routes.get(request.model)
+        if route is None:
+            loaded, label, trial = self._repository.get(request.model, request.version), "", None
+        else:  # a label, the canary (by routing key, else request id), a silent trial
+            found, label = route.pick(request.version, request.routing_key or request.id)
+            loaded = found if found is not None else self._repository.get(request.model, request.version)
+            trial = route.trials.get(loaded.version)
         stats = loaded.stats
         started_ns = time.perf_counter_ns()
         stats.in_flight += 1
         try:
-            result = await self._infer(loaded, request)
+            result = await self._infer(loaded, request, label, trial)
         except BaseException as exc:
             stats.on_request(type(exc), time.perf_counter_ns() - started_ns)
             raise
@@ -152,7 +162,8 @@ class InferenceCore:
             output_bytes += rows * math.prod(max(1, d) for d in spec.dims) * itemsize
         loaded.explainer.admit(shapes, output_bytes + token_chars, self._max_response_bytes)
 
-    async def _infer(self, loaded: LoadedVersion, request: InferRequest) -> InferResult:
+    async def _infer(self, loaded: LoadedVersion, request: InferRequest, label_reached: str = "",
+                     trial: ShadowTrial | None = None) -> InferResult:
         signature = loaded.signature
         label = loaded.label
         wanted = signature.check_outputs(label, request.outputs)
@@ -190,7 +201,9 @@ class InferenceCore:
             if array is None:
                 raise ExecutionError(f"model {label}: runtime returned no output {name!r}")
             tensors.append(OutputTensor(name, signature.outputs[name].datatype, array))
-        parameters: tuple[tuple[str, str], ...] = ()
+        parameters: tuple[tuple[str, str], ...] = (("version_label", label_reached),) if label_reached else ()
+        if trial is not None:  # a copy for the silent trial, scored later at background priority
+            trial.offer(inputs, rows, outputs)
         if request.explain:
             explanation = await self._explain(loaded, inputs, outputs,
                                               tokenized.words() if tokenized is not None else None)
@@ -199,11 +212,11 @@ class InferenceCore:
                 tensors.append(OutputTensor("attributions" if single else f"attributions.{input_name}", "FP32",
                                             attribution))
             tensors.append(OutputTensor("base_value", "FP32", explanation.base_value))
-            parameters = (("explain_method", explanation.method), ("explain_output", explanation.output))
+            parameters += (("explain_method", explanation.method), ("explain_output", explanation.output))
             if tokenized is not None:  # text: which token each position of the attributions is
                 parameters += (("explain_tokens", json.dumps(tokenized.tokens())),)
         return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors), rows,
-                           flagged, parameters)
+                           flagged, parameters, label_reached)
 
     async def _explain(self, loaded: LoadedVersion, inputs: Mapping[str, np.ndarray],
                        outputs: Mapping[str, np.ndarray], words: np.ndarray | None) -> Explanation:

@@ -35,6 +35,7 @@ from .layout import (
 )
 from .model_config import from_proto, read_config_proto
 from .onnx_refs import external_files
+from .rollout import LABELS_FILENAME, MAX_LABELS_BYTES, RolloutSpec, parse_rollout
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,16 +108,38 @@ class RepositoryFiles:
         return resolved
 
     def fingerprint(self, name: str) -> tuple[object, ...]:
-        """What changes when a model's files do: names, sizes and modification times."""
+        """What changes when a model's files do: names, sizes and modification times (the labels
+        file apart: a label change reloads no session; see `labels_text`)."""
         root = self.root / name
         items = []
         for path in sorted(root.glob("*")) + sorted(root.glob("*/*")):
+            if path.name == LABELS_FILENAME and path.parent == root:
+                continue
             try:
                 stat = path.stat()
             except OSError:
                 continue
             items.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns))
         return tuple(items)
+
+    # -- a model's labels -------------------------------------------------------------------
+
+    def labels_text(self, name: str) -> bytes | None:
+        """The labels file's bytes as they are now (None without one; at most one byte over the
+        limit, so an oversized file is refused by `rollout` without reading it all)."""
+        path = self.root / name / LABELS_FILENAME
+        try:
+            real = self._inside(path, "the labels file")
+            with real.open("rb") as f:
+                return f.read(MAX_LABELS_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"{self.shown(path)}: cannot read it ({exc.strerror})") from None
+
+    def rollout(self, name: str, text: bytes | None) -> RolloutSpec | None:
+        """The model's labels, parsed (ConfigError naming the file and entry), or None."""
+        return None if text is None else parse_rollout(f"{name}/{LABELS_FILENAME}", text)
 
     # -- a model's config and versions -----------------------------------------------------
 

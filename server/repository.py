@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +27,12 @@ from .explain import Explainer
 from .layout import parse_version
 from .loader import RepositoryFiles, VersionFiles
 from .monitor import FeatureMonitor
+from .rollout import LABELS_FILENAME, STABLE, CanaryAssigner, RolloutSpec, TrialStats, check_ready, output_kind
 from .runtime import OnnxModel
 from .signature import Signature
 from .stats import ModelStats
 from .tokenize import TokenizerStage
+from .trial import ShadowTrial
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,34 @@ class ModelEntry:
     latest: LoadedVersion | None = None  # the highest READY version: what "no version" means
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Route:
+    """A model's labels as they serve now (`labels.json`): immutable, swapped whole, so a label
+    change or a rollback takes effect at once for every request after it and none in flight fails."""
+
+    name: str
+    spec: RolloutSpec
+    labels: Mapping[str, LoadedVersion]
+    default: LoadedVersion  # what a request naming no version meets outside the canary
+    default_label: str  # "stable" when that label exists ("" = the highest READY version)
+    canary: LoadedVersion | None
+    assigner: CanaryAssigner
+    trials: Mapping[int, ShadowTrial]  # serving version -> its silent trial (when a shadow is set)
+
+    def pick(self, version: str, routing_key: str) -> tuple[LoadedVersion | None, str]:
+        """(version, label it was reached by) for a request; (None, "") when it names a version
+        number (the repository looks that up as ever)."""
+        if not version:
+            canary = self.canary
+            if canary is not None and self.assigner.is_canary(routing_key, self.spec.canary_percent):
+                return canary, "canary"
+            return self.default, self.default_label
+        loaded = self.labels.get(version)
+        if loaded is not None:
+            return loaded, version
+        return None, ""
+
+
 def unknown_model(name: str) -> ModelNotFound:
     """The answer for a model that is not there (or that the caller may not see: the same words)."""
     return ModelNotFound(f"model {name!r} is not in the model repository")
@@ -130,6 +160,12 @@ class ModelRepository:
         self._locks: dict[str, asyncio.Lock] = {}
         self._fingerprints: dict[str, tuple[object, ...]] = {}  # poll mode: the files last loaded
         self._watchers: list[Callable[[str, bool], None]] = []
+        # Models with a labels file, read on every request by the inference core (one dict
+        # lookup; a model without labels has no entry). Each value is swapped whole.
+        self.routes: dict[str, Route] = {}
+        self._labels_read: dict[str, bytes | None] = {}  # the labels file last applied (or tried)
+        self._trial_stats: dict[tuple[str, int, int], TrialStats] = {}  # kept across label changes
+        self._assigner = CanaryAssigner()  # this server's own key (a labels file's canary_seed overrides it)
 
     def watch(self, callback: Callable[[str, bool], None]) -> None:
         """Call `callback(model, ready)` whenever a model's servable state may have changed."""
@@ -173,12 +209,13 @@ class ModelRepository:
         fails to load leaves the serving ones in place), unload models that went away."""
         present = set(self.scan())
         for name in sorted(present):
-            if self._files.fingerprint(name) == self._fingerprints.get(name):
-                continue
+            if (self._files.fingerprint(name) == self._fingerprints.get(name)
+                    and self._files.labels_text(name) == self._labels_read.get(name, b"")):
+                continue  # (a change of the labels file alone is applied without reloading sessions)
             try:
                 await self.load(name)
             except MedserveError as exc:
-                log.error("model %r: new files did not load; what was serving still serves: %s", name, exc,
+                log.error("model %r: new files (or labels) did not load; what was serving still serves: %s", name, exc,
                           extra={"model": name})
         for name in sorted(set(self._models) - present):
             self._fingerprints.pop(name, None)
@@ -190,6 +227,12 @@ class ModelRepository:
         """Load (or reload) one model: new versions are made and warmed up first, then swapped
         in; versions no longer selected are drained and unloaded."""
         self.model_dir(name)  # refuse unknown names before keeping any state for them
+        entry = self._models.get(name)
+        if (entry is not None and entry.latest is not None
+                and self._files.fingerprint(name) == self._fingerprints.get(name)
+                and self._files.labels_text(name) != self._labels_read.get(name)):
+            await self.relabel(name)  # only the labels changed: no session is reloaded
+            return
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             entry = self._models.get(name)
@@ -201,8 +244,17 @@ class ModelRepository:
             # What was tried is remembered either way: poll mode retries a broken model only
             # when its files change again.
             self._fingerprints[name] = self._files.fingerprint(name)
+            labels_text = self._labels_read[name] = self._files.labels_text(name)
             try:
+                spec = self._files.rollout(name, labels_text)
                 loaded = await asyncio.to_thread(self._make, name)
+                if spec is not None:
+                    try:
+                        check_ready(self._labels_shown(name), spec, [v.version for v in loaded])
+                    except MedserveError:
+                        for v in loaded:
+                            v.discard()
+                        raise
             except MedserveError as exc:
                 self._failed(entry, bool(previous), self._files.relative(str(exc)))
                 log.error("model %r: load failed: %s", name, entry.reason, extra={"model": name})
@@ -218,6 +270,7 @@ class ModelRepository:
             entry.versions = {v.version: VersionEntry(v.version, State.READY, loaded=v) for v in loaded}
             entry.latest = max(loaded, key=lambda v: v.version)
             entry.state, entry.reason = State.READY, ""
+            self._route(entry, spec)
             for v in loaded:
                 log.info(
                     "model %r version %d READY: providers %s, max_batch_size %d, dynamic batching %s, "
@@ -232,6 +285,56 @@ class ModelRepository:
             for e in retired:
                 log.info("model %r version %d unloaded (drained)", name, e.version,
                          extra={"model": name, "version": e.version})
+
+    def _labels_shown(self, name: str) -> str:
+        return f"{name}/{LABELS_FILENAME}"
+
+    async def relabel(self, name: str) -> None:
+        """Apply a changed labels file without reloading any session: checked against the READY
+        versions, then swapped in whole; refused (FAILED_PRECONDITION naming the label and the
+        reason) with the old mapping serving."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            entry = self._models.get(name)
+            if entry is None or entry.latest is None:
+                raise ModelNotReady(f"model {name!r} has no READY version to label")
+            text = self._labels_read[name] = self._files.labels_text(name)
+            spec = self._files.rollout(name, text)
+            if spec is not None:
+                ready = [v for v, e in entry.versions.items() if e.state is State.READY and e.loaded is not None]
+                check_ready(self._labels_shown(name), spec, ready)
+            self._route(entry, spec)
+            log.info("model %r: labels applied: %s", name, _describe(spec), extra={"model": name})
+
+    def _route(self, entry: ModelEntry, spec: RolloutSpec | None) -> None:
+        """Swap in the model's route for `spec` (its versions are READY: checked by the caller)."""
+        if spec is None:
+            self.routes.pop(entry.name, None)
+            return
+        loaded = {v: e.loaded for v, e in entry.versions.items() if e.loaded is not None and e.state is State.READY}
+        labels = {label: loaded[v] for label, v in spec.labels.items()}
+        assert entry.latest is not None
+        default = labels.get(STABLE, entry.latest)
+        trials: dict[int, ShadowTrial] = {}
+        shadow = loaded.get(spec.shadow) if spec.shadow is not None else None
+        if shadow is not None:
+            card = shadow.card
+            compared = output_kind(card.task if card is not None else None,
+                                   {t.name: (t.datatype, t.dims) for t in shadow.config.outputs})
+            for version, serving in loaded.items():
+                if version == shadow.version or compared is None:
+                    continue
+                key = (entry.name, version, shadow.version)
+                stats = self._trial_stats.get(key)
+                if stats is None or stats.output != compared[0]:
+                    stats = self._trial_stats[key] = TrialStats(entry.name, version, shadow.version, *compared)
+                trials[version] = ShadowTrial(serving, shadow, stats)
+        self.routes[entry.name] = Route(
+            entry.name, spec, labels, default, STABLE if STABLE in labels else "", labels.get("canary"),
+            CanaryAssigner.seeded(spec.canary_seed) if spec.canary_seed else self._assigner, trials)
+
+    def trials(self, name: str = "") -> list[TrialStats]:
+        """The silent trials' figures (of one model, or all), current or past."""
+        return [s for k, s in sorted(self._trial_stats.items()) if not name or k[0] == name]
 
     def _make(self, name: str) -> list[LoadedVersion]:
         """Every selected version of the model, each checked by the loader and made whole by the
@@ -266,6 +369,7 @@ class ModelRepository:
         async with self._locks.setdefault(name, asyncio.Lock()):
             entry = self._models[name]
             entry.state, entry.latest = State.UNLOADING, None
+            self.routes.pop(name, None)
             self._notify(name)
             versions = [e for e in entry.versions.values() if e.loaded is not None]
             for e in versions:
@@ -297,7 +401,11 @@ class ModelRepository:
         if version:
             number = parse_version(version)
             if number is None:
-                raise ModelNotFound(f"model {name!r}: version {version[:40]!r} is not a positive integer")
+                route = self.routes.get(name)
+                if route is not None and version in route.labels:
+                    return route.labels[version]
+                known = f" nor one of the labels {sorted(route.labels)}" if route is not None else " (no labels are set)"
+                raise ModelNotFound(f"model {name!r}: version {version[:40]!r} is not a positive integer{known}")
             v = entry.versions.get(number)
             if v is None:
                 raise ModelNotFound(
@@ -349,9 +457,24 @@ class ModelRepository:
             if entry is None:
                 raise ModelNotFound(f"model {name!r} is not in the model repository")
             found = [v.loaded for v in entry.versions.values() if v.loaded is not None]
+            route = self.routes.get(name)
+            if version and route is not None and version in route.labels:
+                version = str(route.labels[version].version)
             if version:
                 found = [v for v in found if str(v.version) == version]
                 if not found:
                     raise ModelNotFound(f"model {name!r} has no loaded version {version}")
             return sorted(found, key=lambda v: v.version)
         return [v.loaded for e in self.entries() for v in sorted(e.versions.values(), key=lambda x: x.version) if v.loaded]
+
+
+def _describe(spec: RolloutSpec | None) -> str:
+    """A labels mapping for the log (configuration only: no request value)."""
+    if spec is None:
+        return "none (requests naming no version meet the highest READY version)"
+    text = ", ".join(f"{label} -> {v}" for label, v in sorted(spec.labels.items()))
+    if spec.canary_percent:
+        text += f"; canary {spec.canary_percent:g} %"
+    if spec.shadow is not None:
+        text += f"; silent trial of version {spec.shadow}"
+    return text

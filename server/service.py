@@ -28,6 +28,7 @@ from .batching import RequestTiming
 from .codec import DEFAULT_LIMITS, DecodeLimits, decode_infer_request, encode_infer_response
 from .config import DEFAULT_MAX_MESSAGE_BYTES
 from .errors import (
+    InvalidInput,
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
@@ -199,6 +200,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=t.name, datatype=t.datatype, shape=batch + t.dims)
         for key, value in _card_parameters(loaded).items():
             response.parameters[key].string_param = value
+        for key, value in _rollout_parameters(self._repository, loaded.name).items():
+            response.parameters[key].string_param = value
         return response
 
     @rpc
@@ -239,11 +242,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._allow(request.model_name, request.model_version, call)
                 self._check_accepting()
                 decoded = await self._decode(request, deadline, call)
+                if request.parameters and "routing_key" in request.parameters:
+                    decoded = replace(decoded, routing_key=_routing_key(request))
                 if span is not None:
                     decoded = replace(decoded, timing=RequestTiming())
                 result = await self._core.infer(decoded)
                 if call is not None:
                     call.version, call.model_sha256, call.rows = result.version, result.sha256, result.rows
+                    if result.label:  # the audit record names the version and the label that reached it
+                        call.version = f"{result.version}@{result.label}"
                 response = encode_infer_response(result)
                 if response.ByteSize() + framing_bytes > self._max_message_bytes:
                     raise TooLarge(
@@ -418,6 +425,40 @@ def _echo(text: str) -> str:
     """A caller's name or id echoed in an in-band error: not one over the cap (it was refused, or
     would make the answer as large as the question)."""
     return text if len(text) <= MAX_REQUEST_ID_CHARS else ""
+
+
+MAX_ROUTING_KEY_CHARS = 256
+
+
+def _routing_key(request: pb.ModelInferRequest) -> str:
+    """The request parameter `routing_key` (an encounter id: hashed for the canary, never logged,
+    never echoed)."""
+    param = request.parameters["routing_key"]
+    if param.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(f"model {request.model_name[:80]!r}: parameter 'routing_key' must be a string")
+    key = param.string_param
+    if len(key) > MAX_ROUTING_KEY_CHARS:
+        raise InvalidInput(f"model {request.model_name[:80]!r}: parameter 'routing_key' is {len(key)} characters; "
+                           f"at most {MAX_ROUTING_KEY_CHARS}")
+    return key
+
+
+def _rollout_parameters(repository: ModelRepository, name: str) -> dict[str, str]:
+    """The model's labels (`version_labels`: JSON {label: version}, with `canary_percent` and
+    `shadow`) and its silent trials' figures (`trial`: a JSON list of counts and histograms,
+    what `medserve trial report` reads); none for a model without a labels file."""
+    params: dict[str, str] = {}
+    route = repository.routes.get(name)
+    if route is not None:
+        spec = route.spec
+        params["version_labels"] = json.dumps({k: v for k, v in sorted(spec.labels.items())})
+        params["canary_percent"] = f"{spec.canary_percent:g}"
+        if spec.shadow is not None:
+            params["shadow"] = str(spec.shadow)
+    trials = repository.trials(name)
+    if trials:
+        params["trial"] = json.dumps([t.summary() for t in trials], separators=(",", ":"))
+    return params
 
 
 def _card_parameters(loaded: LoadedVersion) -> dict[str, str]:

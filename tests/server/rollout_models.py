@@ -1,0 +1,48 @@
+"""Two-class models with a known disagreement, for the label, canary and silent-trial tests.
+
+`threshold(path, t)`: FP32 x [N, 1] -> probabilities [N, 2] = softmax((-z, z)) with z = 8 (x - t),
+label INT64 [N] = the top class. Two versions with thresholds 0.5 and 0.6 disagree on exactly
+the rows with 0.5 < x < 0.6: on `grid(n)` (x = (i + 0.5) / n), a tenth of them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_models
+
+CONFIG = "max_batch_size: 256\ndynamic_batching { }\nversion_policy { all { } }\n"
+
+
+def threshold(path: Path, t: float) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])
+    probabilities = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])
+    label = helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])
+    nodes = [
+        helper.make_node("Sub", ["x", "t"], ["d"]),
+        helper.make_node("Mul", ["d", "gain"], ["z"]),
+        helper.make_node("Neg", ["z"], ["nz"]),
+        helper.make_node("Concat", ["nz", "z"], ["logits"], axis=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ]
+    init = [numpy_helper.from_array(np.array(t, np.float32), "t"),
+            numpy_helper.from_array(np.array(8.0, np.float32), "gain")]
+    return onnx_models._save(helper.make_graph(nodes, "threshold", [x], [probabilities, label], init), path)
+
+
+def grid(n: int) -> np.ndarray:
+    return ((np.arange(n, dtype=np.float32) + 0.5) / n).reshape(n, 1)
+
+
+def repo_with_versions(root: Path, name: str = "m", thresholds: tuple[float, ...] = (0.5, 0.6),
+                       labels: str | None = None) -> Path:
+    """A repository with model `name`, one version per threshold (1, 2, ...), all served."""
+    for i, t in enumerate(thresholds, start=1):
+        threshold(root / name / str(i) / "model.onnx", t)
+    onnx_models.write_config(root, name, CONFIG)
+    if labels is not None:
+        (root / name / "labels.json").write_text(labels)
+    return root
