@@ -14,20 +14,28 @@ What it does, in one run:
      recent batches reached, so a lone request is not held back). Each version has a model card with the training data's
      feature ranges, from which the harness draws request data;
   2. for `medserve serve` with 1 and with 2 workers: starts it, captures one real response of
-     `rf_on`, starts `perf/fixed_server.py` as ONE process answering with those bytes (the
-     one-core transport ceiling of a Python server; the MLP's responses have the same size, so it
-     serves as its ceiling too), and measures batch-1 requests at concurrency 1, 8, 64, 256 with
-     the `medserve.perf` harness driving h2load (pre-encoded gRPC frames; `--generator python`
-     for the harness's own grpc.aio load process), all five configurations interleaved level by
-     level;
+     `rf_on`, and starts the two ceilings with as many processes as medserve has workers:
+     `perf/fixed_server.py` answering with those bytes (the transport alone: no parsing, no
+     model; the MLP's responses have the same size, so it serves as its ceiling too) and
+     `perf/minimal_server.py` on rf_on's model file (a real handler with nothing else: parse
+     the request, run the forest inline, encode the response; its response to the same request
+     has the same size as medserve's, printed). It measures batch-1 requests at concurrency 1,
+     8, 64, 256 with the `medserve.perf` harness driving h2load (pre-encoded gRPC frames;
+     `--generator python` for the harness's own load process), all six configurations
+     interleaved level by level;
   3. measures onnxruntime in-process (medserve's own `OnnxModel`, same session options) at the
      mean batch sizes the server actually formed (ModelStatistics);
   4. prints throughput, p50, p99, mean batch size and the ratios below, and writes everything to
      perf/results/bench_batching-<time>.json.
 
-Targets (CPU): medserve/fixed throughput at c=64 and 256 >= 0.6 with 1 worker and >= 0.9 with 2
-workers (batching on); mean batch >= 4 at c=64 for the forest; batching on/off >= 1.0 at every
-concurrency >= 8; c=1 p50 within 150 µs of fixed p50 + engine time.
+Short mode (about 2-3 minutes on 2 cores): `--measure-s 2 --levels 1,64,256` (add `--models rf`
+to leave the MLP out).
+
+Targets (CPU; issue 29), batching on, the forest: medserve / minimal handler >= 0.9 at c=64 and
+256 with 1 worker; medserve with 2 workers / fixed with 2 processes >= 0.9 at c=64 and 256;
+batching on / off >= 1.0 at every concurrency >= 8; c=1 p50 <= minimal p50 + 100 µs. Printed
+beside them, the earlier targets: medserve / fixed (1 process) >= 0.6 with 1 worker; mean batch
+>= 4 at c=64 for the forest; c=1 p50 within 150 µs of fixed p50 + engine time.
 
 Every run also measures this machine's thread hand-off (one `loop.run_in_executor` round trip)
 and the host's other CPU use, and reports both beside the figures: machines of the same kind
@@ -54,7 +62,8 @@ MODELS = ("rf", "mlp")
 VARIANTS = ("off", "on")
 CONFIG_OFF = 'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\n'
 CONFIG_ON = CONFIG_OFF + "dynamic_batching {{ max_queue_delay_microseconds: 2000 }}\n"
-TARGETS = {"fixed_ratio_1w": 0.6, "fixed_ratio_2w": 0.9, "on_off": 1.0, "c1_overhead_us": 150.0, "rf_batch_c64": 4.0}
+TARGETS = {"fixed_ratio_1w": 0.6, "fixed_ratio_2w": 0.9, "minimal_ratio_1w": 0.9, "on_off": 1.0, "c1_overhead_us": 150.0,
+           "c1_minimal_us": 100.0, "rf_batch_c64": 4.0}
 
 
 # -- repository --------------------------------------------------------------------------------
@@ -132,7 +141,9 @@ def engine_us(model_path: Path, batch: int, seconds: float = 0.3) -> float:
 
 
 def _sweep(repo: Path, workers: int, levels: tuple[float, ...], warmup_s: float, measure_s: float,
-           work: Path, repetitions: int = 1, generator: str = "h2load") -> dict[str, Any]:
+           work: Path, repetitions: int = 1, generator: str = "h2load", models: tuple[str, ...] = MODELS) -> dict[str, Any]:
+    from medserve.protos import grpc_service_pb2 as pb
+
     from . import serverproc
     from .fixed_server import capture
     from .runner import Runner
@@ -145,19 +156,31 @@ def _sweep(repo: Path, workers: int, levels: tuple[float, ...], warmup_s: float,
         info = fetch_model_info(srv.address, "rf_on", repository=str(repo))
         body = build_payloads(info, ModelLoad("rf_on"), 1)[0]
         responses = capture(srv.address, "rf_on", body)
-        # The ceiling is always ONE fixed-response process: the target for --workers 2 is to beat
-        # what a single do-nothing Python server can answer.
-        fixed = stack.enter_context(serverproc.fixed_server(srv.address, "rf_on", 1, log_dir=work))
-        print(f"fixed server (1 process): {fixed.address} ({len(responses['ModelInfer'])}-byte response)",
-              file=sys.stderr)
+        # Both ceilings run as many processes as medserve has workers: the fixed response (the
+        # transport alone) and the minimal handler (parse, the forest inline, encode).
+        fixed = stack.enter_context(serverproc.fixed_server(srv.address, "rf_on", workers, log_dir=work))
+        minimal = stack.enter_context(serverproc.minimal_server(repo / "rf_on" / "1" / "model.onnx", workers,
+                                                                log_dir=work))
+        sizes = {"medserve": len(responses["ModelInfer"]),
+                 "minimal": len(capture(minimal.address, "rf_on", body)["ModelInfer"])}
+        print(f"fixed server ({workers} process(es)): {fixed.address} ({sizes['medserve']}-byte response); "
+              f"minimal handler ({workers} process(es)): {minimal.address} ({sizes['minimal']}-byte response "
+              f"to the same request)", file=sys.stderr)
+        if sizes["minimal"] != sizes["medserve"]:
+            mine = pb.ModelInferResponse.FromString(responses["ModelInfer"])
+            print(f"warning: the minimal handler's response differs in size from medserve's: {sizes} "
+                  f"(medserve's parameters: {sorted(mine.parameters)})", file=sys.stderr)
         targets = [Target(f"{m}_{v}", srv.address, pid=srv.pid, workers=workers, models=(f"{m}_{v}",),
-                          repository=str(repo), generator=generator) for m in MODELS for v in VARIANTS]
+                          repository=str(repo), generator=generator) for m in models for v in VARIANTS]
         targets.append(Target("fixed", fixed.address, pid=fixed.pid, models=("rf_on",), generator=generator))
+        targets.append(Target("minimal", minimal.address, pid=minimal.pid, models=("rf_on",), generator=generator))
         scenario = Scenario(
             name=f"bench_batching-w{workers}", mode="closed", levels=levels, warmup_s=warmup_s, measure_s=measure_s,
             repetitions=repetitions, processes=1, channels=8, models=(ModelLoad("model", batch=1, data="card"),), targets=tuple(targets),
         )
-        return Runner(scenario, work_dir=work, progress=sys.stderr).run()
+        result = Runner(scenario, work_dir=work, progress=sys.stderr).run()
+        result["response_bytes"] = sizes
+        return result
 
 
 def _level(results: dict[str, Any], config: str, level: float) -> dict[str, Any] | None:
@@ -176,7 +199,76 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def analyse(sweeps: dict[int, dict[str, Any]], repo: Path, levels: tuple[float, ...]) -> dict[str, Any]:
+def _met(value: float | None, target: float, at_most: bool = False) -> bool:
+    return value is not None and (value <= target if at_most else value >= target)
+
+
+def _ratio_met(a: float | None, b: float | None, target: float) -> bool:
+    """Whether a / b reaches `target`, unrounded (0.8996 does not meet 0.9)."""
+    return a is not None and b is not None and b > 0 and a / b >= target
+
+
+def ceiling_ratios(sweeps: dict[int, dict[str, Any]], levels: tuple[float, ...],
+                   models: tuple[str, ...] = MODELS) -> dict[str, list[dict[str, Any]]]:
+    """The issue's ratios from the sweeps (workers -> Runner results), each with its target and
+    whether it was met (None: printed for reading, no target):
+      minimal  medserve / minimal handler (the forest; targets: batching on, 1 worker, c=64/256)
+      fixed    medserve / fixed response with as many processes (targets: batching on, c=64/256)
+      ceilings minimal / fixed (how much of the transport a real handler keeps)
+      on_off   batching on / off (targets at every c >= 8)
+      batch    the forest's mean batch at c=64 with batching on
+      c1_minimal  the forest's p50 at c=1 minus the minimal handler's p50, µs"""
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in ("minimal", "fixed", "ceilings", "on_off", "batch", "c1_minimal")}
+    for workers, res in sweeps.items():
+        for level in levels:
+            fx, mn = _level(res, "fixed", level), _level(res, "minimal", level)
+            if fx is not None and mn is not None and level in (64, 256):
+                out["ceilings"].append({"workers": workers, "level": level,
+                                        "ratio": _ratio(mn["throughput_rps"], fx["throughput_rps"]), "target": None,
+                                        "met": None})
+            for m in models:
+                on, off = _level(res, f"{m}_on", level), _level(res, f"{m}_off", level)
+                if on is None or off is None:
+                    continue
+                variants = (("on", on), ("off", off))
+                if level in (64, 256) and fx is not None:
+                    target = TARGETS["fixed_ratio_1w" if workers == 1 else "fixed_ratio_2w"]
+                    for v, lv in variants:
+                        r = _ratio(lv["throughput_rps"], fx["throughput_rps"])
+                        out["fixed"].append({"workers": workers, "model": m, "variant": v, "level": level, "ratio": r,
+                                             "target": target,
+                                             "met": None if v == "off" else _ratio_met(lv["throughput_rps"],
+                                                                                        fx["throughput_rps"], target)})
+                if level in (64, 256) and mn is not None and m == "rf":
+                    for v, lv in variants:
+                        r = _ratio(lv["throughput_rps"], mn["throughput_rps"])
+                        targeted = v == "on" and workers == 1
+                        out["minimal"].append({"workers": workers, "model": m, "variant": v, "level": level,
+                                               "ratio": r, "target": TARGETS["minimal_ratio_1w"] if targeted else None,
+                                               "met": _ratio_met(lv["throughput_rps"], mn["throughput_rps"],
+                                                                  TARGETS["minimal_ratio_1w"]) if targeted else None})
+                r = _ratio(on["throughput_rps"], off["throughput_rps"])
+                out["on_off"].append({"workers": workers, "model": m, "level": level, "ratio": r,
+                                      "target": TARGETS["on_off"] if level >= 8 else None,
+                                      "met": None if level < 8 else _ratio_met(on["throughput_rps"], off["throughput_rps"],
+                                                                                       TARGETS["on_off"])})
+                if m == "rf" and level == 64:
+                    batch = _mean_batch(on)
+                    out["batch"].append({"workers": workers, "level": level, "mean_batch": batch,
+                                         "target": TARGETS["rf_batch_c64"], "met": _met(batch, TARGETS["rf_batch_c64"])})
+                if m == "rf" and level == 1 and mn is not None:
+                    for v, lv in variants:
+                        p50, mp50 = lv["latency_us"]["p50"], mn["latency_us"]["p50"]
+                        over = None if p50 is None or mp50 is None else round(p50 - mp50, 1)
+                        out["c1_minimal"].append({"workers": workers, "model": m, "variant": v, "p50_us": p50,
+                                                  "minimal_p50_us": mp50, "overhead_us": over,
+                                                  "target_us": TARGETS["c1_minimal_us"],
+                                                  "met": _met(over, TARGETS["c1_minimal_us"], at_most=True)})
+    return out
+
+
+def analyse(sweeps: dict[int, dict[str, Any]], repo: Path, levels: tuple[float, ...],
+            models: tuple[str, ...] = MODELS) -> dict[str, Any]:
     """Rows per (workers, config, level) with the in-process engine figures, and the ratios."""
     engine: dict[tuple[str, int], float] = {}
 
@@ -187,7 +279,7 @@ def analyse(sweeps: dict[int, dict[str, Any]], repo: Path, levels: tuple[float, 
         return engine[key]
 
     rows = []
-    ratios: dict[str, Any] = {"fixed": [], "on_off": [], "c1": []}
+    ratios: dict[str, Any] = {**ceiling_ratios(sweeps, levels, models), "c1": []}
     for workers, res in sweeps.items():
         for cfg in res["configs"]:
             for lv in cfg["levels"]:
@@ -206,36 +298,19 @@ def analyse(sweeps: dict[int, dict[str, Any]], repo: Path, levels: tuple[float, 
                     row["engine_us"] = us
                     row["engine_rows_per_s"] = round(b / us * 1e6)
                 rows.append(row)
-        for m in MODELS:
-            for level in levels:
-                on, off, fx = _level(res, f"{m}_on", level), _level(res, f"{m}_off", level), _level(res, "fixed", level)
-                if on is None or off is None or fx is None:
-                    continue
-                if level in (64, 256):
-                    target = TARGETS["fixed_ratio_1w" if workers == 1 else "fixed_ratio_2w"]
-                    for v, lv in (("on", on), ("off", off)):
-                        r = _ratio(lv["throughput_rps"], fx["throughput_rps"])
-                        ratios["fixed"].append({"workers": workers, "model": m, "variant": v, "level": level,
-                                                "ratio": r, "target": target,
-                                                "met": None if v == "off" else (r is not None and r >= target)})
-                r = _ratio(on["throughput_rps"], off["throughput_rps"])
-                ratios["on_off"].append({"workers": workers, "model": m, "level": level, "ratio": r,
-                                         "target": TARGETS["on_off"] if level >= 8 else None,
-                                         "met": None if level < 8 else (r is not None and r >= TARGETS["on_off"])})
-                if m == "rf" and level == 64:
-                    batch = _mean_batch(on)
-                    ratios.setdefault("batch", []).append({"workers": workers, "level": level, "mean_batch": batch,
-                                                           "target": TARGETS["rf_batch_c64"],
-                                                           "met": batch is not None and batch >= TARGETS["rf_batch_c64"]})
-                if level == 1:
-                    eng = engine_at(m, 1)
-                    for v, lv in (("on", on), ("off", off)):
-                        p50, fp50 = lv["latency_us"]["p50"], fx["latency_us"]["p50"]
-                        over = None if p50 is None or fp50 is None else round(p50 - (fp50 + eng), 1)
-                        ratios["c1"].append({"workers": workers, "model": m, "variant": v, "p50_us": p50,
-                                             "fixed_p50_us": fp50, "engine_us": eng, "overhead_us": over,
-                                             "target_us": TARGETS["c1_overhead_us"],
-                                             "met": over is not None and over <= TARGETS["c1_overhead_us"]})
+        fx = _level(res, "fixed", 1)
+        for m in models:
+            on, off = _level(res, f"{m}_on", 1), _level(res, f"{m}_off", 1)
+            if 1 not in levels or on is None or off is None or fx is None:
+                continue
+            eng = engine_at(m, 1)
+            for v, lv in (("on", on), ("off", off)):
+                p50, fp50 = lv["latency_us"]["p50"], fx["latency_us"]["p50"]
+                over = None if p50 is None or fp50 is None else round(p50 - (fp50 + eng), 1)
+                ratios["c1"].append({"workers": workers, "model": m, "variant": v, "p50_us": p50,
+                                     "fixed_p50_us": fp50, "engine_us": eng, "overhead_us": over,
+                                     "target_us": TARGETS["c1_overhead_us"],
+                                     "met": _met(over, TARGETS["c1_overhead_us"], at_most=True)})
     return {"rows": rows, "ratios": ratios, "engine_us": {f"{m}@{b}": v for (m, b), v in engine.items()}}
 
 
@@ -247,11 +322,19 @@ def print_report(analysis: dict[str, Any]) -> None:
         print(f"{r['workers']:>2} {r['config']:<8} {r['level']:>4g} {r['throughput_rps']:>8.0f} {figure(r['p50_us']):>8} "
               f"{figure(r['p99_us']):>8} {figure(r['mean_batch'], 2):>6} {r['errors']:>5} {figure(r['server_cores'], 2):>6} "
               f"{figure(r['harness_cores'], 2):>6} {eng:>17}")
-    print("\nmedserve / fixed throughput (target on batching-on rows):")
-    for x in analysis["ratios"]["fixed"]:
+    ratios = analysis["ratios"]
+    print("\nmedserve / minimal handler (parse, the forest inline, encode; as many processes as medserve's workers):")
+    for x in ratios["minimal"]:
+        mark = "" if x["met"] is None else f"  (target >= {x['target']})  {'met' if x['met'] else 'MISSED'}"
+        print(f"  w{x['workers']} {x['model']}_{x['variant']:<3} c={x['level']:<4g} {figure(x['ratio'], 3):>6}{mark}")
+    print("medserve / fixed response (as many processes as medserve's workers; target on batching-on rows):")
+    for x in ratios["fixed"]:
         mark = "" if x["met"] is None else ("  met" if x["met"] else "  MISSED")
         print(f"  w{x['workers']} {x['model']}_{x['variant']:<3} c={x['level']:<4g} {figure(x['ratio'], 3):>6} "
               f"(target >= {x['target']}){mark}")
+    print("minimal handler / fixed response (the two ceilings):")
+    for x in ratios["ceilings"]:
+        print(f"  w{x['workers']} c={x['level']:<4g} {figure(x['ratio'], 3):>6}")
     print("batching on / off throughput:")
     for x in analysis["ratios"]["on_off"]:
         verdict = "" if x["met"] is None else f"  (target >= {x['target']})  {'met' if x['met'] else 'MISSED'}"
@@ -259,6 +342,11 @@ def print_report(analysis: dict[str, Any]) -> None:
     print("mean batch of the forest, batching on, c=64:")
     for x in analysis["ratios"].get("batch", []):
         print(f"  w{x['workers']} {figure(x['mean_batch'], 2):>6} (target >= {x['target']})  {'met' if x['met'] else 'MISSED'}")
+    print("c=1 p50 - minimal handler p50:")
+    for x in ratios["c1_minimal"]:
+        print(f"  w{x['workers']} {x['model']}_{x['variant']:<3} p50 {figure(x['p50_us'])} µs, minimal "
+              f"{figure(x['minimal_p50_us'])} -> {figure(x['overhead_us'])} µs (target <= {x['target_us']:g})"
+              f"  {'met' if x['met'] else 'MISSED'}")
     print("c=1 p50 - (fixed p50 + engine time at batch 1):")
     for x in analysis["ratios"]["c1"]:
         print(f"  w{x['workers']} {x['model']}_{x['variant']:<3} p50 {figure(x['p50_us'])} µs, fixed {figure(x['fixed_p50_us'])}"
@@ -272,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="server worker counts to measure")
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--measure-s", type=float, default=3.0)
+    parser.add_argument("--models", default=",".join(MODELS), help="among rf,mlp (the minimal handler serves rf)")
     parser.add_argument("--repetitions", type=int, default=1, help="measurements per level (interleaved)")
     parser.add_argument(
         "--generator", choices=("h2load", "python", "grpcio"), default="h2load",
@@ -285,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(build_repository(args.build_repository), indent=1))
         return 0
     levels = tuple(float(v) for v in args.levels.split(","))
+    models = tuple(m for m in args.models.split(",") if m)
+    if not models or set(models) - set(MODELS):
+        parser.error(f"--models {args.models!r}: expected some of {','.join(MODELS)}")
     from .measure import executor_round_trip_us
 
     hand_off = executor_round_trip_us()
@@ -298,11 +390,16 @@ def main(argv: list[str] | None = None) -> int:
         repo_info = build_repository(repo)
         sweeps = {}
         for w in (int(x) for x in args.workers.split(",")):
-            sweeps[w] = _sweep(repo, w, levels, args.warmup_s, args.measure_s, work, args.repetitions, args.generator)
+            sweeps[w] = _sweep(repo, w, levels, args.warmup_s, args.measure_s, work, args.repetitions, args.generator,
+                               models)
         print("onnxruntime in-process at the mean batch sizes formed ...", file=sys.stderr)
-        analysis = analyse(sweeps, repo, levels)
+        analysis = analyse(sweeps, repo, levels, models)
     print(f"machine: {os.cpu_count()} cores; thread hand-off {hand_off['median_us']} µs median "
           f"(loop.run_in_executor round trip, measured before the sweep)")
+    for w, s in sweeps.items():
+        sizes = s["response_bytes"]
+        print(f"response to the same request, {w} worker(s): medserve {sizes['medserve']} bytes, minimal handler "
+              f"{sizes['minimal']} bytes")
     print_report(analysis)
     warnings = sorted({f"{n} workers: {x}" for n, s in sweeps.items() for x in s["warnings"]})
     for line in warnings:

@@ -403,6 +403,15 @@ def _models(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    path, result = run(argv)
+    print_report(result)
+    print(f"results: {path}  ({result['duration_s']:.0f} s)")
+    return 0
+
+
+def run(argv: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """The benchmark without its printed table: the results file and its contents (bench_rows
+    reads the Transformer's ratio from here)."""
     parser = bench_parser("bench_text", __doc__)
     parser.add_argument("--concurrency", type=_levels, default=(1, 8, 64), help="closed-loop callers, e.g. 1,8,64")
     parser.add_argument("--measure-s", type=float, default=8.0, help="measured seconds per point")
@@ -478,10 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "points": points,
     }
     path = write_result("bench_text", body, started_unix=started, out_dir=args.out, hand_off_us=hand_off)
-    result = json.loads(path.read_text(encoding="utf-8"))
-    print_report(result)
-    print(f"results: {path}  ({result['duration_s']:.0f} s)")
-    return 0
+    return path, json.loads(path.read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

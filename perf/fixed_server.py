@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import multiprocessing
 import os
 import signal
 import sys
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from . import reuseport
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -58,9 +58,7 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     if ready_file is not None:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": bound, "pid": os.getpid()}))
-        os.replace(tmp, ready_file)
+        reuseport.write_ready(ready_file, port=bound, pid=os.getpid())
     await stop.wait()
     await server.stop(0.5)
 
@@ -82,39 +80,14 @@ def capture(target: str, model: str, request: bytes, version: str = "") -> dict[
             "ModelReady": pb.ModelReadyResponse(ready=True).SerializeToString()}
 
 
-def _worker(responses: dict[str, bytes], host: str, port: int, ready_file: str) -> None:
-    asyncio.run(serve(responses, host=host, port=port, reuse_port=True, ready_file=Path(ready_file)))
+def _worker(host: str, port: int, reuse_port: bool, ready_file: Path | None, responses: dict[str, bytes]) -> None:
+    asyncio.run(serve(responses, host=host, port=port, reuse_port=reuse_port, ready_file=ready_file))
 
 
 def run_workers(responses: dict[str, bytes], workers: int, host: str, port: int, ready_file: Path | None) -> int:
     """`workers` processes on one port (SO_REUSEPORT), kept up by the supervisor of
     `medserve serve --workers N` (`medserve.server.workers.supervise`)."""
-    if workers <= 1:
-        asyncio.run(serve(responses, host=host, port=port, ready_file=ready_file))
-        return 0
-    from medserve.server.workers import reserve_port, supervise
-
-    reservation = reserve_port(host, port)
-    port = reservation.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-
-    def start(index: int, worker_ready: Path) -> multiprocessing.process.BaseProcess:
-        process = ctx.Process(target=_worker, args=(responses, host, port, str(worker_ready)),
-                              name=f"medserve-fixed-w{index}", daemon=True)
-        process.start()
-        return process
-
-    def ready(pids: list[int]) -> None:
-        reservation.close()
-        if ready_file is not None:
-            tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"port": port, "pid": os.getpid(), "workers": pids}))
-            os.replace(tmp, ready_file)
-
-    try:
-        return supervise(start, workers, on_ready=ready)
-    finally:
-        reservation.close()
+    return reuseport.run_workers(_worker, (responses,), workers, host, port, ready_file, "medserve-fixed")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,3 +98,19 @@ def fixed_server(capture_from: str, model: str, workers: int = 1, batch: int = 1
            "--batch", str(batch), "--port", "0", "--workers", str(workers), "--ready-file", str(ready)]
     with start_process(cmd, ready, tmp / f"fixed-{stamp}.log") as handle:
         yield handle
+
+
+@contextlib.contextmanager
+def minimal_server(model_file: str | Path, workers: int = 1, log_dir: Path | None = None,
+                   name: str | None = None, version: str | None = None) -> Iterator[ServerHandle]:
+    """`python -m medserve.perf.minimal_server` on `model_file` (parse, run inline, encode)."""
+    tmp = Path(log_dir or tempfile.gettempdir())
+    tmp.mkdir(parents=True, exist_ok=True)
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    ready = tmp / f"minimal-ready-{stamp}.json"
+    cmd = [sys.executable, "-m", "medserve.perf.minimal_server", "--model-file", str(model_file), "--port", "0",
+           "--workers", str(workers), "--ready-file", str(ready)]
+    cmd += ["--name", name] if name else []
+    cmd += ["--version", version] if version else []
+    with start_process(cmd, ready, tmp / f"minimal-{stamp}.log") as handle:
+        yield handle
