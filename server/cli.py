@@ -331,6 +331,45 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _add_trial(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("trial", help="silent trials: how a shadow version agrees with the serving one")
+    actions = p.add_subparsers(dest="action", required=True)
+    report = actions.add_parser("report", help="agreement, differences by decile, rows compared and shed "
+                                "(read from the model's ModelMetadata over gRPC)")
+    report.add_argument("model")
+    report.add_argument("--target", required=True, help="HOST:PORT of the server's gRPC port")
+    report.add_argument("--ca", type=Path, help="CA bundle of a TLS server")
+    report.add_argument("--token-env", default="MEDSERVE_TOKEN",
+                        help="environment variable holding a bearer token (default MEDSERVE_TOKEN; never a flag)")
+    report.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=_trial, extras=())
+
+
+def _trial(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from medserve.clients import Client, MedserveClientError, TLSConfig
+
+    from .rollout import format_report, trial_report
+
+    token = os.environ.get(args.token_env) or None
+    tls = TLSConfig(ca_file=args.ca) if args.ca is not None else None
+    try:
+        with Client(args.target, tls=tls, token=token, allow_insecure_token=tls is None) as client:
+            metadata = client.model_metadata(args.model)
+    except MedserveClientError as exc:
+        print(f"medserve trial report: {exc}", file=sys.stderr)
+        return 1
+    raw = metadata.parameters.get("trial")
+    reports = [trial_report(t) for t in json.loads(raw)] if isinstance(raw, str) else []
+    if args.json:
+        print(json.dumps({"model": args.model, "trials": reports}))
+    else:
+        print(format_report(args.model, reports))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medserve", description=__doc__)
     _add_global_options(parser, default=True)
@@ -338,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_tokens(subparsers)
     _add_audit(subparsers)
+    _add_trial(subparsers)
     # These modules import only the standard library; their handlers import the rest.
     from medserve.exporters.cli import add_subcommands as add_export
     from medserve.perf.cli import add_subcommands as add_perf

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .repository import ModelRepository
+from .rollout import DIFF_EDGES, TrialStats
 from .stats import Histogram
 from .status import status_code_name
 
@@ -116,7 +117,49 @@ class RepositoryCollector(Collector):
                 close_at.add_metric(labels, snapshot.close_at_rows)
         yield from (requests, request_seconds, phase_seconds, inferences, executions, batches, queued, close_at, work,
                     request_h, queue_h, compute_h, batch_h, failures, in_flight, state, out_of_range, psi)
+        yield from trial_metrics(self._worker, self._repository.trials())
         yield from gpu_metrics()
+
+
+_TRIAL_LABELS = ["worker", "model", "serving_version", "shadow_version"]
+
+
+def trial_metrics(worker: str, trials: list[TrialStats]) -> Iterator[Metric]:
+    """Silent trials per model and (serving, shadow) version pair: counts and the histogram of
+    per-row differences only (agreement = agreeing rows / compared rows)."""
+    if not trials:
+        return
+    compared = CounterMetricFamily("medserve_trial_rows", "Silent trial: rows the shadow scored and compared",
+                                   labels=_TRIAL_LABELS)
+    agreeing = CounterMetricFamily("medserve_trial_agreeing_rows",
+                                   "Silent trial (classifiers): compared rows with the same top class", labels=_TRIAL_LABELS)
+    shed = CounterMetricFamily("medserve_trial_shed_rows", "Silent trial: rows not scored because callers came first "
+                               "(the serving version had a queue) or the trial's backlog was full", labels=_TRIAL_LABELS)
+    shed_requests = CounterMetricFamily("medserve_trial_shed_requests", "Silent trial: requests shed",
+                                        labels=_TRIAL_LABELS)
+    failed = CounterMetricFamily("medserve_trial_failed_rows", "Silent trial: rows the shadow refused or failed",
+                                 labels=_TRIAL_LABELS)
+    difference = HistogramMetricFamily("medserve_trial_difference",
+                                       "Silent trial: per-row difference (classifiers: the largest probability "
+                                       "difference; regressions: the absolute difference)", labels=_TRIAL_LABELS)
+    psi = GaugeMetricFamily("medserve_trial_psi", "Silent trial: PSI of the shadow's outputs against the serving "
+                            "version's over the last window", labels=_TRIAL_LABELS)
+    for t in trials:
+        labels = [worker, t.model, str(t.serving), str(t.shadow)]
+        compared.add_metric(labels, t.rows)
+        if t.kind == "classification":
+            agreeing.add_metric(labels, t.agree)
+        shed.add_metric(labels, t.shed_rows)
+        shed_requests.add_metric(labels, t.shed_requests)
+        failed.add_metric(labels, t.failed_rows)
+        cumulative, buckets = 0, []
+        for edge, count in zip((*DIFF_EDGES, float("inf")), t.differences, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if edge == float("inf") else repr(edge), cumulative))
+        difference.add_metric(labels, buckets, t.difference_sum)
+        if t.psi is not None:
+            psi.add_metric(labels, t.psi)
+    yield from (compared, agreeing, shed, shed_requests, failed, difference, psi)
 
 
 def registry_for(repository: ModelRepository, worker: str) -> CollectorRegistry:

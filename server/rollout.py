@@ -151,6 +151,7 @@ class TrialStats:
     shed_rows: int = 0
     failed_rows: int = 0  # the shadow failed (or refused) these rows
     differences: list[int] = field(default_factory=lambda: [0] * (len(DIFF_EDGES) + 1))
+    difference_sum: float = 0.0  # (finite differences only: the Prometheus histogram's sum)
     psi: float | None = None  # of the last complete window
     windows: int = 0
     _serving_window: list[np.ndarray] = field(default_factory=list, repr=False)
@@ -179,6 +180,7 @@ class TrialStats:
         index = np.searchsorted(DIFF_EDGES, diff, side="left")
         for i, n in enumerate(np.bincount(index, minlength=len(DIFF_EDGES) + 1)):
             self.differences[i] += int(n)
+        self.difference_sum += float(diff[np.isfinite(diff)].sum())
         self.rows += rows
         self._serving_window.append(a)
         self._shadow_window.append(b)
@@ -244,3 +246,44 @@ def output_kind(task: str | None, outputs: Mapping[str, tuple[str, tuple[int, ..
             if dims and dims[-1] > 1:
                 return name, CLASSIFICATION
     return floats[0][0], REGRESSION if regression or task is None or "class" not in task.lower() else CLASSIFICATION
+
+
+def trial_report(summary: Mapping[str, object]) -> dict[str, object]:
+    """A trial's figures as `medserve trial report` shows them: agreement, the difference by
+    decile, rows compared, rows shed (from `TrialStats.summary`, as ModelMetadata carries it)."""
+    rows = int(summary.get("rows", 0))  # type: ignore[call-overload]
+    counts = [int(c) for c in summary.get("differences", [])]  # type: ignore[attr-defined]
+    kind = summary.get("kind")
+    return {
+        "serving": summary.get("serving"), "shadow": summary.get("shadow"), "kind": kind,
+        "output": summary.get("output"), "rows_compared": rows,
+        "agreement": (int(summary.get("agree", 0)) / rows) if rows and kind == CLASSIFICATION else None,  # type: ignore[call-overload]
+        "difference_deciles": difference_deciles(counts) if counts else [],
+        "rows_shed": summary.get("shed_rows", 0), "requests_shed": summary.get("shed_requests", 0),
+        "rows_failed": summary.get("failed_rows", 0), "psi": summary.get("psi"),
+    }
+
+
+def format_report(model: str, reports: Sequence[Mapping[str, object]]) -> str:
+    """The trial report as text, one block per (serving, shadow) pair."""
+    if not reports:
+        return f"model {model!r}: no silent trial has run (set \"shadow\" in its {LABELS_FILENAME})"
+    lines = []
+    for r in reports:
+        what = "probability difference" if r["kind"] == CLASSIFICATION else "absolute difference"
+        lines.append(f"model {model!r}: version {r['shadow']} (shadow) against version {r['serving']} (serving), "
+                     f"{r['kind']}, output {r['output']!r}")
+        agreement = r["agreement"]
+        lines.append(f"  rows compared  {r['rows_compared']}")
+        if agreement is not None:
+            lines.append(f"  agreement      {agreement:.4f} (share of rows with the same top class)")
+        lines.append(f"  rows shed      {r['rows_shed']} ({r['requests_shed']} requests; callers first)")
+        lines.append(f"  rows failed    {r['rows_failed']}")
+        psi_value = r["psi"]
+        lines.append(f"  PSI            {psi_value:.4f} (shadow vs serving outputs, last window)"
+                     if isinstance(psi_value, float) else "  PSI            - (no complete window yet)")
+        deciles = r["difference_deciles"]
+        if isinstance(deciles, list) and deciles:
+            cells = "  ".join(f"p{10 * (i + 1)}<={d:.2g}" for i, d in enumerate(deciles))
+            lines.append(f"  {what} by decile (upper bounds): {cells}")
+    return "\n".join(lines)

@@ -46,3 +46,36 @@ def repo_with_versions(root: Path, name: str = "m", thresholds: tuple[float, ...
     if labels is not None:
         (root / name / "labels.json").write_text(labels)
     return root
+
+
+def slow_threshold(path: Path, t: float, width: int = 512, layers: int = 40) -> Path:
+    """`threshold` with deliberately slow work added (it contributes 0): a shadow that cannot keep up."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])
+    probabilities = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])
+    label = helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])
+    nodes = [helper.make_node("MatMul", ["x", "spread"], ["h0"])]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
+    nodes += [
+        helper.make_node("ReduceSum", [f"h{layers}", "axes"], ["r"], keepdims=1),
+        helper.make_node("Mul", ["r", "zero"], ["r0"]),
+        helper.make_node("Add", ["x", "r0"], ["x2"]),
+        helper.make_node("Sub", ["x2", "t"], ["d"]),
+        helper.make_node("Mul", ["d", "gain"], ["z"]),
+        helper.make_node("Neg", ["z"], ["nz"]),
+        helper.make_node("Concat", ["nz", "z"], ["logits"], axis=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ]
+    init = [numpy_helper.from_array(np.array(t, np.float32), "t"),
+            numpy_helper.from_array(np.array(8.0, np.float32), "gain"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+            numpy_helper.from_array(np.ones((1, width), np.float32), "spread"),
+            numpy_helper.from_array(np.full((width, width), 1.0 / width, np.float32), "w"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    return onnx_models._save(helper.make_graph(nodes, "slow_threshold", [x], [probabilities, label], init), path)
+
+
+def write_config_and_labels(root: Path, name: str, labels: str) -> None:
+    onnx_models.write_config(root, name, CONFIG)
+    (root / name / "labels.json").write_text(labels)
