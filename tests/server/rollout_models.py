@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from medserve.protos import grpc_service_pb2 as pb
+from medserve.protos.wire import to_raw
+
 import onnx_models
 
 CONFIG = "max_batch_size: 256\ndynamic_batching { }\nversion_policy { all { } }\n"
@@ -79,3 +82,19 @@ def slow_threshold(path: Path, t: float, width: int = 512, layers: int = 40) -> 
 def write_config_and_labels(root: Path, name: str, labels: str) -> None:
     onnx_models.write_config(root, name, CONFIG)
     (root / name / "labels.json").write_text(labels)
+
+
+def request(version: str = "", x: np.ndarray | None = None, request_id: str = "",
+            routing_key: str | None = None, model: str = "m") -> pb.ModelInferRequest:
+    x = grid(4) if x is None else x
+    req = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    req.inputs.add(name="x", datatype="FP32", shape=x.shape)
+    req.raw_input_contents.append(to_raw(x))
+    if routing_key is not None:
+        req.parameters["routing_key"].string_param = routing_key
+    return req
+
+
+def label_of(response: pb.ModelInferResponse) -> str:
+    params = response.parameters
+    return params["version_label"].string_param if "version_label" in params else ""

@@ -10,31 +10,14 @@ import threading
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 
 from medserve.protos import grpc_service_pb2 as pb
-from medserve.protos.wire import to_raw
 from medserve.server.audit import keygen
 
 import rollout_models
 from conftest import running_server, wait_for
-
-
-def request(version: str = "", x: np.ndarray | None = None, request_id: str = "",
-            routing_key: str | None = None) -> pb.ModelInferRequest:
-    x = rollout_models.grid(4) if x is None else x
-    req = pb.ModelInferRequest(model_name="m", model_version=version, id=request_id)
-    req.inputs.add(name="x", datatype="FP32", shape=x.shape)
-    req.raw_input_contents.append(to_raw(x))
-    if routing_key is not None:
-        req.parameters["routing_key"].string_param = routing_key
-    return req
-
-
-def label_of(response: pb.ModelInferResponse) -> str:
-    params = response.parameters
-    return params["version_label"].string_param if "version_label" in params else ""
+from rollout_models import label_of, request
 
 
 def write_labels(repo: Path, mapping: dict[str, object]) -> None:
