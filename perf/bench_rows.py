@@ -125,7 +125,7 @@ def measure_rows(repo: Path, models: tuple[str, ...], rows: int, levels: tuple[f
             batch = next((s.get("mean_batch") for s in (lv.get("server_models") or {}).values()), None)
             points.append({"model": cfg["name"], "level": lv["level"], "throughput_rps": lv["throughput_rps"],
                            "p50_us": lv["latency_us"]["p50"], "p99_us": lv["latency_us"]["p99"],
-                           "mean_batch_requests": batch,
+                           "mean_batch_rows": batch,
                            "errors": sum(v for k, v in lv["statuses"].items() if k != "OK"),
                            "server_cores": lv["server_cpu_cores"], "harness_cores": lv["harness_cores"],
                            "host_other_cores": lv["repetitions"][0].get("host_other_cores")})
@@ -141,10 +141,10 @@ def print_report(body: dict[str, Any]) -> None:
         verdict = f"  (target >= {p['target']}) {'met' if p['met'] else 'MISSED'}"
         print(f"{p['model']:<18} {p['level']:>4g} {p['throughput_rps']:>8.0f} {p['rows_per_s']:>9.0f} "
               f"{figure(p['in_process_rows_per_s']):>15} {figure(p['ratio'], 3):>6} {figure(p['p50_us']):>8} "
-              f"{figure(p['p99_us']):>8} {figure(p['mean_batch_requests'], 2):>6} {p['errors']:>4} "
+              f"{figure(p['p99_us']):>8} {figure(p['mean_batch_rows'], 2):>6} {p['errors']:>4} "
               f"{figure(p['server_cores'], 2):>6} {figure(p['host_other_cores'], 2):>6}{verdict}")
-    print("batch: requests per executed batch (ModelStatistics); each request carries "
-          f"{rows} rows. other: cores used by neither server nor harness in the window (a busy host).")
+    print(f"batch: rows per executed batch (ModelStatistics: inference_count / execution_count); {rows} rows = "
+          "one request per batch. other: cores used by neither server nor harness in the window (a busy host).")
     text = body.get("text")
     if text:
         print(f"{text['model']} c={text['concurrency']} (padded, one-row requests): {figure(text['throughput_rps'])} req/s, "
