@@ -160,10 +160,12 @@ def infer(
     request_id: str | None,
     priority: int | None,
     explain: bool = False,
+    routing_key: str | None = None,
 ) -> Call[InferResult]:
     """The ModelInfer call (raises :class:`InvalidInputError` for inputs refused before sending)."""
     request = _codec.encode_infer_request(
-        model, inputs, version=version, outputs=outputs, request_id=request_id, priority=priority, explain=explain
+        model, inputs, version=version, outputs=outputs, request_id=request_id, priority=priority, explain=explain,
+        routing_key=routing_key,
     )
     return Call("ModelInfer", request, _codec.decode_infer_response, timeout_s, request_id)
 
@@ -264,6 +266,7 @@ class Core:
         request_id: str | None,
         priority: int | None,
         explain: bool = False,
+        routing_key: str | None = None,
     ) -> Flow[InferResult]:
         """``Client.infer_records`` as a flow: schema, infer; when the answer comes from another
         model file, refresh the schema and, if its columns changed, infer again."""
@@ -283,6 +286,7 @@ class Core:
                     "request_id": request_id,
                     "priority": priority,
                     **({"explain": True} if explain else {}),
+                    **({"routing_key": routing_key} if routing_key else {}),
                 },
             )
 
@@ -384,6 +388,7 @@ class StreamState:
                 outputs=request.outputs,
                 request_id=rid,
                 priority=request.priority,
+                routing_key=request.routing_key,
             )
         except InvalidInputError as exc:
             exc.request_id = rid

@@ -57,6 +57,7 @@ def encode_infer_request(
     request_id: str | None = None,
     priority: int | None = None,
     explain: bool = False,
+    routing_key: str | None = None,
 ) -> pb.ModelInferRequest:
     """A ModelInferRequest carrying every input as ``raw_input_contents`` (one entry per input).
 
@@ -96,6 +97,10 @@ def encode_infer_request(
         request.parameters["priority"].uint64_param = priority
     if explain:
         request.parameters["explain"].bool_param = True
+    if routing_key:
+        if not isinstance(routing_key, str):
+            raise InvalidInputError(f"model {model_label(model, version)}: routing_key must be a string")
+        request.parameters["routing_key"].string_param = routing_key
     return request
 
 

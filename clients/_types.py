@@ -82,6 +82,7 @@ class InferRequest:
     outputs: Sequence[str] | None = None
     request_id: str | None = None
     priority: int | None = None
+    routing_key: str | None = None  # an encounter id: the same one always meets the same side of a canary
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -94,6 +95,7 @@ class InferResult(Mapping[str, npt.NDArray[Any]]):
         result = client.infer("sepsis", {"x": x})
         risk = result["risk"]            # or result.as_numpy("risk")
         result.model_version, result.model_sha256
+        result.version_label             # "stable", "canary", ... when a label (or the canary) reached it
     """
 
     model_name: str
@@ -106,6 +108,14 @@ class InferResult(Mapping[str, npt.NDArray[Any]]):
     def model_sha256(self) -> str | None:
         """SHA-256 of the exact model file that ran (response parameter ``model_sha256``)."""
         value = self.parameters.get("model_sha256")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def version_label(self) -> str | None:
+        """The label the request reached ``model_version`` by (response parameter ``version_label``:
+        the label asked for, or ``stable`` / ``canary`` for a request naming no version); None when
+        it named a version number or the model has no labels."""
+        value = self.parameters.get("version_label")
         return value if isinstance(value, str) and value else None
 
     def as_numpy(self, name: str) -> npt.NDArray[Any]:

@@ -196,6 +196,7 @@ class AsyncClient:
         request_id: str | None = None,
         priority: int | None = None,
         explain: bool = False,
+        routing_key: str | None = None,
     ) -> InferResult:
         """See :meth:`Client.infer <medserve.clients.Client.infer>`."""
         return await self._call(
@@ -208,6 +209,7 @@ class AsyncClient:
                 request_id=request_id,
                 priority=priority,
                 explain=explain,
+                routing_key=routing_key,
             )
         )
 
@@ -244,6 +246,7 @@ class AsyncClient:
         timeout_s: float | None = None,
         request_id: str | None = None,
         priority: int | None = None,
+        routing_key: str | None = None,
     ) -> InferResult:
         """See :meth:`Client.infer_records <medserve.clients.Client.infer_records>`."""
         return await self._run(
@@ -255,6 +258,7 @@ class AsyncClient:
                 timeout_s=timeout_s,
                 request_id=request_id,
                 priority=priority,
+                routing_key=routing_key,
             )
         )
 

@@ -199,13 +199,17 @@ class Client:
         request_id: str | None = None,
         priority: int | None = None,
         explain: bool = False,
+        routing_key: str | None = None,
     ) -> InferResult:
         """Run ``model`` on ``inputs`` (input name -> array; BYTES from bytes/str arrays).
 
         ``outputs`` limits the returned outputs (default all); ``priority`` 1 is the highest.
+        ``version`` is a number or a label (``"stable"``, ``"canary"``); ``routing_key`` (an
+        encounter id) decides which side of a canary a request naming no version meets, the same
+        side every time (the request id decides without it).
 
             result = client.infer("sepsis", {"x": np.zeros((4, 12), np.float32)}, request_id="enc-1")
-            result["risk"].shape, result.model_version, result.model_sha256
+            result["risk"].shape, result.model_version, result.model_sha256, result.version_label
         """
         return self._call(
             _calls.infer(
@@ -217,6 +221,7 @@ class Client:
                 request_id=request_id,
                 priority=priority,
                 explain=explain,
+                routing_key=routing_key,
             )
         )
 
@@ -260,6 +265,7 @@ class Client:
         timeout_s: float | None = None,
         request_id: str | None = None,
         priority: int | None = None,
+        routing_key: str | None = None,
     ) -> InferResult:
         """Run a tabular model on records (feature name -> number), one row per record.
 
@@ -280,6 +286,7 @@ class Client:
                 timeout_s=timeout_s,
                 request_id=request_id,
                 priority=priority,
+                routing_key=routing_key,
             )
         )
 
