@@ -35,16 +35,25 @@ request (config parameters).
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError
+
+from medserve.protos.wire import numpy_dtype
 
 from .card import ModelCard
 from .config import ModelConfig
 from .errors import InvalidInput, ModelLoadFailed
+from .onnx_trees import LINEAR, NotTrees, read_trees
+from .treeshap import TreeShap
+
+log = logging.getLogger(__name__)
 
 Evaluate = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
 T = TypeVar("T")
@@ -128,6 +137,40 @@ class Explainer:
         self._tabular = (config.max_batch_size > 0 and config.tokenizer is None
                          and all(len(t.dims) == 1 and t.dims[0] > 0 for t in inputs.values()))
         self._pad = {p.input: p.value for p in config.padding}
+        self._trees: TreeShap | None = None  # a tree ensemble read from the graph: exact TreeSHAP
+
+    def use_graph(self, model: Path | bytes) -> None:
+        """Read a tree ensemble out of the model's ONNX graph (at load, with the version): a table
+        of one input whose explained output comes from a TreeEnsemble node over per-feature
+        preprocessing is then explained by exact TreeSHAP, when its served output is linear in
+        the trees (post_transform NONE: forests' probabilities, regressors). Any other model, and
+        GBM classifiers (a logistic or softmax of the trees' sum, whose Shapley values are not a
+        sum over trees), keeps KernelSHAP on the served output."""
+        inputs = self._config.graph_inputs or self._config.inputs
+        if (not self._tabular or self.output is None or len(inputs) != 1 or not isinstance(model, bytes)
+                or b"TreeEnsemble" not in model):
+            return
+        spec = inputs[0]
+        reference = self._reference.get(spec.name)
+        if reference is None:
+            return
+        try:
+            trees = read_trees(model, spec.name, self.output)
+        except (NotTrees, DecodeError) as exc:  # not a graph TreeSHAP reads
+            log.debug("model %s: explained with KernelSHAP, not TreeSHAP (%s)", self._label, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a graph this reader gets wrong must not stop the load
+            log.warning("model %s: its tree ensemble could not be read (%s); explained with KernelSHAP",
+                        self._label, type(exc).__name__)
+            return
+        if trees.post_transform != LINEAR or trees.features > spec.dims[0]:
+            return
+        self._trees = TreeShap(trees, reference.astype(numpy_dtype(spec.datatype)))
+
+    @property
+    def method(self) -> str | None:
+        """`tree_shap` where the graph's trees are explained exactly (None: chosen per request)."""
+        return "tree_shap" if self._trees is not None else None
 
     def refuse(self) -> str | None:
         """Why this model cannot be explained (None when it can)."""
@@ -187,11 +230,27 @@ class Explainer:
             raise InvalidInput(f"model {self._label}: explain takes at most {self.max_rows} rows per request "
                                f"(explain_max_rows), got {rows}")
         targets = _as_targets(output)
+        if self._trees is not None:
+            return await self._tree_shap(self._trees, inputs, targets)
         if self._tabular:
             return await self._shapley(inputs, targets)
         return await self._occlusion(inputs, targets, words)
 
     # -- tables: Shapley values ------------------------------------------------------------
+
+    async def _tree_shap(self, trees: TreeShap, inputs: Mapping[str, np.ndarray], f_x: np.ndarray) -> Explanation:
+        """Exact Shapley values from the trees themselves, on the background threads. The trees'
+        own output must be the served one (a check per request, on the output the caller gets
+        anyway): if onnxruntime ever computed differently from this reading of the graph, the
+        request is explained by KernelSHAP rather than with attributions of another function."""
+        ((name, x),) = inputs.items()
+        phi, output = await self._offload(lambda: trees.explain(x))
+        if output.shape != f_x.shape or not np.allclose(output, f_x, rtol=1e-5, atol=1e-5):
+            log.warning("model %s: the trees read from the graph do not reproduce the served output; "
+                        "explained with KernelSHAP", self._label)
+            return await self._shapley(inputs, f_x)
+        base = np.broadcast_to(trees.base_value, output.shape).astype(np.float32)
+        return Explanation({name: phi.astype(np.float32)}, base, "tree_shap", str(self.output))
 
     async def _shapley(self, inputs: Mapping[str, np.ndarray], f_x: np.ndarray) -> Explanation:
         """Building the coalitions' rows (a forest's 4,096 x 30) and reducing their values take

@@ -81,7 +81,9 @@ def test_tabular_attributions_add_up_to_the_output(tmp_path: Path, family: str) 
         out, params = explain(server.stub(), "bc", report.inputs[0].name, x[:3])
         again, _ = explain(server.stub(), "bc", report.inputs[0].name, x[:3])
         first_row, _ = explain(server.stub(), "bc", report.inputs[0].name, x[:1])
-    assert params["explain_method"] == "kernel_shap"  # 30 features: sampled
+    # 30 features: the forest's trees are read from its graph (exact TreeSHAP); the linear model's
+    # coalitions are sampled
+    assert params["explain_method"] == ("tree_shap" if family == "random_forest" else "kernel_shap")
     assert out["attributions"].shape == (3, 2, 30) and out["base_value"].shape == (3, 2)
     np.testing.assert_allclose(out["attributions"].sum(axis=2) + out["base_value"], out["probabilities"], atol=1e-3)
     # The coalitions are sampled once per model: asked again, alone or beside other rows, a
@@ -307,3 +309,46 @@ def test_token_occlusion_puts_the_top_attribution_on_the_planted_keyword(tmp_pat
             assert np.abs(attribution[outside]).max() < 1e-6 < attribution[place]
             assert attribution[0] == 0
             np.testing.assert_allclose(out["base_value"][0], [1 - 1 / (1 + np.exp(3)), 1 / (1 + np.exp(3))], atol=1e-5)
+
+
+def test_a_served_forest_is_explained_by_tree_shap_equal_to_every_coalition_and_a_gbm_classifier_is_not(
+        tmp_path: Path) -> None:
+    """A forest of 8 features served with explain=true: `explain_method` names TreeSHAP, its
+    attributions add up to the served probabilities and equal the exact enumeration of all 2^8
+    coalitions run through onnxruntime. A gradient-boosted classifier (a logistic of the trees'
+    sum, not a sum over trees) keeps the Shapley values of its served probabilities."""
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+
+    from medserve.exporters import export
+
+    x, y = sklearn_datasets.load_breast_cancer(return_X_y=True)
+    x = x[:, :8]
+    repo = tmp_path / "repo"
+    forest = RandomForestClassifier(25, max_depth=6, random_state=0).fit(x, y)
+    gbm = GradientBoostingClassifier(n_estimators=20, max_depth=3, random_state=0).fit(x, y)
+    reference = np.percentile(x, np.linspace(10, 90, 5), axis=0).astype(np.float32)
+    for name, model in (("forest", forest), ("gbm", gbm)):
+        report = export(model, x[:32], repo, name)
+        with_reference(repo, name, {report.inputs[0].name: reference})
+    input_name = report.inputs[0].name
+    rows = x[100:103].astype(np.float32)
+    with running_server(repo) as server:
+        out, params = explain(server.stub(), "forest", input_name, rows)
+        boosted, boosted_params = explain(server.stub(), "gbm", input_name, rows)
+    assert params["explain_method"] == "tree_shap" and params["explain_output"] == "probabilities"
+    assert out["attributions"].shape == (3, 2, 8) and out["base_value"].shape == (3, 2)
+    np.testing.assert_allclose(out["attributions"].sum(axis=2) + out["base_value"], out["probabilities"], atol=1e-5)
+    # Ground truth: every coalition through onnxruntime, weighted exactly (2^8 x 5 rows).
+    import onnxruntime as ort
+
+    from medserve.server.explain import _all_masks, _shapley_weights
+
+    session = ort.InferenceSession(str(repo / "forest" / "1" / "model.onnx"))
+    masks = _all_masks(8)
+    for i, row in enumerate(rows):
+        mixed = np.where(masks[:, None, :], row[None, None, :], reference[None]).reshape(-1, 8)
+        v = session.run(["probabilities"], {input_name: mixed})[0].reshape(len(masks), len(reference), 2).mean(axis=1)
+        np.testing.assert_allclose(out["attributions"][i], (_shapley_weights(masks) @ v).T, atol=1e-5)
+    assert boosted_params["explain_method"] == "shapley_exact"  # 2^8 x 5 fits the budget: every coalition
+    np.testing.assert_allclose(boosted["attributions"].sum(axis=2) + boosted["base_value"], boosted["probabilities"],
+                               atol=1e-5)

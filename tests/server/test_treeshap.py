@@ -1,0 +1,227 @@
+"""TreeSHAP read from the ONNX graph: ground truth by exact enumeration of every coalition run
+through onnxruntime itself, additivity against the served output, agreement with the `shap`
+package's interventional TreeExplainer, every node mode and missing-value rule onnxruntime
+applies, and the graphs it must leave to KernelSHAP."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from medserve.server.explain import _all_masks, _shapley_weights
+from medserve.server.onnx_trees import NotTrees, read_trees
+from medserve.server.treeshap import TreeShap
+
+pytest.importorskip("sklearn")
+skl2onnx = pytest.importorskip("skl2onnx")
+
+
+def to_onnx(model: Any, features: int) -> bytes:
+    from skl2onnx.common.data_types import FloatTensorType
+
+    from medserve.exporters.skl2onnx_fixes import custom_converters  # as the exporters convert
+
+    options = {id(model): {"zipmap": False}} if hasattr(model, "predict_proba") else None
+    proto = skl2onnx.convert_sklearn(model, initial_types=[("input", FloatTensorType([None, features]))],
+                                     options=options, target_opset={"": 17, "ai.onnx.ml": 3},
+                                     custom_conversion_functions=custom_converters())
+    return proto.SerializeToString()
+
+
+def served_output(model_bytes: bytes) -> str:
+    names = [o.name for o in ort.InferenceSession(model_bytes).get_outputs()]
+    return "probabilities" if "probabilities" in names else names[0]
+
+
+def exact_enumeration(model_bytes: bytes, output: str, x: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Shapley values [rows, targets, F] of v(S) = mean over the reference rows of the served
+    output with S from x: every coalition through onnxruntime, the server's exact weights."""
+    session = ort.InferenceSession(model_bytes)
+    masks = _all_masks(x.shape[1])
+    weights = _shapley_weights(masks)  # [F, K]
+    found = []
+    for row in x:
+        mixed = np.where(masks[:, None, :], row[None, None, :], reference[None, :, :])  # [K, M, F]
+        values = session.run([output], {"input": mixed.reshape(-1, x.shape[1]).astype(np.float32)})[0]
+        v = np.asarray(values, np.float64).reshape(len(masks), len(reference), -1).mean(axis=1)  # [K, T]
+        found.append((weights @ v).T)
+    return np.stack(found)
+
+
+def data(rows: int, features: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous features (no value sits on a threshold) and a target with interactions."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, features)).astype(np.float32)
+    y = x[:, 0] * x[:, 1] + np.sin(2 * x[:, 2]) + 0.5 * x[:, 3 % features] + 0.1 * rng.normal(size=rows)
+    return x, y
+
+
+def forests() -> dict[str, tuple[Any, bool]]:
+    from sklearn.ensemble import (
+        GradientBoostingRegressor,
+        HistGradientBoostingRegressor,
+        RandomForestClassifier,
+        RandomForestRegressor,
+    )
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.tree import DecisionTreeClassifier
+
+    return {  # name -> (model, classifier)
+        "random forest, binary": (RandomForestClassifier(12, max_depth=5, random_state=0), True),
+        "random forest, three classes": (RandomForestClassifier(8, max_depth=4, random_state=0), True),
+        "random forest regressor": (RandomForestRegressor(10, max_depth=6, random_state=0), False),
+        "gradient boosting regressor": (GradientBoostingRegressor(n_estimators=20, max_depth=3, random_state=0), False),
+        "histogram GBM regressor (NaN)": (HistGradientBoostingRegressor(max_iter=15, random_state=0), False),
+        "imputer + scaler + tree": (make_pipeline(SimpleImputer(), StandardScaler(),
+                                                  DecisionTreeClassifier(max_depth=6, random_state=0)), True),
+    }
+
+
+@pytest.mark.parametrize("name", list(forests()))
+def test_tree_shap_equals_exact_enumeration_and_adds_up_to_the_served_output(name: str) -> None:
+    model, classifier = forests()[name]
+    features = 7
+    x, y = data(400, features)
+    if "NaN" in name or "imputer" in name:
+        x[np.random.default_rng(1).random(x.shape) < 0.1] = np.nan
+    target = (y > np.median(y)).astype(int) + (y > np.quantile(y, 0.8)) * ("three" in name) if classifier else y
+    model.fit(x, target)
+    model_bytes = to_onnx(model, features)
+    output = served_output(model_bytes)
+    reference = np.nan_to_num(x[:6]) if "imputer" in name else x[:6]
+    rows = x[200:204]
+    explainer = TreeShap(read_trees(model_bytes, "input", output), reference)
+    phi, out = explainer.explain(rows)
+    served = ort.InferenceSession(model_bytes).run([output], {"input": rows})[0].reshape(len(rows), -1)
+    np.testing.assert_allclose(out, served, rtol=1e-5, atol=1e-5)  # the trees as onnxruntime runs them
+    np.testing.assert_allclose(phi.sum(axis=2) + explainer.base_value, served, rtol=1e-5, atol=1e-5)
+    truth = exact_enumeration(model_bytes, output, rows, reference)
+    assert phi.shape == truth.shape
+    np.testing.assert_allclose(phi, truth, atol=1e-5)
+    assert np.abs(phi).max() > 1e-3  # not trivially zero
+
+
+def hand_built(modes: list[str], missing_true: list[int]) -> bytes:
+    """One regression tree over three features whose three splits use `modes`, with NaN sent
+    where `missing_true` says; leaves 1..4 plus base value 0.5, averaged with a second tree."""
+    from onnx import TensorProto, helper
+
+    # tree 0: n0 (f0 vs 0.5) -> n1 (f1 vs -0.25) -> leaves 3, 4 | n2 (f2 vs 0.0) -> leaves 5, 6
+    # tree 1: n0 (f1 vs 0.0) -> leaves 1, 2
+    node = helper.make_node(
+        "TreeEnsembleRegressor", ["input"], ["prediction"], domain="ai.onnx.ml",
+        nodes_treeids=[0] * 7 + [1] * 3, nodes_nodeids=[0, 1, 2, 3, 4, 5, 6, 0, 1, 2],
+        nodes_featureids=[0, 1, 2, 0, 0, 0, 0, 1, 0, 0],
+        nodes_modes=modes + ["LEAF"] * 4 + ["BRANCH_LEQ", "LEAF", "LEAF"],
+        nodes_values=[0.5, -0.25, 0.0, 0, 0, 0, 0, 0.0, 0, 0],
+        nodes_truenodeids=[1, 3, 5, 0, 0, 0, 0, 1, 0, 0], nodes_falsenodeids=[2, 4, 6, 0, 0, 0, 0, 2, 0, 0],
+        nodes_missing_value_tracks_true=missing_true + [0] * 4 + [1, 0, 0],
+        target_treeids=[0, 0, 0, 0, 1, 1], target_nodeids=[3, 4, 5, 6, 1, 2], target_ids=[0] * 6,
+        target_weights=[1.0, 2.0, 3.0, 4.0, -1.0, 1.5], base_values=[0.5], n_targets=1,
+        aggregate_function="AVERAGE", post_transform="NONE")
+    graph = helper.make_graph(
+        [node], "tree", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("prediction", TensorProto.FLOAT, ["N", 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize(("modes", "missing"), [
+    (["BRANCH_LEQ", "BRANCH_LT", "BRANCH_GTE"], [1, 0, 1]),
+    (["BRANCH_GT", "BRANCH_EQ", "BRANCH_NEQ"], [0, 1, 0]),
+])
+def test_every_node_mode_and_missing_value_rule_as_onnxruntime_runs_them(modes: list[str], missing: list[int]) -> None:
+    model_bytes = hand_built(modes, missing)
+    rng = np.random.default_rng(0)
+    # Values on the thresholds (EQ/NEQ and LEQ/LT tell them apart) and NaN.
+    grid = np.array([0.5, -0.25, 0.0, 1.0, -1.0, np.nan], np.float32)
+    x = grid[rng.integers(0, len(grid), size=(40, 3))]
+    reference = grid[rng.integers(0, len(grid), size=(5, 3))]
+    explainer = TreeShap(read_trees(model_bytes, "input", "prediction"), reference)
+    phi, out = explainer.explain(x)
+    served = ort.InferenceSession(model_bytes).run(["prediction"], {"input": x})[0]
+    np.testing.assert_allclose(out, served, rtol=1e-6)
+    np.testing.assert_allclose(phi, exact_enumeration(model_bytes, "prediction", x, reference), atol=1e-6)
+
+
+def shap_values(model: Any, reference: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The `shap` package's interventional TreeSHAP as [rows, targets, F]."""
+    shap = pytest.importorskip("shap")
+    explainer = shap.TreeExplainer(model, data=reference.astype(np.float64), feature_perturbation="interventional")
+    values = np.asarray(explainer.shap_values(x.astype(np.float64), check_additivity=False))
+    return values[:, None, :] if values.ndim == 2 else values.transpose(0, 2, 1)
+
+
+@pytest.mark.parametrize("family", ["random forest classifier", "random forest regressor", "GBM regressor"])
+def test_agrees_with_the_shap_package_on_scikit_learn(family: str) -> None:
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestClassifier, RandomForestRegressor
+
+    x, y = data(600, 12, seed=3)
+    model = {"random forest classifier": RandomForestClassifier(40, max_depth=8, random_state=0),
+             "random forest regressor": RandomForestRegressor(40, max_depth=8, random_state=0),
+             "GBM regressor": GradientBoostingRegressor(n_estimators=60, max_depth=4, random_state=0)}[family]
+    model.fit(x, (y > 0).astype(int) if "classifier" in family else y)
+    model_bytes = to_onnx(model, 12)
+    reference, rows = x[:8], x[300:308]
+    phi, _ = TreeShap(read_trees(model_bytes, "input", served_output(model_bytes)), reference).explain(rows)
+    np.testing.assert_allclose(phi, shap_values(model, reference, rows), atol=1e-4)
+
+
+def onnxmltools_regressor(library: str) -> tuple[Any, bytes]:
+    pytest.importorskip(library)
+    onnxmltools = pytest.importorskip("onnxmltools")
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    x, y = data(600, 10, seed=4)
+    if library == "xgboost":
+        import xgboost
+
+        model = xgboost.XGBRegressor(n_estimators=50, max_depth=4, random_state=0).fit(x, y)
+        proto = onnxmltools.convert_xgboost(model, initial_types=[("input", FloatTensorType([None, 10]))])
+    else:
+        import lightgbm
+
+        model = lightgbm.LGBMRegressor(n_estimators=50, num_leaves=15, random_state=0, verbose=-1).fit(x, y)
+        proto = onnxmltools.convert_lightgbm(model, initial_types=[("input", FloatTensorType([None, 10]))])
+    return model, proto.SerializeToString()
+
+
+@pytest.mark.parametrize("library", ["xgboost", "lightgbm"])
+def test_agrees_with_the_shap_package_on_xgboost_and_lightgbm(library: str) -> None:
+    model, model_bytes = onnxmltools_regressor(library)
+    x, _ = data(600, 10, seed=4)
+    reference, rows = x[:8], x[300:306]
+    output = served_output(model_bytes)
+    explainer = TreeShap(read_trees(model_bytes, "input", output), reference)
+    phi, out = explainer.explain(rows)
+    served = ort.InferenceSession(model_bytes).run([output], {"input": rows})[0].reshape(len(rows), -1)
+    np.testing.assert_allclose(phi.sum(axis=2) + explainer.base_value, served, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(phi, shap_values(model, reference, rows), atol=1e-4)
+
+
+def test_graphs_that_are_not_one_tree_ensemble_over_per_feature_steps_are_not_read() -> None:
+    """One-hot encoding maps one column to several tree features; a linear model has no trees;
+    the label is not the scores: each is refused by name (the explainer keeps KernelSHAP)."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    x, y = data(200, 4)
+    target = (y > 0).astype(int)
+    linear = to_onnx(LogisticRegression().fit(x, target), 4)
+    with pytest.raises(NotTrees, match="does not come from a TreeEnsemble"):
+        read_trees(linear, "input", "probabilities")
+    onehot = make_pipeline(ColumnTransformer([("c", OneHotEncoder(handle_unknown="ignore"), [0])], remainder="passthrough"),
+                           RandomForestClassifier(5, random_state=0)).fit(np.round(x), target)
+    with pytest.raises(NotTrees, match="between the input and the ensemble|not the graph input|not one graph input"):
+        read_trees(to_onnx(onehot, 4), "input", "probabilities")
+    forest = to_onnx(RandomForestClassifier(5, random_state=0).fit(x, target), 4)
+    with pytest.raises(NotTrees, match="the label"):
+        read_trees(forest, "input", "label")
