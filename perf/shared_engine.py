@@ -329,6 +329,10 @@ def compare_rows(results: dict[str, Any], frontends: int) -> list[dict[str, Any]
         ind, sh = row.get("independent"), row.get("shared")
         row["shared_over_independent"] = (round(sh["throughput_rps"] / ind["throughput_rps"], 3)
                                           if ind and sh and ind["throughput_rps"] else None)
+        # Repetitions ran back to back per level: the median of the paired ratios resists drift.
+        paired = next((c["throughput_ratio_paired_median"] for c in results.get("comparisons", [])
+                       if c["other"] == "shared" and c["baseline"] == "independent" and c["level"] == lv["level"]), None)
+        row["shared_over_independent_paired"] = paired
         out.append(row)
     return out
 
@@ -339,7 +343,11 @@ def bench(argv: list[str] | None) -> int:
     parser.add_argument("--levels", default="8,64,256")
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--measure-s", type=float, default=3.0)
+    parser.add_argument("--repetitions", type=int, default=1, help="measurements per level (interleaved)")
     parser.add_argument("--no-medserve", action="store_true", help="leave medserve --workers N out")
+    parser.add_argument("--model", type=Path, default=None, metavar="DIR",
+                        help="a model folder of a repository (one input, e.g. demo-repository/digits_cnn) instead "
+                             "of the 100-tree forest")
     args = parser.parse_args(argv)
     from . import serverproc
     from .bench_batching import build_repository
@@ -354,40 +362,48 @@ def bench(argv: list[str] | None) -> int:
     with tempfile.TemporaryDirectory(prefix="medserve-shared-bench-") as tmp, contextlib.ExitStack() as stack:
         repo, work = Path(tmp) / "repo", Path(tmp) / "work"
         work.mkdir()
-        print("training and exporting the forest ...", file=sys.stderr)
-        build_repository(repo)
-        model_file = repo / "rf_on" / "1" / "model.onnx"
+        if args.model is None:
+            print("training and exporting the forest ...", file=sys.stderr)
+            build_repository(repo)
+            name = "rf_on"
+        else:
+            import shutil
+
+            name = args.model.resolve().name
+            shutil.copytree(args.model, repo / name)
+        model_file = repo / name / "1" / "model.onnx"
         independent = stack.enter_context(serverproc.minimal_server(model_file, n, log_dir=work))
         shared = stack.enter_context(shared_server(model_file, n, work))
-        targets = [Target("independent", independent.address, pid=independent.pid, models=("rf_on",),
+        targets = [Target("independent", independent.address, pid=independent.pid, models=(name,),
                           generator="h2load"),
-                   Target("shared", shared.address, pid=shared.pid, models=("rf_on",), generator="h2load")]
+                   Target("shared", shared.address, pid=shared.pid, models=(name,), generator="h2load")]
         if not args.no_medserve:
             srv = stack.enter_context(serverproc.medserve(repo, n, log_dir=work))
-            targets.append(Target("medserve", srv.address, pid=srv.pid, workers=n, models=("rf_on",),
+            targets.append(Target("medserve", srv.address, pid=srv.pid, workers=n, models=(name,),
                                   repository=str(repo), generator="h2load"))
         scenario = Scenario(name=f"shared_engine-n{n}", mode="closed", levels=levels, warmup_s=args.warmup_s,
-                            measure_s=args.measure_s, processes=1, channels=8,
+                            measure_s=args.measure_s, repetitions=args.repetitions, processes=1, channels=8,
                             models=(ModelLoad("model", batch=1, data="card"),), targets=tuple(targets))
         results = Runner(scenario, work_dir=work, progress=sys.stderr).run()
     rows = compare_rows(results, n)
     print(f"\nmachine: {os.cpu_count()} cores; thread hand-off {hand_off['median_us']} µs median")
     print(f"N = {n}: independent = minimal handler --workers {n} (a session each, every request run inline); "
           f"shared = {n} front ends + one engine process (one session, batching whatever arrived)"
-          + ("" if args.no_medserve else f"; medserve = medserve serve --workers {n} (rf_on, batching on)"))
+          + ("" if args.no_medserve else f"; medserve = medserve serve --workers {n} ({name}, as configured)"))
     names = [t.name for t in targets]
     print(f"{'c':>4} " + " ".join(f"{nm + ' req/s':>18} {'batch':>6} {'p50 µs':>8}" for nm in names)
-          + f" {'shared/indep':>12}")
+          + f" {'shared/indep':>12} {'paired':>7}")
     for r in rows:
         cells = []
         for nm in names:
             x = r.get(nm) or {}
             cells.append(f"{figure(x.get('throughput_rps')):>18} {figure(x.get('mean_batch'), 2):>6} "
                          f"{figure(x.get('p50_us')):>8}")
-        print(f"{r['level']:>4g} " + " ".join(cells) + f" {figure(r['shared_over_independent'], 3):>12}")
+        print(f"{r['level']:>4g} " + " ".join(cells) + f" {figure(r['shared_over_independent'], 3):>12} "
+              f"{figure(r['shared_over_independent_paired'], 3):>7}")
     for w in results["warnings"]:
         print(f"warning: {w}")
-    path = write_result("shared_engine", {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+    path = write_result("shared_engine", {"args": {k: str(v) for k, v in vars(args).items()}, "model": name, "rows": rows,
                                           "sweep": results}, started_unix=started, out_dir=args.out,
                         hand_off_us=hand_off)
     print(f"\nresults: {path}  ({time.time() - started:.0f} s)")
