@@ -14,6 +14,7 @@ minutes on two CPU cores.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -54,28 +55,51 @@ def _fit(model: Any, x: np.ndarray, y: np.ndarray) -> Any:
         return model.fit(x, y)
 
 
-def _breast_cancer(model_name: str, make: Callable[[int], BaseEstimator], what: str) -> Builder:
+# The demo's rollout (server/rollout.py): version 2 is the same model retrained with another seed,
+# on a 10 % canary of encounters and in a silent trial against version 1 (see deploy/README.md).
+ROLLOUT_LABELS = {"stable": 1, "canary": 2, "canary_percent": 10, "shadow": 2, "canary_seed": "medserve-demo-rollout"}
+
+
+def _breast_cancer(model_name: str, make: Callable[[int], BaseEstimator], what: str, *,
+                   rollout: bool = False) -> Builder:
     def build(repository: Path, seed: int) -> ExportReport:
         data = load_breast_cancer()
         x_train, x_test, y_train, y_test = train_test_split(
             data.data, data.target, test_size=0.25, random_state=seed, stratify=data.target
         )
-        model = _fit(make(seed), x_train, y_train)
-        return export(
-            model,
-            x_train[:SAMPLE_ROWS],
-            repository,
-            model_name,
-            feature_names=[str(f) for f in data.feature_names],
-            class_labels=["malignant", "benign"],
-            description=f"Breast mass malignancy from fine-needle aspirate features ({what}). Demo model.",
-            training_data=TrainingData(
-                "Wisconsin diagnostic breast cancer (scikit-learn load_breast_cancer)", len(y_train)
-            ),
-            heldout=(x_test, y_test),
-        )
+        reports = []
+        for retrain in range(2 if rollout else 1):  # version 2: the same model, another seed
+            model = _fit(make(seed + retrain), x_train, y_train)
+            again = f" Version {retrain + 1}: retrained with another seed." if retrain else ""
+            reports.append(export(
+                model,
+                x_train[:SAMPLE_ROWS],
+                repository,
+                model_name,
+                feature_names=[str(f) for f in data.feature_names],
+                class_labels=["malignant", "benign"],
+                description=f"Breast mass malignancy from fine-needle aspirate features ({what}). Demo model.{again}",
+                training_data=TrainingData(
+                    "Wisconsin diagnostic breast cancer (scikit-learn load_breast_cancer)", len(y_train)
+                ),
+                heldout=(x_test, y_test),
+            ))
+        if rollout:
+            _write_rollout(repository / model_name)
+        return reports[0]
 
     return build
+
+
+def _write_rollout(model_dir: Path) -> None:
+    """Serve every version (version_policy all, written before dynamic_batching so that a tool
+    trimming the batching settings keeps it) and write the labels file."""
+    config = model_dir / "config.pbtxt"
+    text = config.read_text(encoding="utf-8")
+    policy = "version_policy { all { } }\n"
+    at = text.find("dynamic_batching")
+    config.write_text(text[:at] + policy + text[at:] if at >= 0 else text + policy, encoding="utf-8")
+    (model_dir / "labels.json").write_text(json.dumps(ROLLOUT_LABELS, indent=2) + "\n", encoding="utf-8")
 
 
 def _diabetes(model_name: str, make: Callable[[int], BaseEstimator], what: str) -> Builder:
@@ -270,6 +294,7 @@ DEMO_MODELS: Mapping[str, Builder] = MappingProxyType(
             "breast_cancer_rf",
             lambda s: RandomForestClassifier(100, random_state=s, n_jobs=1),
             "random forest, 100 trees",
+            rollout=True,
         ),
         "breast_cancer_gbm": _breast_cancer(
             "breast_cancer_gbm", lambda s: GradientBoostingClassifier(random_state=s), "gradient boosting"
