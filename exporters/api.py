@@ -22,7 +22,7 @@ from .card import TrainingData, build_card
 from .conversion import Conversion
 from .errors import ExportError, UnsupportedModelError
 from .parity import OutputParity, Tolerance, cpu_session, parity_table, verify
-from .reference import check_limits, feature_deciles, reference_rows
+from .reference import check_limits, feature_deciles, numeric_columns, reference_rows
 from .specs import TensorSpec, default_opset, graph_signature
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ def _convert(model: Any, sample: Any, opset: int | None, dynamic_axes: Any, outp
 
         return torch_exporter.convert(model, sample, dynamic_axes=dynamic_axes, output_names=output_names, opset=opset)
     sklearn_base = sys.modules.get("sklearn.base")
-    if sklearn_base is not None and isinstance(model, sklearn_base.BaseEstimator):
+    boosted = type(model).__module__.split(".")[0] in ("xgboost", "lightgbm", "catboost")  # medserve[gbm]
+    if boosted or (sklearn_base is not None and isinstance(model, sklearn_base.BaseEstimator)):
         if dynamic_axes is not None or output_names is not None:
             raise ExportError("dynamic_axes and output_names apply to torch models only")
         from . import sklearn as sklearn_exporter
@@ -80,7 +81,7 @@ def _convert(model: Any, sample: Any, opset: int | None, dynamic_axes: Any, outp
         return sklearn_exporter.convert(model, sample, opset=opset)
     raise UnsupportedModelError(
         f"cannot export a {type(model).__module__}.{type(model).__qualname__}: expected a scikit-learn "
-        "estimator or Pipeline, a torch.nn.Module, a torch.export.ExportedProgram or a Hugging Face encoder"
+        "estimator or Pipeline, an XGBoost, LightGBM or CatBoost model, a torch.nn.Module, a torch.export.ExportedProgram or a Hugging Face encoder"
     )
 
 
@@ -148,31 +149,27 @@ def check_padding(name: str, model_bytes: bytes, feeds: Mapping[str, np.ndarray]
 
 
 def _feature_ranges(
-    feature_names: Sequence[str] | None, *tables: Any
+    feature_names: Sequence[str] | None, *tables: Any, only: Sequence[str] | None = None
 ) -> dict[str, tuple[float, float]] | None:
     """The 1st-99th percentile of each named feature over the rows the export saw (sample and
-    held-out), for a plain numeric table: enough for load tests and clients to draw realistic
-    rows. Percentiles, not min/max: the card must not carry any one patient's extreme value."""
+    held-out), for a plain numeric table or the `only` columns (the numeric input) of a mixed
+    one: enough for load tests and clients to draw realistic rows. Percentiles, not min/max: the
+    card must not carry any one patient's extreme value."""
     if feature_names is None:
         return None
-    arrays = []
+    parts: list[dict[str, np.ndarray]] = []
     for table in tables:
         if table is None:
             continue
-        if isinstance(table, Mapping):
+        columns = numeric_columns(feature_names, table, only)
+        if columns is None:  # mixed tables without a numeric input, mappings: no numeric range
             return None
-        try:
-            array = np.asarray(table, dtype=np.float64)
-        except (TypeError, ValueError):  # mixed tables (text columns) have no numeric range
-            return None
-        if array.ndim != 2 or array.shape[1] != len(feature_names):
-            return None
-        arrays.append(array)
-    if not arrays:
+        parts.append(columns)
+    if not parts:
         return None
-    rows = np.concatenate(arrays)
     ranges = {}
-    for name, column in zip(feature_names, rows.T, strict=True):
+    for name in parts[0]:
+        column = np.concatenate([p[name] for p in parts])
         column = column[np.isfinite(column)]
         if column.size:
             low, high = np.percentile(column, [1, 99])
@@ -320,21 +317,23 @@ def export(
 
     # What explanations and drift monitoring need, without patient rows (exporters/reference.py):
     # rows of what clients send, so none for a family whose clients send something else (text).
+    columns = None
+    if conversion.column_groups is not None:
+        labels = feature_names or tuple(f"column_{i}" for i in range(conversion.n_features or 0))
+        columns = {group: tuple(labels[c] for c in cols) for group, cols in conversion.column_groups.items()}
+    # A mixed table's deciles and ranges cover its numeric input's columns (the monitor's).
+    numeric_only = columns.get("numeric", ()) if columns is not None and feature_names is not None else None
     serving_facts: dict[str, object] = {}
     if conversion.client_inputs is None:
         ref_source = reference_data if reference_data is not None else (
             heldout_inputs if heldout_inputs is not None else sample_inputs)
         serving_facts = {
             "reference": reference_rows(conversion.feeds(ref_source)),
-            "feature_deciles": feature_deciles(feature_names, ref_source),
+            "feature_deciles": feature_deciles(feature_names, ref_source, numeric_only),
             "feature_limits": check_limits(feature_limits, feature_names),
         }
     pad_parameters = check_padding(name, conversion.model_bytes, sample_feeds, padding, batching.max_batch_size)
 
-    columns = None
-    if conversion.column_groups is not None:
-        labels = feature_names or tuple(f"column_{i}" for i in range(conversion.n_features or 0))
-        columns = {group: tuple(labels[c] for c in cols) for group, cols in conversion.column_groups.items()}
     opset_used = default_opset(graph)
 
     def make_card(number: int, sha256: str) -> Mapping[str, object]:
@@ -350,7 +349,7 @@ def export(
             feature_names=feature_names,
             class_labels=class_labels,
             input_columns=columns,
-            feature_ranges=_feature_ranges(feature_names, sample_inputs, heldout_inputs),
+            feature_ranges=_feature_ranges(feature_names, sample_inputs, heldout_inputs, only=numeric_only),
             task=conversion.task or ("classification" if class_labels is not None else None),
             description=description,
             training_data=training_data,

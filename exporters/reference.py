@@ -59,18 +59,43 @@ def reference_rows(feeds: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, 
     return out
 
 
-def feature_deciles(feature_names: Sequence[str] | None, table: Any) -> dict[str, list[float]] | None:
-    """The 10th..90th percentile of each numeric feature of a plain table (None otherwise)."""
+def numeric_columns(feature_names: Sequence[str] | None, table: Any,
+                    only: Sequence[str] | None = None) -> dict[str, np.ndarray] | None:
+    """Each feature's column as float64, for a plain numeric table; with `only` (a mixed table's
+    numeric columns, by name) those columns of a table or DataFrame whose others hold text codes."""
     if feature_names is None or table is None or isinstance(table, Mapping):
         return None
-    try:
-        array = np.asarray(table, dtype=np.float64)
-    except (TypeError, ValueError):
+    from .frames import as_table, is_frame
+
+    if is_frame(table):  # columns by name, in the feature order
+        table = as_table(table, feature_names)
+    if only is None:
+        try:
+            array = np.asarray(table, dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+        if array.ndim != 2 or array.shape[1] != len(feature_names):
+            return None
+        return {str(n): c for n, c in zip(feature_names, array.T, strict=True)}
+    objects = np.asarray(table, dtype=object)
+    if objects.ndim != 2 or objects.shape[1] != len(feature_names):
         return None
-    if array.ndim != 2 or array.shape[1] != len(feature_names):
+    position = {str(n): i for i, n in enumerate(feature_names)}
+    try:
+        return {str(n): objects[:, position[str(n)]].astype(np.float64) for n in only}
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def feature_deciles(feature_names: Sequence[str] | None, table: Any,
+                    only: Sequence[str] | None = None) -> dict[str, list[float]] | None:
+    """The 10th..90th percentile of each numeric feature of a plain table, or of the `only`
+    columns (a mixed table's numeric input) of a table or DataFrame; None otherwise."""
+    columns = numeric_columns(feature_names, table, only)
+    if columns is None:
         return None
     out = {}
-    for name, column in zip(feature_names, array.T, strict=True):
+    for name, column in columns.items():
         column = column[np.isfinite(column)]
         if column.size:
             out[str(name)] = [round(float(v), 6) for v in np.percentile(column, np.arange(10, 100, 10))]

@@ -27,7 +27,7 @@ from skl2onnx.common.data_types import FloatTensorType
 from sklearn.base import is_classifier, is_regressor
 from sklearn.pipeline import Pipeline
 
-from . import metrics, tabular
+from . import frames, gbm, metrics, tabular
 from .conversion import Arrays, Conversion
 from .errors import ExportError, UnsupportedModelError
 from .parity import Tolerance
@@ -66,6 +66,10 @@ def _normalize_opsets(model: onnx.ModelProto) -> None:
         model.opset_import.add(domain=domain, version=versions[domain])
 
 
+def _single_input(layout: tabular.TableLayout) -> bool:
+    return [g.name for g in layout.groups] == ["input"]
+
+
 def _column_output(array: np.ndarray, rank: int) -> np.ndarray:
     return array.reshape(len(array), 1) if array.ndim == 1 and rank == 2 else array
 
@@ -84,13 +88,23 @@ def _numeric_table(n_features: int) -> Any:
 
 
 def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
-    """Convert a fitted estimator or Pipeline; `sample` is a 2-D table like the training data."""
+    """Convert a fitted estimator or Pipeline; `sample` is a 2-D table like the training data
+    (a DataFrame too, when the model was fitted on one). XGBoost, LightGBM and CatBoost models,
+    alone or ending a Pipeline, convert through the converters `gbm` registers."""
+    if gbm.is_booster(model):
+        model = gbm.as_estimator(model)
+    library = gbm.library_of(_final_estimator(model))
+    if library is not None:
+        gbm.register()
+        gbm.check_convertible(_final_estimator(model))
     if not (is_classifier(model) or is_regressor(model)):
         raise UnsupportedModelError(f"{type(model).__name__} is neither a classifier nor a regressor")
     classifier = is_classifier(model)
     has_proba = classifier and hasattr(model, "predict_proba")
 
     layout = tabular.find_layout(model)
+    if layout is None and (frames.column_names(model) is not None or tabular.leading_column_transformer(model)):
+        layout = tabular.numeric_layout(model)  # one FP32 input; the frame's names or selectors resolved
     if layout is None:
         n_features = int(model.n_features_in_)
         initial_types = [("input", FloatTensorType([None, n_features]))]
@@ -131,7 +145,8 @@ def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
         x = source_table(table)
         if not classifier:
             return {"prediction": _column_output(np.asarray(model.predict(x)), ranks.get("prediction", 2))}
-        result = {"label": np.asarray(model.predict(x))}
+        labels = np.asarray(model.predict(x))
+        result = {"label": labels.ravel() if labels.ndim == 2 and labels.shape[1] == 1 else labels}  # CatBoost: [n, 1]
         if has_proba:
             result["probabilities"] = np.asarray(model.predict_proba(x))
         else:
@@ -155,13 +170,18 @@ def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
         return metrics.classification_metrics(y_true, y_pred, scores, len(classes))
 
     string_classes = classifier and all(isinstance(c, str) for c in classes)
+    framework, framework_version, converter = "scikit-learn", sklearn.__version__, f"skl2onnx {skl2onnx.__version__}"
+    if library is not None:
+        framework_version, converter_name = gbm.versions(library)
+        framework = library if not isinstance(model, Pipeline) else f"scikit-learn {sklearn.__version__} + {library}"
+        converter = f"{converter_name} via skl2onnx {skl2onnx.__version__}"
     tolerances = {o.name: (None if o.name == "label" else VALUE_TOLERANCE) for o in outputs}
     found_names = getattr(model, "feature_names_in_", None)
     return Conversion(
         model_bytes=onx.SerializeToString(),
-        framework="scikit-learn",
-        framework_version=sklearn.__version__,
-        converter=f"skl2onnx {skl2onnx.__version__}",
+        framework=framework,
+        framework_version=framework_version,
+        converter=converter,
         feeds=feeds,
         reference=reference,
         tolerances=tolerances,
@@ -171,5 +191,5 @@ def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
         class_labels=tuple(str(c) for c in classes) if string_classes else None,
         n_features=int(model.n_features_in_),
         n_classes=len(classes) if classifier else None,
-        column_groups=None if layout is None else {g.name: g.columns for g in layout.groups},
+        column_groups=None if layout is None or _single_input(layout) else {g.name: g.columns for g in layout.groups},
     )

@@ -8,7 +8,7 @@ Design: one graph input per kind of column, not one per column and not one for t
     categorical_int  INT64  [-1, n_int_cats]      encoder columns whose categories are integers
 
 Within an input, columns keep their order in the training table; the model card lists them by
-name under `input_columns`. A request carries two or three dense tensors, whatever the width of
+name under `input_columns`, and `infer_records` fills each input from records by those names. A request carries two or three dense tensors, whatever the width of
 the table, and rows batch like any other tensor. (One input per column, skl2onnx's default,
 would mean dozens of tensors per request; one input for the whole table cannot be typed.)
 
@@ -17,6 +17,11 @@ exporter converts a copy of it whose ColumnTransformer selects from the inputs c
 the order above, and the parity check feeds both sides the same values: the graph gets the split
 inputs, the source model gets the table with its numeric columns rounded through float32, which
 is what the FP32 input carries.
+
+A pipeline fitted on a pandas DataFrame (columns selected by name or by `make_column_selector`)
+has the same graph inputs: its columns, in the training frame's order, are its feature names.
+The exporter accepts the frame (columns looked up by name, `frames.py`) and hands the source
+model a frame with those names, so the ColumnTransformer selects as it did in training.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from sklearn.compose import ColumnTransformer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
 
+from . import frames
 from .errors import ExportError, UnsupportedModelError
 
 _CATEGORICAL_ENCODERS = (OneHotEncoder, OrdinalEncoder)
@@ -52,13 +58,14 @@ class TableLayout:
 
     groups: tuple[ColumnGroup, ...]
     n_columns: int
+    column_names: tuple[str, ...] | None = None  # the training DataFrame's columns, when it was one
 
     def initial_types(self) -> list[tuple[str, DataType]]:
         kinds = {"FP32": FloatTensorType, "BYTES": StringTensorType, "INT64": Int64TensorType}
         return [(g.name, kinds[g.datatype]([None, len(g.columns)])) for g in self.groups]
 
     def _table(self, table: Any) -> np.ndarray:
-        array = np.asarray(table, dtype=object)
+        array = frames.as_table(table, self.column_names)
         if array.ndim != 2 or array.shape[1] != self.n_columns:
             raise ExportError(f"expected a table of shape [rows, {self.n_columns}], got {list(array.shape)}")
         return array
@@ -80,6 +87,9 @@ class TableLayout:
             if group.datatype == "FP32":
                 cols = list(group.columns)
                 array[:, cols] = _typed(array[:, cols], group).astype(np.float64)
+        if self.column_names is not None:
+            numeric = [c for g in self.groups if g.datatype == "FP32" for c in g.columns]
+            return frames.as_frame(array, self.column_names, numeric)
         return array
 
 
@@ -170,7 +180,14 @@ def find_layout(model: Any) -> TableLayout | None:
             columns = tuple(c for c in sorted(kinds) if kinds[c] == datatype)
         if columns:
             groups.append(ColumnGroup(name, datatype, columns))
-    return TableLayout(tuple(groups), int(ct.n_features_in_))
+    return TableLayout(tuple(groups), int(ct.n_features_in_), frames.column_names(model))
+
+
+def numeric_layout(model: Any) -> TableLayout:
+    """One FP32 `input` of every column, for a model without categorical encoders; with the
+    training frame's column names when it was fitted on a DataFrame."""
+    n = int(model.n_features_in_)
+    return TableLayout((ColumnGroup("input", "FP32", tuple(range(n))),), n, frames.column_names(model))
 
 
 def for_conversion(model: Any, layout: TableLayout) -> Any:
@@ -178,7 +195,9 @@ def for_conversion(model: Any, layout: TableLayout) -> Any:
     concatenated in layout order (skl2onnx numbers columns across inputs that way)."""
     clone = copy.deepcopy(model)
     ct = leading_column_transformer(clone)
-    if ct is None:  # cannot happen: find_layout found it on the same structure
+    if ct is None:
+        if len(layout.groups) == 1 and layout.groups[0].columns == tuple(range(layout.n_columns)):
+            return model  # one table input in training order: nothing selects columns
         raise UnsupportedModelError("the model has no leading ColumnTransformer")
     order = [c for g in layout.groups for c in g.columns]
     position = {c: i for i, c in enumerate(order)}

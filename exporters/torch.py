@@ -7,7 +7,8 @@ axis fails at any other length; it also cannot take an `ExportedProgram` and is 
 dynamo exporter keeps symbolic dims through attention, GRU and LSTM, accepts `.pt2` programs as
 they are, runs offline, and gives byte-identical graphs for identical weights.
 
-Graph signature: inputs are named after the keys of the sample mapping (a single array is
+Graph signature: inputs are named after the keys of the sample mapping, or after `forward`'s
+parameters for a tuple sample `(vitals, labs)` (torch.onnx's convention; a single array is
 `input`); dim 0 is always the dynamic batch axis, and `dynamic_axes` names the other variable
 axes, e.g. {"ids": {1: "sequence"}, "mask": {1: "sequence"}}: one name = one shared length.
 Outputs are `output` (or `output_0`, `output_1`... for a tuple) unless `output_names` says.
@@ -15,6 +16,7 @@ Outputs are `output` (or `output_0`, `output_1`... for a tuple) unless `output_n
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -45,9 +47,14 @@ DynamicAxes = Mapping[str, Mapping[int, str]]
 
 
 def _as_mapping(data: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """User inputs (array, tensor or name -> array mapping) as named numpy arrays."""
+    """User inputs (array, tensor, name -> array mapping, or a tuple of arrays in `forward`'s
+    order, torch.onnx's own convention) as named numpy arrays."""
     if isinstance(data, Mapping):
         items = {str(k): v for k, v in data.items()}
+    elif isinstance(data, tuple):
+        if len(data) != len(names):
+            raise ExportError(f"this model takes {len(names)} inputs {list(names)}, got a tuple of {len(data)}")
+        items = dict(zip(names, data, strict=True))
     elif len(names) == 1:
         items = {names[0]: data}
     else:
@@ -65,14 +72,30 @@ def _flatten(result: Any) -> list[torch.Tensor]:
     raise UnsupportedModelError("the model must return a tensor or a tuple/list of tensors")
 
 
+def _forward_names(module: torch.nn.Module, count: int) -> list[str]:
+    """The first `count` parameters of `module.forward`, the names a tuple sample's inputs take."""
+    parameters = [
+        p for p in inspect.signature(module.forward).parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(parameters) < count:
+        raise ExportError(
+            f"a tuple of {count} inputs, but forward() names {len(parameters)} positional parameter(s) "
+            f"{[p.name for p in parameters]}; pass the sample as a mapping name -> array"
+        )
+    return [p.name for p in parameters[:count]]
+
+
 def _input_names(model: torch.nn.Module | torch.export.ExportedProgram, sample: Any) -> list[str]:
     if isinstance(sample, Mapping):
         return [str(k) for k in sample]
     if isinstance(model, torch.export.ExportedProgram):
         names = list(model.graph_signature.user_inputs)
-        if len(names) == 1:
+        if len(names) == 1 or (isinstance(sample, tuple) and len(sample) == len(names)):
             return names
         raise ExportError(f"this program takes inputs {names}: pass the sample as a mapping name -> array")
+    if isinstance(sample, tuple):
+        return _forward_names(model, len(sample))
     return ["input"]
 
 

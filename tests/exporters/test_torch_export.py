@@ -177,3 +177,48 @@ def test_axis_fixed_by_torch_export_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"fixed variable axis 2 \('samples'\) to 32"):
         export(PooledECG().eval(), sample, tmp_path, "ecg", dynamic_axes={"input": {2: "samples"}})
     assert not (tmp_path / "ecg").exists()
+
+
+class VitalsAndLabs(nn.Module):
+    """Two inputs, as a multi-modal clinical model takes them: a vitals sequence and a labs panel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(4, 8, batch_first=True)
+        self.labs = nn.Linear(5, 8)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, vitals: torch.Tensor, labs: torch.Tensor) -> torch.Tensor:
+        _, hidden = self.gru(vitals)
+        return self.head(torch.cat([hidden[-1], torch.relu(self.labs(labs))], dim=1))
+
+
+def test_tuple_sample_takes_input_names_from_forward(tmp_path: Path) -> None:
+    """torch.onnx's own convention, a tuple of inputs (it ended in numpy's 'setting an array
+    element with a sequence'): the graph's inputs are named after forward's parameters."""
+    torch.manual_seed(0)
+    model = VitalsAndLabs().eval()
+    rng = _rng(3)
+    sample = (rng.normal(size=(4, 6, 4)).astype(np.float32), rng.normal(size=(4, 5)).astype(np.float32))
+    held = (rng.normal(size=(20, 9, 4)).astype(np.float32), rng.normal(size=(20, 5)).astype(np.float32))
+    targets = rng.integers(0, 2, 20)
+
+    report = export(model, sample, tmp_path, "vitals_labs", dynamic_axes={"vitals": {1: "time"}},
+                    heldout=(held, targets), max_batch_size=64)
+
+    assert [(s.name, s.shape) for s in report.inputs] == [("vitals", (-1, -1, 4)), ("labs", (-1, 5))]
+    assert all(p.passed and p.n_samples == 24 for p in report.parity)
+    answers = run_published(report.model_path, {"vitals": held[0], "labs": held[1]})
+    with torch.no_grad():
+        expected = model(torch.from_numpy(held[0]), torch.from_numpy(held[1])).numpy()
+    assert_within_recorded_tolerance(report, "output", answers["output"], expected)
+    assert_config_matches_graph(tmp_path / "vitals_labs")
+
+
+def test_tuple_sample_of_the_wrong_length_names_forwards_parameters(tmp_path: Path) -> None:
+    model = VitalsAndLabs().eval()
+    rng = _rng(4)
+    three = tuple(rng.normal(size=(4, 5)).astype(np.float32) for _ in range(3))
+    with pytest.raises(ExportError, match=r"forward\(\) names 2 positional parameter\(s\) \['vitals', 'labs'\]"):
+        export(model, three, tmp_path, "vitals_labs")
+    assert not (tmp_path / "vitals_labs").exists()
