@@ -74,6 +74,9 @@ class Handler:
         except Exception:  # noqa: BLE001 - the engine's text may quote values: never sent on
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model {self.name!r}: the model refused the inputs")
         wanted = [o.name for o in request.outputs] or list(outputs)
+        unknown = [name for name in wanted if name not in outputs]
+        if unknown:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model {self.name!r}: no output {unknown[0]!r}")
         response = pb.ModelInferResponse(model_name=self.name, model_version=self.version, id=request.id)
         response.parameters["model_sha256"].string_param = self.sha256
         for name in wanted:

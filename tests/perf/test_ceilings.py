@@ -77,6 +77,20 @@ def test_minimal_handler_answers_with_onnxruntimes_outputs_in_medserves_layout(m
     body = _request("affine", x).SerializeToString()
     with _minimal(model_file, tmp_path) as address:
         mine = pb.ModelInferResponse.FromString(_call(address, body))
+        asks_y = _request("affine", x)
+        asks_y.outputs.add(name="y")
+        only_y = pb.ModelInferResponse.FromString(_call(address, asks_y.SerializeToString()))
+        # What parsing needs: a raw content that does not fit its shape, or an unknown output,
+        # is INVALID_ARGUMENT naming the model and tensor, never a value.
+        short = _request("affine", x)
+        short.raw_input_contents[0] = short.raw_input_contents[0][:-4]
+        unknown = _request("affine", x)
+        unknown.outputs.add(name="nope")
+        for bad in (short, unknown):
+            with pytest.raises(grpc.RpcError) as refused:
+                _call(address, bad.SerializeToString())
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert "affine" in refused.value.details()  # type: ignore[attr-defined]
         with grpc.insecure_channel(address) as channel:
             meta = channel.unary_unary("/inference.GRPCInferenceService/ModelMetadata",
                                        request_serializer=pb.ModelMetadataRequest.SerializeToString,
@@ -89,6 +103,8 @@ def test_minimal_handler_answers_with_onnxruntimes_outputs_in_medserves_layout(m
     for name, array in expected.items():
         np.testing.assert_array_equal(got[name], array)
     assert [(t.name, list(t.shape)) for t in meta.inputs] == [("x", [-1, 4])]
+    assert [o.name for o in only_y.outputs] == ["y"]
+    np.testing.assert_array_equal(_outputs(only_y)["y"], expected["y"])
 
     with running_server(repo) as srv:
         theirs = pb.ModelInferResponse.FromString(_call(srv.target, body))
