@@ -25,7 +25,11 @@ In one run, against one `medserve serve` started here on a fresh demo repository
   2. the latency of one explanation per family: tables (the forest: KernelSHAP over 30
      features; the linear regression: 10 features), images (digits CNN: occlusion) and signals
      (ECG 1-D CNN: occlusion), median of 20, and the server's event-loop CPU time per
-     explanation and per plain request (the main thread's schedstat).
+     explanation and per plain request (the main thread's schedstat). The forest is explained by
+     TreeSHAP read from its graph; beside it, when xgboost is installed, XGBoost models of 300
+     trees of depth 6 on the same 30 features (8 reference rows: k-means of 32 sample rows): a
+     regressor (TreeSHAP) and a classifier (a logistic of the trees: KernelSHAP on its
+     probabilities). `--families-only` runs this part alone (about a minute).
 Prints a table and writes perf/results/bench_explain-<time>.json.
 """
 from __future__ import annotations
@@ -51,6 +55,29 @@ PLAIN = "breast_cancer_rf"
 LOOP_CALLS = 20  # explanations (and plain requests) per family on a quiet server
 QUIET_STEAL = 0.01  # a round is quiet when the hypervisor took at most this share of each phase's CPU time:
 # beyond it, the stalls it made could be the whole of a phase's slowest 1 % (its p99)
+
+
+def _tree_models(repo: Path) -> dict[str, str]:
+    """TreeSHAP's benchmark models beside the demo forest (issue 30: 300 trees x depth 6 on 30
+    features, 8 reference rows), exported into `repo` when xgboost is installed: family -> model."""
+    try:
+        import xgboost
+    except ImportError:
+        return {}
+    from sklearn.datasets import load_breast_cancer
+
+    from medserve.exporters import export
+
+    x, y = load_breast_cancer(return_X_y=True)
+    found = {}
+    for family, name, model in (
+            ("table (XGBoost regr. 300x6, 30)", "xgb_regressor_300x6",
+             xgboost.XGBRegressor(n_estimators=300, max_depth=6, random_state=0)),
+            ("table (XGBoost clf. 300x6, 30)", "xgb_classifier_300x6",
+             xgboost.XGBClassifier(n_estimators=300, max_depth=6, random_state=0))):
+        export(model.fit(x, y), x[:32], repo, name)  # 32 sample rows: 8 k-means reference rows
+        found[family] = name
+    return found
 
 
 def _zeros(client: Any, model: str) -> dict[str, np.ndarray]:
@@ -128,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the conditions, alternated this often (short phases: a slow spell of the host spreads over all)")
     parser.add_argument("--explain-rate", type=float, default=10.0,
                         help="explanations per second in the fixed-rate condition (the other: back to back)")
+    parser.add_argument("--families-only", action="store_true",
+                        help="only the latency of one explanation per family (no load rounds)")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="an argument for `medserve serve` (repeat), e.g. --serve-arg=--intra-op-threads=1")
     args = parser.parse_args(argv)
@@ -139,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(tmp) / "repo"
         print("building the demo models ...", file=sys.stderr)
         build_demo_repository(repo, models=list(FAMILIES.values()))
+        families = {**FAMILIES, **_tree_models(repo)}
         with (medserve(repo, args=args.serve_arg, log_dir=Path(tmp)) as server,
               Client(server.address, timeout_s=120) as client, LoadPool(2) as pool):
             # The event loop is the main thread of the serving process: the first worker's where
             # `--serve-arg=--workers=N` starts several (the supervisor only waits).
             loop_pid = server.worker_pids[0] if server.worker_pids else server.pid
             per_family = {}
-            for family, model in FAMILIES.items():
+            for family, model in families.items():
                 inputs = _zeros(client, model)
                 why = client.explain(model, inputs)  # warm
                 client.infer(model, inputs)
@@ -158,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 per_family[family] = {"model": model, "method": why.method, "median_ms": round(float(np.median(times)) * 1e3, 1),
                                       "event_loop_ms": round((loop1 - loop0) / LOOP_CALLS * 1e3, 2),
                                       "event_loop_plain_ms": round((loop2 - loop1) / LOOP_CALLS * 1e3, 2)}
+            if args.families_only:
+                return _report_families(per_family, args, started)
             inputs = _zeros(client, PLAIN)
             plain, explain = _body(PLAIN, inputs, False), _body(PLAIN, inputs, True)
             seconds = args.measure_s / args.rounds
@@ -227,6 +259,18 @@ def main(argv: list[str] | None = None) -> int:
                                           "quiet_steal": QUIET_STEAL, "families": per_family},
                         started_unix=started, out_dir=args.out, hand_off_us=hand_off)
     print(f"results: {path}")
+    return 0
+
+
+def _report_families(per_family: dict[str, dict[str, Any]], args: Any, started: float) -> int:
+    """`--families-only`: the per-family table and its JSON."""
+    print(f"one explanation per family on a quiet server (median of {LOOP_CALLS}), and the event loop's CPU time "
+          f"per call (explanation / plain request):")
+    for family, r in per_family.items():
+        print(f"  {family:<34} {r['method']:<14} {r['median_ms']:>8} ms   event loop {r['event_loop_ms']} / "
+              f"{r['event_loop_plain_ms']} ms")
+    path = write_result("bench_explain", {"families": per_family}, started_unix=started, out_dir=args.out)
+    print(f"machine: {os.cpu_count()} cores; results: {path}")
     return 0
 
 

@@ -315,9 +315,11 @@ def decisions(trees: Trees, x: np.ndarray) -> np.ndarray:
     out = np.zeros(v.shape, bool)
     tests: Sequence[Callable[[np.ndarray, np.ndarray], np.ndarray]] = (
         np.less_equal, np.less, np.greater_equal, np.greater, np.equal, np.not_equal)
-    for m in np.unique(trees.mode):
-        if m < 0:
-            continue
+    internal = trees.mode >= 0
+    modes = np.unique(trees.mode[internal])
+    if len(modes) == 1:  # the usual case: one mode for every split
+        out = tests[int(modes[0])](v, t) & internal
+    for m in modes if len(modes) > 1 else ():
         where = trees.mode == m
         out[:, where] = tests[int(m)](v[:, where], t[where])
     if trees.missing_true.any():
