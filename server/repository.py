@@ -271,6 +271,8 @@ class ModelRepository:
             entry.latest = max(loaded, key=lambda v: v.version)
             entry.state, entry.reason = State.READY, ""
             self._route(entry, spec)
+            if spec is not None:
+                log.info("model %r: labels: %s", name, _describe(spec), extra={"model": name})
             for v in loaded:
                 log.info(
                     "model %r version %d READY: providers %s, max_batch_size %d, dynamic batching %s, "
