@@ -101,7 +101,8 @@ def prepare_repository(repo: Path, source: Path | None, models: tuple[str, ...])
 
 
 def measure_rows(repo: Path, models: tuple[str, ...], rows: int, levels: tuple[float, ...], workers: int,
-                 warmup_s: float, measure_s: float, in_process_s: float, work: Path, generator: str) -> dict[str, Any]:
+                 warmup_s: float, measure_s: float, in_process_s: float, work: Path, generator: str,
+                 repetitions: int = 1) -> dict[str, Any]:
     from . import serverproc
     from .runner import Runner
     from .scenario import ModelLoad, Scenario, Target, build_payloads, fetch_model_info
@@ -114,7 +115,7 @@ def measure_rows(repo: Path, models: tuple[str, ...], rows: int, levels: tuple[f
                                                                                                       data="card"), 1)[0]
                   for m in models}
         scenario = Scenario(name="bench_rows", mode="closed", levels=levels, warmup_s=warmup_s, measure_s=measure_s,
-                            processes=1, channels=8, models=(load,), targets=targets)
+                            repetitions=repetitions, processes=1, channels=8, models=(load,), targets=targets)
         results = Runner(scenario, work_dir=work, progress=sys.stderr).run()
     print(f"\nonnxruntime in process at batch {rows} ...", file=sys.stderr)
     in_process = {m: in_process_rows_per_s(repo / m / "1" / "model.onnx", _feeds(bodies[m]), in_process_s)
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--measure-s", type=float, default=3.0)
+    parser.add_argument("--repetitions", type=int, default=1, help="measurements per level (interleaved)")
     parser.add_argument("--in-process-s", type=float, default=0.5, help="seconds of onnxruntime timing per model")
     parser.add_argument("--generator", choices=("h2load", "python", "grpcio"), default="h2load")
     parser.add_argument("--no-text", action="store_true", help="leave the text Transformer out")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         body: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": args.rows,
                                 "targets": TARGETS}
         body.update(measure_rows(repo, models, args.rows, args.levels, args.workers, args.warmup_s, args.measure_s,
-                                 args.in_process_s, work, args.generator))
+                                 args.in_process_s, work, args.generator, args.repetitions))
     if not args.no_text:
         from . import bench_text
 
