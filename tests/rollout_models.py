@@ -7,12 +7,10 @@ the rows with 0.5 < x < 0.6: on `grid(n)` (x = (i + 0.5) / n), a tenth of them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
-
-from medserve.protos import grpc_service_pb2 as pb
-from medserve.protos.wire import to_raw
 
 import onnx_models
 
@@ -85,7 +83,12 @@ def write_config_and_labels(root: Path, name: str, labels: str) -> None:
 
 
 def request(version: str = "", x: np.ndarray | None = None, request_id: str = "",
-            routing_key: str | None = None, model: str = "m") -> pb.ModelInferRequest:
+            routing_key: str | None = None, model: str = "m") -> Any:
+    """A ModelInferRequest (medserve's protos are imported here, not at the top: the tritonclient
+    compatibility suite imports this module and must not load them)."""
+    from medserve.protos import grpc_service_pb2 as pb
+    from medserve.protos.wire import to_raw
+
     x = grid(4) if x is None else x
     req = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     req.inputs.add(name="x", datatype="FP32", shape=x.shape)
@@ -95,6 +98,6 @@ def request(version: str = "", x: np.ndarray | None = None, request_id: str = ""
     return req
 
 
-def label_of(response: pb.ModelInferResponse) -> str:
+def label_of(response: Any) -> str:
     params = response.parameters
     return params["version_label"].string_param if "version_label" in params else ""
