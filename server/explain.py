@@ -56,15 +56,18 @@ from medserve.protos.wire import numpy_dtype
 
 from .card import ModelCard
 from .config import ModelConfig
-from .errors import InvalidInput, ModelLoadFailed
-from .onnx_trees import LINEAR, NotTrees, read_trees
-from .treeshap import TreeShap
+from .errors import ExecutionError, InvalidInput, ModelLoadFailed
+from .onnx_trees import LINEAR, NotTrees, post_transform, read_trees
+from .treeshap import TreeShap, path_bits
 
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
 T = TypeVar("T")
 Offload = Callable[[Callable[[], T]], Awaitable[T]]
+Run = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]  # a version's sessions, called directly
+MARGIN = "margin"  # explain_output: a tree-ensemble classifier's score before its logistic / softmax
+MARGIN_TRANSFORMS = ("LOGISTIC", "SOFTMAX")
 DEFAULT_MAX_EVALUATIONS = 4096
 DEFAULT_MAX_ROWS = 8
 # Elements of the explained inputs per request: occlusion evaluates SEGMENTS + 1 copies of them
@@ -145,34 +148,60 @@ class Explainer:
                          and all(len(t.dims) == 1 and t.dims[0] > 0 for t in inputs.values()))
         self._pad = {p.input: p.value for p in config.padding}
         self._trees: TreeShap | None = None  # a tree ensemble read from the graph: exact TreeSHAP
+        names = {t.name for t in config.outputs}
+        self._margin = _chosen_output(config, card) == MARGIN and MARGIN not in names
 
-    def use_graph(self, model: Path | bytes) -> None:
+    def use_graph(self, model: Path | bytes, run: Run | None = None) -> None:
         """Read a tree ensemble out of the model's ONNX graph (at load, with the version): a table
         of one input whose explained output comes from a TreeEnsemble node over per-feature
         preprocessing is then explained by exact TreeSHAP, when its served output is linear in
-        the trees (post_transform NONE: forests' probabilities, regressors). Any other model, and
-        GBM classifiers (a logistic or softmax of the trees' sum, whose Shapley values are not a
-        sum over trees), keeps KernelSHAP on the served output."""
+        the trees (post_transform NONE: forests' probabilities, regressors). Other models, and
+        GBM classifiers (a logistic or softmax of the trees' sum, whose Shapley values are no
+        sum over trees), keep KernelSHAP on the served output, unless the config or card names
+        `explain_output: margin`: then a GBM classifier's trees are explained in the space they
+        add up in, the log-odds (logits) before its logistic (softmax), and a model without
+        such trees is refused at load. `run` (the version's sessions) checks the reading on the
+        reference rows: the trees must give what onnxruntime serves."""
+        trees = self._read_trees(model)
+        if trees is not None and run is not None:
+            spec = (self._config.graph_inputs or self._config.inputs)[0]
+            rows = np.asarray(self._reference[spec.name])[:max(1, self._config.max_batch_size)]
+            rows = rows.astype(numpy_dtype(spec.datatype))
+            served = _as_targets(run({spec.name: rows})[str(self.output)])
+            mine = post_transform(trees.trees.post_transform,
+                                  trees.outputs(trees.raw(path_bits(trees.trees, trees.trees.features_of(rows)))))
+            if mine is None or mine.shape != served.shape or not np.allclose(mine, served, rtol=1e-5, atol=1e-5):
+                log.warning("model %s: the trees read from the graph do not reproduce its output on the reference "
+                            "rows; explained with KernelSHAP", self._label)
+                trees = None
+        if trees is None and self._margin:
+            raise ModelLoadFailed(f"model {self._label}: parameters['explain_output'] 'margin' is the trees' summed "
+                                  "score of a tree-ensemble classifier before its logistic or softmax, and this "
+                                  "model has no such ensemble the server reads")
+        self._trees = trees
+
+    def _read_trees(self, model: Path | bytes) -> TreeShap | None:
         inputs = self._config.graph_inputs or self._config.inputs
         if (not self._tabular or self.output is None or len(inputs) != 1 or not isinstance(model, bytes)
                 or b"TreeEnsemble" not in model):
-            return
+            return None
         spec = inputs[0]
         reference = self._reference.get(spec.name)
         if reference is None:
-            return
+            return None
         try:
             trees = read_trees(model, spec.name, self.output)
         except (NotTrees, DecodeError) as exc:  # not a graph TreeSHAP reads
             log.debug("model %s: explained with KernelSHAP, not TreeSHAP (%s)", self._label, exc)
-            return
+            return None
         except Exception as exc:  # noqa: BLE001 - a graph this reader gets wrong must not stop the load
             log.warning("model %s: its tree ensemble could not be read (%s); explained with KernelSHAP",
                         self._label, type(exc).__name__)
-            return
-        if trees.post_transform != LINEAR or trees.features > spec.dims[0]:
-            return
-        self._trees = TreeShap(trees, reference.astype(numpy_dtype(spec.datatype)))
+            return None
+        margin = self._margin and trees.post_transform in MARGIN_TRANSFORMS
+        if (trees.post_transform != LINEAR and not margin) or trees.features > spec.dims[0]:
+            return None
+        return TreeShap(trees, reference.astype(numpy_dtype(spec.datatype)))
 
     @property
     def method(self) -> str | None:
@@ -252,12 +281,15 @@ class Explainer:
         request is explained by KernelSHAP rather than with attributions of another function."""
         ((name, x),) = inputs.items()
         phi, output = await self._offload(lambda: trees.explain(x))
-        if output.shape != f_x.shape or not np.allclose(output, f_x, rtol=1e-5, atol=1e-5):
-            log.warning("model %s: the trees read from the graph do not reproduce the served output; "
-                        "explained with KernelSHAP", self._label)
+        served = post_transform(trees.trees.post_transform, output)
+        if served is None or served.shape != f_x.shape or not np.allclose(served, f_x, rtol=1e-5, atol=1e-5):
+            log.warning("model %s: the trees read from the graph do not reproduce the served output", self._label)
+            if self._margin:
+                raise ExecutionError(f"model {self._label}: its trees' margin does not reproduce its output")
             return await self._shapley(inputs, f_x)
         base = np.broadcast_to(trees.base_value, output.shape).astype(np.float32)
-        return Explanation({name: phi.astype(np.float32)}, base, "tree_shap", str(self.output))
+        explained = MARGIN if trees.trees.post_transform != LINEAR else str(self.output)
+        return Explanation({name: phi.astype(np.float32)}, base, "tree_shap", explained)
 
     async def _shapley(self, inputs: Mapping[str, np.ndarray], f_x: np.ndarray) -> Explanation:
         """Building the coalitions' rows (a forest's 4,096 x 30) and reducing their values take

@@ -275,23 +275,26 @@ def _flatten(a: dict[str, Any], classifier: bool, steps: tuple[Callable[[np.ndar
     for i, s in enumerate(slots):
         leaf_features[i, :len(s)] = s
     full = np.asarray([(1 << len(s)) - 1 for s in slots], np.uint64)
-    offset, matrix = _output_map(a, classifier, channels, np.unique(w_id), np.asarray(weights, np.float64))
+    post_transform = str(a.get("post_transform", LINEAR))
+    offset, matrix = _output_map(a, classifier, channels, np.unique(w_id), np.asarray(weights, np.float64),
+                                 post_transform)
     return Trees(
         feature=np.asarray(feature, np.int64), threshold=np.asarray(values),
         mode=np.asarray([MODES.index(m) if m in MODES else -1 for m in modes], np.int8),
         missing_true=np.asarray(missing, bool), leaf_values=per_node[leaves], path_node=path_node,
         path_true=path_true, path_bit=path_bit, leaf_features=leaf_features, full=full, trees=trees,
         features=int(np.max(feature[~is_leaf])) + 1 if (~is_leaf).any() else 1,
-        post_transform=str(a.get("post_transform", "NONE")), offset=offset, matrix=matrix,
+        post_transform=post_transform, offset=offset, matrix=matrix,
         scale=1.0 / trees if aggregate == "AVERAGE" else 1.0, preprocess=steps, input=input_name, output=output_name)
 
 
 def _output_map(a: Mapping[str, Any], classifier: bool, channels: int, used: np.ndarray,
-                weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                weights: np.ndarray, post_transform: str) -> tuple[np.ndarray, np.ndarray]:
     """(offset [T], matrix [T, C]): the scores onnxruntime writes before its post_transform, as
     an affine map of the raw sums per class or target id. Two classes with weights for one of
     them only are onnxruntime's binary case: that class's score s becomes [1 - s, s] when every
-    weight is positive, [-s, s] otherwise (base_values then has one entry, added to s)."""
+    weight is positive and nothing follows, [-s, s] otherwise (base_values then has one entry,
+    added to s): under LOGISTIC, each class's log-odds."""
     base = a.get("base_values_as_tensor", a.get("base_values"))
     base = np.zeros(0) if base is None else np.asarray(base, np.float64)
     eye = np.eye(channels)
@@ -302,9 +305,21 @@ def _output_map(a: Mapping[str, Any], classifier: bool, channels: int, used: np.
     column = np.zeros(2)
     column[int(used[0])] = 1.0
     b = float(base[0]) if len(base) else 0.0
-    if bool((weights >= 0).all()):
+    if post_transform == LINEAR and bool((weights >= 0).all()):
         return np.array([1.0 - b, b]), np.stack([-column, column])
     return np.array([-b, b]), np.stack([-column, column])
+
+
+def post_transform(name: str, scores: np.ndarray) -> np.ndarray | None:
+    """The served output from the scores [rows, T] (None: a transform not computed here)."""
+    if name == LINEAR:
+        return scores
+    if name == "LOGISTIC":
+        return 1.0 / (1.0 + np.exp(-scores))
+    if name == "SOFTMAX":
+        e = np.exp(scores - scores.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return None
 
 
 def decisions(trees: Trees, x: np.ndarray) -> np.ndarray:

@@ -63,7 +63,7 @@ class TreeShap:
         self._r_bits = path_bits(trees, r)  # [M, L]
         self._r_slots = _bits(self._r_bits.ravel(), trees.leaf_features.shape[1]).reshape(
             *self._r_bits.shape, -1)  # [M, L, U]: the features each reference row lets through, per leaf
-        self._r_out = self.outputs(self._raw(self._r_bits))  # [M, T]
+        self._r_out = self.outputs(self.raw(self._r_bits))  # [M, T]
         self._plus, self._minus = _weight_tables(trees.leaf_features.shape[1])
 
     @property
@@ -71,7 +71,7 @@ class TreeShap:
         """The mean output over the reference rows [T]."""
         return self._r_out.mean(axis=0)
 
-    def _raw(self, bits: np.ndarray) -> np.ndarray:
+    def raw(self, bits: np.ndarray) -> np.ndarray:
         """The raw sums per class or target id [rows, C] of the leaves the rows reach."""
         return (bits == self.trees.full).astype(np.float64) @ self.trees.leaf_values
 
@@ -129,4 +129,4 @@ class TreeShap:
                 raw[:, c] = np.bincount(key, weights=(coef * values[None, :, None]).ravel(), minlength=rows * features)
         raw /= r_bits.shape[0]
         phi = (t.scale * raw.reshape(rows, features, channels) @ t.matrix.T).transpose(0, 2, 1)  # [R, T, F]
-        return phi, self.outputs(self._raw(x_bits))
+        return phi, self.outputs(self.raw(x_bits))

@@ -106,7 +106,7 @@ class VersionFactory:
             )
             try:
                 explainer = explainer_for(label, config, card, batcher, model.providers, background)
-                explainer.use_graph(files.source)  # a tree ensemble: exact TreeSHAP from its nodes
+                explainer.use_graph(files.source, model)  # a tree ensemble: exact TreeSHAP from its nodes
             except ModelLoadFailed as exc:  # an explain_* parameter that does not parse
                 raise ConfigError(f"{files.config_path}: {exc}") from None
         except BaseException:

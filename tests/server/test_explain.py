@@ -352,3 +352,39 @@ def test_a_served_forest_is_explained_by_tree_shap_equal_to_every_coalition_and_
     assert boosted_params["explain_method"] == "shapley_exact"  # 2^8 x 5 fits the budget: every coalition
     np.testing.assert_allclose(boosted["attributions"].sum(axis=2) + boosted["base_value"], boosted["probabilities"],
                                atol=1e-5)
+
+
+def test_explain_output_margin_explains_a_boosted_classifier_in_log_odds_and_is_refused_without_trees(
+        tmp_path: Path) -> None:
+    """`explain_output: margin` in the config: a gradient-boosted classifier's trees are explained
+    where they add up (log-odds before its logistic): `explain_output` says `margin`, and the
+    logistic of base value plus attributions is the served probability. A model with no such
+    trees is refused at load, naming the config and the parameter."""
+    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    from medserve.exporters import export
+    from medserve.server.errors import ModelLoadFailed
+
+    x, y = sklearn_datasets.load_breast_cancer(return_X_y=True)
+    repo = tmp_path / "repo"
+    report = export(GradientBoostingClassifier(n_estimators=40, max_depth=3, random_state=0).fit(x, y), x[:32],
+                    repo, "gbm")
+    margin = "\nparameters { key: 'explain_output' value: { string_value: 'margin' } }\n"
+    with (repo / "gbm" / "config.pbtxt").open("a") as f:
+        f.write(margin)
+    rows = x[100:104].astype(np.float32)
+    with running_server(repo) as server:
+        out, params = explain(server.stub(), "gbm", report.inputs[0].name, rows)
+    assert params["explain_method"] == "tree_shap" and params["explain_output"] == "margin"
+    log_odds = out["attributions"].sum(axis=2) + out["base_value"]  # [rows, 2]: each class's log-odds
+    np.testing.assert_allclose(log_odds[:, 0], -log_odds[:, 1], atol=1e-5)
+    np.testing.assert_allclose(1 / (1 + np.exp(-log_odds)), out["probabilities"], atol=1e-5)
+
+    linear_repo = tmp_path / "linear"
+    export(LogisticRegression(max_iter=5000).fit(x, y), x[:32], linear_repo, "lin")
+    with (linear_repo / "lin" / "config.pbtxt").open("a") as f:
+        f.write(margin)
+    with pytest.raises(ModelLoadFailed) as info, running_server(linear_repo):
+        pass
+    assert "lin/config.pbtxt" in str(info.value) and "parameters['explain_output'] 'margin'" in str(info.value)

@@ -225,3 +225,66 @@ def test_graphs_that_are_not_one_tree_ensemble_over_per_feature_steps_are_not_re
     forest = to_onnx(RandomForestClassifier(5, random_state=0).fit(x, target), 4)
     with pytest.raises(NotTrees, match="the label"):
         read_trees(forest, "input", "label")
+
+
+def classifiers() -> dict[str, Any]:
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    found: dict[str, Any] = {"GBM binary": GradientBoostingClassifier(n_estimators=30, max_depth=3, random_state=0),
+                             "GBM three classes": GradientBoostingClassifier(n_estimators=15, max_depth=3, random_state=0)}
+    try:
+        import xgboost
+
+        found["XGBoost binary"] = xgboost.XGBClassifier(n_estimators=40, max_depth=4, random_state=0)
+    except ImportError:
+        pass
+    return found
+
+
+@pytest.mark.parametrize("name", ["GBM binary", "GBM three classes", "XGBoost binary"])
+def test_a_boosted_classifier_is_explained_in_its_margin_and_agrees_with_shap(name: str) -> None:
+    """A logistic (softmax) of the trees' sum: its Shapley values in log-odds (logits) are the
+    trees', equal to every coalition run through the library's own margin, the served
+    probabilities are the logistic (softmax) of base value plus attributions, and `shap`
+    explains the same raw margin (binary)."""
+    model = classifiers().get(name)
+    if model is None:
+        pytest.skip("xgboost is not installed")
+    x, y = data(600, 9, seed=5)
+    target = (y > np.median(y)).astype(int) + ((y > np.quantile(y, 0.8)) if "three" in name else 0)
+    model.fit(x, target)
+    if name.startswith("XGBoost"):
+        onnxmltools = pytest.importorskip("onnxmltools")
+        from onnxmltools.convert.common.data_types import FloatTensorType
+
+        model_bytes = onnxmltools.convert_xgboost(model, initial_types=[("input", FloatTensorType([None, 9]))]
+                                                  ).SerializeToString()
+    else:
+        model_bytes = to_onnx(model, 9)
+    output = served_output(model_bytes)
+    trees = read_trees(model_bytes, "input", output)
+    assert trees.post_transform == ("SOFTMAX" if "three" in name else "LOGISTIC")
+    reference, rows = x[:8], x[300:306]
+    explainer = TreeShap(trees, reference)
+    phi, margin = explainer.explain(rows)
+    served = ort.InferenceSession(model_bytes).run([output], {"input": rows})[0]
+    from medserve.server.onnx_trees import post_transform
+
+    np.testing.assert_allclose(post_transform(trees.post_transform, phi.sum(axis=2) + explainer.base_value), served,
+                               atol=1e-5)
+    # Ground truth: every coalition through the library's own margin (log-odds, logits).
+    library_margin = ((lambda a: model.predict(a, output_margin=True)) if name.startswith("XGBoost")
+                      else model.decision_function)
+    masks = _all_masks(9)
+    truth = []
+    for row in rows:
+        mixed = np.where(masks[:, None, :], row[None, None, :], reference[None]).reshape(-1, 9)
+        v = np.asarray(library_margin(mixed), np.float64).reshape(len(masks), len(reference), -1).mean(axis=1)
+        truth.append((_shapley_weights(masks) @ v).T)
+    expected = np.stack(truth)
+    if expected.shape[1] == 1:  # binary: the positive class's log-odds; the other's is its negative
+        np.testing.assert_allclose(phi[:, 1:], expected, atol=1e-4)
+        np.testing.assert_allclose(phi[:, 0], -phi[:, 1], atol=1e-12)
+        np.testing.assert_allclose(phi[:, 1:], shap_values(model, reference, rows), atol=1e-4)
+    else:
+        np.testing.assert_allclose(phi, expected, atol=1e-4)
