@@ -329,14 +329,16 @@ class ModelRepository:
                 stats = self._trial_stats.get(key)
                 if stats is None or stats.output != compared[0]:
                     stats = self._trial_stats[key] = TrialStats(entry.name, version, shadow.version, *compared)
-                trials[version] = ShadowTrial(serving, shadow, stats)
+                trials[version] = ShadowTrial(serving, shadow, stats, join=min(
+                    serving.config.max_batch_size, shadow.config.max_batch_size) > 0)
         self.routes[entry.name] = Route(
             entry.name, spec, labels, default, STABLE if STABLE in labels else "", labels.get("canary"),
             CanaryAssigner.seeded(spec.canary_seed) if spec.canary_seed else self._assigner, trials)
 
     def trials(self, name: str = "") -> list[TrialStats]:
         """The silent trials' figures (of one model, or all), current or past."""
-        return [s for k, s in sorted(self._trial_stats.items()) if not name or k[0] == name]
+        current = dict(self._trial_stats)  # (a copy: the metrics thread reads it while the loop may add one)
+        return [s for k, s in sorted(current.items()) if not name or k[0] == name]
 
     def _make(self, name: str) -> list[LoadedVersion]:
         """Every selected version of the model, each checked by the loader and made whole by the

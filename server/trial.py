@@ -39,12 +39,12 @@ class ShadowTrial:
     """Copies of one serving version's answered requests, scored by the shadow version."""
 
     def __init__(self, serving: Version, shadow: Version, stats: TrialStats, *,
-                 max_pending_rows: int = MAX_PENDING_ROWS, part_rows: int = PART_ROWS) -> None:
+                 max_pending_rows: int = MAX_PENDING_ROWS, part_rows: int = PART_ROWS, join: bool = True) -> None:
         self._serving = serving
         self._shadow = shadow
         self.stats = stats
         self._max_pending_rows = max_pending_rows
-        self._part_rows = part_rows
+        self._part_rows = part_rows if join else 0  # models without a batch dim: one request a part
         self._pending: deque[tuple[Mapping[str, np.ndarray], int, Hashable, np.ndarray]] = deque()
         self._pending_rows = 0
         self._task: asyncio.Task[None] | None = None

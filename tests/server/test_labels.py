@@ -101,6 +101,9 @@ def test_a_bad_label_refuses_the_first_load_naming_the_label(tmp_path: Path) -> 
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "label 'canary' points at version 5" in (info.value.details() or "")
         assert not stub.ModelReady(pb.ModelReadyRequest(name="m")).ready
+        write_labels(repo, {"stable": 1, "canary": 2})  # fixed: the next load serves
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="m"))
+        assert stub.ModelInfer(request("canary")).model_version == "2"
 
 
 def test_audit_records_name_the_version_and_the_label(tmp_path: Path) -> None:
