@@ -6,7 +6,8 @@
     print(report.version, report.model_sha256)
     print(report.parity_table())
 
-One call converts (scikit-learn via skl2onnx, PyTorch via torch.onnx's dynamo exporter, Hugging
+One call converts (scikit-learn via skl2onnx, XGBoost / LightGBM / CatBoost through the same path
+with onnxmltools' and CatBoost's converters, PyTorch via torch.onnx's dynamo exporter, Hugging
 Face text encoders into a graph that pools in itself, published with their tokenizer), checks
 the ONNX graph against the source model on the sample and held-out data (`ParityError` if it
 disagrees), measures held-out quality on the graph, and atomically writes

@@ -12,6 +12,7 @@ handler runs, so `medserve serve` does not load torch or scikit-learn.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
@@ -230,7 +231,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .errors import ExportError
 
     _quiet_third_party()
-    from .demo import DEMO_MODELS
+    from .demo import DEMO_MODELS, NEEDS_GBM
 
     names = list(DEMO_MODELS)
     if args.skip_existing:
@@ -238,6 +239,10 @@ def run_demo(args: argparse.Namespace) -> int:
         names = [n for n in names if n not in present]
         if present:
             print(f"keeping {len(present)} demo models already in {args.directory}")
+    gbm_models = [n for n in names if n in NEEDS_GBM]
+    if gbm_models and not all(importlib.util.find_spec(m) for m in ("xgboost", "lightgbm", "onnxmltools")):
+        names = [n for n in names if n not in NEEDS_GBM]
+        print(f"skipping {', '.join(gbm_models)}: they need the 'gbm' extra (pip install 'medserve[gbm]')")
     print(f"building the demo repository in {args.directory} (seed {args.seed})")
     started = time.perf_counter()
     try:

@@ -121,6 +121,62 @@ def _diabetes(model_name: str, make: Callable[[int], BaseEstimator], what: str) 
     return build
 
 
+def _with_gaps(x: np.ndarray, seed: int, fraction: float = 0.05) -> np.ndarray:
+    """`x` with a seeded `fraction` of its values missing (NaN), as in a hospital extract."""
+    out = x.copy()
+    out[np.random.default_rng([seed, 30]).random(out.shape) < fraction] = np.nan
+    return out
+
+
+def _boosted(model_name: str, dataset: Callable[[], Any], make: Callable[[int], Any], what: str,
+             class_labels: list[str] | None) -> Builder:
+    """An XGBoost or LightGBM model (medserve[gbm]) in a Pipeline, on a demo table with 5 % of
+    its values missing: small (50 trees) so the build stays quick."""
+
+    def build(repository: Path, seed: int) -> ExportReport:
+        data = dataset()
+        x_train, x_test, y_train, y_test = train_test_split(
+            _with_gaps(data.data, seed), data.target, test_size=0.25, random_state=seed,
+            stratify=data.target if class_labels else None,
+        )
+        model = make(seed).fit(x_train, y_train)
+        title = "Breast mass malignancy from fine-needle aspirate features" if class_labels else (
+            "Diabetes progression one year after baseline")
+        source = ("Wisconsin diagnostic breast cancer (scikit-learn load_breast_cancer)" if class_labels
+                  else "Efron et al. diabetes data (scikit-learn load_diabetes)")
+        return export(
+            model,
+            x_train[:SAMPLE_ROWS],
+            repository,
+            model_name,
+            feature_names=[str(f) for f in data.feature_names],
+            class_labels=class_labels,
+            description=f"{title} ({what}; 5 % of values missing). Demo model.",
+            training_data=TrainingData(f"{source}, 5 % of values set missing (seeded)", len(y_train)),
+            heldout=(x_test, y_test),
+        )
+
+    return build
+
+
+NEEDS_GBM = frozenset({"breast_cancer_xgb", "diabetes_lgbm"})  # built only with the gbm extra installed
+
+
+def _xgboost_pipeline(seed: int) -> Any:
+    from sklearn.impute import SimpleImputer
+    from xgboost import XGBClassifier
+
+    return make_pipeline(SimpleImputer(strategy="median"),
+                         XGBClassifier(n_estimators=50, max_depth=3, random_state=seed, n_jobs=1))
+
+
+def _lightgbm_pipeline(seed: int) -> Any:
+    from lightgbm import LGBMRegressor
+
+    return make_pipeline(StandardScaler(), LGBMRegressor(n_estimators=50, num_leaves=8, random_state=seed, n_jobs=1,
+                                                         deterministic=True, force_row_wise=True, verbose=-1))
+
+
 def _digits_cnn(repository: Path, seed: int) -> ExportReport:
     data = load_digits()
     images = (data.images / 16.0).astype(np.float32)[:, None]
@@ -307,6 +363,14 @@ DEMO_MODELS: Mapping[str, Builder] = MappingProxyType(
         "diabetes_linear": _diabetes("diabetes_linear", lambda s: LinearRegression(), "linear regression"),
         "diabetes_gbm": _diabetes(
             "diabetes_gbm", lambda s: GradientBoostingRegressor(random_state=s), "gradient boosting"
+        ),
+        "breast_cancer_xgb": _boosted(
+            "breast_cancer_xgb", load_breast_cancer, _xgboost_pipeline,
+            "XGBoost, 50 trees, after median imputation", ["malignant", "benign"],
+        ),
+        "diabetes_lgbm": _boosted(
+            "diabetes_lgbm", load_diabetes, _lightgbm_pipeline,
+            "LightGBM, 50 trees, gaps routed by the trees", None,
         ),
         "digits_cnn": _digits_cnn,
         "ecg_cnn1d": _ecg_cnn1d,

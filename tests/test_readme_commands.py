@@ -23,9 +23,9 @@ def _reader():  # type: ignore[no-untyped-def]
 def test_the_readme_holds_the_setup_and_the_test_command() -> None:
     setup, test = _reader().commands((ROOT / "README.md").read_text(encoding="utf-8"))
     extras = re.findall(r"pip install -e '\.\[([a-z,]+)\]'", setup)
-    assert extras == ["server,export"]  # demo-repository needs both; serve needs server only
+    assert extras == ["server,export,gbm"]  # demo-repository needs all three (gbm: its XGBoost/LightGBM models); serve needs server only
     assert "medserve demo-repository demo-repository" in setup and setup.endswith("medserve serve --repository demo-repository")
-    assert re.findall(r"pip install -e '\.\[([a-z,]+)\]'", test) == ["server,export,perf,dev"]
+    assert re.findall(r"pip install -e '\.\[([a-z,]+)\]'", test) == ["server,export,gbm,perf,dev"]
     assert test.endswith("python -m pytest")
 
 

@@ -30,6 +30,8 @@ EXPECTED = {
     "breast_cancer_logreg",
     "diabetes_linear",
     "diabetes_gbm",
+    "breast_cancer_xgb",
+    "diabetes_lgbm",
     "digits_cnn",
     "ecg_cnn1d",
     "vitals_gru",
@@ -78,6 +80,9 @@ def test_every_family_is_published_and_consistent(demo: tuple[Path, dict[str, Ex
     assert breast["feature_names"][0] == "mean radius"
     assert reports["breast_cancer_logreg"].metrics["roc_auc"] > 0.95
     assert reports["diabetes_linear"].metrics["r2"] > 0.2
+    # The boosted models (medserve[gbm]) on tables with gaps: NaN in the held-out rows, parity kept.
+    assert reports["breast_cancer_xgb"].framework.endswith("+ xgboost") and reports["breast_cancer_xgb"].metrics["roc_auc"] > 0.95
+    assert reports["diabetes_lgbm"].framework.endswith("+ lightgbm") and reports["diabetes_lgbm"].metrics["r2"] > 0.1
     assert reports["digits_cnn"].metrics["accuracy"] > 0.7
     assert reports["notes_transformer"].metrics["accuracy"] > 0.75
     # 3 classes (chance 1/3), held out by template: phrasings the head never saw.
