@@ -29,7 +29,8 @@ In one run, against one `medserve serve` started here on a fresh demo repository
      TreeSHAP read from its graph; beside it, when xgboost is installed, XGBoost models of 300
      trees of depth 6 on the same 30 features (8 reference rows: k-means of 32 sample rows): a
      regressor (TreeSHAP) and a classifier (a logistic of the trees: KernelSHAP on its
-     probabilities). `--families-only` runs this part alone (about a minute).
+     probabilities, and TreeSHAP of its log-odds under `explain_output: margin`).
+     `--families-only` runs this part alone (about a minute).
 Prints a table and writes perf/results/bench_explain-<time>.json.
 """
 from __future__ import annotations
@@ -77,6 +78,11 @@ def _tree_models(repo: Path) -> dict[str, str]:
              xgboost.XGBClassifier(n_estimators=300, max_depth=6, random_state=0))):
         export(model.fit(x, y), x[:32], repo, name)  # 32 sample rows: 8 k-means reference rows
         found[family] = name
+    # The classifier again, explained in log-odds (explain_output margin): exact TreeSHAP
+    export(model, x[:32], repo, "xgb_classifier_300x6_margin")
+    with (repo / "xgb_classifier_300x6_margin" / "config.pbtxt").open("a") as f:
+        f.write("\nparameters { key: 'explain_output' value: { string_value: 'margin' } }\n")
+    found["table (XGBoost clf. 300x6, margin)"] = "xgb_classifier_300x6_margin"
     return found
 
 
