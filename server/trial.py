@@ -3,7 +3,8 @@ every caller's work, and the two answers are compared (`rollout.TrialStats`). Ne
 never in a caller's batch (the copies run on the shadow version's own batcher at BACKGROUND
 priority), never delaying a caller (copies are queued here and submitted one part at a time; a
 copy that arrives while callers wait in the serving version's queue, or while the backlog is
-full, is shed and counted).
+full, is shed and counted; queued copies are scored only at a moment when the serving version
+has no caller queued or running).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_ROWS = 1024  # rows waiting for the shadow at most; more are shed
 PART_ROWS = 256  # rows one shadow part carries at most
+GATHER_S = 0.02  # copies gather this long (or until a part is full) before a part is scored: a part
+# of one row costs the event loop as much as a caller's request, so parts are made large
 
 
 class Version(Protocol):
@@ -39,12 +42,14 @@ class ShadowTrial:
     """Copies of one serving version's answered requests, scored by the shadow version."""
 
     def __init__(self, serving: Version, shadow: Version, stats: TrialStats, *,
-                 max_pending_rows: int = MAX_PENDING_ROWS, part_rows: int = PART_ROWS, join: bool = True) -> None:
+                 max_pending_rows: int = MAX_PENDING_ROWS, part_rows: int = PART_ROWS, join: bool = True,
+                 gather_s: float = GATHER_S) -> None:
         self._serving = serving
         self._shadow = shadow
         self.stats = stats
         self._max_pending_rows = max_pending_rows
         self._part_rows = part_rows if join else 0  # models without a batch dim: one request a part
+        self._gather_s = gather_s if join else 0.0
         self._pending: deque[tuple[Mapping[str, np.ndarray], int, Hashable, np.ndarray]] = deque()
         self._pending_rows = 0
         self._task: asyncio.Task[None] | None = None
@@ -66,6 +71,10 @@ class ShadowTrial:
     async def _drain(self) -> None:
         try:
             while self._pending:
+                if self._gather_s > 0 and (self._pending_rows < self._part_rows or self._callers_busy()):
+                    await asyncio.sleep(self._gather_s)  # let copies gather into one part ...
+                    if self._callers_busy():
+                        continue  # ... and score them only while no caller is queued or running
                 parts = [self._pending.popleft()]
                 rows = parts[0][1]
                 while self._pending and self._pending[0][2] == parts[0][2] and rows + self._pending[0][1] <= self._part_rows:
@@ -75,6 +84,12 @@ class ShadowTrial:
                 await self._score(parts, rows)
         finally:
             self._task = None
+
+    def _callers_busy(self) -> bool:
+        """Whether the serving version has callers queued or running: the shadow waits (and
+        copies past the backlog are shed), so a saturated server spends nothing on the trial."""
+        stats = self._serving.batcher.stats()
+        return bool(stats.queued or stats.in_flight)
 
     async def _score(self, parts: list[tuple[Mapping[str, np.ndarray], int, Hashable, np.ndarray]], rows: int) -> None:
         if len(parts) == 1:
