@@ -40,6 +40,7 @@ BUCKETS = 10_000  # canary_percent has a resolution of 0.01 points
 DIFF_EDGES: tuple[float, ...] = (0.0, *(float(10 ** (-6 + i / 4)) for i in range(49)))
 PSI_WINDOW_ROWS = 1000  # the PSI compares the two versions' outputs over windows of this many rows
 PSI_BINS = 10
+PROBABILITY_EDGES = np.linspace(0.1, 0.9, 9)
 PSI_FLOOR = 1e-4  # an empty bin's share (the PSI of an empty bin is otherwise infinite)
 
 
@@ -186,7 +187,8 @@ class TrialStats:
         self._shadow_window.append(b)
         self._window_rows += rows
         if self._window_rows >= self.window_rows:
-            self.psi = psi(np.concatenate(self._serving_window).ravel(), np.concatenate(self._shadow_window).ravel())
+            self.psi = psi(np.concatenate(self._serving_window).ravel(), np.concatenate(self._shadow_window).ravel(),
+                           PROBABILITY_EDGES if self.kind == CLASSIFICATION else None)
             self.windows += 1
             self._serving_window, self._shadow_window, self._window_rows = [], [], 0
 
@@ -202,13 +204,16 @@ class TrialStats:
                 "differences": list(self.differences), "psi": self.psi, "windows": self.windows}
 
 
-def psi(expected: np.ndarray, actual: np.ndarray, bins: int = PSI_BINS) -> float:
-    """Population stability index of `actual` against `expected`, over the deciles of `expected`."""
+def psi(expected: np.ndarray, actual: np.ndarray, edges: np.ndarray | None = None, bins: int = PSI_BINS) -> float:
+    """Population stability index of `actual` against `expected`, over `edges` (probabilities:
+    tenths of [0, 1], so a constant stream of nearly equal scores reads 0) or else the deciles of
+    `expected`."""
     expected = expected[np.isfinite(expected)]
     actual = actual[np.isfinite(actual)]
     if not expected.size or not actual.size:
         return 0.0
-    edges = np.unique(np.quantile(expected, np.linspace(0, 1, bins + 1)[1:-1]))
+    if edges is None:
+        edges = np.unique(np.quantile(expected, np.linspace(0, 1, bins + 1)[1:-1]))
     e = np.bincount(np.searchsorted(edges, expected, side="right"), minlength=edges.size + 1) / expected.size
     a = np.bincount(np.searchsorted(edges, actual, side="right"), minlength=edges.size + 1) / actual.size
     e, a = np.maximum(e, PSI_FLOOR), np.maximum(a, PSI_FLOOR)
