@@ -23,16 +23,19 @@ import numpy as np
 
 from .onnx_trees import Trees, decisions
 
-CHUNK_ELEMENTS = 1 << 15  # rows x reference rows x leaves explained at once
+BLOCK_ELEMENTS = 1 << 16  # rows x reference rows x leaves worked on at once (a few MiB per array)
+CACHED_SLOTS = 1 << 22  # reference rows x leaves x path features kept unpacked (32 MiB), else unpacked per block
 
 
-def path_bits(trees: Trees, x: np.ndarray) -> np.ndarray:
-    """[rows, L] uint64: per leaf, the bits of its path's distinct features whose every test on
-    the path the row passes (a row reaches the leaf when it holds all of them: `trees.full`)."""
-    taken = decisions(trees, x)  # [rows, N]
-    ok = taken[:, trees.path_node] == trees.path_true  # [rows, L, D]
-    failed = np.bitwise_or.reduce(np.where(ok, np.uint64(0), trees.path_bit), axis=2)
-    return trees.full & ~failed
+def path_bits(trees: Trees, x: np.ndarray, leaves: slice = slice(None), taken: np.ndarray | None = None) -> np.ndarray:
+    """[rows, L] uint64: per leaf (of `leaves`), the bits of its path's distinct features whose
+    every test on the path the row passes (a row reaches the leaf when it holds all of them:
+    `trees.full`). `taken`: the rows' `decisions`, when already made."""
+    if taken is None:
+        taken = decisions(trees, x)  # [rows, N]
+    ok = taken[:, trees.path_node[leaves]] == trees.path_true[leaves]  # [rows, L, D]
+    failed = np.bitwise_or.reduce(np.where(ok, np.uint64(0), trees.path_bit[leaves]), axis=2)
+    return trees.full[leaves] & ~failed
 
 
 def _bits(masks: np.ndarray, width: int) -> np.ndarray:
@@ -59,21 +62,21 @@ class TreeShap:
 
     def __init__(self, trees: Trees, reference: np.ndarray) -> None:
         self.trees = trees
-        r = trees.features_of(reference)
-        self._r_bits = path_bits(trees, r)  # [M, L]
-        self._r_slots = _bits(self._r_bits.ravel(), trees.leaf_features.shape[1]).reshape(
-            *self._r_bits.shape, -1)  # [M, L, U]: the features each reference row lets through, per leaf
+        self._r_bits = path_bits(trees, trees.features_of(reference))  # [M, L]
+        width = trees.leaf_features.shape[1]
+        self._r_slots = (_bits(self._r_bits.ravel(), width).reshape(*self._r_bits.shape, width)
+                         if self._r_bits.size * width <= CACHED_SLOTS else None)  # [M, L, U]
         self._r_out = self.outputs(self.raw(self._r_bits))  # [M, T]
-        self._plus, self._minus = _weight_tables(trees.leaf_features.shape[1])
+        self._plus, self._minus = _weight_tables(width)
 
     @property
     def base_value(self) -> np.ndarray:
         """The mean output over the reference rows [T]."""
         return self._r_out.mean(axis=0)
 
-    def raw(self, bits: np.ndarray) -> np.ndarray:
-        """The raw sums per class or target id [rows, C] of the leaves the rows reach."""
-        return (bits == self.trees.full).astype(np.float64) @ self.trees.leaf_values
+    def raw(self, bits: np.ndarray, leaves: slice = slice(None)) -> np.ndarray:
+        """The raw sums per class or target id [rows, C] of the leaves (of `leaves`) the rows reach."""
+        return (bits == self.trees.full[leaves]).astype(np.float64) @ self.trees.leaf_values[leaves]
 
     def outputs(self, raw: np.ndarray) -> np.ndarray:
         """The served scores [rows, T] from the raw sums (before any nonlinear post_transform)."""
@@ -82,15 +85,8 @@ class TreeShap:
 
     def explain(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(attributions [rows, T, F], the output they add up to with `base_value` [rows, T])
-        for graph-input rows `x` [rows, F], a few rows at a time (the [rows, references,
-        leaves] arrays stay within the CPU's caches: 8 rows at once of a 300-tree model ran
-        slower per row than one)."""
-        step = max(1, CHUNK_ELEMENTS // max(1, self._r_bits.size))
-        parts = [self._explain(x[i:i + step]) for i in range(0, x.shape[0], step)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def _explain(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`explain` of a few rows.
+        for graph-input rows `x` [rows, F]: the leaves in blocks, so that the [rows, reference
+        rows, leaves] arrays stay a few MiB however large the ensemble.
 
         Per (row, leaf): N = the path's features x does not let through is fixed, and a
         reference row r can mix with x into the leaf exactly when r lets all of N through; then
@@ -101,32 +97,48 @@ class TreeShap:
         arithmetic, however many leaves the mixes reach."""
         t = self.trees
         rows, features = x.shape[0], x.shape[1]
-        x_bits = path_bits(t, t.features_of(x))  # [R, L]
-        r_bits = self._r_bits  # [M, L]
-        blocked = t.full & ~x_bits  # [R, L]: N per leaf
-        mixes = (r_bits[None, :, :] & blocked[:, None, :]) == blocked[:, None, :]  # [R, M, L]
+        feats = t.features_of(x)
+        taken = decisions(t, feats)
+        references, leaves = self._r_bits.shape
+        block = max(64, BLOCK_ELEMENTS // max(1, rows * references))
+        raw = np.zeros((rows * features, t.leaf_values.shape[1]))
+        reached = np.zeros((rows, t.leaf_values.shape[1]))
+        for first in range(0, leaves, block):
+            part = slice(first, min(leaves, first + block))
+            x_bits = path_bits(t, feats, part, taken)  # [R, B]
+            reached += self.raw(x_bits, part)
+            raw += self._block(x_bits, part, rows, features)
+        raw /= references
+        phi = (t.scale * raw.reshape(rows, features, -1) @ t.matrix.T).transpose(0, 2, 1)  # [R, T, F]
+        return phi, self.outputs(reached)
+
+    def _block(self, x_bits: np.ndarray, part: slice, rows: int, features: int) -> np.ndarray:
+        """The summed (over reference rows) raw attributions [rows * F, C] of one block of leaves."""
+        t = self.trees
+        full, r_bits = t.full[part], self._r_bits[:, part]  # [B], [M, B]
+        width = t.leaf_features.shape[1]
+        blocked = full & ~x_bits  # [R, B]: N per leaf
+        mixes = (r_bits[None, :, :] & blocked[:, None, :]) == blocked[:, None, :]  # [R, M, B]
         stride = self._plus.shape[1]
-        pn = np.bitwise_count(x_bits[:, None, :] & ~r_bits[None, :, :]).astype(np.intp)  # [R, M, L]: |P|
+        pn = np.bitwise_count(x_bits[:, None, :] & ~r_bits[None, :, :]).astype(np.intp)  # [R, M, B]: |P|
         pn *= stride
         pn += np.bitwise_count(blocked)[:, None, :]  # + |N|: the weight tables' flat index
-        plus = np.where(mixes, self._plus.ravel().take(pn), 0.0)  # [R, M, L]
-        minus = np.where(mixes, self._minus.ravel().take(pn), 0.0).sum(axis=1)  # [R, L]
-        width = t.leaf_features.shape[1]
-        crossed = np.einsum("rml,mlu->rlu", plus, self._r_slots, optimize=True)  # [R, L, U]: r lets u through too
+        plus = np.where(mixes, self._plus.ravel().take(pn), 0.0)  # [R, M, B]
+        minus = np.where(mixes, self._minus.ravel().take(pn), 0.0).sum(axis=1)  # [R, B]
+        r_slots = (self._r_slots[:, part] if self._r_slots is not None
+                   else _bits(r_bits.ravel(), width).reshape(*r_bits.shape, width))  # [M, B, U]
+        crossed = np.einsum("rml,mlu->rlu", plus, r_slots, optimize=True)  # [R, B, U]: r lets u through too
         x_slots = _bits(x_bits.ravel(), width).reshape(rows, -1, width)
         n_slots = _bits(blocked.ravel(), width).reshape(rows, -1, width)
         np.subtract(plus.sum(axis=1)[:, :, None], crossed, out=crossed)
         crossed *= x_slots
         n_slots *= minus[:, :, None]
-        coef = np.subtract(crossed, n_slots, out=crossed)  # [R, L, U]
+        coef = np.subtract(crossed, n_slots, out=crossed)  # [R, B, U]
         # past a path's own features there is no bit: coefficient 0 (on feature 0)
-        key = (np.arange(rows)[:, None, None] * features + t.leaf_features[None, :, :]).ravel()
-        channels = t.leaf_values.shape[1]
-        raw = np.zeros((rows * features, channels))
-        for c in range(channels):
-            values = t.leaf_values[:, c]
-            if values.any():
-                raw[:, c] = np.bincount(key, weights=(coef * values[None, :, None]).ravel(), minlength=rows * features)
-        raw /= r_bits.shape[0]
-        phi = (t.scale * raw.reshape(rows, features, channels) @ t.matrix.T).transpose(0, 2, 1)  # [R, T, F]
-        return phi, self.outputs(self.raw(x_bits))
+        key = (np.arange(rows)[:, None, None] * features + t.leaf_features[part][None, :, :]).ravel()
+        values = t.leaf_values[part]
+        out = np.zeros((rows * features, values.shape[1]))
+        for c in range(values.shape[1]):
+            if values[:, c].any():
+                out[:, c] = np.bincount(key, weights=(coef * values[None, :, c, None]).ravel(), minlength=rows * features)
+        return out
