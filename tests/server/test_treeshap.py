@@ -288,3 +288,42 @@ def test_a_boosted_classifier_is_explained_in_its_margin_and_agrees_with_shap(na
         np.testing.assert_allclose(phi[:, 1:], shap_values(model, reference, rows), atol=1e-4)
     else:
         np.testing.assert_allclose(phi, expected, atol=1e-4)
+
+
+def test_trees_that_do_not_reproduce_what_onnxruntime_serves_are_not_used() -> None:
+    """At load the trees read are run on the reference rows beside the version's own sessions:
+    where the two differ (a reading this module got wrong), explanations stay with KernelSHAP,
+    and `explain_output: margin`, which only the trees can give, refuses the load."""
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestRegressor
+
+    from medserve.server.card import ModelCard
+    from medserve.server.config import ModelConfig, TensorConfig
+    from medserve.server.errors import ModelLoadFailed
+    from medserve.server.explain import Explainer
+
+    x, y = data(300, 7)
+
+    async def never(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise AssertionError("no model rows are run here")
+
+    def explainer(model_bytes: bytes, output: str, width: int, **parameters: str) -> Explainer:
+        config = ModelConfig(name="m", max_batch_size=8, inputs=(TensorConfig("input", "FP32", (7,)),),
+                             outputs=(TensorConfig(output, "FP32", (width,)),), parameters=parameters)
+        return Explainer("m", config, ModelCard(reference={"input": x[:5]}), never)
+
+    def sessions(model_bytes: bytes, shift: float) -> Any:
+        session = ort.InferenceSession(model_bytes)
+        return lambda feeds: {o.name: v + shift for o, v in zip(session.get_outputs(), session.run(None, feeds),
+                                                                  strict=True)}
+
+    forest = to_onnx(RandomForestRegressor(5, max_depth=4, random_state=0).fit(x, y), 7)
+    honest, lying = explainer(forest, "variable", 1), explainer(forest, "variable", 1)
+    honest.use_graph(forest, sessions(forest, 0.0))
+    lying.use_graph(forest, sessions(forest, 0.01))
+    assert honest.method == "tree_shap" and lying.method is None
+    gbm = to_onnx(GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x, y > 0), 7)
+    margin = explainer(gbm, "probabilities", 2, explain_output="margin")
+    margin.use_graph(gbm, sessions(gbm, 0.0))
+    assert margin.method == "tree_shap"
+    with pytest.raises(ModelLoadFailed, match="parameters\\['explain_output'\\] 'margin'"):
+        explainer(gbm, "probabilities", 2, explain_output="margin").use_graph(gbm, sessions(gbm, 0.01))
