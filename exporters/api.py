@@ -23,6 +23,7 @@ from .conversion import Conversion
 from .errors import ExportError, UnsupportedModelError
 from .parity import OutputParity, Tolerance, cpu_session, parity_table, verify
 from .reference import check_limits, feature_deciles, numeric_columns, reference_rows
+from .rounding import InputRounding
 from .specs import TensorSpec, default_opset, graph_signature
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,15 @@ class ExportReport:
     # Text models: padded batch vs each text alone on the graph, and the other files of the version.
     padding_check: OutputParity | None = None
     files: Mapping[str, Path] = field(default_factory=dict)
+    # Tables: rows whose source answer changes when their numbers are rounded to float32 (the
+    # graph's input), and the features whose float64 thresholds they cross (rounding.py).
+    input_rounding: InputRounding | None = None
 
     def parity_table(self) -> str:
-        """The parity figures as an aligned text table (for the CLI and logs)."""
-        return parity_table((*self.parity, *([self.padding_check] if self.padding_check else [])))
+        """The parity figures as an aligned text table (for the CLI and logs), and for a table
+        model one line on what float32 inputs change in the source model's answers."""
+        table = parity_table((*self.parity, *([self.padding_check] if self.padding_check else [])))
+        return table if self.input_rounding is None else f"{table}\n{self.input_rounding.describe()}"
 
 
 def _is_text_model(model: Any, tokenizer: Any, pooling: Any) -> bool:
@@ -300,6 +306,11 @@ def export(
     }
     log.info("checking parity of %r on %d dataset(s)", name, len(datasets))
     parity = verify(name, conversion.model_bytes, conversion.reference, conversion.feeds, datasets, tolerances)
+    input_rounding = None
+    if conversion.input_rounding is not None:
+        input_rounding = conversion.input_rounding(datasets, feature_names)
+        if input_rounding.changed_rows:
+            log.info("%r: %s", name, input_rounding.describe())
 
     quality: dict[str, float | int] = {}
     if heldout_inputs is not None and targets is not None:
@@ -357,7 +368,8 @@ def export(
             parity=parity,
             batching=batching,
             model_sha256=sha256,
-            extra={**conversion.card_entries, **{k: v for k, v in serving_facts.items() if v}},
+            extra={**conversion.card_entries, **{k: v for k, v in serving_facts.items() if v},
+                   **({"parity_float32_inputs": input_rounding.as_card_entry()} if input_rounding else {})},
         )
 
     parameters = {**conversion.config_parameters, **(pad_parameters or {})}
@@ -397,4 +409,5 @@ def export(
         batching=batching,
         padding_check=conversion.padding_check,
         files={n: published.model_path.parent / n for n in conversion.extra_files},
+        input_rounding=input_rounding,
     )

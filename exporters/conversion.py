@@ -4,7 +4,7 @@ measure quality, describe and publish the model, with no framework knowledge lef
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .figures import OutputParity, Tolerance
+from .rounding import InputRounding
 from .specs import TensorSpec
 
 Arrays = Mapping[str, np.ndarray]
@@ -49,3 +50,6 @@ class Conversion:
     parity_data: tuple[Any, ...] | None = None  # the datasets parity is checked on; None: sample and held-out
     chunk_rows: int | None = None  # held-out inputs go through the graph this many at a time; None: all at once
     padding_check: OutputParity | None = None  # each row alone vs in a padded batch, when the family checked it
+    # Tables: the source model on the parity data as given vs rounded to float32 (rounding.py),
+    # called with the parity datasets and the feature names.
+    input_rounding: Callable[[Sequence[Any], Sequence[str] | None], InputRounding] | None = None

@@ -19,6 +19,11 @@ from .errors import ExportError
 def column_names(model: Any) -> tuple[str, ...] | None:
     """The training DataFrame's column names, when the model (or pipeline) was fitted on one."""
     names = getattr(model, "feature_names_in_", None)
+    if names is None and type(model).__module__.startswith("catboost"):
+        # CatBoost keeps a frame's columns in feature_names_ and names an array's '0', '1', ...
+        names = getattr(model, "feature_names_", None)
+        if names is not None and list(names) == [str(i) for i in range(len(names))]:
+            names = None
     if names is None or not all(isinstance(n, str) for n in names):
         return None
     return tuple(str(n) for n in names)

@@ -15,7 +15,7 @@ measures the conversion rather than the input's precision. Labels must match exa
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from skl2onnx.common.data_types import FloatTensorType
 from sklearn.base import is_classifier, is_regressor
 from sklearn.pipeline import Pipeline
 
-from . import frames, gbm, metrics, tabular
+from . import frames, gbm, metrics, rounding, tabular
 from .conversion import Arrays, Conversion
 from .errors import ExportError, UnsupportedModelError
 from .parity import Tolerance
@@ -114,11 +114,19 @@ def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
         def source_table(table: Any) -> np.ndarray:
             return feeds(table)["input"].astype(np.float64)
 
+        def given(table: Any) -> np.ndarray:
+            feeds(table)
+            return np.asarray(table, dtype=np.float64)
+
+        def to_source(array: np.ndarray) -> Any:
+            return array
+
+        numeric = list(range(n_features))
     else:
         initial_types = layout.initial_types()
         feeds = layout.feeds
         to_convert = tabular.for_conversion(model, layout)
-        source_table = layout.source_table
+        source_table, given, to_source, numeric = layout.source_table, layout.given, layout.to_source, layout.numeric
 
     feeds(sample)  # a sample that does not fit the model fails here, before the conversion
     # Always name the classifier's options: inside a Pipeline skl2onnx otherwise asks for zipmap,
@@ -142,7 +150,9 @@ def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
     ranks = {o.name: len(o.shape) for o in outputs}
 
     def reference(table: Any) -> dict[str, np.ndarray]:
-        x = source_table(table)
+        return predict(source_table(table))
+
+    def predict(x: Any) -> dict[str, np.ndarray]:
         if not classifier:
             return {"prediction": _column_output(np.asarray(model.predict(x)), ranks.get("prediction", 2))}
         labels = np.asarray(model.predict(x))
@@ -176,7 +186,12 @@ def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
         framework = library if not isinstance(model, Pipeline) else f"scikit-learn {sklearn.__version__} + {library}"
         converter = f"{converter_name} via skl2onnx {skl2onnx.__version__}"
     tolerances = {o.name: (None if o.name == "label" else VALUE_TOLERANCE) for o in outputs}
-    found_names = getattr(model, "feature_names_in_", None)
+    found_names = frames.column_names(model)
+
+    def input_rounding(datasets: Sequence[Any], feature_names: Sequence[str] | None) -> rounding.InputRounding:
+        return rounding.float32_rounding(datasets, given, lambda t: predict(to_source(t)), numeric, tolerances,
+                                         feature_names)
+
     return Conversion(
         model_bytes=onx.SerializeToString(),
         framework=framework,
@@ -192,4 +207,5 @@ def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
         n_features=int(model.n_features_in_),
         n_classes=len(classes) if classifier else None,
         column_groups=None if layout is None or _single_input(layout) else {g.name: g.columns for g in layout.groups},
+        input_rounding=input_rounding,
     )

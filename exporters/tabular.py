@@ -79,7 +79,27 @@ class TableLayout:
             result[group.name] = _typed(block, group)
         return result
 
-    def source_table(self, table: Any) -> np.ndarray:
+    @property
+    def numeric(self) -> list[int]:
+        """The table columns the FP32 input carries."""
+        return [c for g in self.groups if g.datatype == "FP32" for c in g.columns]
+
+    def given(self, table: Any) -> np.ndarray:
+        """`table` in training column order, its numeric columns as float64 as given (unrounded)."""
+        self.feeds(table)  # the same checks (and messages) as the graph's inputs
+        array = self._table(table).copy()
+        if self.numeric:
+            array[:, self.numeric] = array[:, self.numeric].astype(np.float64)
+        return array
+
+    def to_source(self, array: np.ndarray) -> Any:
+        """A training-order table as the source model takes it: a DataFrame with the training
+        names when it was fitted on one."""
+        if self.column_names is not None:
+            return frames.as_frame(array, self.column_names, self.numeric)
+        return array
+
+    def source_table(self, table: Any) -> Any:
         """`table` as the source model should see it to match the graph: numeric columns carry
         the float32 values the FP32 input holds."""
         array = self._table(table).copy()
@@ -87,10 +107,7 @@ class TableLayout:
             if group.datatype == "FP32":
                 cols = list(group.columns)
                 array[:, cols] = _typed(array[:, cols], group).astype(np.float64)
-        if self.column_names is not None:
-            numeric = [c for g in self.groups if g.datatype == "FP32" for c in g.columns]
-            return frames.as_frame(array, self.column_names, numeric)
-        return array
+        return self.to_source(array)
 
 
 def _typed(block: np.ndarray, group: ColumnGroup) -> np.ndarray:

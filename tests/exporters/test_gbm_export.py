@@ -276,3 +276,53 @@ def test_a_converter_gap_is_refused_by_name(make: Any, part: str, tmp_path: Path
     with pytest.raises(UnsupportedModelError, match=part):
         export(model, sample, tmp_path, "gap", max_batch_size=64)
     assert not (tmp_path / "gap").exists()
+
+
+def test_float64_thresholds_that_float32_inputs_cross_are_named(tmp_path: Path) -> None:
+    """A LightGBM split at 1 + 9.95e-7 (float64): a client's 1 + 1.0e-6 lies above it, its
+    float32 rounding (1 + 9.54e-7) below. The graph answers as the rounded row (parity holds),
+    and the report and card name the rows and the feature rather than hiding them."""
+    from sklearn.linear_model import LinearRegression
+
+    i = np.arange(400)
+    rng = np.random.default_rng(11)
+    x = np.column_stack([1.0 + 1e-8 * (i % 200), rng.normal(size=400)])
+    y = ((i % 200) >= 100).astype(np.float64) * 10
+    model = lightgbm.LGBMRegressor(n_estimators=1, num_leaves=2, min_child_samples=5, learning_rate=1.0,
+                                   verbose=-1).fit(x, y)
+    held = np.column_stack([1.0 + np.linspace(9.0e-7, 11e-7, 21), rng.normal(size=21)])
+
+    report = export(model, x[:32], tmp_path, "dose", heldout=held, feature_names=["dose", "noise"], max_batch_size=64)
+
+    assert all(p.passed for p in report.parity)
+    rounding = report.input_rounding
+    assert rounding is not None and rounding.rows == 53
+    assert rounding.changed_rows == 2 and dict(rounding.features) == {"dose": 2}
+    assert rounding.max_abs_change["prediction"] == 10.0
+    assert "2 of 53 row(s) cross a float64 threshold" in report.parity_table() and "'dose' (2)" in report.parity_table()
+    assert read_card(report.card_path)["parity_float32_inputs"] == {
+        "rows": 53, "changed_rows": 2, "outputs": {"prediction": 2}, "features": {"dose": 2},
+        "max_abs_change": {"prediction": 10.0}}
+
+    linear = export(LinearRegression().fit(x, y), x[:32], tmp_path, "dose_linear", heldout=held, max_batch_size=64)
+    assert linear.input_rounding is not None and linear.input_rounding.changed_rows == 0  # float32 noise only
+
+
+@pytest.mark.parametrize("library", ["xgboost", "lightgbm", "catboost"])
+def test_a_booster_fitted_on_a_dataframe_keeps_its_column_names(library: str, tmp_path: Path) -> None:
+    """Fitted on a numeric DataFrame (XGBoost then names its split features after the columns,
+    which onnxmltools cannot read: a copy without the names is converted)."""
+    columns = ["age", "heart_rate", "lactate", "grade"]
+    train, targets = admissions(12, 300)
+    model = boosters("regression")[library].fit(train[columns], targets["regression"])
+    test, _ = admissions(13, 80)
+
+    report = export(model, train[columns][:32], tmp_path, "frame", heldout=test[columns[::-1]], max_batch_size=64)
+
+    assert [(s.name, s.shape) for s in report.inputs] == [("input", (-1, 4))]
+    assert read_card(report.card_path)["feature_names"] == columns
+    assert all(p.passed for p in report.parity), report.parity_table()
+    rounded = test[columns].astype(np.float32)
+    answers = run_published(report.model_path, {"input": rounded.to_numpy()})
+    assert_within_recorded_tolerance(report, "prediction", answers["prediction"],
+                                     np.asarray(model.predict(rounded.astype(np.float64))).reshape(-1, 1))
