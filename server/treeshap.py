@@ -127,7 +127,8 @@ class TreeShap:
         minus = np.where(mixes, self._minus.ravel().take(pn), 0.0).sum(axis=1)  # [R, B]
         r_slots = (self._r_slots[:, part] if self._r_slots is not None
                    else _bits(r_bits.ravel(), width).reshape(*r_bits.shape, width))  # [M, B, U]
-        crossed = np.einsum("rml,mlu->rlu", plus, r_slots, optimize=True)  # [R, B, U]: r lets u through too
+        # [R, B, U]: r lets u through too (the contraction order pays for its planning beyond one row)
+        crossed = np.einsum("rml,mlu->rlu", plus, r_slots, optimize=rows > 1)
         x_slots = _bits(x_bits.ravel(), width).reshape(rows, -1, width)
         n_slots = _bits(blocked.ravel(), width).reshape(rows, -1, width)
         np.subtract(plus.sum(axis=1)[:, :, None], crossed, out=crossed)
