@@ -258,6 +258,8 @@ def test_round_thresholds_routes_every_float32_like_float64() -> None:
         (lambda: lightgbm.LGBMRegressor(n_estimators=5, linear_tree=True, verbose=-1), "linear_tree"),
         (lambda: lightgbm.LGBMClassifier(n_estimators=5, objective="multiclassova", num_class=3, verbose=-1),
          "'multiclassova'"),
+        (lambda: xgboost.XGBClassifier(n_estimators=5, enable_categorical=True), "enable_categorical"),
+        (lambda: lightgbm.LGBMClassifier(n_estimators=5, verbose=-1), "pandas 'category' columns"),
     ],
 )
 def test_a_converter_gap_is_refused_by_name(make: Any, part: str, tmp_path: Path) -> None:
@@ -267,6 +269,10 @@ def test_a_converter_gap_is_refused_by_name(make: Any, part: str, tmp_path: Path
     task = "regression" if is_regression else ("multiclass" if "multiclassova" in part else "binary")
     if "cat_features" in part:
         frame = train[["age", "ward", "heart_rate"]]
+        model = estimator.fit(frame, targets[task])
+        sample = frame[:16]
+    elif "categorical" in part or "category" in part:  # the library's own category splits on a 'category' column
+        frame = train[["age", "ward", "heart_rate"]].astype({"ward": "category"})
         model = estimator.fit(frame, targets[task])
         sample = frame[:16]
     else:
