@@ -131,7 +131,9 @@ def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
     feeds(sample)  # a sample that does not fit the model fails here, before the conversion
     # Always name the classifier's options: inside a Pipeline skl2onnx otherwise asks for zipmap,
     # which converters without probabilities (LinearSVC) reject.
-    options = {id(_final_estimator(to_convert)): {"zipmap": False} if has_proba else {}} if classifier else None
+    options: dict[int, dict[str, Any]] = {id(_final_estimator(to_convert)): {"zipmap": False} if has_proba else {}}
+    if not classifier:
+        options = {}
     with warnings.catch_warnings():
         # skl2onnx reads SVC.probA_/probB_, deprecated with SVC(probability=True) in scikit-learn 1.9.
         warnings.filterwarnings("ignore", message=r"Attribute `prob[AB]_` was deprecated", category=FutureWarning)
@@ -140,8 +142,9 @@ def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
             initial_types=initial_types,
             name=type(model).__name__,  # skl2onnx's default is a random UUID: bytes must be reproducible
             target_opset={"": opset or DEFAULT_OPSET, "ai.onnx.ml": ML_OPSET},
-            options=options,
-            custom_conversion_functions=custom_converters(),
+            options=options or None,
+            # Boosters: scalers in float64, as scikit-learn computes them (gbm.float64_scalers).
+            custom_conversion_functions={**custom_converters(), **(gbm.float64_scalers() if library else {})},
         )
     renames = {"variable": "prediction"} if not classifier else ({} if has_proba else {"probabilities": "scores"})
     _rename_outputs(onx, renames)
