@@ -358,7 +358,8 @@ class Gate:
             call = Call(rpc, ANONYMOUS, context.peer(), self._clock(), len(body), audited=rpc in AUDITED)
             try:
                 self._admit(call, context)
-                request = await _parse(parse, body, rpc)
+                request = parse_inline(parse, body, rpc) if len(body) < PARSE_IN_THREAD_BYTES else \
+                    await _parse(parse, body, rpc)
             except MedserveError as exc:
                 await self._refuse(context, call, exc, body)
                 return None
@@ -463,10 +464,18 @@ def retry_hint(exc: BaseException) -> tuple[tuple[str, str], ...]:
     return (("grpc-retry-pushback-ms", "-1" if after < 0 else str(max(1, round(after * 1e3)))),)
 
 
-async def _parse(parse: Callable[[bytes], Any], body: bytes, rpc: str) -> Any:
+def parse_inline(parse: Callable[[bytes], Any], body: bytes, rpc: str) -> Any:
+    """A small body, parsed here (a plain call: the common request costs no coroutine of its own)."""
     try:
-        if len(body) >= PARSE_IN_THREAD_BYTES:
-            return await asyncio.to_thread(parse, body)
         return parse(body)
+    except DecodeError:
+        raise InvalidInput(f"{rpc}: the request is not a valid protobuf message") from None
+
+
+async def _parse(parse: Callable[[bytes], Any], body: bytes, rpc: str) -> Any:
+    if len(body) < PARSE_IN_THREAD_BYTES:
+        return parse_inline(parse, body, rpc)
+    try:
+        return await asyncio.to_thread(parse, body)
     except DecodeError:
         raise InvalidInput(f"{rpc}: the request is not a valid protobuf message") from None

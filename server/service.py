@@ -9,6 +9,7 @@ need an admin identity whenever authentication is on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -58,6 +59,7 @@ __all__ = ["MAX_MESSAGE_CHARS", "STATUS_BY_ERROR", "InferenceServicer", "Lifecyc
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()  # tracing off: no generator per request
 MAX_STREAM_IN_FLIGHT = 1024  # requests one ModelStreamInfer stream may have outstanding
 STREAM_FRAMING_BYTES = 16  # ModelStreamInferResponse's own bytes around the ModelInferResponse it carries
 
@@ -236,7 +238,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if call is not None:
             call.model, call.version = request.model_name, request.model_version
             call.request_id = request.id  # the record keeps at most MAX_REQUEST_ID_CHARS of it
-        with self._tracing.span(rpc_name, context.invocation_metadata()) as span:
+        tracing = self._tracing.span(rpc_name, context.invocation_metadata()) if self._tracing.enabled else NO_SPAN
+        with tracing as span:
             try:
                 check_request_id(request.id)  # first: the same answer for a forbidden and a missing model
                 self._allow(request.model_name, request.model_version, call)

@@ -43,9 +43,10 @@ class RequestTiming:
     finished_ns: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchRequest:
-    """One caller's request as the batcher sees it.
+    """One caller's request as the batcher sees it (not frozen: made per request, and a frozen
+    dataclass's __init__ costs twice as much; nothing writes to it).
 
     `deadline_s` is absolute on the batcher's clock (None = no deadline). `priority` 0 means the
     model's default level, `BACKGROUND` after everything else. `timeout_us` is the caller's queue timeout (Triton's `timeout`
