@@ -26,10 +26,11 @@ converters in a module-level registry, which is how its documentation extends it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -45,8 +46,7 @@ XGBOOST_OBJECTIVES = frozenset({
     "binary:logistic", "multi:softprob", "multi:softmax", "reg:logistic", "reg:squarederror",
     "reg:squaredlogerror", "reg:pseudohubererror", "reg:absoluteerror", "count:poisson", "reg:gamma", "reg:tweedie",
 })
-LIGHTGBM_OBJECTIVES = ("binary", "multiclass", "regression", "quantile", "huber", "fair", "poisson", "gamma",
-                       "tweedie", "mape")
+LIGHTGBM_OBJECTIVES = ("binary", "multiclass", "regression", "quantile", "huber", "poisson", "gamma", "tweedie")
 CATBOOST_REFUSED_FEATURES = ("cat_features", "text_features", "embedding_features")  # get_<kind>_feature_indices
 
 
@@ -109,11 +109,11 @@ def check_convertible(model: Any) -> None:
     elif library == "lightgbm":
         booster = model.booster_ if hasattr(model, "booster_") else model
         params = booster.params or {}
-        objective = params.get("objective") or booster.dump_model(num_iteration=1).get("objective", "")
-        if callable(objective) or not str(objective).startswith(LIGHTGBM_OBJECTIVES) or str(objective).startswith(
+        objective = booster.dump_model(num_iteration=1).get("objective")  # normalized: 'l2' reads 'regression'
+        if objective is None or not str(objective).startswith(LIGHTGBM_OBJECTIVES) or str(objective).startswith(
             "multiclassova"
         ):
-            shown = "a custom function" if callable(objective) else repr(str(objective).split(" ")[0])
+            shown = "a custom function" if objective is None else repr(str(objective).split(" ")[0])
             raise UnsupportedModelError(
                 f"{name}: objective {shown} is not converted by onnxmltools; supported: {list(LIGHTGBM_OBJECTIVES)}"
             )
@@ -137,6 +137,22 @@ def check_convertible(model: Any) -> None:
         loss = str(params.get("loss_function", ""))
         if loss.startswith(("MultiRMSE", "MultiLogloss", "MultiCrossEntropy", "YetiRank", "PairLogit", "QueryRMSE")):
             raise UnsupportedModelError(f"{name}: loss_function {loss!r} is not converted")
+
+
+@contextlib.contextmanager
+def converter_errors(library: str | None, model: Any) -> Iterator[None]:
+    """A booster converter's own failure (onnxmltools raises RuntimeError / NotImplementedError
+    for what it does not handle) as UnsupportedModelError naming the model and the converter; the
+    messages name model parts (objectives, features by index), never data."""
+    if library is None:
+        yield
+        return
+    try:
+        yield
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, KeyError) as exc:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: {versions(library)[1]} cannot convert it: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 # -- boosters as estimators ------------------------------------------------------------------------

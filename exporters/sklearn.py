@@ -134,7 +134,7 @@ def convert(model: Any, sample: Any, *, opset: int | None = None) -> Conversion:
     options: dict[int, dict[str, Any]] = {id(_final_estimator(to_convert)): {"zipmap": False} if has_proba else {}}
     if not classifier:
         options = {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), gbm.converter_errors(library, _final_estimator(model)):
         # skl2onnx reads SVC.probA_/probB_, deprecated with SVC(probability=True) in scikit-learn 1.9.
         warnings.filterwarnings("ignore", message=r"Attribute `prob[AB]_` was deprecated", category=FutureWarning)
         onx = convert_sklearn(

@@ -258,6 +258,7 @@ def test_round_thresholds_routes_every_float32_like_float64() -> None:
         (lambda: lightgbm.LGBMRegressor(n_estimators=5, linear_tree=True, verbose=-1), "linear_tree"),
         (lambda: lightgbm.LGBMClassifier(n_estimators=5, objective="multiclassova", num_class=3, verbose=-1),
          "'multiclassova'"),
+        (lambda: lightgbm.LGBMRegressor(n_estimators=5, objective="mape", verbose=-1), "'mape'"),
         (lambda: xgboost.XGBClassifier(n_estimators=5, enable_categorical=True), "enable_categorical"),
         (lambda: lightgbm.LGBMClassifier(n_estimators=5, verbose=-1), "pandas 'category' columns"),
     ],
@@ -353,3 +354,19 @@ def test_a_scaler_before_a_booster_computes_as_scikit_learn_does(library: str, s
     assert all(p.passed and p.mismatches == 0 for p in report.parity), report.parity_table()
     answers = run_published(report.model_path, {"input": x.astype(np.float32)})
     np.testing.assert_array_equal(answers["label"], model.predict(x.astype(np.float32).astype(np.float64)))
+
+
+def test_a_converter_failure_past_the_checks_is_refused_naming_model_and_converter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should a gap slip past check_convertible (here: 'mape' let through on purpose), the
+    converter's own RuntimeError becomes UnsupportedModelError naming the model and converter."""
+    from medserve.exporters import gbm
+
+    monkeypatch.setattr(gbm, "LIGHTGBM_OBJECTIVES", (*gbm.LIGHTGBM_OBJECTIVES, "mape"))
+    train, targets = admissions(14, 200)
+    x = train[["age", "heart_rate", "lactate", "grade"]].to_numpy(np.float64)
+    model = lightgbm.LGBMRegressor(n_estimators=5, objective="mape", verbose=-1).fit(x, targets["regression"] + 100)
+    with pytest.raises(UnsupportedModelError, match=r"LGBMRegressor: onnxmltools 1\.16\.0 cannot convert it: RuntimeError"):
+        export(model, x[:16], tmp_path, "mape", max_batch_size=64)
+    assert not (tmp_path / "mape").exists()
