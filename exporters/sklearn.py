@@ -1,4 +1,5 @@
-"""scikit-learn estimators and pipelines -> ONNX with skl2onnx.
+"""scikit-learn estimators and pipelines -> ONNX with skl2onnx; XGBoost, LightGBM and CatBoost
+models, alone or ending a Pipeline, take the same path with the converters `gbm` registers.
 
 Graph signature:
 - a numeric table is one input `input`, FP32 [-1, n_features];
@@ -9,7 +10,10 @@ Graph signature:
   model has no predict_proba (LinearSVC); regressors answer `prediction` (FP32 [-1, n_targets]).
 
 Parity feeds the source model the float32-rounded values the FP32 input carries, so the check
-measures the conversion rather than the input's precision. Labels must match exactly.
+measures the conversion rather than the input's precision. Labels must match exactly. What that
+rounding itself changes in the source model's answers is reported beside it (`rounding.py`).
+A model fitted on a pandas DataFrame takes frames (columns by name, `frames.py`) and its card
+names the frame's columns.
 """
 
 from __future__ import annotations
