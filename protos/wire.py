@@ -233,7 +233,8 @@ def to_raw(array: npt.ArrayLike) -> bytes:
 
 
 def from_raw(
-    buf: ByteBuffer, datatype: str, shape: Sequence[int], max_element_bytes: int | None = None
+    buf: ByteBuffer, datatype: str, shape: Sequence[int], max_element_bytes: int | None = None, *,
+    count: int | None = None,
 ) -> npt.NDArray[Any]:
     """Decode a raw tensor of the given V2 datatype and (concrete) shape (`max_element_bytes`
     caps a BYTES element).
@@ -243,7 +244,8 @@ def from_raw(
     """
     dims = tuple(int(d) for d in shape)
     dtype = numpy_dtype(datatype)
-    count = element_count(dims, dtype.itemsize)
+    if count is None:  # a caller that checked the shape passes its count
+        count = element_count(dims, dtype.itemsize)
     if datatype == "BYTES":
         return deserialize_bytes(buf, count, max_element_bytes).reshape(dims)
     got = memoryview(buf).nbytes

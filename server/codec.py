@@ -6,7 +6,6 @@ read). Errors are `InvalidInput` naming model, version, tensor, expected and got
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,7 +109,8 @@ DEFAULT_LIMITS = DecodeLimits()
 
 
 def _check_limits(request: pb.ModelInferRequest, name: str, datatype: str, shape: tuple[int, ...],
-                  limits: DecodeLimits) -> None:
+                  limits: DecodeLimits) -> int:
+    """The tensor's element count, refused over the limits."""
     entry = DATATYPES[datatype]
     try:
         count = element_count(shape, entry.itemsize or 8)
@@ -126,13 +126,16 @@ def _check_limits(request: pb.ModelInferRequest, name: str, datatype: str, shape
             f"model {_label(request)}: input {name!r}: {count} BYTES elements; the server accepts at most "
             f"{limits.bytes_elements} per tensor"
         )
+    return count
 
 
-def _check_tensors(request: pb.ModelInferRequest, limits: DecodeLimits) -> None:
+def _check_tensors(request: pb.ModelInferRequest, limits: DecodeLimits) -> list[tuple[tuple[int, ...], int]]:
     """Every tensor's name, datatype, shape and size against the limits, and the request's text
-    against its budget, before the first tensor is decoded (a refusal costs no decoding)."""
+    against its budget, before the first tensor is decoded (a refusal costs no decoding).
+    Returns each tensor's shape and element count, for the decoding that follows."""
     raw = request.raw_input_contents
     names: set[str] = set()
+    sizes: list[tuple[tuple[int, ...], int]] = []
     text = 0
     for i, tensor in enumerate(request.inputs):
         name, datatype = tensor.name, tensor.datatype
@@ -147,7 +150,8 @@ def _check_tensors(request: pb.ModelInferRequest, limits: DecodeLimits) -> None:
         if tensor.parameters and any(k in tensor.parameters for k in SHARED_MEMORY_KEYS):
             raise InvalidInput(f"model {_label(request)}: input {name!r}: shared memory is not supported by this server")
         shape = tuple(tensor.shape)
-        _check_limits(request, name, datatype, shape, limits)
+        count = _check_limits(request, name, datatype, shape, limits)
+        sizes.append((shape, count))
         has_contents = tensor.HasField("contents")
         if raw and has_contents:
             raise InvalidInput(
@@ -159,7 +163,6 @@ def _check_tensors(request: pb.ModelInferRequest, limits: DecodeLimits) -> None:
             # The text's size without decoding it: a raw tensor's bytes less one 4-byte prefix per
             # element (exact when well formed; decoding refuses the rest); typed, the elements' sizes
             # (their count is capped already).
-            count = math.prod(shape)
             if raw:
                 text += max(0, len(raw[i]) - 4 * count)
             elif len(tensor.contents.bytes_contents) == count:  # otherwise refused when decoded
@@ -169,6 +172,7 @@ def _check_tensors(request: pb.ModelInferRequest, limits: DecodeLimits) -> None:
                     f"model {_label(request)}: the request's BYTES elements hold more than {limits.text_bytes} bytes of text "
                     "together, the most the server accepts per request (--max-text-bytes)"
                 )
+    return sizes
 
 
 def decode_infer_request(
@@ -187,15 +191,14 @@ def decode_infer_request(
             f"model {_label(request)}: {len(tensors)} inputs but {len(raw)} raw_input_contents entries; "
             "expected one per input, in order"
         )
-    _check_tensors(request, limits)
+    sizes = _check_tensors(request, limits)
     inputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(tensors):
         name = tensor.name
-        datatype = tensor.datatype
-        shape = tuple(tensor.shape)
+        shape, count = sizes[i]
         if raw:
             try:
-                inputs[name] = from_raw(raw[i], datatype, shape, limits.bytes_element_size)
+                inputs[name] = from_raw(raw[i], tensor.datatype, shape, limits.bytes_element_size, count=count)
             except ValueError as exc:
                 raise InvalidInput(f"model {_label(request)}: input {name!r}: {exc}") from None
         else:

@@ -211,10 +211,11 @@ class FeatureMonitor:
     def _outside(self, low: np.ndarray, high: np.ndarray, bounds: Bounds) -> tuple[str, ...]:
         """The features whose column minimum or maximum lies outside `bounds` (NaN: neither)."""
         lo, hi = bounds
-        out = (low < lo) | (high > hi)
-        if not out.any():
+        flagged = np.flatnonzero((low < lo) | (high > hi))
+        if not flagged.size:
             return ()
-        return tuple(n for n, o in zip(self._names, out.tolist(), strict=True) if o)
+        names = self._names
+        return tuple(names[i] for i in flagged.tolist())
 
     def _feed(self, x: np.ndarray) -> None:
         if self._window is not None:
