@@ -379,7 +379,9 @@ def _admit_one(snapshot: Snapshot, request: BatchRequest, now: float, config: Ad
     item = _item(request, snapshot.next_seq, level, queue_policy, now, work, config)
     free, background = snapshot.free_slots, snapshot.background_in_flight
     slot = has_slot(level, free, background)
-    if slot and not snapshot.queue:
+    # A lone request that would run inline on a batching model waits for the pump either way
+    # (its batch is itself: `decide` would answer inline), so it is not asked.
+    if slot and not snapshot.queue and not (limit > 0 and runs_inline(work, config.policy, cost)):
         decision = decide((item,), now, config.policy, cost, free, snapshot.close_at_rows, background)
         if decision.run and (not decision.inline or limit <= 0):
             return Admit((item,), decision)
