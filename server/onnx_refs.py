@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2
+
+from .onnx_schema import Field, model_class
 
 _T = descriptor_pb2.FieldDescriptorProto
 _PACKAGE = "medserve_onnx_refs"
 # message -> (field name, number, type, label, message type or None)
-_MESSAGES: dict[str, tuple[tuple[str, int, int, int, str | None], ...]] = {
+_MESSAGES: dict[str, tuple[Field, ...]] = {
     "ModelProto": (("graph", 7, _T.TYPE_MESSAGE, _T.LABEL_OPTIONAL, "GraphProto"),
                    ("functions", 25, _T.TYPE_MESSAGE, _T.LABEL_REPEATED, "FunctionProto")),
     "GraphProto": (("node", 1, _T.TYPE_MESSAGE, _T.LABEL_REPEATED, "NodeProto"),
@@ -41,20 +43,7 @@ _MESSAGES: dict[str, tuple[tuple[str, int, int, int, str | None], ...]] = {
 EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 
-def _model_class() -> Any:
-    file = descriptor_pb2.FileDescriptorProto(name="medserve_onnx_refs.proto", package=_PACKAGE, syntax="proto3")
-    for name, fields in _MESSAGES.items():
-        message = file.message_type.add(name=name)
-        for field, number, kind, label, type_name in fields:
-            entry = message.field.add(name=field, number=number, type=kind, label=label)
-            if type_name is not None:
-                entry.type_name = f".{_PACKAGE}.{type_name}"
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.ModelProto"))
-
-
-_MODEL = _model_class()
+_MODEL = model_class(_PACKAGE, _MESSAGES)
 
 
 def _tensors(graph: Any) -> Iterator[Any]:

@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2
+
+from .onnx_schema import Field, model_class
 
 _T = descriptor_pb2.FieldDescriptorProto
 _PACKAGE = "medserve_onnx_trees"
 _MSG, _STR, _I64, _F32, _F64, _BYTES, _I32 = (_T.TYPE_MESSAGE, _T.TYPE_STRING, _T.TYPE_INT64, _T.TYPE_FLOAT,
                                               _T.TYPE_DOUBLE, _T.TYPE_BYTES, _T.TYPE_INT32)
 _ONE, _MANY = _T.LABEL_OPTIONAL, _T.LABEL_REPEATED
-_MESSAGES: dict[str, tuple[tuple[str, int, int, int, str | None], ...]] = {
+_MESSAGES: dict[str, tuple[Field, ...]] = {
     "ModelProto": (("graph", 7, _MSG, _ONE, "GraphProto"),),
     "GraphProto": (("node", 1, _MSG, _MANY, "NodeProto"), ("initializer", 5, _MSG, _MANY, "TensorProto"),
                    ("input", 11, _MSG, _MANY, "ValueInfoProto"), ("output", 12, _MSG, _MANY, "ValueInfoProto")),
@@ -48,20 +50,7 @@ LINEAR = "NONE"  # the post_transform under which the served output is affine in
 MAX_PATH_FEATURES = 64  # distinct features on one root-to-leaf path: one bit each in a uint64
 
 
-def _model_class() -> Any:
-    file = descriptor_pb2.FileDescriptorProto(name=f"{_PACKAGE}.proto", package=_PACKAGE, syntax="proto2")
-    for name, fields in _MESSAGES.items():
-        message = file.message_type.add(name=name)
-        for field, number, kind, label, type_name in fields:
-            entry = message.field.add(name=field, number=number, type=kind, label=label)
-            if type_name is not None:
-                entry.type_name = f".{_PACKAGE}.{type_name}"
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.ModelProto"))
-
-
-_MODEL = _model_class()
+_MODEL = model_class(_PACKAGE, _MESSAGES, syntax="proto2")
 
 
 @dataclass(frozen=True, slots=True)
