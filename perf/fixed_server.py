@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,17 +48,7 @@ async def serve(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
     handlers = {method: _handler(body) for method, body in responses.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-    if ready_file is not None:
-        reuseport.write_ready(ready_file, port=bound, pid=os.getpid())
-    await stop.wait()
-    await server.stop(0.5)
+    await reuseport.serve_until_stopped(server, f"{host}:{port}", ready_file, stop)
 
 
 def capture(target: str, model: str, request: bytes, version: str = "") -> dict[str, bytes]:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,17 +122,7 @@ async def serve(handler: Handler, *, host: str = "127.0.0.1", port: int = 0, reu
                                       ("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handler.handlers()),))
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-    if ready_file is not None:
-        reuseport.write_ready(ready_file, port=bound, pid=os.getpid())
-    await stop.wait()
-    await server.stop(0.5)
+    await reuseport.serve_until_stopped(server, f"{host}:{port}", ready_file, stop)
 
 
 def _worker(host: str, port: int, reuse_port: bool, ready_file: Path | None, model_file: Path, name: str,

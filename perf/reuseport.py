@@ -7,9 +7,11 @@ Used by `fixed_server` and `minimal_server`; the supervisor is medserve's own
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,23 @@ from typing import Any
 # worker(host, port, reuse_port, ready_file, *args): serve until SIGTERM, writing
 # {"port", "pid"} to ready_file once serving.
 Worker = Callable[..., None]
+
+
+async def serve_until_stopped(server: Any, address: str, ready_file: Path | None,
+                              stop: asyncio.Event | None = None) -> None:
+    """Bind `server` (a grpc.aio server with its handlers) to `address`, start it, write the
+    ready file, and serve until `stop` is set (by default: SIGTERM or SIGINT)."""
+    bound = server.add_insecure_port(address)
+    await server.start()
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    if ready_file is not None:
+        write_ready(ready_file, port=bound, pid=os.getpid())
+    await stop.wait()
+    await server.stop(0.5)
 
 
 def write_ready(path: Path, **facts: Any) -> None:
