@@ -31,6 +31,7 @@ from .inference import InferenceCore
 from .metrics import registry_for
 from .ratelimit import RateLimiter
 from .repository import ModelRepository
+from .rest import RestFrontEnd, server_ssl_context
 from .runtime import usable_providers
 from .service import InferenceServicer, Lifecycle
 from .tracing import Tracing
@@ -82,15 +83,25 @@ class MedserveServer:
             clock=clock,
             max_message_bytes=config.max_message_bytes,
         )
+        limits = DecodeLimits(config.max_tensor_elements, config.max_bytes_elements, config.max_bytes_element_size,
+                              text_bytes=config.max_text_bytes)
+        tracing = tracing or Tracing()
         self._servicer = InferenceServicer(
             self.repository, self.core, self.lifecycle, clock=clock, server_name=config.server_name,
             model_control_mode=config.model_control_mode, authenticated=self._identities is not None,
             on_stream_item=self.gate.finish,
-            limits=DecodeLimits(config.max_tensor_elements, config.max_bytes_elements, config.max_bytes_element_size,
-                                text_bytes=config.max_text_bytes),
-            tracing=tracing or Tracing(),
+            limits=limits,
+            tracing=tracing,
             max_message_bytes=config.max_message_bytes,
         )
+        # The KServe V2 REST data plane: the same core, the same gate (server/rest.py).
+        self._rest = RestFrontEnd(
+            self.repository, self.core, self.lifecycle, self.gate, limits=limits,
+            max_message_bytes=config.max_message_bytes, clock=clock, server_name=config.server_name,
+            model_control_mode=config.model_control_mode, authenticated=self._identities is not None,
+            tracing=tracing,
+        ) if config.http_port is not None else None
+        self.http_port: int | None = None
         # Server-level health open to probes; a model's health only to callers allowed the model.
         self._health = GatedHealthServicer(frozenset({"", SERVICE_NAME}), self.gate.authenticate)
         self._reuse_port = reuse_port
@@ -193,6 +204,17 @@ class MedserveServer:
             self.port = server.add_secure_port(address, credentials)
         await server.start()
         self._server = server
+        if self._rest is not None:
+            assert cfg.http_port is not None
+            context = server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) \
+                if cfg.tls_cert and cfg.tls_key else None
+            try:
+                self.http_port = await self._rest.start(cfg.host, cfg.http_port, context, reuse_port=self._reuse_port)
+            except BaseException:
+                await server.stop(None)
+                await self._close_http()
+                raise
+            log.info("KServe V2 REST on %s://%s:%d/v2", "https" if context else "http", cfg.host, self.http_port)
         # The models, sessions and imported modules live as long as the process: keep the
         # garbage collector from rescanning them on every collection of the request path.
         gc.freeze()
@@ -268,6 +290,8 @@ class MedserveServer:
         log.info("medserve stopped")
 
     async def _close_http(self) -> None:
+        if self._rest is not None:
+            await self._rest.close()
         if self._metrics is not None:
             metrics, self._metrics = self._metrics, None
             await metrics.close()
@@ -327,13 +351,15 @@ class AuditedLifecycle(Lifecycle):
         return self.started and not self.draining and (self.audit is None or self.audit.healthy)
 
 
-def write_ready_file(path: Path, port: int, metrics_port: int | None = None) -> None:
+def write_ready_file(path: Path, port: int, metrics_port: int | None = None, http_port: int | None = None) -> None:
     """Tell a supervisor (or a test) the bound ports, atomically, once the server is ready
     (`metrics_port` where --metrics-port is on: with 0 only the server knows which it bound)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     ready: dict[str, int] = {"port": port, "pid": os.getpid()}
     if metrics_port is not None:
         ready["metrics_port"] = metrics_port
+    if http_port is not None:
+        ready["http_port"] = http_port
     tmp.write_text(json.dumps(ready), encoding="utf-8")
     os.replace(tmp, path)
 
@@ -356,7 +382,7 @@ async def run(config: ServerConfig, *, ready_file: Path | None = None, reuse_por
     servers.append(server)
     port = await server.start()
     if ready_file is not None:
-        write_ready_file(ready_file, port, server.metrics_port)
+        write_ready_file(ready_file, port, server.metrics_port, server.http_port)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -80,6 +80,7 @@ class AuditEvent:
     rows: int = 0
     request_id: str = ""
     count: int = 1  # calls this record stands for (refusals of one peer in one second are one record)
+    transport: str = "grpc"  # "http": a REST call (the field is written only then: gRPC records are unchanged)
 
 
 # -- the key --------------------------------------------------------------------------------
@@ -172,7 +173,9 @@ def _body(event: AuditEvent, seq: int, prev: str, stamp: Callable[[float], str])
         f'"version":{_quote(event.version)},"model_sha256":{_quote(event.model_sha256)},'
         f'"status":{_quote(event.status)},"rows":{int(event.rows)},'
         f'"latency_ms":{float(round(event.latency_ms, 3))!r},"request_id":{_quote(event.request_id)},'
-        f'"count":{int(event.count)},"prev":"{prev}"'
+        f'"count":{int(event.count)},'
+        + ("" if event.transport == "grpc" else f'"transport":{_quote(event.transport)},')
+        + f'"prev":"{prev}"'
     )
 
 

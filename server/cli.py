@@ -91,6 +91,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--metrics-header-timeout-s", type=float, default=10.0,
                    help="an HTTP connection that has not sent a whole request this long after connecting (or "
                         "idles this long after one) is closed")
+    p.add_argument("--http-port", type=_http_port, default=None,
+                   help="KServe V2 REST port on --host, with the gRPC port's TLS and identities (default 8000; "
+                        "with --port 0 any free port; 'off' = no REST)")
     p.add_argument("--ready-file", type=Path, default=None, help="write {port, pid} JSON here once ready")
     p.set_defaults(func=_serve, extras=("server",))
 
@@ -104,6 +107,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = _server_config(args)
         _check_port_free(config.host, config.port)  # before any model loads: one line, not a traceback after
+        if config.http_port and args.workers == 1:
+            _check_port_free(config.host, config.http_port)
         if config.audit_key is not None:
             from .audit import load_key
 
@@ -172,6 +177,23 @@ def _refuse(message: str) -> int:
     return 2
 
 
+def _http_port(text: str) -> int:
+    """--http-port: a port number, or 'off' (-1)."""
+    if text == "off":
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or 'off', got {text!r}") from None
+
+
+def _resolve_http_port(args: argparse.Namespace) -> int | None:
+    """8000 unless given; any free port when --port is 0 (tests, several servers); None = off."""
+    if args.http_port is None:
+        return 0 if args.port == 0 else 8000
+    return None if args.http_port == -1 else args.http_port
+
+
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         repository=str(args.repository),
@@ -191,6 +213,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         tokens_file=args.tokens,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=_resolve_http_port(args),
         metrics_max_connections=args.metrics_max_connections,
         metrics_header_timeout_s=args.metrics_header_timeout_s,
         allow_plaintext=args.allow_plaintext,

@@ -202,6 +202,8 @@ class ServerConfig:
     metrics_max_connections: int = 256  # open HTTP connections (past it the oldest is closed)
     metrics_header_timeout_s: float = 10.0  # an HTTP connection's time to send a request, and to idle
     allow_plaintext: bool = False  # serve plaintext off loopback (behind a mesh that terminates mTLS)
+    # The KServe V2 REST data plane (server/rest.py) on `host`, with the gRPC port's TLS; None = off.
+    http_port: int | None = None
     # Triton's model control: none = load everything at start, no load/unload RPCs; explicit =
     # load `load_models` at start ("*" = all), load/unload by RPC; poll = follow the repository.
     model_control_mode: Literal["none", "poll", "explicit"] = "none"
@@ -244,6 +246,8 @@ class ServerConfig:
             ("--metrics-port", self.metrics_port,
              self.metrics_port is None or 0 <= self.metrics_port <= 65535, "0..65535 (0 = any free port)"),
             ("--metrics-host", self.metrics_host, bool(self.metrics_host), "an address"),
+            ("--http-port", self.http_port,
+             self.http_port is None or 0 <= self.http_port <= 65535, "0..65535 (0 = any free port)"),
             ("--metrics-max-connections", self.metrics_max_connections, self.metrics_max_connections >= 1, ">= 1"),
             ("--metrics-header-timeout-s", self.metrics_header_timeout_s, self.metrics_header_timeout_s > 0,
              "> 0 seconds"),
@@ -278,6 +282,8 @@ class ServerConfig:
             )
         if self.port != 0 and self.port == self.metrics_port:
             raise InvalidSetting(f"--metrics-port {self.metrics_port}: the same port as --port")
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            raise InvalidSetting(f"--http-port {self.http_port}: the same port as --port or --metrics-port")
         if not self.loopback and not (self.tls_cert or self.tls_key) and not self.allow_plaintext:
             raise InvalidSetting(
                 f"--host {self.host}: serving another interface without TLS would send patient data in clear "

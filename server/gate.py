@@ -82,6 +82,7 @@ class Call:
     request_id: str = ""
     audited: bool = False
     tally: bool = False
+    transport: str = "grpc"  # "http" for the REST front end (named in the audit record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,23 +244,53 @@ class Gate:
     # -- admission -------------------------------------------------------------------------
 
     def authenticate(self, context: grpc.aio.ServicerContext) -> Identity:
+        header = next((v for k, v in (context.invocation_metadata() or ()) if k == "authorization"), None)
+        return self.identify(
+            header.decode() if isinstance(header, bytes) else header, lambda: is_loopback_peer(context.peer()),
+            lambda: certificate_names(context.auth_context()))
+
+    def identify(self, authorization: str | None, loopback: Callable[[], bool],
+                 cert_names: Callable[[], list[str]]) -> Identity:
+        """Who is calling, whatever the transport: the bearer token's identity (refused over
+        plaintext from another host), else the verified client certificate's, else refused.
+        `loopback` and `cert_names` are asked only when needed."""
         identities = self._identities()
         if identities is None:
             return ANONYMOUS
-        header = next((v for k, v in (context.invocation_metadata() or ()) if k == "authorization"), None)
-        if header is not None:
-            if self._plaintext and not is_loopback_peer(context.peer()):
+        if authorization is not None:
+            if self._plaintext and not loopback():
                 raise Unauthenticated(
                     "bearer tokens are not accepted over plaintext from another host; connect with TLS"
                 )
-            return bearer_identity(identities, header.decode() if isinstance(header, bytes) else header)
-        names = certificate_names(context.auth_context()) if not self._plaintext else []
+            return bearer_identity(identities, authorization)
+        names = cert_names() if not self._plaintext else []
         if names:
             identity = next((identities.by_certificate[n] for n in names if n in identities.by_certificate), None)
             if identity is None:
                 raise Unauthenticated(f"client certificate {names[0]!r} is not a known identity")
             return identity
         raise Unauthenticated("missing credentials: send 'authorization: Bearer <token>' or a client certificate")
+
+    # -- the transport-neutral admission (the REST front end calls these) --------------------
+
+    async def wait_if_held(self) -> None:
+        """The last moment of a drain: new calls wait (see `hold`)."""
+        if self._held is not None:
+            await self._held.wait()
+
+    def admit(self, call: Call, authorization: str | None, loopback: Callable[[], bool],
+              cert_names: Callable[[], list[str]]) -> None:
+        """A whole call of another transport: identity, size, rate and audit admission, before its
+        body is read. Raises the refusal; `call` says who it was."""
+        call.identity = self.identify(authorization, loopback, cert_names)
+        self._admit_message(call)
+
+    def refuse(self, call: Call, exc: MedserveError) -> None:
+        """Record a refusal decided before the body was parsed (the status, whether it is counted
+        per peer and second) and write the call's audit record."""
+        call.status = status_code_name(type(exc))
+        call.tally = isinstance(exc, Unauthenticated | AuditBehind)
+        self.finish(call)
 
     def _admit(self, call: Call, context: grpc.aio.ServicerContext) -> None:
         """Authenticate the call and, but for a stream (whose messages are admitted one by one),
@@ -311,6 +342,7 @@ class Gate:
             time_unix=self._wall(), identity=call.identity.name, peer=call.peer, rpc=call.rpc, status=call.status,
             latency_ms=latency_ms, model=audit_text(call.model), version=audit_text(call.version),
             model_sha256=call.model_sha256, rows=call.rows, request_id=audit_text(call.request_id),
+            transport=call.transport,
         ))
 
     def _flush_tally(self) -> None:

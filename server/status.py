@@ -43,6 +43,34 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
+# The KServe V2 REST column: the HTTP status of each gRPC code (a refusal with a retry hint also
+# carries `Retry-After`; anything else, a bug, is 500 with a correlation id as over gRPC).
+HTTP_BY_CODE: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.INTERNAL: 500,
+}
+
+
+def http_status_for(exc: BaseException, refusal_level: int = logging.INFO) -> tuple[int, str, str]:
+    """The HTTP status, the gRPC code's name (for the audit record) and the caller-facing message
+    of an exception: `status_for`'s answer in the REST column. A request over the size limit is
+    413 (it is RESOURCE_EXHAUSTED over gRPC, but retrying it cannot help)."""
+    code, message = status_for(exc, refusal_level)
+    status = HTTP_BY_CODE.get(code, 500)
+    if isinstance(exc, TooLarge):
+        status = 413
+    return status, code.name, message
+
+
 def status_for(exc: BaseException, refusal_level: int = logging.INFO) -> tuple[grpc.StatusCode, str]:
     """The status and caller-facing message for an exception (logs what the caller must not see).
     A refusal is logged at `refusal_level` (the gate logs the refusals it counts per peer and

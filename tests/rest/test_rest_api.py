@@ -1,0 +1,242 @@
+"""The KServe V2 REST data plane against a real server on real ports (server/rest.py): JSON and
+binary tensors answer what gRPC answers for several demo families; bad input is 400 naming the
+tensor (never a value); a missing and a forbidden model are the same 404; a rate-limited caller
+gets 429 with Retry-After; an oversized body is refused from its Content-Length before a byte of
+it is read; deadlines, explanations, labels and the audit record naming the transport."""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from medserve.clients import Client
+from medserve.protos.wire import to_raw
+
+import onnx_models
+from conftest import RunningServer, running_server
+from credentials import write_tokens
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILIES = ("breast_cancer_rf", "diabetes_linear", "risk_mlp", "notes_triage")
+
+
+def _demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    checkout = ROOT / "demo-repository"
+    if all((checkout / m).is_dir() for m in FAMILIES):
+        return checkout
+    from medserve.exporters.demo import build_demo_repository
+
+    path = tmp_path_factory.mktemp("demo") / "demo-repository"
+    build_demo_repository(path, seed=0, models=list(FAMILIES))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with running_server(_demo(tmp_path_factory), http_port=0, model_control_mode="explicit",
+                        load_models=FAMILIES) as server:
+        yield server
+
+
+def http(server: RunningServer, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.server.http_port}{path}", data=body,
+                                     method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, dict(err.headers), err.read()
+
+
+def _json_tensor(name: str, array: np.ndarray, datatype: str) -> dict[str, Any]:
+    data = [v.decode() for v in array.reshape(-1)] if datatype == "BYTES" else array.tolist()
+    return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
+
+
+def _rows(client: Client, model: str) -> dict[str, tuple[np.ndarray, str]]:
+    """Two rows for each input of a demo model (from its metadata)."""
+    meta = client.model_metadata(model)
+    rng = np.random.default_rng(1)
+    inputs = {}
+    for t in meta.inputs:
+        shape = [2 if d == -1 else d for d in t.shape]
+        if t.datatype == "BYTES":
+            inputs[t.name] = (np.array(["chest pain, fever", "routine follow-up"], dtype=object).reshape(shape)
+                              .astype(bytes).astype(object), "BYTES")
+        else:
+            inputs[t.name] = (rng.normal(size=shape).astype(np.float32), t.datatype)
+    return inputs
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_json_and_binary_answers_equal_grpc(demo: RunningServer, model: str) -> None:
+    with Client(demo.target, timeout_s=30) as client:
+        inputs = _rows(client, model)
+        # the same request id: a model with a canary routes both to the same version
+        grpc_answer = client.infer(model, {k: v for k, (v, _) in inputs.items()}, request_id="r1")
+    # JSON tensors in, JSON out
+    body = json.dumps({"id": "r1", "inputs": [_json_tensor(k, v, d) for k, (v, d) in inputs.items()]}).encode()
+    status, headers, raw = http(demo, "POST", f"/v2/models/{model}/infer", body)
+    assert status == 200, raw
+    answer = json.loads(raw)
+    assert answer["id"] == "r1" and answer["model_name"] == model
+    assert answer["model_version"] == grpc_answer.model_version
+    assert len(answer["parameters"]["model_sha256"]) == 64
+    for out in answer["outputs"]:
+        expected = np.asarray(grpc_answer.outputs[out["name"]])
+        if out["datatype"] == "BYTES":
+            assert [v.encode() for v in out["data"]] == list(expected.reshape(-1))
+        else:
+            np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), expected, rtol=1e-6)
+    # binary tensors in, binary out (Triton's extension as tritonclient.http sends it)
+    binaries = [to_raw(v) for v, _ in inputs.values()]
+    header = json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": d,
+                                     "parameters": {"binary_data_size": len(b)}}
+                                    for (k, (v, d)), b in zip(inputs.items(), binaries, strict=True)],
+                         "id": "r1", "parameters": {"binary_data_output": True}}).encode()
+    status, headers, raw = http(demo, "POST", f"/v2/models/{model}/infer", header + b"".join(binaries),
+                                {"Inference-Header-Content-Length": str(len(header)),
+                                 "Content-Type": "application/octet-stream"})
+    assert status == 200, raw
+    length = int(headers["Inference-Header-Content-Length"])
+    answer, offset = json.loads(raw[:length]), length
+    for out in answer["outputs"]:
+        size = out["parameters"]["binary_data_size"]
+        expected = np.asarray(grpc_answer.outputs[out["name"]])
+        if out["datatype"] != "BYTES":
+            got = np.frombuffer(raw[offset:offset + size], expected.dtype).reshape(out["shape"])
+            np.testing.assert_array_equal(got, expected)
+        offset += size
+    assert offset == len(raw)
+
+
+def test_bad_input_is_400_naming_the_tensor_never_a_value(demo: RunningServer) -> None:
+    secret = 4242.125
+    body = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [secret, 1.0, 2.0]}]}
+    status, _, raw = http(demo, "POST", "/v2/models/breast_cancer_rf/infer", json.dumps(body).encode())
+    assert status == 400
+    error = json.loads(raw)["error"]
+    assert "'input'" in error and "breast_cancer_rf" in error and "4242" not in error
+    body = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": ["a"] * 30}]}
+    status, _, raw = http(demo, "POST", "/v2/models/breast_cancer_rf/infer", json.dumps(body).encode())
+    assert status == 400 and "'input'" in json.loads(raw)["error"]
+    status, _, raw = http(demo, "POST", "/v2/models/breast_cancer_rf/infer", b"{not json")
+    assert status == 400 and "not valid JSON" in json.loads(raw)["error"]
+
+
+def test_unknown_model_404_and_probes(demo: RunningServer) -> None:
+    status, _, raw = http(demo, "GET", "/v2/models/no_such_model")
+    assert status == 404 and "no_such_model" in json.loads(raw)["error"]
+    status, _, raw = http(demo, "POST", "/v2/models/no_such_model/infer", b'{"inputs": []}')
+    assert status == 404
+    assert http(demo, "GET", "/v2/health/live")[0] == 200
+    assert http(demo, "GET", "/v2/health/ready")[0] == 200
+    assert http(demo, "GET", "/v2/models/risk_mlp/ready")[0] == 200
+    assert http(demo, "GET", "/v2/models/risk_mlp/versions/1/ready")[0] == 200
+
+
+def test_timeout_header_expired_is_504(demo: RunningServer) -> None:
+    body = {"inputs": [_json_tensor("input", np.zeros((1, 30), np.float32), "FP32")]}
+    status, _, raw = http(demo, "POST", "/v2/models/breast_cancer_rf/infer", json.dumps(body).encode(),
+                          {"Timeout-Ms": "0.000001"})
+    assert status == 504, raw
+    status, _, raw = http(demo, "POST", "/v2/models/breast_cancer_rf/infer", json.dumps(body).encode(),
+                          {"Timeout-Ms": "nope"})
+    assert status == 400 and "Timeout-Ms" in json.loads(raw)["error"]
+
+
+def test_explanations_over_rest(demo: RunningServer) -> None:
+    x = np.random.default_rng(0).normal(size=(1, 10)).astype(np.float32)
+    with Client(demo.target, timeout_s=30) as client:
+        name = client.model_metadata("diabetes_linear").inputs[0].name
+    body = {"inputs": [_json_tensor(name, x, "FP32")], "parameters": {"explain": True}}
+    status, _, raw = http(demo, "POST", "/v2/models/diabetes_linear/infer", json.dumps(body).encode())
+    assert status == 200, raw
+    answer = json.loads(raw)
+    assert "explain_method" in answer["parameters"]
+    assert len(answer["outputs"]) > 1  # the prediction and its attributions
+
+
+@contextlib.contextmanager
+def gated(tmp_path: Path) -> Iterator[RunningServer]:
+    """Two models, one identity (ward-token: `ward` only; 1 call/s, burst 3), an audit trail, 1 MiB messages."""
+    from medserve.server.audit import keygen  # type: ignore[attr-defined]
+
+    repo = tmp_path / "repo"
+    for name in ("ward", "secret"):
+        onnx_models.affine(repo / name / "1" / "model.onnx")
+    tokens = write_tokens(tmp_path / "ids.json", {"ward-token": ["ward"]})
+    raw = json.loads(tokens.read_text())
+    for identity in raw["identities"]:
+        identity.update(rate_per_s=1, burst=3)
+    tokens.write_text(json.dumps(raw))
+    keygen(tmp_path / "audit.key")
+    with running_server(repo, http_port=0, tokens_file=str(tokens), audit_log=str(tmp_path / "audit.jsonl"),
+                        audit_key=str(tmp_path / "audit.key"), max_message_bytes=1 << 20) as server:
+        yield server
+
+
+AFFINE = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}).encode()
+
+
+def test_forbidden_answers_as_missing_and_rate_limit_429(tmp_path: Path) -> None:
+    token = {"Authorization": "Bearer ward-token"}
+    with gated(tmp_path) as server:
+        assert http(server, "POST", "/v2/models/ward/infer", AFFINE)[0] == 401  # no credentials
+        answers = []
+        for model in ("secret", "no_such_model"):
+            status, _, raw = http(server, "POST", f"/v2/models/{model}/infer", AFFINE, token)
+            answers.append((status, json.loads(raw)["error"].replace(model, "<m>")))
+        assert answers[0] == answers[1] and answers[0][0] == 404
+        # burst 3: two used above; the third passes, the fourth is over the rate
+        status, _, raw = http(server, "POST", "/v2/models/ward/infer", AFFINE, token)
+        assert status == 200, raw
+        status, headers, raw = http(server, "POST", "/v2/models/ward/infer", AFFINE, token)
+        assert status == 429 and int(headers["Retry-After"]) >= 1 and "rate limit" in json.loads(raw)["error"]
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    calls = [r for r in records if r.get("rpc") == "ModelInfer" and r.get("identity") == "ward-token"]
+    assert [(r["model"], r["status"], r.get("transport")) for r in calls] == [
+        ("secret", "NOT_FOUND", "http"), ("no_such_model", "NOT_FOUND", "http"), ("ward", "OK", "http"),
+        ("ward", "RESOURCE_EXHAUSTED", "http")]
+    strangers = [r for r in records if r.get("identity") == "anonymous"]
+    assert [(r["rpc"], r["status"], r["count"]) for r in strangers] == [("ModelInfer", "UNAUTHENTICATED", 1)]
+
+
+def test_oversized_body_refused_from_its_length_before_it_is_read(tmp_path: Path) -> None:
+    with gated(tmp_path) as server:
+        # Headers announcing 64 MiB against a 1 MiB limit, and not one byte of the body: the
+        # answer comes at once (the server never waits for the body it would refuse).
+        with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=5) as sock:
+            sock.sendall(b"POST /v2/models/ward/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ward-token\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 67108864\r\n\r\n")
+            started = time.monotonic()
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b"message size limit of 1 MiB" in answer and time.monotonic() - started < 2
+        # A chunked body (no length) is cut off at the limit while it is read.
+        body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                       "data": [0.0] * (1 << 18)}]}).encode()
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(0, len(body), 1 << 16):
+                yield body[i:i + (1 << 16)]
+
+        request = urllib.request.Request(f"http://127.0.0.1:{server.server.http_port}/v2/models/ward/infer",
+                                         data=chunks(), method="POST",
+                                         headers={"Authorization": "Bearer ward-token",
+                                                  "Transfer-Encoding": "chunked"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=30)
+        info.value.close()
+        assert info.value.code == 413
