@@ -23,6 +23,7 @@ class ServerHandle:
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     metrics_port: int | None = None  # --metrics-port 0: the port the server bound
+    http_port: int | None = None  # the KServe V2 REST port the server bound (--http-port; 0 with --port 0)
 
     @property
     def metrics_url(self) -> str:
@@ -58,7 +59,7 @@ def start_process(cmd: Sequence[str], ready_file: Path, log_path: Path, timeout_
             time.sleep(0.05)
         ready = json.loads(ready_file.read_text())
         yield ServerHandle(f"{host}:{ready['port']}", proc.pid, list(ready.get("workers", [])), log_path, proc,
-                           ready.get("metrics_port"))
+                           ready.get("metrics_port"), ready.get("http_port"))
     finally:
         if proc.poll() is None:
             proc.terminate()
