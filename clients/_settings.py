@@ -4,11 +4,17 @@ A bearer token is a credential: it may only travel over TLS, or, when the caller
 allows it with ``allow_insecure_token=True``, in clear text to a loopback address (127.0.0.0/8,
 localhost, [::1]) where it never leaves the machine. Anything else is refused before a channel
 is opened.
+
+Every channel balances its calls round_robin over all the addresses its target resolves to, so
+one ``dns:///medserve.ns.svc.cluster.local:8001`` target naming a Kubernetes headless Service (one
+address per replica) spreads calls over the replicas; gRPC's default (pick_first) would send every
+call to the first address.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,34 +35,51 @@ _RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
+# gRPC's client-side balancing: one subchannel per resolved address, calls spread over the ready ones.
+ROUND_ROBIN_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
 Metadata = tuple[tuple[str, str], ...]
 
 
-def target_host(target: str) -> str:
-    """The host part of a gRPC target (``host:port``, ``[v6]:port``, ``dns:///host:port``, ``ipv4:``...)."""
+def _address_host(address: str) -> str:
+    """The host of ``host:port``, ``[v6]:port``, a bare host or an unbracketed IPv6 address."""
+    if address.startswith("["):
+        return address[1 : address.find("]")] if "]" in address else address[1:]
+    if address.count(":") == 1:
+        return address.split(":", 1)[0]
+    return address
+
+
+def target_hosts(target: str) -> tuple[str, ...]:
+    """Every host a gRPC target names (``ipv4:``/``ipv6:`` targets may list several addresses)."""
     rest = target
     if rest.startswith("dns:"):
         rest = rest[4:]
         if rest.startswith("//"):
             rest = rest[2:].split("/", 1)[-1]  # drop the DNS authority
     elif rest.startswith(("ipv4:", "ipv6:")):
-        rest = rest[5:].split(",", 1)[0]
-    if rest.startswith("["):
-        return rest[1 : rest.find("]")] if "]" in rest else rest[1:]
-    if rest.count(":") == 1:
-        return rest.split(":", 1)[0]
-    return rest  # a bare host or an unbracketed IPv6 address
+        return tuple(_address_host(address) for address in rest[5:].split(","))
+    return (_address_host(rest),)
 
 
-def is_loopback(target: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost targets."""
-    host = target_host(target).lower().rstrip(".")
+def target_host(target: str) -> str:
+    """The (first) host of a gRPC target (``host:port``, ``[v6]:port``, ``dns:///host:port``, ``ipv4:``...)."""
+    return target_hosts(target)[0]
+
+
+def _is_loopback_host(host: str) -> bool:
+    host = host.lower().rstrip(".")
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback(target: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost targets (every address of an ``ipv4:``/``ipv6:`` list)."""
+    return all(_is_loopback_host(host) for host in target_hosts(target))
 
 
 def _read(path: str | Path | None, what: str) -> bytes | None:
@@ -139,6 +162,7 @@ def build_settings(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         *_RECONNECT_OPTIONS,
+        ("grpc.service_config", ROUND_ROBIN_SERVICE_CONFIG),
     ]
     credentials = None
     if tls is not None:

@@ -51,7 +51,10 @@ class Client:
     """A client of one medserve deployment (one target, or several replicas balanced per call).
 
     ``target``: ``"host:port"`` or a list of replicas, tried round-robin per call; a replica
-    that is down is skipped for ``retries.unhealthy_cooldown_s``. ``timeout_s``: default
+    that is down is skipped for ``retries.unhealthy_cooldown_s``. A target that resolves to
+    several addresses (``"dns:///medserve.ns.svc.cluster.local:8001"`` for a headless Service,
+    ``"ipv4:10.0.0.5:8001,10.0.0.6:8001"``) is balanced by gRPC itself, round_robin over the
+    addresses that answer. ``timeout_s``: default
     deadline of every call. ``tls``: CA bundle and optional client certificate (mutual TLS).
     ``token``: bearer token sent as ``authorization: Bearer <token>``; refused without TLS unless
     ``allow_insecure_token=True`` and every target is a loopback address. ``retries``: see
