@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import onnx_models
@@ -46,3 +47,21 @@ def corrupt(repo: Path, name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not an onnx file")
     return path
+
+
+def server_cert_for_name(certs_folder: Path, dns_name: str) -> tuple[Path, Path]:
+    """A server certificate signed by `credentials.make_certs`'s CA in `certs_folder` that names
+    only `dns_name` (as a Kubernetes Service's certificate does): a caller dialling another name
+    or address must check this one (`server_name=` / `--server-name`). Returns (cert, key)."""
+    stem = "named-server"
+    (certs_folder / f"{stem}.ext").write_text(
+        f"subjectAltName=DNS:{dns_name}\nextendedKeyUsage=serverAuth\n", encoding="utf-8"
+    )
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    for args in (
+        ("req", *ec, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN={dns_name}"),
+        ("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", f"{stem}.pem", "-days", "2", "-extfile", f"{stem}.ext"),
+    ):
+        subprocess.run(["openssl", *args], cwd=certs_folder, check=True, capture_output=True, timeout=60)
+    return certs_folder / f"{stem}.pem", certs_folder / f"{stem}.key"

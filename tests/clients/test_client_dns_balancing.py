@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medserve.clients import AsyncClient, Client, UsageError
+from medserve.clients import AsyncClient, Client, RetryPolicy, TLSConfig, Unavailable, UsageError
 from medserve.clients._settings import is_loopback, target_hosts
 
 import onnx_models
+from client_helpers import server_cert_for_name
 from conftest import running_server
+from credentials import make_certs
 
 X = {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}
 
@@ -92,6 +94,20 @@ def test_a_dns_target(two_ports: tuple[int, int]) -> None:
 async def test_a_dns_target_from_asyncio(two_ports: tuple[int, int]) -> None:
     async with AsyncClient(f"dns:///localhost:{two_ports[1]}") as client:
         assert (await client.infer("affine", X))["s"].tolist() == [[6.0]]
+
+
+def test_a_dns_target_over_tls_checks_the_name_it_is_told(repo: Path, tmp_path: Path) -> None:
+    """deploy/README's recipe: dial the headless Service, check the name the certificate holds."""
+    certs = make_certs(tmp_path / "certs")
+    cert, key = server_cert_for_name(tmp_path / "certs", "medserve.medserve.svc")
+    with running_server(repo, tls_cert=str(cert), tls_key=str(key)) as server:
+        target = f"dns:///localhost:{server.port}"
+        unchecked = TLSConfig(ca_file=certs.ca)
+        with Client(target, tls=unchecked, retries=RetryPolicy(max_attempts=1)) as client, pytest.raises(Unavailable):
+            client.server_ready()
+        named = TLSConfig(ca_file=certs.ca, server_name="medserve.medserve.svc")
+        with Client(target, tls=named) as client:
+            assert client.infer("affine", X)["s"].tolist() == [[6.0]]
 
 
 def test_a_token_in_clear_text_needs_every_listed_address_to_be_loopback() -> None:

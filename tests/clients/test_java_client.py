@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import onnx_models
-from client_helpers import sha256_file
+from client_helpers import server_cert_for_name, sha256_file
 from conftest import RunningServer, running_server
 from credentials import Certs, make_certs, write_tokens
 
@@ -77,8 +77,12 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tls_server(repo: Path, certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    tokens = write_tokens(tmp_path_factory.mktemp("tokens") / "tokens.json", {TOKEN: ["affine"]})
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tokens(tmp_path_factory.mktemp("tokens") / "tokens.json", {TOKEN: ["affine"]})
+
+
+@pytest.fixture(scope="module")
+def tls_server(repo: Path, certs: Certs, tokens: Path) -> Iterator[RunningServer]:
     with running_server(
         repo, tls_cert=str(certs.server_cert), tls_key=str(certs.server_key), tokens_file=str(tokens)
     ) as server:
@@ -140,3 +144,20 @@ def test_java_failures_exit_non_zero_with_the_status(
     )
     assert plaintext.returncode == 2
     assert "a bearer token travels only over TLS" in plaintext.stderr
+
+
+def test_java_checks_the_certificate_name_it_is_told(
+    infer_example: Path, repo: Path, certs: Certs, tokens: Path, token_file: Path
+) -> None:
+    """deploy/README's headless-Service recipe: the caller dials one name and checks another,
+    the one the certificate holds (here the only name it holds)."""
+    cert, key = server_cert_for_name(certs.ca.parent, "medserve.medserve.svc")
+    with running_server(repo, tls_cert=str(cert), tls_key=str(key), tokens_file=str(tokens)) as server:
+        dial = ("--target", f"dns:///localhost:{server.port}", "--ca", str(certs.ca), "--token-file", str(token_file),
+                "--model", "affine")
+        unchecked = run_java(infer_example, *dial)
+        assert unchecked.returncode == 1
+        assert "error: ServerReady failed: UNAVAILABLE" in unchecked.stderr
+        named = run_java(infer_example, *dial, "--server-name", "medserve.medserve.svc")
+        assert named.returncode == 0, named.stderr
+        assert "output s FP32 [1, 1] = [0.0]" in named.stdout.splitlines()
