@@ -184,7 +184,7 @@ def test_the_model_image_overlay_swaps_the_claim_for_an_image_volume() -> None:
 def test_the_kserve_runtime_serves_the_inference_service() -> None:
     docs = RENDERED["kserve"]
     runtime = _one(docs, "ServingRuntime", "medserve")
-    isvc = _one(docs, "InferenceService")
+    isvc = _one(docs, "InferenceService", "medserve-demo")
     spec = runtime["spec"]
     assert {"v2", "grpc-v2"} <= set(spec["protocolVersions"])
     assert any(f["name"] == "onnx" for f in spec["supportedModelFormats"])
@@ -201,7 +201,7 @@ def test_the_kserve_runtime_serves_the_inference_service() -> None:
     model = predictor["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["modelFormat"]["name"] in {f["name"] for f in spec["supportedModelFormats"]}
-    assert model["protocolVersion"] == "grpc-v2"  # medserve has no REST inference endpoint
+    assert model["protocolVersion"] == "grpc-v2"  # inferenceservice-rest.yaml is the REST one
     assert model["storageUri"] == "pvc://medserve-models/"
     # One container port only (Knative, KServe's serverless mode, allows one): Prometheus scrapes
     # 9090 through the prometheus.kserve.io annotations, which need no container port.
@@ -220,6 +220,35 @@ def test_the_kserve_runtime_serves_the_inference_service() -> None:
     problems = km.container_problems(container, spec.get("volumes", []), {},
                                      predictor.get("terminationGracePeriodSeconds"), metrics_container_port=False)
     assert any("--allow-plaintext outside a mesh" in p for p in problems), problems
+
+
+def test_the_kserve_runtime_serves_rest_to_the_v2_inference_service() -> None:
+    """protocolVersion v2 (KServe V2 over REST): the runtime serves --http-port, declares it as
+    its HTTP data endpoint, and the REST InferenceService routes its one port there, behind the
+    same mesh policies as the gRPC one (STRICT mTLS; only the gateway and clients reach 8000)."""
+    docs = RENDERED["kserve"]
+    runtime = _one(docs, "ServingRuntime", "medserve")
+    spec = runtime["spec"]
+    (container,) = spec["containers"]
+    args = km.serve_args(container["args"])
+    assert args is not None
+    http_port = km._arg(args, "--http-port")
+    assert http_port == "8000" and spec["httpDataEndpoint"] == f"port:{http_port}"
+    assert spec["grpcDataEndpoint"] == f"port:{km._arg(args, '--port')}"
+    isvc = _one(docs, "InferenceService", "medserve-demo-rest")
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["protocolVersion"] == "v2" and model["runtime"] == "medserve"
+    assert model["ports"] == [{"name": "http1", "containerPort": int(http_port), "protocol": "TCP"}]
+    grpc_isvc = _one(docs, "InferenceService", "medserve-demo")["spec"]["predictor"]
+    assert {k: v for k, v in isvc["spec"]["predictor"].items() if k != "model"} == \
+        {k: v for k, v in grpc_isvc.items() if k != "model"}
+    selector = {"serving.kserve.io/inferenceservice": "medserve-demo-rest"}
+    peer = _one(docs, "PeerAuthentication", "medserve-demo-rest-predictor")
+    assert peer["spec"]["selector"]["matchLabels"] == selector and peer["spec"]["mtls"]["mode"] == "STRICT"
+    policy = _one(docs, "AuthorizationPolicy", "medserve-demo-rest-predictor")
+    assert policy["spec"]["selector"]["matchLabels"] == selector
+    ports = {p for rule in policy["spec"]["rules"] for op in rule["to"] for p in op["operation"]["ports"]}
+    assert ports == {http_port, "9090"}
 
 
 def test_the_queue_depth_example_names_the_metric_the_adapter_publishes() -> None:
@@ -247,7 +276,7 @@ def test_kserve_resources_against_kserves_own_crd(kind: str) -> None:
     schema = km.crd_schema(crd_dir, kind) if crd_dir else None
     if schema is None:
         pytest.skip("KServe's CRD files are not provided (MEDSERVE_KSERVE_CRDS): minimal schema only")
-    doc = _one(RENDERED["kserve"], kind)
+    doc = _one(RENDERED["kserve"], kind, "medserve" if kind == "ServingRuntime" else "medserve-demo")
     jsonschema.validate(doc, schema)
     broken = copy.deepcopy(doc)
     broken["spec"]["unknownField"] = True
@@ -364,7 +393,7 @@ def _runtime() -> dict[str, Any]:
 
 
 def _isvc() -> dict[str, Any]:
-    return copy.deepcopy(_one(RENDERED["kserve"], "InferenceService"))
+    return copy.deepcopy(_one(RENDERED["kserve"], "InferenceService", "medserve-demo"))
 
 
 @pytest.mark.parametrize(
