@@ -83,6 +83,8 @@ def _breast_cancer(model_name: str, make: Callable[[int], BaseEstimator], what: 
                     "Wisconsin diagnostic breast cancer (scikit-learn load_breast_cancer)", len(y_train)
                 ),
                 heldout=(x_test, y_test),
+                # Version 2 keeps version 1's measured batch size: the config both share says one.
+                max_batch_size=reports[0].batching.max_batch_size if reports else None,
             ))
         if rollout:
             _write_rollout(repository / model_name)
