@@ -98,6 +98,10 @@ public final class InferExample {
       System.err.println("error: " + e.getMessage());
       System.err.println(USAGE);
       code = 2;
+    } catch (NumberFormatException e) {  // the text itself is not echoed: it may be a patient's value
+      System.err.println("error: --values and --timeout-s take numbers");
+      System.err.println(USAGE);
+      code = 2;
     }
     System.exit(code);
   }
