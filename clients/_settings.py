@@ -78,8 +78,14 @@ def _is_loopback_host(host: str) -> bool:
 
 
 def is_loopback(target: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost targets (every address of an ``ipv4:``/``ipv6:`` list)."""
-    return all(_is_loopback_host(host) for host in target_hosts(target))
+    """True for 127.0.0.0/8, ::1 and localhost targets (every address of an ``ipv4:``/``ipv6:`` list).
+    A name a DNS server of the target's own choosing resolves (``dns://AUTHORITY/name``) may
+    answer with any address: only a loopback address literal counts there."""
+    named_server = target.startswith("dns://") and not target.startswith("dns:///")
+    hosts = target_hosts(target)
+    if named_server and any(host.lower().rstrip(".") == "localhost" for host in hosts):
+        return False
+    return all(_is_loopback_host(host) for host in hosts)
 
 
 def _read(path: str | Path | None, what: str) -> bytes | None:

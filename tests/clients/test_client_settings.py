@@ -20,7 +20,8 @@ from medserve.clients._settings import is_loopback, target_host
         ("ipv4:127.0.0.1:8001", "127.0.0.1", True),
         ("ipv6:[::1]:8001", "::1", True),
         ("dns:///localhost:8001", "localhost", True),
-        ("dns://8.8.8.8/localhost:8001", "localhost", True),
+        ("dns://8.8.8.8/localhost:8001", "localhost", False),  # that server may resolve it anywhere
+        ("dns://8.8.8.8/127.0.0.1:8001", "127.0.0.1", True),
         ("10.0.0.5:8001", "10.0.0.5", False),
         ("128.0.0.1:8001", "128.0.0.1", False),
         ("localhost.evil.example:8001", "localhost.evil.example", False),
