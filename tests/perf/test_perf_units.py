@@ -292,8 +292,8 @@ def test_thread_schedstat_charges_a_threads_own_cpu_time() -> None:
     assert on2 - on1 < 0.02
 
 
-BENCHMARKS = ("bench_batching", "bench_client", "bench_explain", "bench_monitor", "bench_overload", "bench_rows",
-              "bench_text", "bench_transports", "shared_engine")
+BENCHMARKS = ("bench_batching", "bench_client", "bench_explain", "bench_monitor", "bench_overload", "bench_rest",
+              "bench_rows", "bench_text", "bench_transports", "shared_engine")
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
