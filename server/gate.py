@@ -19,6 +19,10 @@ serve are refused UNIMPLEMENTED here too (`unknown_methods`). Refusals of caller
 credentials, and refusals because the audit trail is behind, are counted per peer per second
 (`refusals.RefusalTally`) so that a flood of them cannot fill the trail. Probes (ServerLive,
 ServerReady) are open and unrecorded.
+
+The admission itself is transport-neutral (`identify`, `admit`, `refuse`, `finish`): the KServe
+V2 REST front end (`rest.py`) passes the same checks with an `Authorization` header, its peer's
+address and its TLS certificate's names, and its records name the transport (`Call.transport`).
 """
 from __future__ import annotations
 

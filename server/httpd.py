@@ -11,8 +11,9 @@ state, not a thread. A connection that has not sent a whole request within `head
 of connecting (or stays idle that long after a response) is closed; past `max_connections` the
 oldest connection is closed to make room, so a flood of half-sent requests cannot lock probes
 out. `/metrics` is rendered on one thread of its own (about 10 ms for the demo repository), so
-a scrape never stalls the event loop and a flood of scrapes queues behind one thread. aiohttp
-also serves routed applications, so the KServe REST data plane can later live on this server.
+a scrape never stalls the event loop and a flood of scrapes queues behind one thread. The KServe
+V2 REST data plane is a second aiohttp site on the same loop, on `--http-port` (`rest.py`); the
+probes and Prometheus stay here.
 """
 from __future__ import annotations
 

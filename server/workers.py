@@ -175,12 +175,13 @@ def _worker_main(config: ServerConfig, index: int, ready_file: Path, log_level: 
     asyncio.run(app.run(config, ready_file=ready_file, reuse_port=True))
 
 
-def _worker_config(config: ServerConfig, port: int, index: int) -> ServerConfig:
+def _worker_config(config: ServerConfig, port: int, index: int, http_port: int | None = None) -> ServerConfig:
     metrics = None if config.metrics_port is None else (config.metrics_port + index if config.metrics_port else 0)
     # One audit chain per worker (FILE.w<i>; `medserve audit verify FILE` reads them all): two
     # writers appending to one file would interleave two chains.
     audit_log = None if config.audit_log is None else f"{config.audit_log}.w{index}"
-    return replace(config, port=port, server_name=f"medserve-w{index}", metrics_port=metrics, audit_log=audit_log)
+    return replace(config, port=port, server_name=f"medserve-w{index}", metrics_port=metrics, audit_log=audit_log,
+                   http_port=config.http_port if http_port is None else http_port)
 
 
 def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None = None, log_format: str = "text",
@@ -188,20 +189,29 @@ def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None =
     """Start the workers on one port, keep them up, forward SIGTERM/SIGINT/SIGHUP; the exit status."""
     reservation = reserve_port(config.host, config.port)
     port = reservation.getsockname()[1]
+    # The REST port is shared the same way (SO_REUSEPORT), held until every worker binds it.
+    http_reservation = None if config.http_port is None else reserve_port(config.host, config.http_port)
+    http_port = None if http_reservation is None else http_reservation.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
 
     def start(index: int, worker_ready: Path) -> multiprocessing.process.BaseProcess:
-        process = ctx.Process(target=_worker_main, args=(_worker_config(config, port, index), index, worker_ready,
+        process = ctx.Process(target=_worker_main, args=(_worker_config(config, port, index, http_port), index,
+                                                         worker_ready,
                                                          level, log_format), name=f"medserve-w{index}")
         process.start()
         return process
 
     def ready(pids: list[int]) -> None:
         reservation.close()  # every worker holds the port now (a restarted one binds beside them)
+        if http_reservation is not None:
+            http_reservation.close()
         if ready_file is not None:
             tmp_file = ready_file.with_suffix(ready_file.suffix + ".tmp")
-            tmp_file.write_text(json.dumps({"port": port, "pid": os.getpid(), "workers": pids}))
+            status = {"port": port, "pid": os.getpid(), "workers": pids}
+            if http_port is not None:
+                status["http_port"] = http_port
+            tmp_file.write_text(json.dumps(status))
             tmp_file.replace(ready_file)
         log.info("medserve: %d workers ready on %s:%d", workers, config.host, port)
 
@@ -209,3 +219,5 @@ def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None =
         return supervise(start, workers, on_ready=ready, policy=policy)
     finally:
         reservation.close()
+        if http_reservation is not None:
+            http_reservation.close()
