@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = _server_config(args)
         _check_port_free(config.host, config.port)  # before any model loads: one line, not a traceback after
         if config.http_port and args.workers == 1:
-            _check_port_free(config.host, config.http_port)
+            _check_port_free(config.host, config.http_port, "--http-port")
         if config.audit_key is not None:
             from .audit import load_key
 
@@ -133,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, flag: str = "--port") -> None:
     """Refuse a port another process holds before any model loads (gRPC would only fail to bind
     after loading every model, with a traceback). Bound as gRPC binds (SO_REUSEADDR, no
     SO_REUSEPORT), so a socket in TIME_WAIT is no conflict and another server's port is."""
@@ -154,7 +154,7 @@ def _check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             shown = f"[{host.strip('[]')}]" if ":" in host else host
             if exc.errno == errno.EADDRINUSE:
-                raise InvalidSetting(f"{shown}:{port} is in use (another server? pick --port, or 0 for any "
+                raise InvalidSetting(f"{shown}:{port} is in use (another server? pick {flag}, or 0 for any "
                                      "free port)") from None
             raise InvalidSetting(f"{shown}:{port}: cannot bind ({exc.strerror})") from None
 

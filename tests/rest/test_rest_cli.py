@@ -4,6 +4,7 @@ shared by `--workers` processes (SO_REUSEPORT, as the gRPC port)."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -36,6 +37,13 @@ def test_refused_settings_name_the_flag(repo: Path) -> None:
     assert done.returncode == 2 and "'off'" in done.stderr
     done = _serve("--repository", str(repo), "--host", "0.0.0.0", "--http-port", "0")
     assert done.returncode == 2 and "without TLS" in done.stderr
+    with socket.socket() as held:  # a REST port in use: one line, before any model loads
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = _serve("--repository", str(repo), "--port", "0", "--http-port", str(port))
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"medserve serve: 127.0.0.1:{port} is in use (another server? pick --http-port, or 0 for any free port)")
 
 
 def test_off_serves_grpc_only(repo: Path) -> None:
