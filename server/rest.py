@@ -334,6 +334,8 @@ class RestFrontEnd:
         tracing = (self._tracing.span("ModelInfer", [("traceparent", request.headers.get("traceparent", ""))])
                    if self._tracing.enabled else NO_SPAN)
         with tracing as span:
+            if span is not None:
+                span.set_attribute("medserve.transport", "http")
             try:
                 self._allow(call, model, version)
                 if self._lifecycle.draining:

@@ -240,3 +240,49 @@ def test_oversized_body_refused_from_its_length_before_it_is_read(tmp_path: Path
             urllib.request.urlopen(request, timeout=30)
         info.value.close()
         assert info.value.code == 413
+
+
+def test_a_rest_call_continues_the_callers_trace(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from medserve.server.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    onnx_models.affine(tmp_path / "repo" / "m" / "1" / "model.onnx")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with running_server(tmp_path / "repo", tracing=Tracing(provider), http_port=0) as server:
+        status, _, raw = http(server, "POST", "/v2/models/m/infer", AFFINE,
+                              {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+        assert status == 200, raw
+        assert http(server, "POST", "/v2/models/nope/infer", AFFINE)[0] == 404
+    spans = {s.name: s for s in exporter.get_finished_spans() if s.context.trace_id == int(trace_id, 16)}
+    server_span = spans["inference.GRPCInferenceService/ModelInfer"]
+    assert server_span.parent is not None and server_span.parent.span_id == 0x00f067aa0ba902b7
+    assert server_span.attributes["medserve.transport"] == "http" and server_span.attributes["medserve.rows"] == 1
+    assert {"queue", "compute"} <= set(spans)
+    failed = [s for s in exporter.get_finished_spans() if s.context.trace_id != int(trace_id, 16)]
+    assert failed and failed[0].attributes["rpc.grpc.status_code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize(("body", "limit", "words"), [
+    ({"inputs": [{"name": "x", "shape": [1, 1 << 20], "datatype": "FP32", "data": []}]},
+     {"max_tensor_elements": 1 << 16}, "at most 65536 per tensor"),
+    ({"inputs": [{"name": "t", "shape": [300, 1], "datatype": "BYTES", "data": ["a"] * 300}]},
+     {"max_bytes_elements": 256}, "at most 256 per tensor"),
+    ({"inputs": [{"name": "t", "shape": [2, 1], "datatype": "BYTES", "data": ["a" * 600, "b" * 600]}]},
+     {"max_text_bytes": 1000}, "--max-text-bytes"),
+    ({"inputs": [{"name": f"x{i}", "shape": [1], "datatype": "FP32", "data": [0]} for i in range(1025)]},
+     {}, "at most 1024 per request"),
+])
+def test_tensor_limits_are_checked_before_decoding(tmp_path: Path, body: dict[str, Any], limit: dict[str, int],
+                                                   words: str) -> None:
+    """The DecodeLimits of the gRPC path, from the JSON header, before any tensor is converted:
+    400 naming the tensor (where one) and the limit."""
+    onnx_models.affine(tmp_path / "repo" / "m" / "1" / "model.onnx")
+    with running_server(tmp_path / "repo", http_port=0, **limit) as server:
+        status, _, raw = http(server, "POST", "/v2/models/m/infer", json.dumps(body).encode())
+    assert status == 400 and words in json.loads(raw)["error"], raw
