@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -31,7 +32,7 @@ from .inference import InferenceCore
 from .metrics import registry_for
 from .ratelimit import RateLimiter
 from .repository import ModelRepository
-from .rest import RestFrontEnd, server_ssl_context
+from .rest import DATA_PLANE_LIMITS, RestFrontEnd, server_ssl_context
 from .runtime import usable_providers
 from .service import InferenceServicer, Lifecycle
 from .tracing import Tracing
@@ -99,7 +100,7 @@ class MedserveServer:
             self.repository, self.core, self.lifecycle, self.gate, limits=limits,
             max_message_bytes=config.max_message_bytes, clock=clock, server_name=config.server_name,
             model_control_mode=config.model_control_mode, authenticated=self._identities is not None,
-            tracing=tracing,
+            tracing=tracing, limits_http=replace(DATA_PLANE_LIMITS, max_connections=config.max_concurrent_rpcs),
         ) if config.http_port is not None else None
         self.http_port: int | None = None
         # Server-level health open to probes; a model's health only to callers allowed the model.

@@ -55,6 +55,7 @@ from .gate import (
     check_request_id,
     is_loopback_address,
 )
+from .httpd import HttpLimits, _BoundedServer
 from .identities import ANONYMOUS
 from .inference import InferenceCore
 from .repository import LoadedVersion, ModelRepository, unknown_model
@@ -71,6 +72,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 TIMEOUT_HEADER = "Timeout-Ms"
 BINARY_TYPE = "application/octet-stream"
 NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+# Connections (past them the oldest is closed), idle time between requests, header lines (aiohttp's
+# default line size: model names and labels are in the path), listen backlog.
+DATA_PLANE_LIMITS = HttpLimits(max_connections=4096, header_timeout_s=60.0, max_line_bytes=8190, backlog=1024)
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -113,6 +117,28 @@ def _certificate_names(request: web.Request) -> list[str]:
     return names
 
 
+class _BoundedRunner(web.AppRunner):
+    """aiohttp's runner for the routed application, serving it through httpd's `_BoundedServer`:
+    past `max_connections` the oldest connection is closed, and a request aiohttp cannot parse
+    is answered with the status's phrase alone, its bytes never echoed nor logged. (It repeats
+    `AppRunner._make_server` with aiohttp's private `_set_loop`, `_handle` and `_make_request`;
+    aiohttp is pinned and tests/rest/test_rest_api.py covers both behaviours.)"""
+
+    def __init__(self, app: web.Application, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._max_connections = max_connections
+
+    async def _make_server(self) -> web.Server:
+        app, loop = self._app, asyncio.get_running_loop()
+        app._set_loop(loop)  # noqa: SLF001
+        app.on_startup.freeze()
+        await app.startup()
+        app.freeze()
+        handler: Any = app._handle  # noqa: SLF001 - a routed Request handler, which aiohttp's Server takes
+        return _BoundedServer(handler, self._max_connections, request_factory=app._make_request,  # noqa: SLF001
+                              loop=loop, **self._kwargs)
+
+
 def server_ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
     """TLS as the gRPC port serves it: the same chain and key; with a client CA, clients must
     present a certificate it signed."""
@@ -141,7 +167,9 @@ class RestFrontEnd:
         model_control_mode: str = "none",
         authenticated: bool = False,
         tracing: Tracing | None = None,
+        limits_http: HttpLimits = DATA_PLANE_LIMITS,
     ) -> None:
+        self._http_limits = limits_http
         self._repository = repository
         self._core = core
         self._lifecycle = lifecycle
@@ -179,7 +207,11 @@ class RestFrontEnd:
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                     reuse_port: bool = False) -> int:
-        runner = web.AppRunner(self.application(), handle_signals=False, shutdown_timeout=1.0, access_log=None)
+        limits = self._http_limits
+        runner = _BoundedRunner(self.application(), limits.max_connections, handle_signals=False, shutdown_timeout=1.0,
+                                access_log=None, keepalive_timeout=limits.header_timeout_s,
+                                max_line_size=limits.max_line_bytes, max_field_size=limits.max_line_bytes,
+                                max_headers=limits.max_headers)
         await runner.setup()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -188,7 +220,7 @@ class RestFrontEnd:
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host.strip("[]"), port))
-            site = web.SockSite(runner, sock, ssl_context=ssl_context, backlog=1024)
+            site = web.SockSite(runner, sock, ssl_context=ssl_context, backlog=limits.backlog)
             await site.start()
         except BaseException:
             sock.close()

@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 REST, METRICS = "127.0.0.1:8000", "127.0.0.1:9090"
 _FENCE = re.compile(r"^```bash\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
+_CURL = re.compile(r"(?<![\w-])curl\s")  # curl itself (not grpcurl)
 
 
 def curl_blocks(text: str) -> list[tuple[int, str]]:
-    return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in _FENCE.finditer(text) if "curl " in m.group(1)]
+    return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in _FENCE.finditer(text) if _CURL.search(m.group(1))]
 
 
 def _demo(tmp_path_factory: pytest.TempPathFactory, models: list[str]) -> Path:

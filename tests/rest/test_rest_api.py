@@ -286,3 +286,29 @@ def test_tensor_limits_are_checked_before_decoding(tmp_path: Path, body: dict[st
     with running_server(tmp_path / "repo", http_port=0, **limit) as server:
         status, _, raw = http(server, "POST", "/v2/models/m/infer", json.dumps(body).encode())
     assert status == 400 and words in json.loads(raw)["error"], raw
+
+
+def test_past_the_connection_cap_the_oldest_close_and_a_malformed_request_is_not_echoed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The REST port holds at most --max-concurrent-rpcs connections (the oldest closed past it:
+    a flood of idle or half-sent connections cannot lock callers out), and a request aiohttp
+    cannot parse is answered with the status's phrase, its bytes neither echoed nor logged."""
+    import logging
+
+    onnx_models.affine(tmp_path / "repo" / "m" / "1" / "model.onnx")
+    with running_server(tmp_path / "repo", http_port=0, max_concurrent_rpcs=4) as server:
+        port = server.server.http_port
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(6)]
+        time.sleep(0.3)
+        idle[0].settimeout(2)
+        assert idle[0].recv(1) == b""  # closed by the server
+        assert http(server, "POST", "/v2/models/m/infer", AFFINE)[0] == 200
+        for sock in idle:
+            sock.close()
+        with caplog.at_level(logging.DEBUG, logger="medserve"), \
+                socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nX-Secret-4242: \x01\x02\r\n"
+                         b"Content-Length: nope4242\r\n\r\n")
+            answer = sock.recv(4096)
+    assert b" 400 Bad Request" in answer.split(b"\r\n")[0] and b"4242" not in answer
+    assert "4242" not in caplog.text
