@@ -203,6 +203,8 @@ class RestFrontEnd:
         r.add_post("/v2/repository/index", self._call("RepositoryIndex", self._index))
         r.add_post("/v2/repository/models/{model}/load", self._call("RepositoryModelLoad", self._load))
         r.add_post("/v2/repository/models/{model}/unload", self._call("RepositoryModelUnload", self._unload))
+        # Anything else, behind the same gate (credentials first) and audited, as gRPC's unknown methods.
+        r.add_route("*", "/{path:.*}", self._call("UnknownPath", self._unknown))
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
@@ -418,6 +420,11 @@ class RestFrontEnd:
         if len(body) >= PARSE_IN_THREAD_BYTES:  # a big body is parsed off the event loop
             return await asyncio.to_thread(decode)
         return decode()
+
+    async def _unknown(self, request: web.Request, call: Call, body: bytes) -> web.Response:
+        call.model = call.version = ""
+        raise Unsupported(f"{request.method} {request.path[:128]!r}: not a route of medserve's KServe V2 REST API "
+                          "(see /v2 and the README)")
 
     # -- repository ------------------------------------------------------------------------
 

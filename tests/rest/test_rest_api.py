@@ -204,6 +204,9 @@ def test_forbidden_answers_as_missing_and_rate_limit_429(tmp_path: Path) -> None
         assert status == 200, raw
         status, headers, raw = http(server, "POST", "/v2/models/ward/infer", AFFINE, token)
         assert status == 429 and int(headers["Retry-After"]) >= 1 and "rate limit" in json.loads(raw)["error"]
+        time.sleep(1.1)  # a token again: an unknown path passes the gate, then 501, audited
+        status, _, raw = http(server, "GET", "/v2/nothing/here", None, token)
+        assert status == 501 and "not a route" in json.loads(raw)["error"], raw
     records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     calls = [r for r in records if r.get("rpc") == "ModelInfer" and r.get("identity") == "ward-token"]
     assert [(r["model"], r["status"], r.get("transport")) for r in calls] == [
@@ -211,6 +214,8 @@ def test_forbidden_answers_as_missing_and_rate_limit_429(tmp_path: Path) -> None
         ("ward", "RESOURCE_EXHAUSTED", "http")]
     strangers = [r for r in records if r.get("identity") == "anonymous"]
     assert [(r["rpc"], r["status"], r["count"]) for r in strangers] == [("ModelInfer", "UNAUTHENTICATED", 1)]
+    unknown = [(r["rpc"], r["status"]) for r in records if r.get("rpc") == "UnknownPath"]
+    assert unknown == [("UnknownPath", "UNIMPLEMENTED")]
 
 
 def test_oversized_body_refused_from_its_length_before_it_is_read(tmp_path: Path) -> None:
