@@ -263,7 +263,10 @@ class RestFrontEnd:
             token = CURRENT.set(call)
             try:
                 return await behavior(request, call, body)
-            except (asyncio.CancelledError, web.HTTPException):
+            except asyncio.CancelledError:
+                call.status = "CANCELLED"  # the caller went away: its record says so
+                raise
+            except web.HTTPException:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 return error_response(exc, call)

@@ -146,6 +146,18 @@ def test_unknown_model_404_and_probes(demo: RunningServer) -> None:
     assert http(demo, "GET", "/v2/models/risk_mlp/versions/1/ready")[0] == 200
 
 
+def test_a_version_label_in_the_path_reaches_its_version_and_is_named(demo: RunningServer) -> None:
+    body = json.dumps({"inputs": [_json_tensor("input", np.zeros((1, 30), np.float32), "FP32")]}).encode()
+    for label, version in (("stable", "1"), ("canary", "2")):
+        status, _, raw = http(demo, "POST", f"/v2/models/breast_cancer_rf/versions/{label}/infer", body)
+        assert status == 200, raw
+        answer = json.loads(raw)
+        assert answer["model_version"] == version and answer["parameters"]["version_label"] == label
+        assert http(demo, "GET", f"/v2/models/breast_cancer_rf/versions/{label}/ready")[0] == 200
+    meta = json.loads(http(demo, "GET", "/v2/models/breast_cancer_rf")[2])
+    assert json.loads(meta["parameters"]["version_labels"]) == {"canary": 2, "stable": 1}
+
+
 def test_timeout_header_expired_is_504(demo: RunningServer) -> None:
     body = {"inputs": [_json_tensor("input", np.zeros((1, 30), np.float32), "FP32")]}
     status, _, raw = http(demo, "POST", "/v2/models/breast_cancer_rf/infer", json.dumps(body).encode(),
