@@ -108,22 +108,23 @@ class DecodeLimits:
 DEFAULT_LIMITS = DecodeLimits()
 
 
-def _check_limits(request: pb.ModelInferRequest, name: str, datatype: str, shape: tuple[int, ...],
-                  limits: DecodeLimits) -> int:
-    """The tensor's element count, refused over the limits."""
+def check_tensor_limits(model: str, version: str, name: str, datatype: str, shape: tuple[int, ...],
+                        limits: DecodeLimits) -> int:
+    """The tensor's element count, refused over the limits (`--max-tensor-elements`,
+    `--max-bytes-elements`); shared by both front ends' codecs (this one and `rest_codec`)."""
     entry = DATATYPES[datatype]
     try:
         count = element_count(shape, entry.itemsize or 8)
     except ValueError as exc:
-        raise InvalidInput(f"model {_label(request)}: input {name!r}: {exc}") from None
+        raise InvalidInput(f"model {model_label(model, version)}: input {name!r}: {exc}") from None
     if count > limits.tensor_elements:
         raise InvalidInput(
-            f"model {_label(request)}: input {name!r}: shape {list(shape)} has {count} elements; the server accepts at most "
-            f"{limits.tensor_elements} per tensor"
+            f"model {model_label(model, version)}: input {name!r}: shape {list(shape)} has {count} elements; the "
+            f"server accepts at most {limits.tensor_elements} per tensor"
         )
     if datatype == "BYTES" and count > limits.bytes_elements:
         raise InvalidInput(
-            f"model {_label(request)}: input {name!r}: {count} BYTES elements; the server accepts at most "
+            f"model {model_label(model, version)}: input {name!r}: {count} BYTES elements; the server accepts at most "
             f"{limits.bytes_elements} per tensor"
         )
     return count
@@ -150,7 +151,7 @@ def _check_tensors(request: pb.ModelInferRequest, limits: DecodeLimits) -> list[
         if tensor.parameters and any(k in tensor.parameters for k in SHARED_MEMORY_KEYS):
             raise InvalidInput(f"model {_label(request)}: input {name!r}: shared memory is not supported by this server")
         shape = tuple(tensor.shape)
-        count = _check_limits(request, name, datatype, shape, limits)
+        count = check_tensor_limits(request.model_name, request.model_version, name, datatype, shape, limits)
         sizes.append((shape, count))
         has_contents = tensor.HasField("contents")
         if raw and has_contents:

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from medserve.protos.wire import DATATYPES, element_count, from_raw, to_raw
+from medserve.protos.wire import DATATYPES, from_raw, to_raw
 
-from .codec import SHARED_MEMORY_KEYS, DecodeLimits
+from .codec import SHARED_MEMORY_KEYS, DecodeLimits, check_tensor_limits
 from .errors import InvalidInput, model_label
 from .inference import InferRequest, InferResult
 
@@ -85,23 +85,6 @@ def _shape(label: str, name: str, raw: object) -> tuple[int, ...]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw):
         raise InvalidInput(f"model {label}: input {name!r}: 'shape' must be a list of integers")
     return tuple(raw)
-
-
-def check_tensor(label: str, name: str, datatype: str, shape: tuple[int, ...], limits: DecodeLimits) -> int:
-    """The tensor's element count, refused over `--max-tensor-elements` / `--max-bytes-elements`
-    (the same limits and wording as over gRPC, `codec._check_limits`)."""
-    entry = DATATYPES[datatype]
-    try:
-        count = element_count(shape, entry.itemsize or 8)
-    except ValueError as exc:
-        raise InvalidInput(f"model {label}: input {name!r}: {exc}") from None
-    if count > limits.tensor_elements:
-        raise InvalidInput(f"model {label}: input {name!r}: shape {list(shape)} has {count} elements; the server "
-                           f"accepts at most {limits.tensor_elements} per tensor")
-    if datatype == "BYTES" and count > limits.bytes_elements:
-        raise InvalidInput(f"model {label}: input {name!r}: {count} BYTES elements; the server accepts at most "
-                           f"{limits.bytes_elements} per tensor")
-    return count
 
 
 def _json_array(label: str, name: str, datatype: str, data: object, shape: tuple[int, ...], count: int,
@@ -195,7 +178,7 @@ def decode_request(model: str, version: str, document: Mapping[str, Any], binary
             raise InvalidInput(f"model {label}: input {name!r}: unsupported datatype {str(datatype)[:32]!r}; expected "
                                f"one of {', '.join(d for d in DATATYPES if d != 'BF16')}")
         shape = _shape(label, name, tensor.get("shape"))
-        count = check_tensor(label, name, datatype, shape, limits)
+        count = check_tensor_limits(model, version, name, datatype, shape, limits)
         params = _parameters(f"model {label}: input {name!r}", tensor.get("parameters"))
         if any(k in params for k in SHARED_MEMORY_KEYS):
             raise InvalidInput(f"model {label}: input {name!r}: shared memory is not supported by this server")
