@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import onnxruntime
+import orjson
 from aiohttp import web
 from google.protobuf import json_format
 
@@ -78,7 +79,7 @@ DATA_PLANE_LIMITS = HttpLimits(max_connections=4096, header_timeout_s=60.0, max_
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=json.dumps(body, separators=(",", ":")).encode(),
+    return web.Response(status=status, body=orjson.dumps(body),
                         content_type="application/json", headers={**SERVER_HEADER, **(headers or {})})
 
 

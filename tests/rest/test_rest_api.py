@@ -329,3 +329,18 @@ def test_past_the_connection_cap_the_oldest_close_and_a_malformed_request_is_not
             answer = sock.recv(4096)
     assert b" 400 Bad Request" in answer.split(b"\r\n")[0] and b"4242" not in answer
     assert "4242" not in caplog.text
+
+
+def test_nan_from_pythons_json_is_accepted_and_answered_as_nan(tmp_path: Path) -> None:
+    """Python's json (and so tritonclient.http) writes a missing value as the literal NaN, which
+    strict JSON parsers refuse; an answer holding NaN is written the same way, not as null."""
+    onnx_models.affine(tmp_path / "repo" / "m" / "1" / "model.onnx")
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                   "data": [float("nan"), 1.0, 2.0, 3.0]}]}).encode()
+    assert b"NaN" in body
+    with running_server(tmp_path / "repo", http_port=0) as server:
+        status, _, raw = http(server, "POST", "/v2/models/m/infer", body)
+        assert status == 200, raw
+        assert b"NaN" in raw and b"null" not in raw
+        status, _, raw = http(server, "POST", "/v2/models/m/infer", AFFINE)
+        assert status == 200 and b"NaN" not in raw
