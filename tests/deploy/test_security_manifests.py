@@ -96,7 +96,8 @@ def test_the_audit_claim_outlives_the_server_kustomization() -> None:
 
 def test_the_kserve_runtime_also_needs_identities_and_audits() -> None:
     runtime = _one(RENDERED["kserve"], "ServingRuntime")
-    isvc = _one(RENDERED["kserve"], "InferenceService")
+    services = [d for d in RENDERED["kserve"] if d["kind"] == "InferenceService"]
+    assert {d["metadata"]["name"] for d in services} == {"medserve-demo", "medserve-demo-rest"}
     (container,) = runtime["spec"]["containers"]
     args = km.serve_args(container["args"])
     assert args is not None
@@ -106,8 +107,9 @@ def test_the_kserve_runtime_also_needs_identities_and_audits() -> None:
     assert volumes["identities"]["secret"]["secretName"] == "medserve-identities"
     assert volumes["audit-key"]["secret"]["secretName"] == "medserve-audit-key"
     assert volumes["audit"]["persistentVolumeClaim"]["claimName"] == "medserve-audit"
-    # the Secrets' files are 0440 root:fsGroup: the predictor's pod security context gives the group
-    assert isvc["spec"]["predictor"]["securityContext"]["fsGroup"] == km.UID
+    # the Secrets' files are 0440 root:fsGroup: each predictor's pod security context gives the group
+    for isvc in services:
+        assert isvc["spec"]["predictor"]["securityContext"]["fsGroup"] == km.UID, isvc["metadata"]["name"]
     problems = km.container_problems(container, runtime["spec"]["volumes"], isvc["spec"]["predictor"]["securityContext"],
                                      isvc["spec"]["predictor"]["terminationGracePeriodSeconds"],
                                      metrics_container_port=False, allow_plaintext=True)
@@ -262,9 +264,12 @@ def test_a_loose_network_policy_fails_the_rules(change: Callable[[Doc], Any], me
 
 # -- Istio in front of the KServe runtime --------------------------------------------------------------
 
+GRPC_POLICIES = "medserve-demo-predictor"  # the Istio policies of the gRPC example (the REST one has its own)
+
+
 def _predictor_labels() -> dict[str, str]:
-    """The labels KServe gives the predictor pods of the example InferenceService."""
-    isvc = _one(RENDERED["kserve"], "InferenceService")
+    """The labels KServe gives the predictor pods of the gRPC example InferenceService."""
+    isvc = _one(RENDERED["kserve"], "InferenceService", "medserve-demo")
     return {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"], "component": "predictor"}
 
 
@@ -277,10 +282,10 @@ def _grpc_and_metrics_ports() -> tuple[int, int]:
 
 def test_the_kserve_example_ships_strict_mtls_and_an_allow_policy() -> None:
     docs = RENDERED["kserve"]
-    peer = _one(docs, "PeerAuthentication")
+    peer = _one(docs, "PeerAuthentication", GRPC_POLICIES)
     assert peer["apiVersion"] == "security.istio.io/v1"
     assert peer["spec"]["mtls"] == {"mode": "STRICT"} and "portLevelMtls" not in peer["spec"]
-    policy = _one(docs, "AuthorizationPolicy")
+    policy = _one(docs, "AuthorizationPolicy", GRPC_POLICIES)
     assert policy["spec"]["action"] == "ALLOW"
     grpc, metrics = _grpc_and_metrics_ports()
     assert (grpc, metrics) == (8001, 9090)
@@ -293,6 +298,20 @@ def test_the_kserve_example_ships_strict_mtls_and_an_allow_policy() -> None:
     assert runtime["spec"]["annotations"]["sidecar.istio.io/inject"] == "true"
     assert "--allow-plaintext" in runtime["spec"]["containers"][0]["args"]
     assert km.mesh_problems(docs, _predictor_labels(), grpc, metrics) == []
+
+
+def test_the_rest_example_has_its_own_strict_mtls_and_allow_policy() -> None:
+    """The REST InferenceService's predictor pods are held to the same rules, with the REST port
+    (the runtime's --http-port) in the gRPC port's place."""
+    docs = RENDERED["kserve"]
+    (container,) = _one(docs, "ServingRuntime")["spec"]["containers"]
+    args = km.serve_args(container["args"])
+    assert args is not None
+    http = int(km._arg(args, "--http-port") or 0)
+    assert http == 8000
+    labels = {"serving.kserve.io/inferenceservice": "medserve-demo-rest", "component": "predictor"}
+    _, metrics = _grpc_and_metrics_ports()
+    assert km.mesh_problems(docs, labels, http, metrics) == []
 
 
 BROKEN_MESH: list[tuple[str, Callable[[Doc], Any], str]] = [
@@ -320,7 +339,7 @@ BROKEN_MESH: list[tuple[str, Callable[[Doc], Any], str]] = [
                          ids=[f"{k}-{m}-{i}" for i, (k, _, m) in enumerate(BROKEN_MESH)])
 def test_a_loose_mesh_policy_fails_the_rules(kind: str, change: Callable[[Doc], Any], message: str) -> None:
     docs = copy.deepcopy(RENDERED["kserve"])
-    change(_one(docs, kind)["spec"])
+    change(_one(docs, kind, GRPC_POLICIES)["spec"])
     for doc in docs:
         km.validate(doc, km.KUBERNETES_VERSIONS[-1])  # still valid Istio: only the rules catch it
     problems = km.mesh_problems(docs, _predictor_labels(), *_grpc_and_metrics_ports())
@@ -345,7 +364,7 @@ BROKEN_ISTIO_SCHEMA: list[tuple[str, Callable[[Doc], Any]]] = [
 @pytest.mark.parametrize(("kind", "change"), BROKEN_ISTIO_SCHEMA,
                          ids=[f"{k}-{i}" for i, (k, _) in enumerate(BROKEN_ISTIO_SCHEMA)])
 def test_a_broken_istio_resource_fails_its_schema(kind: str, change: Callable[[Doc], Any]) -> None:
-    doc = copy.deepcopy(_one(RENDERED["kserve"], kind))
+    doc = copy.deepcopy(_one(RENDERED["kserve"], kind, GRPC_POLICIES))
     km.validate(doc, km.KUBERNETES_VERSIONS[-1])
     change(doc)
     with pytest.raises(jsonschema.ValidationError):
