@@ -88,7 +88,7 @@ EXPECTED_CMD = ["--log-format", "json", "serve", "--repository", "/models", "--h
                 "--tls-cert", f"{TLS_MOUNT}/tls.crt", "--tls-key", f"{TLS_MOUNT}/tls.key",
                 "--tokens", f"{IDENTITIES_MOUNT}/identities.json",
                 "--audit-log", f"{AUDIT_MOUNT}/audit.jsonl", "--audit-key", f"{AUDIT_KEY_MOUNT}/audit.key",
-                "--metrics-port", "9090", "--metrics-host", "0.0.0.0"]
+                "--metrics-port", "9090", "--metrics-host", "0.0.0.0", "--http-port", "off"]
 EXPECTED_ENTRYPOINT = ["medserve"]
 GRPC_PORT, HTTP_PORT = 8001, 9090  # in the container
 

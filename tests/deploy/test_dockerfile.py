@@ -68,7 +68,8 @@ def test_the_final_stage_runs_the_server_as_a_numeric_non_root_user() -> None:
     cmd = json.loads(words["CMD"])
     assert cmd == ["--log-format", "json", "serve", "--repository", "/models", "--host", "0.0.0.0", "--port", "8001",
                    *km.TLS_ARGS, "--tokens", km.IDENTITIES_FILE, "--audit-log", f"{km.AUDIT_DIR}/audit.jsonl",
-                   "--audit-key", km.AUDIT_KEY_FILE, "--metrics-port", "9090", "--metrics-host", "0.0.0.0"]
+                   "--audit-key", km.AUDIT_KEY_FILE, "--metrics-port", "9090", "--metrics-host", "0.0.0.0",
+                   "--http-port", "off"]
     assert words["STOPSIGNAL"] == "SIGTERM"
     assert {"8001", "9090"} <= set(words["EXPOSE"].split())
 
@@ -105,6 +106,8 @@ def test_the_default_command_needs_identities_and_a_keyed_audit_trail_on_a_volum
     assert km._arg(args, "--audit-key") == km.AUDIT_KEY_FILE
     # the metrics port is published from the container: every address (the NetworkPolicy limits who)
     assert km._arg(args, "--metrics-host") == "0.0.0.0"
+    # nothing listens that is not published: the REST port is off (EXPOSE names 8001 and 9090)
+    assert km._arg(args, "--http-port") == "off"
     run = " ".join(rest for word, rest in _stages()[-1] if word == "RUN")
     for folder in ("/etc/medserve/identities", "/etc/medserve/audit-key", km.AUDIT_DIR):
         assert folder in run
