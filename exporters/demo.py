@@ -131,9 +131,10 @@ def _with_gaps(x: np.ndarray, seed: int, fraction: float = 0.05) -> np.ndarray:
 
 
 def _boosted(model_name: str, dataset: Callable[[], Any], make: Callable[[int], Any], what: str,
-             class_labels: list[str] | None) -> Builder:
+             class_labels: list[str] | None, *, explain_margin: bool = False) -> Builder:
     """An XGBoost or LightGBM model (medserve[gbm]) in a Pipeline, on a demo table with 5 % of
-    its values missing: small (50 trees) so the build stays quick."""
+    its values missing: small (50 trees) so the build stays quick. `explain_margin`: a
+    classifier explained exactly by its trees in log-odds (`_explain_margin`)."""
 
     def build(repository: Path, seed: int) -> ExportReport:
         data = dataset()
@@ -146,7 +147,7 @@ def _boosted(model_name: str, dataset: Callable[[], Any], make: Callable[[int], 
             "Diabetes progression one year after baseline")
         source = ("Wisconsin diagnostic breast cancer (scikit-learn load_breast_cancer)" if class_labels
                   else "Efron et al. diabetes data (scikit-learn load_diabetes)")
-        return export(
+        report = export(
             model,
             x_train[:SAMPLE_ROWS],
             repository,
@@ -157,8 +158,26 @@ def _boosted(model_name: str, dataset: Callable[[], Any], make: Callable[[int], 
             training_data=TrainingData(f"{source}, 5 % of values set missing (seeded)", len(y_train)),
             heldout=(x_test, y_test),
         )
+        if explain_margin:
+            _explain_margin(repository / model_name)
+        return report
 
     return build
+
+
+def _explain_margin(model_dir: Path) -> None:
+    """The config parameter `explain_output: margin`: the server explains the classifier's trees
+    exactly (TreeSHAP) in log-odds, before the logistic it serves, as shap's TreeExplainer
+    explains an XGBoost classifier by default (the card's field must name an output, so the
+    config, which is the model's and not one version's, says it). Written whole, then renamed."""
+    from .triton_config import read, render
+
+    path = model_dir / "config.pbtxt"
+    config = read(path)
+    config.parameters["explain_output"].string_value = "margin"
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(render(config), encoding="utf-8")
+    staged.replace(path)
 
 
 NEEDS_GBM = frozenset({"breast_cancer_xgb", "diabetes_lgbm"})  # built only with the gbm extra installed
@@ -368,7 +387,7 @@ DEMO_MODELS: Mapping[str, Builder] = MappingProxyType(
         ),
         "breast_cancer_xgb": _boosted(
             "breast_cancer_xgb", load_breast_cancer, _xgboost_pipeline,
-            "XGBoost, 50 trees, after median imputation", ["malignant", "benign"],
+            "XGBoost, 50 trees, after median imputation", ["malignant", "benign"], explain_margin=True,
         ),
         "diabetes_lgbm": _boosted(
             "diabetes_lgbm", load_diabetes, _lightgbm_pipeline,

@@ -2,9 +2,10 @@
 TreeEnsembleRegressor), as flat numpy arrays for exact Shapley values (`treeshap.py`).
 
 A graph qualifies when its one 2-D input reaches the ensemble through per-feature elementwise
-nodes only (Identity, Cast, Scaler, Imputer: input column j is ensemble feature j, so
-attributions carry over) and the explained output is the ensemble's score output (through
-Identity nodes at most). Anything else (one-hot, concatenation across inputs, the opset-5
+nodes only (Identity, Cast, Scaler, Imputer, and Sub / Add / Mul / Div by a constant of one value
+per feature or one for all, as the exporters' float64 scalers write them: input column j is
+ensemble feature j, so attributions carry over) and the explained output is the ensemble's
+score output (through Identity nodes at most). Anything else (one-hot, concatenation across inputs, the opset-5
 `TreeEnsemble`, MIN/MAX aggregation) is not read: those models keep KernelSHAP.
 
 The server does not depend on the `onnx` package: as in `onnx_refs.py`, the few ONNX messages and
@@ -30,7 +31,11 @@ _MESSAGES: dict[str, tuple[Field, ...]] = {
     "ModelProto": (("graph", 7, _MSG, _ONE, "GraphProto"),),
     "GraphProto": (("node", 1, _MSG, _MANY, "NodeProto"), ("initializer", 5, _MSG, _MANY, "TensorProto"),
                    ("input", 11, _MSG, _MANY, "ValueInfoProto"), ("output", 12, _MSG, _MANY, "ValueInfoProto")),
-    "ValueInfoProto": (("name", 1, _STR, _ONE, None),),
+    "ValueInfoProto": (("name", 1, _STR, _ONE, None), ("type", 2, _MSG, _ONE, "TypeProto")),
+    "TypeProto": (("tensor_type", 1, _MSG, _ONE, "TensorTypeProto"),),
+    "TensorTypeProto": (("shape", 2, _MSG, _ONE, "TensorShapeProto"),),
+    "TensorShapeProto": (("dim", 1, _MSG, _MANY, "DimensionProto"),),
+    "DimensionProto": (("dim_value", 1, _I64, _ONE, None), ("dim_param", 2, _STR, _ONE, None)),
     "NodeProto": (("input", 1, _STR, _MANY, None), ("output", 2, _STR, _MANY, None),
                   ("op_type", 4, _STR, _ONE, None), ("attribute", 5, _MSG, _MANY, "AttributeProto"),
                   ("domain", 7, _STR, _ONE, None)),
@@ -45,6 +50,7 @@ _MESSAGES: dict[str, tuple[Field, ...]] = {
 }
 _FLOAT, _DOUBLE = 1, 11  # TensorProto.DataType
 _EXTERNAL = 1  # TensorProto.DataLocation
+_AFFINE = {"Sub": np.subtract, "Add": np.add, "Mul": np.multiply, "Div": np.divide}  # by a per-feature constant
 MODES = ("BRANCH_LEQ", "BRANCH_LT", "BRANCH_GTE", "BRANCH_GT", "BRANCH_EQ", "BRANCH_NEQ")
 LINEAR = "NONE"  # the post_transform under which the served output is affine in the trees' sums
 MAX_PATH_FEATURES = 64  # distinct features on one root-to-leaf path: one bit each in a uint64
@@ -94,10 +100,12 @@ def read_trees(model_bytes: bytes, input_name: str, output_name: str) -> Trees:
     """The ensemble behind `output_name` of the model, fed by `input_name`; NotTrees if the
     graph is not a tree ensemble over per-feature preprocessing of that one input."""
     graph = _MODEL.FromString(model_bytes).graph
-    inputs = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
-    if inputs != [input_name]:
+    initializers = {t.name: t for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if [i.name for i in inputs] != [input_name]:
         raise NotTrees("not one graph input")
     producer = {out: node for node in graph.node for out in node.output}
+    constants = _Constants(initializers, producer, _width(inputs[0]))
     # Walk back from the explained output through Identity nodes to the ensemble.
     name = output_name
     node = producer.get(name)
@@ -118,6 +126,12 @@ def read_trees(model_bytes: bytes, input_name: str, output_name: str) -> Trees:
         node = producer.get(name)
         if node is None:
             raise NotTrees("the ensemble's input is not the graph input")
+        if len(steps) > len(graph.node):
+            raise NotTrees("a cycle between the input and the ensemble")
+        if node.op_type in _AFFINE and node.domain in ("", "ai.onnx"):
+            step, name = _affine(node, constants)
+            steps.append(step)
+            continue
         steps.append(_elementwise(node))
         name = node.input[0]
     return _flatten(_attributes(ensemble), classifier, tuple(reversed(steps)), input_name, output_name)
@@ -151,6 +165,65 @@ def _tensor(t: Any) -> np.ndarray:
     if t.data_type == _DOUBLE:
         return np.frombuffer(t.raw_data, "<f8").copy() if t.raw_data else np.asarray(t.double_data, np.float64)
     raise NotTrees("a tensor attribute of an unexpected type")
+
+
+def _width(value: Any) -> int | None:
+    """The declared last dimension of a graph input (None: not a fixed number)."""
+    dims = value.type.tensor_type.shape.dim
+    return int(dims[-1].dim_value) if len(dims) == 2 and dims[-1].HasField("dim_value") else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Constants:
+    """Where a binary node's other operand may come from: an initializer or a Constant node."""
+
+    initializers: Mapping[str, Any]
+    producer: Mapping[str, Any]
+    width: int | None  # the graph input's features, when declared
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The constant named `name` with its shape (None: computed from the input)."""
+        if name in self.initializers:
+            t = self.initializers[name]
+            return _tensor(t).reshape(tuple(t.dims))
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            if value is None:
+                raise NotTrees("a Constant node of no tensor value")
+            return _tensor(value).reshape(tuple(value.dims))
+        return None
+
+    def per_feature(self, c: np.ndarray) -> np.ndarray:
+        """`c` as a row broadcast over the features: [features], [1, features] or one value."""
+        if c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
+            raise NotTrees("an elementwise constant that is not one value per feature")
+        if c.size != 1 and c.size != self.width:
+            raise NotTrees("an elementwise constant of another width than the input's declared features")
+        return c.reshape(-1) if c.size != 1 else c.reshape(())
+
+
+def _affine(node: Any, constants: _Constants) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(step, the data operand's name) of Sub / Add / Mul / Div with a per-feature constant on
+    either side, computed in the constant's type (ONNX's operands share one) as onnxruntime
+    does: one IEEE operation per element."""
+    if len(node.input) != 2:
+        raise NotTrees(f"a {node.op_type} node of {len(node.input)} inputs")
+    left, right = (constants.get(n) for n in node.input)
+    if (left is None) == (right is None):
+        raise NotTrees(f"a {node.op_type} node whose operands are not one computed and one constant")
+    op = _AFFINE[node.op_type]
+    flipped = right is None
+    constant = left if right is None else right
+    assert constant is not None
+    c = constants.per_feature(constant)
+
+    def step(x: np.ndarray) -> np.ndarray:
+        x = x.astype(c.dtype, copy=False)
+        with np.errstate(all="ignore"):  # x / 0 is inf (0 / 0 NaN) there too, without a warning
+            return op(c, x) if flipped else op(x, c)
+
+    return step, node.input[1 if flipped else 0]
 
 
 def _elementwise(node: Any) -> Callable[[np.ndarray], np.ndarray]:

@@ -197,7 +197,9 @@ def test_the_server_serves_every_demo_model(demo: tuple[Path, dict[str, ExportRe
 
 def test_every_tabular_demo_model_explains_additively(demo: tuple[Path, dict[str, ExportReport]]) -> None:
     """The cards carry reference rows (no patient rows) and deciles; for each tabular model the
-    attributions and the base value add up to the explained output."""
+    attributions and the base value add up to the explained output. The boosted models are
+    explained exactly by their trees: LightGBM behind its float64 scaler, XGBoost in log-odds
+    (`explain_output: margin`, whose logistic is the served probabilities)."""
     from medserve.clients import Client
     from medserve.protos.wire import numpy_dtype
 
@@ -205,6 +207,7 @@ def test_every_tabular_demo_model_explains_additively(demo: tuple[Path, dict[str
 
     path, reports = demo
     tabular = sorted(set(reports) - NOT_TABULAR)
+    explained = {}
     with running_server(path) as server, Client(server.target, timeout_s=120) as client:
         for name in tabular:
             card = read_card(reports[name].card_path)
@@ -216,8 +219,14 @@ def test_every_tabular_demo_model_explains_additively(demo: tuple[Path, dict[str
                 inputs[t.name] = reference[:2].astype(numpy_dtype(t.datatype)) if t.datatype != "BYTES" else reference[:2]
             why = client.explain(name, inputs)
             total = sum(a.sum(axis=-1) for a in why.attributions.values()) + why.base_value
-            output = np.asarray(why.result[why.output], np.float64).reshape(total.shape)
+            if why.output == "margin":  # log-odds: the served probabilities are their logistic
+                total = 1 / (1 + np.exp(-total))
+            output = np.asarray(why.result["probabilities" if why.output == "margin" else why.output],
+                                np.float64).reshape(total.shape)
             np.testing.assert_allclose(total, output, atol=1e-3, err_msg=name)
+            explained[name] = (why.method, why.output)
+    assert explained["breast_cancer_xgb"] == ("tree_shap", "margin")
+    assert explained["diabetes_lgbm"] == ("tree_shap", "prediction")
 
 
 def test_text_models_answer_strings_from_the_client_library(demo: tuple[Path, dict[str, ExportReport]]) -> None:

@@ -149,6 +149,136 @@ def test_every_node_mode_and_missing_value_rule_as_onnxruntime_runs_them(modes: 
     np.testing.assert_allclose(phi, exact_enumeration(model_bytes, "prediction", x, reference), atol=1e-6)
 
 
+def affine_chain(thresholds: list[float]) -> bytes:
+    """`hand_built`'s trees (BRANCH_LEQ, NaN to the true child at node 0) behind a chain of
+    per-feature affine nodes as exporters write them, in both types and with the constant on
+    either side: Cast(double), Mul by [1, 3], Sub from a scalar Constant node (c - x), Div by
+    [3], Add [3], Cast(float), Sub a float32 scalar initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    trees = onnx_graph(hand_built(["BRANCH_LEQ"] * 3, [1, 0, 0]))
+    ensemble = trees.node[0]
+    for a in ensemble.attribute:
+        if a.name == "nodes_values":
+            a.floats[:3] = thresholds
+    ensemble.input[0] = "scaled"
+    f64 = {"mul": np.array([[1.5, -2.0, 0.1]]), "div": np.array([0.3, 7.0, -1.1]), "add": np.array([1e-3, 0.0, 5.0])}
+    initializers = [numpy_helper.from_array(v, n) for n, v in f64.items()]
+    initializers.append(numpy_helper.from_array(np.array(0.25, np.float32), "shift"))
+    nodes = [
+        helper.make_node("Cast", ["input"], ["x64"], to=TensorProto.DOUBLE),
+        helper.make_node("Mul", ["x64", "mul"], ["a"]),
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0), "two")),
+        helper.make_node("Sub", ["two", "a"], ["b"]),
+        helper.make_node("Div", ["b", "div"], ["c"]),
+        helper.make_node("Add", ["add", "c"], ["d"]),
+        helper.make_node("Cast", ["d"], ["d32"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["d32", "shift"], ["scaled"]),
+        ensemble,
+    ]
+    graph = helper.make_graph(nodes, "affine", list(trees.input), list(trees.output), initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def onnx_graph(model_bytes: bytes) -> Any:
+    import onnx
+
+    return onnx.load_from_string(model_bytes).graph
+
+
+def chain_in_numpy(x: np.ndarray) -> np.ndarray:
+    """`affine_chain`'s arithmetic, written out (to place thresholds on values rows reach)."""
+    d = (2.0 - x.astype(np.float64) * np.array([1.5, -2.0, 0.1])) / np.array([0.3, 7.0, -1.1]) + np.array([1e-3, 0.0, 5.0])
+    return d.astype(np.float32) - np.float32(0.25)
+
+
+def test_per_feature_affine_nodes_before_the_ensemble_are_read_as_onnxruntime_computes_them() -> None:
+    """Sub / Add / Mul / Div by constants broadcast per feature, in float64 and float32, with
+    the constant on either side and from an initializer or a Constant node, between the input
+    and the trees: each row is transformed as onnxruntime transforms it (the thresholds sit
+    exactly on values rows reach, where one rounding off would flip a split), so TreeSHAP
+    equals every coalition run through onnxruntime and adds up to the served output."""
+    rng = np.random.default_rng(2)
+    grid = np.array([0.5, -0.25, 0.0, 1.0, -1.0, 0.1, np.nan], np.float32)
+    x = grid[rng.integers(0, len(grid), size=(40, 3))]
+    on_grid = chain_in_numpy(np.array([[0.5, -0.25, 0.1]], np.float32))[0]
+    model_bytes = affine_chain([float(on_grid[0]), float(on_grid[1]), float(on_grid[2])])
+    trees = read_trees(model_bytes, "input", "prediction")
+    assert len(trees.preprocess) == 7
+    np.testing.assert_array_equal(trees.features_of(x), chain_in_numpy(x))
+    reference = grid[rng.integers(0, len(grid), size=(5, 3))]
+    explainer = TreeShap(trees, reference)
+    phi, out = explainer.explain(x)
+    served = ort.InferenceSession(model_bytes).run(["prediction"], {"input": x})[0]
+    np.testing.assert_allclose(out, served, rtol=1e-6)
+    np.testing.assert_allclose(phi.sum(axis=2) + explainer.base_value, served, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(phi, exact_enumeration(model_bytes, "prediction", x, reference), atol=1e-5)
+    assert np.abs(phi).max() > 1e-3
+
+
+def test_affine_nodes_that_are_not_per_feature_constants_are_not_read() -> None:
+    """A constant of another width than the input's features, one of one value per row, and
+    a node whose operands are both computed from the input map columns across features or
+    rows: refused by name (KernelSHAP stays)."""
+    from onnx import numpy_helper
+
+    model_bytes = affine_chain([0.0, 0.0, 0.0])
+    for name, value in (("div", np.array([0.3, 7.0])), ("div", np.ones((4, 1))), ("mul", np.ones((1, 1, 3)))):
+        model = __import__("onnx").load_from_string(model_bytes)
+        target = next(t for t in model.graph.initializer if t.name == name)
+        target.CopyFrom(numpy_helper.from_array(value, name))
+        with pytest.raises(NotTrees, match="one value per feature|another width"):
+            read_trees(model.SerializeToString(), "input", "prediction")
+    model = __import__("onnx").load_from_string(model_bytes)
+    next(n for n in model.graph.node if n.op_type == "Div").input[1] = "b"  # b / b
+    with pytest.raises(NotTrees, match="not one computed and one constant"):
+        read_trees(model.SerializeToString(), "input", "prediction")
+
+
+def test_a_float64_scaler_before_lightgbm_as_the_exporter_writes_it_is_explained_exactly() -> None:
+    """StandardScaler + LightGBM exported by medserve (the scaler in float64: Cast, Sub, Div,
+    Cast before the trees), with missing values: TreeSHAP equals every coalition through
+    onnxruntime, and the version's load check (the trees beside its own session on the
+    reference rows) keeps it on `tree_shap`."""
+    pytest.importorskip("lightgbm")
+    from lightgbm import LGBMRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from medserve.exporters.sklearn import convert
+    from medserve.server.card import ModelCard
+    from medserve.server.config import ModelConfig, TensorConfig
+    from medserve.server.explain import Explainer
+
+    x, y = data(400, 7, seed=6)
+    x[np.random.default_rng(6).random(x.shape) < 0.1] = np.nan
+    pipe = make_pipeline(StandardScaler(), LGBMRegressor(n_estimators=30, num_leaves=8, random_state=0, n_jobs=1,
+                                                         verbose=-1)).fit(x.astype(np.float64), y)
+    model_bytes = convert(pipe, x[:32].astype(np.float64)).model_bytes
+    assert [n.op_type for n in onnx_graph(model_bytes).node][:4] == ["Cast", "Sub", "Div", "Cast"]
+    reference, rows = x[:6], x[200:206]
+    explainer = TreeShap(read_trees(model_bytes, "input", "prediction"), reference)
+    phi, out = explainer.explain(rows)
+    served = ort.InferenceSession(model_bytes).run(["prediction"], {"input": rows})[0].reshape(len(rows), -1)
+    np.testing.assert_allclose(out, served, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(phi.sum(axis=2) + explainer.base_value, served, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(phi, exact_enumeration(model_bytes, "prediction", rows, reference), atol=1e-5)
+    assert np.abs(phi).max() > 1e-3
+
+    async def never(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise AssertionError("no model rows are run here")
+
+    session = ort.InferenceSession(model_bytes)
+    config = ModelConfig(name="m", max_batch_size=8, inputs=(TensorConfig("input", "FP32", (7,)),),
+                         outputs=(TensorConfig("prediction", "FP32", (1,)),))
+    loaded = Explainer("m", config, ModelCard(reference={"input": reference}), never)
+    loaded.use_graph(model_bytes, lambda feeds: dict(zip(["prediction"], session.run(["prediction"], feeds),
+                                                         strict=True)))
+    assert loaded.method == "tree_shap"
+
+
 def shap_values(model: Any, reference: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The `shap` package's interventional TreeSHAP as [rows, targets, F]."""
     shap = pytest.importorskip("shap")
