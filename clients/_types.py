@@ -156,7 +156,8 @@ class Explanation:
     """Why a model answered as it did, per row: attributions per input ([rows, targets, *the
     input's dims]: for tables one value per feature and target), the base value each row's
     attributions start from ([rows, targets]; for tables they add up to output - base value),
-    the method (``shapley_exact``, ``kernel_shap``, ``occlusion``) and the explained output.
+    the method (``tree_shap``, ``shapley_exact``, ``kernel_shap``, ``occlusion``) and the explained
+    output (``margin``: a boosted classifier's log-odds, which the answer does not carry).
 
         why = client.explain("sepsis", records=[{"heart_rate": 112, ...}])
         why.top(3)        # [("lactate", 0.21), ("heart_rate", 0.12), ("age", -0.05)] for row 0
@@ -176,7 +177,7 @@ class Explanation:
         """The ``k`` features (or elements) that moved ``target`` most for ``row``, by absolute
         attribution, with their signed values; ``target`` defaults to the row's highest output."""
         if target is None:
-            column = int(np.argmax(np.asarray(self.result[self.output]).reshape(len(self.base_value), -1)[row]))
+            column = int(np.argmax(self._explained(row)))
         elif isinstance(target, str):
             if self.targets is None or target not in self.targets:
                 raise KeyError(f"target {target!r} is not one of the model's class labels {self.targets}")
@@ -196,6 +197,19 @@ class Explanation:
                     f"{input_name}[{i}]" if len(self.attributions) > 1 else f"[{i}]")
                 named.append((label, float(value)))
         return sorted(named, key=lambda kv: -abs(kv[1]))[:k]
+
+    def _explained(self, row: int) -> npt.NDArray[Any]:
+        """The explained output's values for ``row``, one per target: the answer's, or for an output
+        the answer does not carry (``margin``: a boosted classifier's log-odds) the base value plus
+        the attributions, which add up to it."""
+        if self.output in self.result:
+            answer: npt.NDArray[Any] = np.asarray(self.result[self.output]).reshape(len(self.base_value), -1)[row]
+            return answer
+        total: npt.NDArray[Any] = np.asarray(self.base_value, np.float64).reshape(len(self.base_value), -1)[row].copy()
+        for values in self.attributions.values():
+            per_target = np.asarray(values, np.float64)[row]
+            total += per_target.reshape(per_target.shape[0], -1).sum(axis=1)
+        return total
 
     def _names(self, input_name: str, size: int) -> tuple[str, ...] | None:
         """The column names of one input's attributions, where the model card gives them."""

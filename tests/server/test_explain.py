@@ -363,6 +363,7 @@ def test_explain_output_margin_explains_a_boosted_classifier_in_log_odds_and_is_
     from sklearn.ensemble import GradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
 
+    from medserve.clients import Client
     from medserve.exporters import export
     from medserve.server.errors import ModelLoadFailed
 
@@ -374,8 +375,14 @@ def test_explain_output_margin_explains_a_boosted_classifier_in_log_odds_and_is_
     with (repo / "gbm" / "config.pbtxt").open("a") as f:
         f.write(margin)
     rows = x[100:104].astype(np.float32)
-    with running_server(repo) as server:
+    with running_server(repo) as server, Client(server.target, timeout_s=60) as client:
         out, params = explain(server.stub(), "gbm", report.inputs[0].name, rows)
+        # the client's top() picks the row's highest log-odds (the answer carries no 'margin' output)
+        why = client.explain("gbm", {report.inputs[0].name: rows})
+        assert why.output == "margin" and why.method == "tree_shap"
+        for row in range(len(rows)):
+            column = int(np.argmax(out["attributions"][row].sum(axis=1) + out["base_value"][row]))
+            assert why.top(3, row=row) == why.top(3, row=row, target=column)
     assert params["explain_method"] == "tree_shap" and params["explain_output"] == "margin"
     log_odds = out["attributions"].sum(axis=2) + out["base_value"]  # [rows, 2]: each class's log-odds
     np.testing.assert_allclose(log_odds[:, 0], -log_odds[:, 1], atol=1e-5)
