@@ -43,13 +43,13 @@ with Client("127.0.0.1:8001", timeout_s=10.0) as client:
     models = [m for m in client.repository_index(ready=True)]
     assert models, "no model is READY"
     for m in models:
-        meta = client.model_metadata(m.name)
+        meta = client.model_metadata(m.name, version=m.version)  # every version (the demo rollout has two)
         inputs = {}
         for t in meta.inputs:
             shape = tuple(1 if d < 0 else d for d in t.shape)
             inputs[t.name] = (np.full(shape, "x", dtype=object) if t.datatype == "BYTES"
                               else np.zeros(shape, dtype=numpy_dtype(t.datatype)))
-        result = client.infer(m.name, inputs, request_id="front-door")
+        result = client.infer(m.name, inputs, version=m.version, request_id="front-door")
         assert result.model_version == m.version and result.request_id == "front-door", result
         assert len(result.model_sha256) == 64 and len(result) > 0, result
         print(f"  {m.name} v{m.version}: {', '.join(f'{k} {v.shape}' for k, v in result.items())}")
