@@ -119,9 +119,9 @@ TOKEN = os.environ.get("MEDSERVE_CHECK_TOKEN") or None
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
-def inputs_of(client, name):
+def inputs_of(client, name, version=None):
     inputs = {}
-    for t in client.model_metadata(name).inputs:
+    for t in client.model_metadata(name, version=version).inputs:
         shape = tuple(1 if d < 0 else d for d in t.shape)
         inputs[t.name] = (np.full(shape, "x", dtype=object) if t.datatype == "BYTES"
                           else np.zeros(shape, dtype=numpy_dtype(t.datatype)))
@@ -141,7 +141,9 @@ if mode == "infer":
         models = list(client.repository_index(ready=True))
         assert models, "no model is READY"
         for m in models:
-            result = client.infer(m.name, inputs_of(client, m.name), request_id="container-check")
+            # each READY version, named (a labelled model serves several; no version = its stable one)
+            result = client.infer(m.name, inputs_of(client, m.name, m.version), version=m.version,
+                                  request_id="container-check")
             assert result.model_version == m.version and result.request_id == "container-check", result
             assert len(result.model_sha256) == 64 and len(result) > 0, result
             print(f"    {m.name} v{m.version}: {', '.join(f'{k} {v.shape}' for k, v in result.items())}")
