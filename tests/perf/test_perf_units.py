@@ -293,7 +293,7 @@ def test_thread_schedstat_charges_a_threads_own_cpu_time() -> None:
 
 
 BENCHMARKS = ("bench_batching", "bench_client", "bench_explain", "bench_monitor", "bench_overload", "bench_rest",
-              "bench_rows", "bench_text", "bench_transports", "shared_engine")
+              "bench_rows", "bench_text", "bench_transports", "request_path", "shared_engine")
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
