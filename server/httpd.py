@@ -22,6 +22,7 @@ import gzip
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +52,29 @@ class HttpLimits:
     max_line_bytes: int = 4096  # the request line, one header line
     max_headers: int = 64
     backlog: int = 128
+
+
+async def listen(runner: web.BaseRunner, host: str, port: int, backlog: int,
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> int:
+    """Set `runner` up and serve it on a socket bound here to host:port (0 = any free port; with
+    `reuse_port`, shared with the other workers); returns the port. On failure nothing is left
+    open."""
+    await runner.setup()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host.strip("[]"), port))
+        site = web.SockSite(runner, sock, ssl_context=ssl_context, backlog=backlog)
+        await site.start()
+    except BaseException:
+        sock.close()
+        await runner.cleanup()
+        raise
+    bound: int = sock.getsockname()[1]
+    return bound
 
 
 class _Unauthorized(Exception):
@@ -136,20 +160,8 @@ class HttpEndpoint:
             max_headers=limits.max_headers, access_log=None,
         )
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host.strip("[]"), port))
-            site = web.SockSite(runner, sock, backlog=limits.backlog)
-            await site.start()
-        except BaseException:
-            sock.close()
-            await runner.cleanup()
-            raise
+        self.port = await listen(runner, host, port, limits.backlog)
         self._runner = runner
-        self.port = sock.getsockname()[1]
         return self.port
 
     async def close(self) -> None:

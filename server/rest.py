@@ -32,7 +32,6 @@ import contextlib
 import json
 import logging
 import math
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -56,7 +55,7 @@ from .gate import (
     check_request_id,
     is_loopback_address,
 )
-from .httpd import HttpLimits, _BoundedServer
+from .httpd import HttpLimits, _BoundedServer, listen
 from .identities import ANONYMOUS
 from .inference import InferenceCore
 from .repository import LoadedVersion, ModelRepository, unknown_model
@@ -215,22 +214,8 @@ class RestFrontEnd:
                                 access_log=None, keepalive_timeout=limits.header_timeout_s,
                                 max_line_size=limits.max_line_bytes, max_field_size=limits.max_line_bytes,
                                 max_headers=limits.max_headers)
-        await runner.setup()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host.strip("[]"), port))
-            site = web.SockSite(runner, sock, ssl_context=ssl_context, backlog=limits.backlog)
-            await site.start()
-        except BaseException:
-            sock.close()
-            await runner.cleanup()
-            raise
+        self.port = await listen(runner, host, port, limits.backlog, ssl_context, reuse_port)
         self._runner = runner
-        self.port = sock.getsockname()[1]
         return self.port
 
     async def close(self) -> None:
