@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 import onnx_models
 from conftest import server_process
+from perf_analyzer_run import perf_analyzer, run_perf_analyzer
 
 assert "medserve.protos.grpc_service_pb2" not in sys.modules
 
@@ -153,34 +152,15 @@ def test_asyncio_client(url: str) -> None:
     asyncio.run(run())
 
 
-def _perf_analyzer() -> str | None:
-    found = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
-    return found if Path(found).exists() else None
-
-
-@pytest.mark.skipif(_perf_analyzer() is None, reason="perf_analyzer (tritonclient wheel) not installed")
+@pytest.mark.skipif(perf_analyzer() is None, reason="perf_analyzer (tritonclient wheel) not installed")
 def test_perf_analyzer_runs_against_medserve(url: str, tmp_path: Path) -> None:
-    env = dict(os.environ)
-    import nvidia.cuda_runtime  # perf_analyzer links libcudart even for CPU-only runs
-
-    lib = Path(nvidia.cuda_runtime.__path__[0]) / "lib"
-    env["LD_LIBRARY_PATH"] = f"{lib}:{env.get('LD_LIBRARY_PATH', '')}"
-    csv = tmp_path / "pa.csv"
-    done = subprocess.run(
-        [_perf_analyzer(), "-m", "affine", "-i", "grpc", "-u", url, "-b", "1", "--concurrency-range", "1:2",
-         "-p", "500", "-s", "100", "-r", "10", "-f", str(csv)],  # loose stability: CI shares 2 cores
-        capture_output=True, text=True, timeout=120, env=env, check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = csv.read_text().strip().splitlines()[1:]
-    throughputs = [float(row.split(",")[1]) for row in rows]
+    throughputs = run_perf_analyzer("grpc", url, tmp_path)
     assert len(throughputs) == 2 and all(t > 0 for t in throughputs)
 
 
 def test_tritonclient_sends_notes_as_strings_to_the_text_model() -> None:
     """Unmodified tritonclient against the demo's text encoder: strings in (BYTES), the embedding
     back; a paraphrase is closer than an unrelated note."""
-    import os
 
     repo = Path(os.environ["MEDSERVE_COMPAT_TEXT_REPO"])
     notes = np.array([[b"Patient has chest pain."], [b"The patient complains of pain in the chest."],
@@ -198,7 +178,6 @@ def test_tritonclient_sends_notes_as_strings_to_the_text_model() -> None:
 def test_explanations_are_ordinary_outputs_and_parameters_to_tritonclient() -> None:
     """Request parameter `explain` through tritonclient's own `parameters`: `attributions` and
     `base_value` come back as outputs, the method as a response parameter, and they add up."""
-    import os
 
     repo = Path(os.environ["MEDSERVE_COMPAT_TEXT_REPO"])
     rows = np.random.default_rng(1).normal(0, 0.05, size=(3, 10)).astype(np.float32)

@@ -3,10 +3,6 @@ errors) and `perf_analyzer -i http` against a medserve process's KServe V2 REST 
 child pytest of tests/test_compat_suite.py, as the gRPC compat tests do."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 from medserve.perf.serverproc import medserve
 
 import onnx_models
+from perf_analyzer_run import perf_analyzer, run_perf_analyzer
 
 
 @pytest.fixture(scope="module")
@@ -95,25 +92,7 @@ def test_errors_are_triton_style(client: th.InferenceServerClient) -> None:
     assert "'x'" in str(info.value) and "1234" not in str(info.value) and info.value.status() == "400"
 
 
-def _perf_analyzer() -> str | None:
-    found = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
-    return found if Path(found).exists() else None
-
-
-@pytest.mark.skipif(_perf_analyzer() is None, reason="perf_analyzer (tritonclient wheel) not installed")
+@pytest.mark.skipif(perf_analyzer() is None, reason="perf_analyzer (tritonclient wheel) not installed")
 def test_perf_analyzer_over_http(url: str, tmp_path: Path) -> None:
-    env = dict(os.environ)
-    import nvidia.cuda_runtime  # perf_analyzer links libcudart even for CPU-only runs
-
-    lib = Path(nvidia.cuda_runtime.__path__[0]) / "lib"
-    env["LD_LIBRARY_PATH"] = f"{lib}:{env.get('LD_LIBRARY_PATH', '')}"
-    csv = tmp_path / "pa.csv"
-    done = subprocess.run(
-        [_perf_analyzer(), "-m", "affine", "-i", "http", "-u", url, "-b", "1", "--concurrency-range", "1:2",
-         "-p", "500", "-s", "100", "-r", "10", "-f", str(csv)],  # loose stability: CI shares 2 cores
-        capture_output=True, text=True, timeout=120, env=env, check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = csv.read_text().strip().splitlines()[1:]
-    throughputs = [float(row.split(",")[1]) for row in rows]
+    throughputs = run_perf_analyzer("http", url, tmp_path)
     assert len(throughputs) == 2 and all(t > 0 for t in throughputs)
