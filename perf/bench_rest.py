@@ -47,7 +47,7 @@ from medserve.protos.wire import to_raw
 from . import h2load
 from .measure import executor_round_trip_us
 from .report import bench_parser, write_result
-from .serverproc import medserve
+from .serverproc import medserve, stop_process
 
 
 def grpc_body(model: str, version: str, x: np.ndarray) -> bytes:
@@ -216,13 +216,7 @@ def mlserver(python: Path, directory: Path, model: str, timeout_s: float = 180) 
                "uvloop": versions[2] if len(versions) > 2 else "?", "settings": settings,
                "model_settings": model_settings, "parallel_workers": "MLServer's default (1)"}
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def main(argv: list[str] | None = None) -> int:

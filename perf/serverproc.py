@@ -40,6 +40,17 @@ class ServerHandle:
         return max(1, len(self.worker_pids))
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace_s`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
 def start_process(cmd: Sequence[str], ready_file: Path, log_path: Path, timeout_s: float = 180,
                   host: str = "127.0.0.1") -> Iterator[ServerHandle]:
@@ -61,13 +72,7 @@ def start_process(cmd: Sequence[str], ready_file: Path, log_path: Path, timeout_
         yield ServerHandle(f"{host}:{ready['port']}", proc.pid, list(ready.get("workers", [])), log_path, proc,
                            ready.get("metrics_port"), ready.get("http_port"))
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         with contextlib.suppress(FileNotFoundError):
             ready_file.unlink()
 
