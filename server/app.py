@@ -216,11 +216,8 @@ class MedserveServer:
                 await self._close_http()
                 raise
             log.info("KServe V2 REST on %s://%s:%d/v2", "https" if context else "http", cfg.host, self.http_port)
-        # The models, sessions and imported modules live as long as the server: keep the garbage
-        # collector from rescanning them on every collection of the request path. Collected
-        # first, so that no garbage of what ran before is frozen with them (frozen objects are
-        # never freed); `stop` unfreezes.
-        gc.collect()
+        # The models, sessions and imported modules live as long as the process: keep the
+        # garbage collector from rescanning them on every collection of the request path.
         gc.freeze()
         if cfg.model_control_mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository poll")
@@ -291,7 +288,6 @@ class MedserveServer:
         self.gate.close()  # the refusals still being counted, before the audit trail closes
         if self.audit is not None:
             self.audit.close()
-        gc.unfreeze()  # what `start` froze is collectable again (a process may serve again: tests, embedders)
         log.info("medserve stopped")
 
     async def _close_http(self) -> None:
