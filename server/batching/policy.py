@@ -393,8 +393,11 @@ def _admit_parts(snapshot: Snapshot, request: BatchRequest, now: float, config: 
                  cost: CostEstimate) -> Admit:
     """An oversized request as parts of at most `split_rows` rows, queued together in order; it
     needs room for all of them (and is refused if the queue could never hold them)."""
-    parts = [replace(request, inputs=p, rows=r) for p, r in split_rows(request.inputs, request.rows, config.split_rows)]
     level, queue_policy = queue_level(request.priority, config)
+    # The count is checked before any part is made: a request of 2**40 rows of zero elements
+    # passes every byte limit, and its parts alone would fill the memory.
+    _check_fits(queue_policy, -(-request.rows // config.split_rows), config, request.rows)
+    parts = [replace(request, inputs=p, rows=r) for p, r in split_rows(request.inputs, request.rows, config.split_rows)]
     works = [work_of(p.inputs) for p in parts]
     _check_deadline(parts[0], works[0], now, config.name, cost)
     _check_room(snapshot, level, queue_policy, len(parts), config, cost, request.rows)
@@ -454,18 +457,24 @@ def _check_deadline(request: BatchRequest, work: int, now: float, name: str, cos
 def _check_room(snapshot: Snapshot, level: int, policy: QueuePolicy, items: int, config: AdmissionConfig,
                 cost: CostEstimate, rows: int = 0) -> None:
     """Refuse `items` queue entries that do not fit now (QueueFull) or never can (InvalidInput)."""
+    _check_fits(policy, items, config, rows)
     server_cap = config.max_queue_size
     level_limit = policy.max_queue_size  # 0: only the server-wide cap (>= 1) applies
     cap = min(server_cap, level_limit or server_cap)
+    queue = snapshot.queue
+    if len(queue) + items > server_cap or (level_limit and snapshot.level_counts.get(level, 0) + items > level_limit):
+        raise QueueFull(f"model {config.name}: queue full ({cap} requests queued); retry later",
+                        retry_after_s=retry_after_s(queue, cost, config.instances))
+
+
+def _check_fits(policy: QueuePolicy, items: int, config: AdmissionConfig, rows: int) -> None:
+    """Refuse `items` queue entries that the queue could never hold (InvalidInput)."""
+    cap = min(config.max_queue_size, policy.max_queue_size or config.max_queue_size)
     if items > cap:
         raise InvalidInput(
             f"model {config.name}: request has {rows} rows, {items} parts of at most max_batch_size "
             f"{config.split_rows}; the queue holds at most {cap} (send at most {cap * config.split_rows} rows)"
         )
-    queue = snapshot.queue
-    if len(queue) + items > server_cap or (level_limit and snapshot.level_counts.get(level, 0) + items > level_limit):
-        raise QueueFull(f"model {config.name}: queue full ({cap} requests queued); retry later",
-                        retry_after_s=retry_after_s(queue, cost, config.instances))
 
 
 def _item(request: BatchRequest, seq: int, level: int, policy: QueuePolicy, now: float, work: int,

@@ -225,6 +225,20 @@ def test_row_2_a_million_empty_strings_refused_by_the_element_count(server: tupl
     assert_targets(outcome)
 
 
+def test_a_trillion_rows_of_nothing_refused_by_the_queue_bound(server: tuple[int, int]) -> None:
+    """2**40 rows of zero-length signals hold no element, so every byte and element budget lets
+    them through; split into parts of max_batch_size (64) they would be 17 billion queue entries.
+    Before the count was checked first, making the parts alone grew the server without bound."""
+    request = pb.ModelInferRequest(model_name="ecg_cnn1d", id="rows")
+    request.inputs.add(name="input", datatype="FP32", shape=[1 << 40, 3, 0])
+    request.raw_input_contents.append(b"")
+    outcome = attack(*server, "2**40 rows of zero elements", call(request))
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request has 1099511627776 rows, 17179869184 parts of at most max_batch_size 64" in outcome.details
+    assert "the queue holds at most 1024" in outcome.details
+    assert_targets(outcome)
+
+
 def test_row_14_many_input_tensors_refused_by_their_count(server: tuple[int, int]) -> None:
     outcome = attack(*server, "row 14: 200,000 one-element inputs", call(many_inputs(200_000)))
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
