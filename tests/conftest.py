@@ -24,8 +24,6 @@ import pytest
 import onnx_models
 
 collect_ignore = [] if os.environ.get("MEDSERVE_COMPAT_CHILD") else ["compat"]
-if not os.environ.get("MEDSERVE_FUZZ_CHILD"):
-    collect_ignore.append("fuzz")  # run in a child process by tests/test_fuzz_suite.py
 
 
 @dataclass
