@@ -50,7 +50,9 @@ Costs are the engine's own time, measured in the executing thread and keyed by t
 (its input elements), so a long sequence sent to a normally cheap model is not mistaken for a
 cheap batch: a batch larger than anything measured never runs on the event loop. A request that
 finds the batcher idle is answered by `decide` at once (usually "run it now"), without a trip
-through the queue.
+through the queue. One that would run inline waits for the end of the loop iteration, so that
+requests decoded meanwhile join its batch, unless recent waits found nobody to join
+(`LoneEstimate`): it then runs at once, in `submit`, and one in 64 waits as a probe.
 
 Ordering: FIFO within a priority level and key. With `preserve_ordering`, batches release their
 results in the order they were dispatched.
@@ -64,7 +66,7 @@ cancelled ones are dropped; neither ever runs. If a batch fails, it is bisected 
 the requests that cause the failure fail. Every future is resolved exactly once on every path.
 """
 from .driver import Batcher, BatcherConfig, BatcherStats, BatchObserver, Clock, Timer, TimerHandle, join_parts
-from .estimators import CostModel, CrowdEstimate, work_of
+from .estimators import CostModel, CrowdEstimate, LoneEstimate, work_of
 from .execute import Outcome, RunBatch, Runner, execute, execution_failure, join_outputs, split_rows
 from .policy import (
     BACKGROUND,
@@ -104,6 +106,7 @@ __all__ = [
     "CostEstimate",
     "CostModel",
     "CrowdEstimate",
+    "LoneEstimate",
     "Decision",
     "Outcome",
     "PolicyConfig",

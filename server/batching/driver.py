@@ -18,7 +18,7 @@ from typing import Protocol
 
 from ..config import BatchingConfig, PadSpec
 from ..errors import DeadlineExceeded, ExecutionError, ModelNotReady
-from .estimators import CostModel, CrowdEstimate
+from .estimators import CostModel, CrowdEstimate, LoneEstimate
 from .execute import Outcome, Padding, Runner, execute, join_outputs
 from .policy import (
     BACKGROUND_LEVEL,
@@ -182,6 +182,7 @@ class Batcher:
         policy = self._policy
         learns = policy.max_queue_delay_s > 0 and not policy.preferred_rows and policy.max_batch_rows > 0
         self._crowd = CrowdEstimate() if learns else None
+        self._lone = LoneEstimate()
         self._cost = CostModel()
         for work, seconds in config.warmups:
             self._cost.observe(work, seconds)
@@ -268,11 +269,11 @@ class Batcher:
         self._next_seq += len(items)
         if request.timing is not None:
             request.timing.queued_ns = time.time_ns()
-        if verdict.run is not None:
-            # An idle batcher's lone request runs now. On an instance, that happens at once,
-            # without a trip through the queue and the pump (what arrives meanwhile batches
-            # behind it); a request the policy would run inline waits in the queue for the pump
-            # at the end of this loop iteration, so that requests decoded meanwhile join it.
+        if verdict.run is not None and (not verdict.deferrable or self._lone.run_now()):
+            # An idle batcher's lone request runs now, without a trip through the queue and the
+            # pump (what arrives meanwhile batches behind it). One that would run inline waits
+            # in the queue for the pump at the end of this loop iteration, so that requests
+            # decoded meanwhile join it, unless recent waits found nobody to join (`_lone`).
             future = self._futures[items[0]] = loop.create_future()
             self._count_level(items[0].level, +1)
             self._start(verdict.run)
@@ -283,7 +284,7 @@ class Batcher:
             futures.append(future)
             self._queue.append(item)
             self._count_level(item.level, +1)
-        if verdict.pump:  # otherwise the end of a batch pumps
+        if verdict.pump or verdict.deferrable:  # otherwise the end of a batch pumps
             self._schedule_pump()
         if len(futures) == 1:
             return futures[0]
@@ -345,7 +346,13 @@ class Batcher:
             for item in decision.expire + decision.drop:
                 del futures[item]
             if decision.run:
+                if decision.run[0].level != BACKGROUND_LEVEL:
+                    self._lone.observe(len(decision.run))
                 self._start(decision)
+                if not self._queue:  # nothing left to decide about (the timer, if any, is for no one)
+                    self._cancel_timer()
+                    self._check_drained()
+                    return
                 continue
             self._arm_timer(decision.wait_s)
             self._check_drained()

@@ -337,12 +337,14 @@ class Snapshot:
 class Admit:
     """Accepted: `items` (the request, or its parts in order) are the driver's to give futures.
     `run` set: a lone request on an idle batcher runs now as this decision, without a trip
-    through the queue. Otherwise the items are queued, and `pump` says a batch of their level
+    through the queue; if `deferrable`, the driver may instead queue it with a pump (see
+    `estimators.LoneEstimate`). Otherwise the items are queued, and `pump` says a batch of their level
     could start now (else the end of a running batch pumps). Made per request: not frozen."""
 
     items: tuple[QueuedItem, ...]
     run: Decision | None = None
     pump: bool = False
+    deferrable: bool = False  # `run` is an inline batch of a lone request: the driver may queue it instead
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,9 +359,10 @@ def admit(snapshot: Snapshot, request: BatchRequest, now: float, config: Admissi
     """A request's arrival (see the package docstring for the refusals). Checked in this order:
     rows (a caller's request over `split_rows` is split instead), priority, deadline (refused if
     it would be missed even if the request ran now), the padded inputs' length; then an idle
-    batcher asks `decide` about the request alone (run now unless it would run inline on a
-    batching model: it then waits for the end of this loop iteration so that requests decoded
-    meanwhile join it); else there must be room in the queue."""
+    batcher asks `decide` about the request alone (run now), except one that would run inline on
+    a batching model: that is `deferrable` (the driver runs it now or queues it so that requests
+    decoded meanwhile join it), or queued outright where preferred sizes and a delay say to wait
+    for company; else there must be room in the queue."""
     try:
         if 0 < config.split_rows < request.rows and request.priority != BACKGROUND:
             return _admit_parts(snapshot, request, now, config, cost)
@@ -379,9 +382,15 @@ def _admit_one(snapshot: Snapshot, request: BatchRequest, now: float, config: Ad
     item = _item(request, snapshot.next_seq, level, queue_policy, now, work, config)
     free, background = snapshot.free_slots, snapshot.background_in_flight
     slot = has_slot(level, free, background)
-    # A lone request that would run inline on a batching model waits for the pump either way
-    # (its batch is itself: `decide` would answer inline), so it is not asked.
-    if slot and not snapshot.queue and not (limit > 0 and runs_inline(work, config.policy, cost)):
+    if slot and not snapshot.queue:
+        # A lone request that would run inline on a batching model is not asked about (its
+        # batch is itself: `decide` would answer inline); the driver runs it now or queues it
+        # so that requests decoded meanwhile join it (an empty queue has room for one).
+        if limit > 0 and runs_inline(work, config.policy, cost):
+            policy = config.policy
+            if policy.preferred_rows and policy.max_queue_delay_s > 0:  # configured to wait for them
+                return Admit((item,), None, pump=True)
+            return Admit((item,), Decision(run=(item,), inline=True), deferrable=True)
         decision = decide((item,), now, config.policy, cost, free, snapshot.close_at_rows, background)
         if decision.run and (not decision.inline or limit <= 0):
             return Admit((item,), decision)

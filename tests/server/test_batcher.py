@@ -478,6 +478,40 @@ async def test_a_cheap_measured_request_runs_inline_and_a_larger_one_on_an_insta
     await batcher.stop()
 
 
+class SizeRecorder(ThreadRecorder):
+    """ThreadRecorder that also records each batch's rows."""
+
+    def __init__(self, engine_clock) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(engine_clock)
+        self.batches: list[int] = []
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batches.append(inputs["x"].shape[0])
+        return super().__call__(inputs)
+
+
+async def test_lone_inline_requests_run_at_once_once_waiting_found_nobody_and_a_probe_brings_waiting_back() -> None:
+    """A lone cheap request waits for the end of the loop iteration (a future not yet done at
+    submit) until 8 such waits in a row found nobody to join; then it runs inside submit. One in
+    64 still waits: submitted in one iteration behind such a probe, a burst joins its batch, and
+    waiting is back on for the next lone request."""
+    runner = SizeRecorder(ticking(5e-6))
+    batcher = await started(runner, BatchingConfig(max_batch_rows=64), inline_below_s=100e-6,
+                            warmups=((2, 10e-6), (128, 40e-6)))
+    for _ in range(8):
+        lone = batcher.submit(request(1.0))
+        assert not lone.done()
+        await lone
+    burst = [batcher.submit(request(float(i))) for i in range(70)]
+    assert [f.done() for f in burst] == [True] * 63 + [False] * 7  # the 64th is the probe
+    results = await asyncio.gather(*burst)
+    assert all(np.array_equal(out["y"], np.full((1, 2), 2.0 * i, np.float32)) for i, out in enumerate(results))
+    assert runner.batches == [1] * (8 + 63) + [7]
+    assert set(runner.threads) == {threading.get_ident()}  # every batch on the event loop
+    assert not batcher.submit(request(1.0)).done()  # the probe found a crowd: waiting is back on
+    await batcher.stop()
+
+
 async def test_a_batch_measured_slower_than_the_bound_moves_off_the_event_loop() -> None:
     runner = ThreadRecorder(ticking(300e-6))  # each run: 300 µs
     batcher = await started(runner, BatchingConfig(max_batch_rows=64), inline_below_s=100e-6,

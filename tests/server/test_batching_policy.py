@@ -14,6 +14,7 @@ from medserve.server.batching import (
     BatchRequest,
     CostModel,
     CrowdEstimate,
+    LoneEstimate,
     PolicyConfig,
     QueuedItem,
     Refuse,
@@ -403,14 +404,33 @@ def test_an_idle_batcher_runs_a_lone_request_at_once_and_a_busy_one_queues_it(it
     assert behind.run is None and behind.pump  # joins the queue, and the pump may start it now
 
 
-def test_a_request_cheap_enough_for_the_event_loop_waits_for_the_pump_unless_the_model_does_not_batch() -> None:
-    """Inline on a batching model, it waits for the end of the loop iteration so that requests
-    decoded meanwhile join its batch; without batching there is nobody to wait for."""
+def test_lone_estimate_runs_at_once_after_settle_lone_batches_and_probes_one_in_probe_every() -> None:
+    lone = LoneEstimate(settle=3, probe_every=4)
+    assert not lone.run_now()  # nothing learned: wait for company
+    for _ in range(3):
+        lone.observe(1)
+    assert [lone.run_now() for _ in range(8)] == [True, True, True, False] * 2
+    lone.observe(2)  # a pumped batch found company: wait again
+    assert not lone.run_now()
+    lone.observe(1)
+    lone.observe(1)
+    assert not lone.run_now()  # two lone batches are not yet `settle`
+
+
+def test_a_request_cheap_enough_for_the_event_loop_may_wait_for_the_pump_unless_the_model_does_not_batch() -> None:
+    """Inline on a batching model, the driver may queue it so that requests decoded meanwhile
+    join its batch (`deferrable`); without batching there is nobody to wait for; and behind a
+    queue it is queued as any request."""
     cheap = FixedCost(50e-6)
     verdict = admitted(admit(Snapshot(), arrival(), 0.0, admission(8, inline_below_s=100e-6), cheap))
-    assert verdict.run is None and verdict.pump
+    assert verdict.run is not None and verdict.run.inline and verdict.deferrable
     verdict = admitted(admit(Snapshot(), arrival(), 0.0, admission(0, inline_below_s=100e-6), cheap))
-    assert verdict.run is not None and verdict.run.inline
+    assert verdict.run is not None and verdict.run.inline and not verdict.deferrable
+    verdict = admitted(admit(Snapshot(free_slots=0), arrival(), 0.0, admission(8, inline_below_s=100e-6), cheap))
+    assert verdict.run is None and not verdict.deferrable
+    waits = admission(8, inline_below_s=100e-6, preferred_rows=(4,), max_queue_delay_s=1e-3)
+    verdict = admitted(admit(Snapshot(), arrival(), 0.0, waits, cheap))  # configured to wait for company
+    assert verdict.run is None and verdict.pump and not verdict.deferrable
 
 
 def test_admission_keeps_decides_background_rule(item) -> None:
