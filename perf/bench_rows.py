@@ -15,7 +15,11 @@ In one run:
   3. onnxruntime in process on the same model file, medserve's own `OnnxModel` with the server's
      default session options (one intra-op thread), on one batch of `--rows` rows drawn as the
      harness draws them: rows/s = rows / mean seconds per run;
-  4. the ratio medserve rows/s / in-process rows/s at each level (target >= 0.8);
+  4. the ratio medserve rows/s / in-process rows/s at each level (target >= 0.8), and beside it,
+     in the same interleaved run, two ceilings per model: `fixed_server` answering with that
+     model's real 32-row response (the transport alone) and `minimal_server` on its model file
+     (parse, run inline, encode). When the fixed response itself stays under the target, no
+     handler on this transport can meet it: the report says so;
   5. unless `--no-text`: the text Transformer (`notes_transformer`, one-row requests of
      clinical-note lengths, padded batching) at c=`--text-concurrency` (default 64) against
      onnxruntime in process at the batch sizes the server formed, measured by `bench_text`
@@ -24,6 +28,7 @@ Prints a table, writes perf/results/bench_rows-<time>.json (bench_text's own JSO
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -42,17 +47,32 @@ TEXT_MODEL = "notes_transformer"
 TARGETS = {"rows_ratio": 0.8, "text_ratio": 0.5}
 
 
+CEILINGS = ("fixed", "minimal")
+
+
 def rows_ratios(points: list[dict[str, Any]], in_process: dict[str, float], rows: int,
                 target: float = TARGETS["rows_ratio"]) -> list[dict[str, Any]]:
     """Per (model, level): medserve's rows/s (requests/s x rows), onnxruntime's in-process
-    rows/s at `rows`, their ratio and whether it meets `target`."""
+    rows/s at `rows`, their ratio and whether it meets `target`. Points named `model:fixed` and
+    `model:minimal` (the ceilings) are not rows of their own: each medserve point carries their
+    rows/s at its level and their ratio to the in-process figure (`fixed_ratio`: the most any
+    handler on this transport could reach)."""
+    ceilings = {(p["model"], p["level"]): p["throughput_rps"] * rows for p in points if ":" in p["model"]}
     out = []
     for p in points:
+        if ":" in p["model"]:
+            continue
         served = p["throughput_rps"] * rows
         ref = in_process.get(p["model"])
         ratio = round(served / ref, 3) if ref else None
-        out.append({**p, "rows_per_s": round(served, 1), "in_process_rows_per_s": ref, "ratio": ratio,
-                    "target": target, "met": bool(ref) and served / ref >= target})
+        point = {**p, "rows_per_s": round(served, 1), "in_process_rows_per_s": ref, "ratio": ratio,
+                 "target": target, "met": bool(ref) and served / ref >= target}
+        for name in CEILINGS:
+            ceiling = ceilings.get((f"{p['model']}:{name}", p["level"]))
+            point[f"{name}_rows_per_s"] = round(ceiling, 1) if ceiling is not None else None
+            point[f"{name}_ratio"] = round(ceiling / ref, 3) if ceiling is not None and ref else None
+        point["transport_bound"] = point["fixed_ratio"] is not None and point["fixed_ratio"] < target
+        out.append(point)
     return out
 
 
@@ -96,8 +116,9 @@ def prepare_repository(repo: Path, source: Path | None, models: tuple[str, ...])
 
         build_demo_repository(repo, models=list(models))
         return
-    for m in models:
-        shutil.copytree(source / m, repo / m)
+    for m in models:  # version 1 as exported: no labels (no canary, no silent trial), no other version
+        shutil.copytree(source / m, repo / m, ignore=lambda d, names, top=source / m: [
+            n for n in names if Path(d) == top and (n == "labels.json" or (n.isdigit() and n != "1"))])
 
 
 def measure_rows(repo: Path, models: tuple[str, ...], rows: int, levels: tuple[float, ...], workers: int,
@@ -108,14 +129,21 @@ def measure_rows(repo: Path, models: tuple[str, ...], rows: int, levels: tuple[f
     from .scenario import ModelLoad, Scenario, Target, build_payloads, fetch_model_info
 
     load = ModelLoad("model", batch=rows, data="card")
-    with serverproc.medserve(repo, workers, log_dir=work) as srv:
-        targets = tuple(Target(m, srv.address, pid=srv.pid, workers=workers, models=(m,), repository=str(repo),
-                               generator=generator) for m in models)
+    with contextlib.ExitStack() as stack:
+        srv = stack.enter_context(serverproc.medserve(repo, workers, log_dir=work))
+        targets = [Target(m, srv.address, pid=srv.pid, workers=workers, models=(m,), repository=str(repo),
+                          generator=generator) for m in models]
         bodies = {m: build_payloads(fetch_model_info(srv.address, m, repository=str(repo)), ModelLoad(m, batch=rows,
                                                                                                       data="card"), 1)[0]
                   for m in models}
+        for m in models:  # the ceilings, as many processes as medserve has workers
+            fixed = stack.enter_context(serverproc.fixed_server(srv.address, m, workers, batch=rows, log_dir=work))
+            minimal = stack.enter_context(serverproc.minimal_server(repo / m / "1" / "model.onnx", workers,
+                                                                    log_dir=work, name=m, version="1"))
+            targets += [Target(f"{m}:fixed", fixed.address, pid=fixed.pid, models=(m,), generator=generator),
+                        Target(f"{m}:minimal", minimal.address, pid=minimal.pid, models=(m,), generator=generator)]
         scenario = Scenario(name="bench_rows", mode="closed", levels=levels, warmup_s=warmup_s, measure_s=measure_s,
-                            repetitions=repetitions, processes=1, channels=8, models=(load,), targets=targets)
+                            repetitions=repetitions, processes=1, channels=8, models=(load,), targets=tuple(targets))
         results = Runner(scenario, work_dir=work, progress=sys.stderr).run()
     print(f"\nonnxruntime in process at batch {rows} ...", file=sys.stderr)
     in_process = {m: in_process_rows_per_s(repo / m / "1" / "model.onnx", _feeds(bodies[m]), in_process_s)
@@ -137,15 +165,21 @@ def measure_rows(repo: Path, models: tuple[str, ...], rows: int, levels: tuple[f
 def print_report(body: dict[str, Any]) -> None:
     rows = body["rows"]
     print(f"{'model':<18} {'c':>4} {'req/s':>8} {'rows/s':>9} {'ORT@' + str(rows) + ' rows/s':>15} {'ratio':>6} "
-          f"{'p50 µs':>8} {'p99 µs':>8} {'batch':>6} {'err':>4} {'srvCPU':>6} {'other':>6}")
+          f"{'fixed':>6} {'minim':>6} {'p50 µs':>8} {'p99 µs':>8} {'batch':>6} {'err':>4} {'srvCPU':>6} {'other':>6}")
     for p in body["points"]:
         verdict = f"  (target >= {p['target']}) {'met' if p['met'] else 'MISSED'}"
+        if not p["met"] and p.get("transport_bound"):
+            verdict += ": over the transport's ceiling"
         print(f"{p['model']:<18} {p['level']:>4g} {p['throughput_rps']:>8.0f} {p['rows_per_s']:>9.0f} "
-              f"{figure(p['in_process_rows_per_s']):>15} {figure(p['ratio'], 3):>6} {figure(p['p50_us']):>8} "
+              f"{figure(p['in_process_rows_per_s']):>15} {figure(p['ratio'], 3):>6} "
+              f"{figure(p.get('fixed_ratio'), 3):>6} {figure(p.get('minimal_ratio'), 3):>6} {figure(p['p50_us']):>8} "
               f"{figure(p['p99_us']):>8} {figure(p['mean_batch_rows'], 2):>6} {p['errors']:>4} "
               f"{figure(p['server_cores'], 2):>6} {figure(p['host_other_cores'], 2):>6}{verdict}")
     print(f"batch: rows per executed batch (ModelStatistics: inference_count / execution_count); {rows} rows = "
           "one request per batch. other: cores used by neither server nor harness in the window (a busy host).")
+    print(f"fixed / minim: the rows/s of the fixed {rows}-row response (the transport alone) and of the minimal "
+          "handler (parse, run inline, encode), over the same in-process figure, in the same run. A target above "
+          "the fixed response's ratio is over what any handler on this transport can serve.")
     text = body.get("text")
     if text:
         print(f"{text['model']} c={text['concurrency']} (padded, one-row requests): {figure(text['throughput_rps'])} req/s, "

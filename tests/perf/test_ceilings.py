@@ -195,6 +195,13 @@ def test_rows_and_text_ratios() -> None:
     assert [(p["rows_per_s"], p["ratio"], p["met"]) for p in out] == [(3200.0, 0.8, True), (1600.0, 1.6, True)]
     assert rows_ratios(points[:1], {"rf": 4001.0}, rows=32)[0]["met"] is False
     assert rows_ratios(points[:1], {}, rows=32)[0]["ratio"] is None
+    ceilings = [{"model": "rf:fixed", "level": 1.0, "throughput_rps": 110.0},
+                {"model": "rf:minimal", "level": 1.0, "throughput_rps": 105.0}]
+    (rf,) = rows_ratios(points[:1] + ceilings, {"rf": 8000.0}, rows=32)  # the ceilings are no rows of their own
+    assert (rf["fixed_rows_per_s"], rf["fixed_ratio"], rf["minimal_ratio"]) == (3520.0, 0.44, 0.42)
+    assert rf["transport_bound"] is True and rf["met"] is False  # even the fixed response is under 0.8
+    (rf,) = rows_ratios(points[:1] + ceilings, {"rf": 4000.0}, rows=32)
+    assert rf["transport_bound"] is False
     text = {"points": [
         {"model": "notes_transformer", "variant": "padded", "concurrency": 8, "throughput_rps": 1.0, "mean_batch": 1.0},
         {"model": "notes_transformer", "variant": "shape groups", "concurrency": 64, "throughput_rps": 9.0,
