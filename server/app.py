@@ -85,7 +85,7 @@ class MedserveServer:
             max_message_bytes=config.max_message_bytes,
         )
         limits = DecodeLimits(config.max_tensor_elements, config.max_bytes_elements, config.max_bytes_element_size,
-                              text_bytes=config.max_text_bytes)
+                              text_bytes=config.max_text_bytes, json_bytes=config.max_json_bytes)
         tracing = tracing or Tracing()
         self._servicer = InferenceServicer(
             self.repository, self.core, self.lifecycle, clock=clock, server_name=config.server_name,

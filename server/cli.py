@@ -82,6 +82,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--max-bytes-element-size", type=int, default=1 << 20, help="bytes of one BYTES element")
     p.add_argument("--max-text-bytes", type=int, default=8 << 20,
                    help="bytes of text (all BYTES elements) in one request; more is refused before decoding")
+    p.add_argument("--max-json-mb", type=float, default=2.0,
+                   help="REST: MiB of a request's JSON (parsed holding the GIL); large tensors go as binary data")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="HTTP port for Prometheus /metrics and health probes (worker i: port+i)")
     p.add_argument("--metrics-host", default="127.0.0.1",
@@ -236,6 +238,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         max_bytes_elements=args.max_bytes_elements,
         max_bytes_element_size=args.max_bytes_element_size,
         max_text_bytes=args.max_text_bytes,
+        max_json_bytes=int(args.max_json_mb * (1 << 20)),
     )
 
 

@@ -103,6 +103,12 @@ class DecodeLimits:
     bytes_element_size: int = 1 << 20
     text_bytes: int = 8 << 20  # `--max-text-bytes`: the bytes of all of a request's BYTES elements together
     inputs: int = 1024  # input tensors in one request
+    # REST: the JSON part of a body is parsed holding the GIL (16 MiB of numbers: 0.2-0.25 s, every
+    # other call stalled), so it is bounded apart from the message (`--max-json-mb`), and so are
+    # its arrays and objects (each a tracked object: a body of tiny ones parses 3x slower, in the
+    # garbage collector). Large tensors go in Triton's binary extension.
+    json_bytes: int = 2 << 20
+    json_containers: int = 1 << 16
 
 
 DEFAULT_LIMITS = DecodeLimits()

@@ -230,6 +230,7 @@ class ServerConfig:
     max_bytes_elements: int = 1 << 16  # elements of one BYTES input tensor (each a Python object, a row to tokenize)
     max_bytes_element_size: int = 1 << 20  # bytes of one BYTES element
     max_text_bytes: int = 8 << 20  # bytes of all of a request's BYTES elements (64 notes of 128 KiB fit)
+    max_json_bytes: int = 2 << 20  # REST: the JSON part of a request (binary data beside it counts against the message)
 
     def __post_init__(self) -> None:
         """Refuse, at start-up and naming the flag, any setting the server could not honour (a
@@ -268,6 +269,7 @@ class ServerConfig:
             ("--max-bytes-elements", self.max_bytes_elements, self.max_bytes_elements >= 1, ">= 1"),
             ("--max-bytes-element-size", self.max_bytes_element_size, self.max_bytes_element_size >= 1, ">= 1"),
             ("--max-text-bytes", self.max_text_bytes, self.max_text_bytes >= 1, ">= 1"),
+            ("--max-json-mb", self.max_json_bytes, self.max_json_bytes >= 1, ">= 1"),
             ("--providers", self.providers, self.providers is None or (
                 bool(self.providers) and all(p.endswith("ExecutionProvider") for p in self.providers)),
              "comma-separated onnxruntime provider names, e.g. CUDAExecutionProvider,CPUExecutionProvider"),

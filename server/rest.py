@@ -59,7 +59,7 @@ from .httpd import HttpLimits, _BoundedServer, listen
 from .identities import ANONYMOUS
 from .inference import InferenceCore
 from .repository import LoadedVersion, ModelRepository, unknown_model
-from .rest_codec import decode_request, encode_response, parse_header
+from .rest_codec import check_json_size, decode_request, encode_response, parse_header
 from .runtime import usable_providers
 from .service import EXTENSIONS, VERSION, Lifecycle, _card_parameters, _rollout_parameters
 from .status import http_status_for, status_code_name
@@ -402,8 +402,11 @@ class RestFrontEnd:
         except ValueError:
             raise InvalidInput(f"header {HEADER_LENGTH} must be an integer") from None
 
+        label = f"{model!r} version {version or 'latest'}"
+        check_json_size(body, header_length, label, self._limits)
+
         def decode():  # type: ignore[no-untyped-def]
-            document, binary = parse_header(body, header_length, f"{model!r} version {version or 'latest'}")
+            document, binary = parse_header(body, header_length, label, self._limits)
             return decode_request(model, version, document, binary, self._limits, deadline)
 
         if len(body) >= PARSE_IN_THREAD_BYTES:  # a big body is parsed off the event loop

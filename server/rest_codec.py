@@ -45,8 +45,20 @@ class RestRequest:
     binary_all: bool = False
 
 
-def parse_header(body: bytes, header_length: int | None, label: str) -> tuple[dict[str, Any], memoryview]:
-    """The JSON part of a request body and the binary bytes after it (Triton's extension)."""
+def check_json_size(body: bytes, header_length: int | None, label: str, limits: DecodeLimits) -> None:
+    """Refuse a JSON part over `limits.json_bytes` before it is read (see `DecodeLimits`)."""
+    size = len(body) if header_length is None else header_length
+    if size > limits.json_bytes:
+        raise InvalidInput(
+            f"model {label}: the request's JSON is {size} bytes; the server parses at most {limits.json_bytes} "
+            f"(--max-json-mb); send large tensors as binary data (Inference-Header-Content-Length)")
+
+
+def parse_header(body: bytes, header_length: int | None, label: str,
+                 limits: DecodeLimits | None = None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON part of a request body and the binary bytes after it (Triton's extension); with
+    `limits`, its arrays and objects are counted before it is parsed (an upper bound: brackets
+    inside strings count too)."""
     view = memoryview(body)
     if header_length is None:
         head, rest = view, view[len(view):]
@@ -55,7 +67,12 @@ def parse_header(body: bytes, header_length: int | None, label: str) -> tuple[di
             raise InvalidInput(f"model {label}: Inference-Header-Content-Length {header_length} is not within "
                                f"the body of {len(body)} bytes")
         head, rest = view[:header_length], view[header_length:]
-    document = loads(bytes(head), label)
+    text = bytes(head)
+    if limits is not None and text.count(b"{") + text.count(b"[") > limits.json_containers:
+        raise InvalidInput(
+            f"model {label}: the request's JSON holds more than {limits.json_containers} arrays and objects; send "
+            f"tensor data as one flat array per input, or as binary data (Inference-Header-Content-Length)")
+    document = loads(text, label)
     if not isinstance(document, dict):
         raise InvalidInput(f"model {label}: the request body must be a JSON object")
     return document, rest

@@ -13,6 +13,7 @@ refused before any work.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import struct
 import subprocess
@@ -104,33 +105,59 @@ class Probe:
 
 @dataclass(frozen=True)
 class Outcome:
-    code: grpc.StatusCode
+    code: grpc.StatusCode | int  # an HTTP status for an attack over REST
     details: str
     seconds: float
     stall_s: float
     rss_growth_mib: float
 
 
-def attack(port: int, pid: int, name: str, send: Callable[[grpc.Channel], object]) -> Outcome:
-    """Send one attack with the probe running; print and return what came back and its cost."""
+def measured(port: int, pid: int, name: str, send: Callable[[], tuple[grpc.StatusCode | int, str]]) -> Outcome:
+    """Send one attack with the probe (on the gRPC port) running; print and return what came
+    back and its cost."""
     target = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
-        before = rss_mib(pid)
-        with Probe(target) as probe:
-            started = time.perf_counter()
-            try:
-                send(channel)
-                code, details = grpc.StatusCode.OK, ""
-            except grpc.RpcError as err:
-                code, details = err.code(), err.details() or ""
-            seconds = time.perf_counter() - started
-        growth = rss_mib(pid) - before
+    with grpc.insecure_channel(target) as channel:
+        pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
+    before = rss_mib(pid)
+    with Probe(target) as probe:
+        started = time.perf_counter()
+        code, details = send()
+        seconds = time.perf_counter() - started
+    growth = rss_mib(pid) - before
     outcome = Outcome(code, details, seconds, probe.stall_s, growth)
-    print(f"{name}: {code.name} in {seconds:.3f} s, longest probe {1000 * probe.stall_s:.1f} ms "
+    shown = code.name if isinstance(code, grpc.StatusCode) else f"HTTP {code}"
+    print(f"{name}: {shown} in {seconds:.3f} s, longest probe {1000 * probe.stall_s:.1f} ms "
           f"({len(probe.latencies)} probes), RSS {before:.0f} MiB {growth:+.1f} MiB; {details[:160]}")
     return outcome
+
+
+def attack(port: int, pid: int, name: str, send: Callable[[grpc.Channel], object]) -> Outcome:
+    """One attack over gRPC (`send` calls on a channel of its own, with no message limits)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+        def call() -> tuple[grpc.StatusCode, str]:
+            try:
+                send(channel)
+            except grpc.RpcError as err:
+                return err.code(), err.details() or ""
+            return grpc.StatusCode.OK, ""
+
+        return measured(port, pid, name, call)
+
+
+def attack_rest(server: tuple[int, int, int], name: str, model: str, body: bytes) -> Outcome:
+    """One attack over REST: `body` POSTed to the model's infer endpoint (JSON)."""
+    port, http_port, pid = server
+
+    def post() -> tuple[int, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+        try:
+            connection.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            return answer.status, json.loads(answer.read() or b"{}").get("error", "")
+        finally:
+            connection.close()
+
+    return measured(port, pid, name, post)
 
 
 def call(request: pb.ModelInferRequest) -> Callable[[grpc.Channel], object]:
@@ -212,6 +239,16 @@ def server(demo: Path) -> Iterator[tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
+def rest(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int, int]]:
+    """`medserve serve` with its default budgets and its REST port: (gRPC port, HTTP port, pid)."""
+    from medserve.perf.serverproc import medserve
+
+    with medserve(demo, args=("--http-port", "0"), log_dir=tmp_path_factory.mktemp("rest-log")) as handle:
+        assert handle.http_port
+        yield handle.port, handle.http_port, handle.pid
+
+
+@pytest.fixture(scope="module")
 def wide(demo: Path) -> Iterator[tuple[int, int]]:
     """`medserve serve --max-message-mb 64`: messages of tens of MiB reach the budgets."""
     with server_process(demo, "--max-message-mb", "64") as (port, process):
@@ -236,6 +273,45 @@ def test_a_trillion_rows_of_nothing_refused_by_the_queue_bound(server: tuple[int
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "request has 1099511627776 rows, 17179869184 parts of at most max_batch_size 64" in outcome.details
     assert "the queue holds at most 1024" in outcome.details
+    assert_targets(outcome)
+
+
+TRILLION_ROWS = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1 << 40, 3, 0], "data": []}]})
+
+
+def test_over_rest_a_trillion_rows_of_nothing_refused_by_the_queue_bound(rest: tuple[int, int, int]) -> None:
+    outcome = attack_rest(rest, "REST: 2**40 rows of zero elements", "ecg_cnn1d", TRILLION_ROWS.encode())
+    assert outcome.code == 400
+    assert "request has 1099511627776 rows, 17179869184 parts of at most max_batch_size 64" in outcome.details
+    assert_targets(outcome)
+
+
+def test_over_rest_a_large_json_refused_before_it_is_parsed(rest: tuple[int, int, int]) -> None:
+    """Rows 2 and 14 over REST (4 and 14 MB of JSON, within the 16 MiB message): a JSON part is
+    parsed holding the GIL, 0.44 s for the 200,000 inputs, so it is refused by its size first
+    (--max-json-mb, 2 MiB) with the way to send large tensors."""
+    strings = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1 << 20, 1],
+                                      "data": [""] * (1 << 20)}]}).encode()
+    inputs = json.dumps({"inputs": [{"name": f"t{i}", "datatype": "FP32", "shape": [1], "data": [1.0]}
+                                    for i in range(200_000)]}).encode()
+    for name, model, body in (("REST row 2: 1,048,576 empty strings", "notes_triage", strings),
+                              ("REST row 14: 200,000 one-element inputs", "ecg_cnn1d", inputs)):
+        outcome = attack_rest(rest, name, model, body)
+        assert outcome.code == 400
+        assert f"the request's JSON is {len(body)} bytes; the server parses at most 2097152 (--max-json-mb)" \
+            in outcome.details and "binary data" in outcome.details
+        assert_targets(outcome)
+
+
+def test_over_rest_a_json_of_tiny_arrays_refused_before_it_is_parsed(rest: tuple[int, int, int]) -> None:
+    """Within 2 MiB, 500,000 one-element arrays ("[1],") would parse for ~0.13 s, most of it in the
+    garbage collector: arrays and objects are counted first."""
+    rows = 500_000
+    body = (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[' + str(rows).encode()
+            + b',1],"data":[' + b"[1]," * (rows - 1) + b"[1]]}]}")
+    assert len(body) < 2 << 20
+    outcome = attack_rest(rest, "REST: 500,000 nested one-element arrays", "ecg_cnn1d", body)
+    assert outcome.code == 400 and "holds more than 65536 arrays and objects" in outcome.details
     assert_targets(outcome)
 
 
