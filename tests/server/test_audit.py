@@ -329,12 +329,13 @@ def test_failed_writes_keep_records_pending_refuse_new_calls_and_resume(tmp_path
     wait_for(lambda: writer.written == 1)
     disk.full.set()
     writer.record(event(1))
-    wait_for(lambda: not writer.healthy)
-    assert not writer.admit() and health == [False]
+    # The writer thread turns `healthy` and then tells its observer: wait for both.
+    wait_for(lambda: not writer.healthy and health == [False])
+    assert not writer.admit()
     writer.record(event(2))  # a call admitted before the failure was seen
     disk.full.clear()
-    wait_for(lambda: writer.healthy and writer.written == 3, timeout_s=5)
-    assert writer.admit() and health == [False, True] and disk.short_writes == 1
+    wait_for(lambda: writer.healthy and writer.written == 3 and health == [False, True], timeout_s=5)
+    assert writer.admit() and disk.short_writes == 1
     writer.close()
     result = verify(log, key=KEY)
     assert result.ok and result.calls == 3, result.message
