@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -133,6 +134,24 @@ def test_bad_input_is_400_naming_the_tensor_never_a_value(demo: RunningServer) -
     assert status == 400 and "'input'" in json.loads(raw)["error"]
     status, _, raw = http(demo, "POST", "/v2/models/breast_cancer_rf/infer", b"{not json")
     assert status == 400 and "not valid JSON" in json.loads(raw)["error"]
+
+
+def test_a_request_id_over_128_characters_is_refused_without_echo(demo: RunningServer,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """gRPC's row 3 over REST: a 100,000-character id is refused 400 naming the limit, the same
+    answer for a served and a missing model, and neither the answer nor any log line carries it."""
+    caplog.set_level(logging.DEBUG)
+    long_id = "ID-" + "x" * 100_000
+    body = json.dumps({"id": long_id, "inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
+                                                  "data": [0.0] * 30}]}).encode()
+    answers = []
+    for model in ("breast_cancer_rf", "no_such_model"):
+        status, _, raw = http(demo, "POST", f"/v2/models/{model}/infer", body)
+        assert status == 400 and "longer than 128 characters" in json.loads(raw)["error"]
+        assert b"xxxx" not in raw
+        answers.append(raw)
+    assert answers[0] == answers[1]
+    assert "xxxx" not in caplog.text
 
 
 def test_unknown_model_404_and_probes(demo: RunningServer) -> None:
