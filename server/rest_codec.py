@@ -55,10 +55,10 @@ def check_json_size(body: bytes, header_length: int | None, label: str, limits: 
 
 
 def parse_header(body: bytes, header_length: int | None, label: str,
-                 limits: DecodeLimits | None = None) -> tuple[dict[str, Any], memoryview]:
-    """The JSON part of a request body and the binary bytes after it (Triton's extension); with
-    `limits`, its arrays and objects are counted before it is parsed (an upper bound: brackets
-    inside strings count too)."""
+                 limits: DecodeLimits) -> tuple[dict[str, Any], memoryview]:
+    """The JSON part of a request body and the binary bytes after it (Triton's extension); its
+    arrays and objects are counted against `limits` before it is parsed (an upper bound:
+    brackets inside strings count too)."""
     view = memoryview(body)
     if header_length is None:
         head, rest = view, view[len(view):]
@@ -68,7 +68,7 @@ def parse_header(body: bytes, header_length: int | None, label: str,
                                f"the body of {len(body)} bytes")
         head, rest = view[:header_length], view[header_length:]
     text = bytes(head)
-    if limits is not None and text.count(b"{") + text.count(b"[") > limits.json_containers:
+    if text.count(b"{") + text.count(b"[") > limits.json_containers:
         raise InvalidInput(
             f"model {label}: the request's JSON holds more than {limits.json_containers} arrays and objects; send "
             f"tensor data as one flat array per input, or as binary data (Inference-Header-Content-Length)")
