@@ -17,6 +17,7 @@ import pytest
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos.wire import from_raw, to_raw
 from medserve.server.batching import Batcher, BatcherConfig, BatchRequest
+from medserve.server.batching.execute import Padding, concatenate, pad_to
 from medserve.server.config import BatchingConfig, PadSpec
 from medserve.server.errors import ModelLoadFailed
 
@@ -56,6 +57,38 @@ class Recorder:
         self.gate.wait(30)
         self.shapes.append(inputs["seq"].shape)
         return {"m": masked_mean(inputs["seq"], inputs["mask"]), "h": inputs["seq"] * 2}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_padded_batch_is_each_member_padded_then_concatenated(seed: int) -> None:
+    """The one-allocation assembly equals padding each member with np.pad and concatenating:
+    values, pad value, dtype and shape, for any padded axis, rows per member (zero included) and
+    trailing dims."""
+    rng = np.random.default_rng(seed)
+    ndim = int(rng.integers(2, 5))
+    axis = int(rng.integers(1, ndim))
+    dims = [int(d) for d in rng.integers(1, 4, size=ndim)]
+    members = []
+    for _ in range(int(rng.integers(2, 9))):
+        shape = list(dims)
+        shape[0], shape[axis] = int(rng.integers(0, 4)), int(rng.integers(0, 30))
+        members.append({"seq": rng.integers(-50, 50, size=shape).astype(np.int64),
+                        "other": rng.normal(size=(shape[0], 2)).astype(np.float32)})
+    padding = Padding({"seq": (axis, -7)}, {}, [m["seq"].shape[axis] for m in members])
+    batch = concatenate(members, padding)
+    longest = max(m["seq"].shape[axis] for m in members)
+    expected = np.concatenate([pad_to(m["seq"], axis, longest, -7) for m in members])
+    assert batch["seq"].dtype == expected.dtype and batch["seq"].shape == expected.shape
+    np.testing.assert_array_equal(batch["seq"], expected)
+    np.testing.assert_array_equal(batch["other"], np.concatenate([m["other"] for m in members]))
+
+
+def test_padded_members_whose_other_dims_differ_are_refused_not_broadcast() -> None:
+    """A member whose dims beside the padded axis differ fails the batch as numpy's concatenate
+    would (the signature refuses it first in the server); it is never broadcast into the slot."""
+    members = [{"seq": np.ones((1, 4, 3), np.float32)}, {"seq": np.ones((1, 2, 1), np.float32)}]
+    with pytest.raises(ValueError):
+        concatenate(members, Padding({"seq": (1, 0.0)}, {}, [4, 2]))
 
 
 async def test_requests_of_different_lengths_share_one_padded_batch() -> None:
