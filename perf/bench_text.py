@@ -32,7 +32,11 @@ the text models:
      server's `TokenizerStage`, one text per call as the server runs it, then padding), because
      the server does that work too; the engine-only figure is in the JSON. The ratio printed
      is server throughput / in-process throughput at the same batch size;
-  5. the tokenizer stage's cost per request (in process) and this machine's thread hand-off
+  5. the transport's ceiling: the same closed loop, at each level, against `fixed_server`
+     answering every request with medserve's real response to the padded variant's first request
+     (no handler: what any handler on this transport reaches here). Its ratio to the in-process
+     figure says whether a target ratio (0.5, issue 29) is within reach on this machine at all;
+  6. the tokenizer stage's cost per request (in process) and this machine's thread hand-off
      (one `loop.run_in_executor` round trip), printed beside the figures.
 Prints a table and writes perf/results/bench_text-<time>.json.
 
@@ -61,7 +65,7 @@ import numpy as np
 from .loadgen import Job, LoadPool
 from .measure import StatsProbe, descendants, host_busy_s, proc_delta, proc_snapshot, status_name, time_calls
 from .report import bench_parser, figure, write_result
-from .serverproc import ServerHandle, medserve
+from .serverproc import ServerHandle, fixed_server, medserve
 
 MODELS = ("notes_minilm", "notes_transformer")
 SHAPE_GROUPS = "_shape_groups"  # suffix of the copy without `pad` / `pad_mask`
@@ -69,6 +73,7 @@ VARIANTS = ("padded", "shape groups")
 MEDIAN_WORDS = 15
 WORDS_SIGMA = 0.7  # log-normal spread: p90 ~ 37 words, p99 ~ 75
 MAX_WORDS = 120
+TARGET_RATIO = 0.5  # issue 29: the Transformer at c=64, req/s over onnxruntime in process at the same batches
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,13 +192,34 @@ def _counters(probe: StatsProbe, name: str) -> tuple[int, int, int, int]:
             sum(s.get("compute_infer_count", 0) for s in mine), sum(s.get("compute_infer_ns", 0) for s in mine))
 
 
+def _job(address: str, served: Served, concurrency: int, warmup_s: float, measure_s: float) -> Job:
+    return Job(address=address, mode="closed", concurrency=concurrency, rate=0.0, arrival="fixed", phase_s=0.0,
+               warmup_s=warmup_s, measure_s=measure_s, drain_s=30.0, bodies=(served.bodies,), timeouts_s=(60.0,),
+               goals_ns=(None,), plan=bytes(1), channels=1, max_outstanding=concurrency, seed=0)
+
+
+def transport_ceiling(pool: LoadPool, medserve_address: str, served: Served, levels: Sequence[int],
+                      warmup_s: float, measure_s: float, log_dir: Path) -> dict[int, float]:
+    """Req/s of `fixed_server` answering every request with medserve's real response to the
+    variant's first request, under the same closed loop and requests: what any handler on this
+    transport can reach here (per level)."""
+    out = {}
+    with fixed_server(medserve_address, served.name, log_dir=log_dir, request=served.bodies[0]) as fixed:
+        for level in levels:
+            print(f"  {served.name} c={level}: the fixed response ...", file=sys.stderr)
+            pool.start([_job(fixed.address, served, level, warmup_s, measure_s)])
+            (run,) = pool.collect()
+            if (run["status"] != 0).any():
+                raise RuntimeError(f"the fixed server for {served.name} failed requests at c={level}")
+            out[level] = round(run["window_ok"] / measure_s, 1)
+    return out
+
+
 def closed_loop(pool: LoadPool, server: ServerHandle, probe: StatsProbe, served: Served, concurrency: int,
                 warmup_s: float, measure_s: float) -> dict[str, Any]:
     """`concurrency` callers back to back (the load process, closed loop) for warmup + measure
     seconds; figures of the measured window."""
-    job = Job(address=server.address, mode="closed", concurrency=concurrency, rate=0.0, arrival="fixed", phase_s=0.0,
-              warmup_s=warmup_s, measure_s=measure_s, drain_s=30.0, bodies=(served.bodies,), timeouts_s=(60.0,),
-              goals_ns=(None,), plan=bytes(1), channels=1, max_outstanding=concurrency, seed=0)
+    job = _job(server.address, served, concurrency, warmup_s, measure_s)
     pids = descendants(server.pid)
 
     def snapshot() -> dict[str, Any]:
@@ -365,7 +391,8 @@ def print_report(result: Mapping[str, Any]) -> None:
         print(f"  {model}: truncated at {m['max_length']} tokens ({m['truncated_fraction'] * 100:.1f} % of requests), "
               f"served on {m['execution_providers']}{extra}")
     header = (f"{'model':<18} {'variant':<13} {'c':>3} {'req/s':>8} {'p50 µs':>8} {'p99 µs':>8} {'batch':>6} "
-              f"{'pad waste':>10} {'in-proc/s':>10} {'ratio':>6} {'cores srv/cli/rest':>19}")
+              f"{'pad waste':>10} {'in-proc/s':>10} {'ratio':>6} {'fixed/s':>8} {'f.ratio':>7} "
+              f"{'cores srv/cli/rest':>19}")
     print(header)
     print("-" * len(header))
     for p in result["points"]:
@@ -375,9 +402,13 @@ def print_report(result: Mapping[str, Any]) -> None:
         print(f"{p['model']:<18} {p['variant']:<13} {p['concurrency']:>3} {figure(p['throughput_rps']):>8} "
               f"{figure(p['latency_us']['p50']):>8} {figure(p['latency_us']['p99']):>8} {figure(p['mean_batch'], 2):>6} "
               f"{waste:>10} {figure(ip.get('rows_per_s')):>10} {figure(p.get('ratio_to_in_process'), 2):>6} "
+              f"{figure(p.get('fixed_rps')):>8} {figure(p.get('fixed_ratio'), 2):>7} "
               f"{cpu['server']:>6.2f}/{cpu['client']:.2f}/{cpu['rest_of_host']:.2f}")
     print("in-proc/s: onnxruntime in process at the point's mean batch (rounded), rows per second; for notes_minilm "
           "including the tokenizer stage per text (engine only in the JSON). ratio: req/s / in-proc/s.")
+    print(f"fixed/s: the same closed loop against a server answering each request with medserve's real response "
+          f"(fixed_server: no handler, the transport alone); f.ratio: fixed/s / in-proc/s, the most any handler "
+          f"could read here; below {TARGET_RATIO} the target ratio is over the transport's ceiling on this machine.")
     print("pad waste: the fraction of input elements the batches ran that were padding "
           "(the server's medserve_input_elements_total, executed against requested)")
     busy = [p for p in result["points"] if p["cpu_cores"]["rest_of_host"] > 0.2]
@@ -464,6 +495,9 @@ def run(argv: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
                     raise RuntimeError(f"{s.name}: served with pad={facts[s.name]['pad']!r}, expected the {s.variant} variant")
             print(f"closed loop, {args.warmup_s:g} s warm-up + {args.measure_s:g} s per point ...", file=sys.stderr)
             points = run_load(pool, server, served, args.concurrency, args.warmup_s, args.measure_s)
+            ceilings = {s.model: transport_ceiling(pool, server.address, s, args.concurrency, args.warmup_s,
+                                                   args.measure_s, Path(tmp))
+                        for s in served if s.variant == VARIANTS[0]}
         print("onnxruntime in process at the mean batch sizes formed ...", file=sys.stderr)
         by_name = {s.name: s for s in served}
         for model in args.models:
@@ -475,7 +509,11 @@ def run(argv: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
                 batch = max(1, round(p["mean_batch"] or 1))
                 p["in_process"] = in_process(by_name[p["served_as"]], batch, texts, args.in_process_s,
                                              args.seed, stages.get(model), session)
-                p["ratio_to_in_process"] = round(p["throughput_rps"] / p["in_process"]["rows_per_s"], 3)
+                rows_per_s = p["in_process"]["rows_per_s"]
+                p["ratio_to_in_process"] = round(p["throughput_rps"] / rows_per_s, 3)
+                p["fixed_rps"] = ceilings[model][p["concurrency"]]
+                p["fixed_ratio"] = round(p["fixed_rps"] / rows_per_s, 3)
+                p["transport_bound"] = p["fixed_ratio"] < TARGET_RATIO
     pct = (50, 90, 99, 100)
     body = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

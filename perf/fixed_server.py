@@ -10,7 +10,9 @@ the same message sizes; medserve's figures are read against it (`bench_batching`
         --ready-file /tmp/fixed.json [--workers 2]
 
 `--capture-from` takes the real ModelMetadata and one real ModelInfer response from a running
-server, so the sizes match. Methods it has no response for answer UNIMPLEMENTED.
+server, so the sizes match: to a request of `--batch` rows built from the model's metadata, or to
+the serialized ModelInferRequest in `--request-file` (a model with variable dims, e.g. text).
+Methods it has no response for answer UNIMPLEMENTED.
 """
 from __future__ import annotations
 
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--version", default="")
     parser.add_argument("--batch", type=int, default=1, help="rows of the captured request")
+    parser.add_argument("--request-file", type=Path, default=None,
+                        help="a serialized ModelInferRequest to capture the response to (instead of --batch)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
@@ -92,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .scenario import ModelLoad, build_payloads, fetch_model_info
 
-    info = fetch_model_info(args.capture_from, args.model, args.version)
-    request = build_payloads(info, ModelLoad(model=args.model, version=args.version, batch=args.batch), count=1)[0]
+    if args.request_file is not None:
+        request = args.request_file.read_bytes()
+    else:
+        info = fetch_model_info(args.capture_from, args.model, args.version)
+        request = build_payloads(info, ModelLoad(model=args.model, version=args.version, batch=args.batch), count=1)[0]
     responses = capture(args.capture_from, args.model, request, args.version)
     return run_workers(responses, args.workers, args.host, args.port, args.ready_file)
 

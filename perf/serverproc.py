@@ -94,14 +94,19 @@ def medserve(repository: str | Path, workers: int = 1, args: Sequence[str] = (),
 
 @contextlib.contextmanager
 def fixed_server(capture_from: str, model: str, workers: int = 1, batch: int = 1,
-                 log_dir: Path | None = None) -> Iterator[ServerHandle]:
-    """`python -m medserve.perf.fixed_server` answering with `model`'s real responses."""
+                 log_dir: Path | None = None, request: bytes | None = None) -> Iterator[ServerHandle]:
+    """`python -m medserve.perf.fixed_server` answering with `model`'s real responses (to a
+    request of `batch` rows, or to `request`, a serialized ModelInferRequest)."""
     tmp = Path(log_dir or tempfile.gettempdir())
     tmp.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}-{time.monotonic_ns()}"
     ready = tmp / f"fixed-ready-{stamp}.json"
     cmd = [sys.executable, "-m", "medserve.perf.fixed_server", "--capture-from", capture_from, "--model", model,
            "--batch", str(batch), "--port", "0", "--workers", str(workers), "--ready-file", str(ready)]
+    if request is not None:
+        request_file = tmp / f"fixed-request-{stamp}.bin"
+        request_file.write_bytes(request)
+        cmd += ["--request-file", str(request_file)]
     with start_process(cmd, ready, tmp / f"fixed-{stamp}.log") as handle:
         yield handle
 

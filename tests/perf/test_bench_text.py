@@ -22,7 +22,7 @@ def test_bench_text_writes_sane_figures(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "medserve.perf.bench_text", *TINY, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=55)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "thread hand-off" in done.stdout and "pad waste" in done.stdout
+    assert "thread hand-off" in done.stdout and "pad waste" in done.stdout and "fixed/s" in done.stdout
     (path,) = tmp_path.glob("bench_text-*.json")
     result = json.loads(path.read_text())
 
@@ -47,6 +47,10 @@ def test_bench_text_writes_sane_figures(tmp_path: Path) -> None:
             assert waste > 0
         assert p["in_process"]["batch"] == max(1, round(p["mean_batch"]))
         assert p["in_process"]["rows_per_s"] > 0 and p["ratio_to_in_process"] > 0
+        # the transport's ceiling: the fixed response under the same loop, one figure per level
+        assert p["fixed_rps"] > 0 and p["fixed_ratio"] == round(p["fixed_rps"] / p["in_process"]["rows_per_s"], 3)
+        assert p["transport_bound"] == (p["fixed_ratio"] < 0.5)
+        assert p["fixed_rps"] == next(q["fixed_rps"] for q in points if q["concurrency"] == p["concurrency"])
         cores = p["cpu_cores"]  # the server and the client both worked in the window, within the host's cores
         assert cores["server"] > 0 and cores["client"] > 0, cores
         assert cores["server"] + cores["client"] + cores["rest_of_host"] <= 1.25 * (os.cpu_count() or 1), cores
