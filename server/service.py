@@ -48,7 +48,7 @@ from .gate import (
     current_identity,
     retry_hint,
 )
-from .inference import InferenceCore, InferRequest
+from .inference import InferenceCore
 from .repository import LoadedVersion, ModelRepository, unknown_model
 from .runtime import usable_providers
 from .status import MAX_MESSAGE_CHARS, STATUS_BY_ERROR, status_code_name, status_for
@@ -244,7 +244,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 check_request_id(request.id)  # first: the same answer for a forbidden and a missing model
                 self._allow(request.model_name, request.model_version, call)
                 self._check_accepting()
-                decoded = await self._decode(request, deadline, call)
+                if call is not None and call.body_bytes >= PARSE_IN_THREAD_BYTES:  # BYTES decoding loops in Python
+                    decoded = await asyncio.to_thread(decode_infer_request, request, deadline, self._limits)
+                else:  # a plain call: the common small request costs no coroutine of its own
+                    decoded = decode_infer_request(request, deadline, self._limits)
                 if request.parameters and "routing_key" in request.parameters:
                     decoded = replace(decoded, routing_key=_routing_key(request))
                 if span is not None:
@@ -270,12 +273,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 t = decoded.timing
                 self._tracing.phases(span, t.queued_ns, t.started_ns, t.finished_ns)
         return response
-
-    async def _decode(self, request: pb.ModelInferRequest, deadline: float | None, call: Call | None) -> InferRequest:
-        """Tensors from the message; a large one on a worker thread (BYTES decoding loops in Python)."""
-        if call is not None and call.body_bytes >= PARSE_IN_THREAD_BYTES:
-            return await asyncio.to_thread(decode_infer_request, request, deadline, self._limits)
-        return decode_infer_request(request, deadline, self._limits)
 
     async def ModelStreamInfer(
         self, items: AsyncIterator[StreamItem], context: grpc.aio.ServicerContext
