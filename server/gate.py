@@ -338,7 +338,7 @@ class Gate:
             return
         latency_ms = (self._clock() - call.started_s) * 1e3
         if call.tally:
-            self._tally.add(call.identity.name, call.peer, call.rpc, call.status, latency_ms)
+            self._tally.add(call.identity.name, call.peer, call.rpc, call.status, latency_ms, call.transport)
             if self._tally_timer is None and self._tally.pending:
                 self._tally_timer = asyncio.get_running_loop().call_later(TALLY_FLUSH_S, self._flush_tally)
             return

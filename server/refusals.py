@@ -2,7 +2,7 @@
 caller refused because the audit trail is behind can send thousands of calls a second, and a
 record per call would let it fill the audit trail (and, with rotation, push real records out).
 
-Refusals are grouped by (identity, peer address without its port, RPC, status) per second of
+Refusals are grouped by (identity, peer address without its port, RPC, status, transport) per second of
 the injected monotonic clock. The first refusal of a group in a second is written at once
 (`count` 1: an attack is visible as it starts); the others of that second become one record
 whose `count` says how many calls it stands for, written when the second is over (`flush_ended`,
@@ -21,7 +21,7 @@ from .audit import AuditEvent
 OTHER_PEERS = "(other peers)"
 MAX_GROUPS = 1024
 
-Key = tuple[str, str, str, str]  # identity, peer host, rpc, status
+Key = tuple[str, str, str, str, str]  # identity, peer host, rpc, status, transport ("grpc" or "http")
 
 
 def peer_host(peer: str) -> str:
@@ -58,20 +58,21 @@ class RefusalTally:
         """Whether some refusals are counted but not yet written."""
         return any(g.count for g in self._groups.values())
 
-    def add(self, identity: str, peer: str, rpc: str, status: str, latency_ms: float) -> None:
+    def add(self, identity: str, peer: str, rpc: str, status: str, latency_ms: float,
+            transport: str = "grpc") -> None:
         second = math.floor(self._clock())
         if second != self._second:
             self.flush()
             self._second = second
-        key: Key = (identity, peer_host(peer), rpc, status)
+        key: Key = (identity, peer_host(peer), rpc, status, transport)
         group = self._groups.get(key)
         if group is None and len(self._groups) >= self._max_groups:
-            key = (identity, OTHER_PEERS, rpc, status)
+            key = (identity, OTHER_PEERS, rpc, status, transport)
             group = self._groups.get(key)
         if group is None:
             self._groups[key] = _Group()
             self._emit(AuditEvent(time_unix=self._wall(), identity=identity, peer=key[1], rpc=rpc, status=status,
-                                  latency_ms=latency_ms))
+                                  latency_ms=latency_ms, transport=transport))
             return
         if not group.count:
             group.first_unix = self._wall()
@@ -86,8 +87,9 @@ class RefusalTally:
 
     def flush(self) -> None:
         """Write every count now (the second is over, or the server stops)."""
-        for (identity, peer, rpc, status), group in self._groups.items():
+        for (identity, peer, rpc, status, transport), group in self._groups.items():
             if group.count:
                 self._emit(AuditEvent(time_unix=group.first_unix, identity=identity, peer=peer, rpc=rpc,
-                                      status=status, latency_ms=group.latency_ms, count=group.count))
+                                      status=status, latency_ms=group.latency_ms, count=group.count,
+                                      transport=transport))
         self._groups.clear()

@@ -244,7 +244,8 @@ def test_forbidden_answers_as_missing_and_rate_limit_429(tmp_path: Path) -> None
         ("secret", "NOT_FOUND", "http"), ("no_such_model", "NOT_FOUND", "http"), ("ward", "OK", "http"),
         ("ward", "RESOURCE_EXHAUSTED", "http")]
     strangers = [r for r in records if r.get("identity") == "anonymous"]
-    assert [(r["rpc"], r["status"], r["count"]) for r in strangers] == [("ModelInfer", "UNAUTHENTICATED", 1)]
+    assert [(r["rpc"], r["status"], r["count"], r.get("transport")) for r in strangers] == [
+        ("ModelInfer", "UNAUTHENTICATED", 1, "http")]
     unknown = [(r["rpc"], r["status"]) for r in records if r.get("rpc") == "UnknownPath"]
     assert unknown == [("UnknownPath", "UNIMPLEMENTED")]
 

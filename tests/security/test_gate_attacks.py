@@ -318,6 +318,19 @@ def test_refusal_tally_writes_the_first_at_once_and_then_one_count_per_second() 
     assert peer_host("ipv6:[::1]:443") == "ipv6:[::1]" and peer_host("unix:/run/s") == "unix:/run/s"
 
 
+def test_refusals_over_rest_are_counted_apart_and_name_their_transport() -> None:
+    """The same stranger over gRPC and over REST: two groups, each record naming its transport
+    (a counted REST flood must not read as gRPC calls in the audit trail)."""
+    now = [100.0]
+    written: list[AuditEvent] = []
+    tally = RefusalTally(written.append, clock=lambda: now[0], wall_clock=lambda: 1.7e9 + now[0])
+    for transport in ("grpc", "http", "http", "grpc", "http"):
+        tally.add("anonymous", "ipv4:10.0.0.1:5000", "ModelInfer", "UNAUTHENTICATED", 1.0, transport)
+    now[0] = 101.5
+    tally.flush_ended()
+    assert [(e.transport, e.count) for e in written] == [("grpc", 1), ("http", 1), ("grpc", 1), ("http", 2)]
+
+
 def test_receive_limit_leaves_room_to_refuse_in_the_gate() -> None:
     assert receive_limit(MIB) == 2 * MIB and receive_limit(64 * MIB) == 72 * MIB
     assert receive_limit(2047 * MIB) == (1 << 31) - 1
