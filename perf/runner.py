@@ -44,7 +44,12 @@ SCHEMA = "medserve.perf/1"
 GENERATOR_SATURATED_CORES = 0.85  # a load process above this share of a core is the bottleneck
 HOST_SATURATED_SHARE = 0.9  # server + harness above this share of the host's cores
 HOST_OTHER_CORES = 0.1  # CPU used by neither server nor harness above this: not a quiet machine
-H2LOAD_MARGIN_S = 0.05  # h2load's logged duration starts this much before the window and ends this much after
+H2LOAD_MARGIN_S = 0.05  # h2load's logged duration starts this much before the window
+# ... and ends this much after it: the window's closing statistics snapshot asks every worker while
+# the load goes on (on a busy server the answer waits behind the calls queued there), and calls
+# in flight when h2load exits are cancelled, which the server counts as failed: that must happen
+# after the snapshot, never during it.
+H2LOAD_TAIL_S = 0.5
 
 
 @dataclass
@@ -215,10 +220,11 @@ class Runner:
         assert p.frame is not None
         log_file = self.work_dir / f"h2load-{os.getpid()}-{time.monotonic_ns()}.log"
         # h2load logs its main duration only, timed from its own start: it begins a little
-        # early and ends a little late, so its log covers the window whatever its start-up took.
+        # early and ends late, so its log covers the window whatever its start-up took and its
+        # exit comes after the closing snapshot.
         early = min(sc.warmup_s, H2LOAD_MARGIN_S)
         cmd = h2load.command(p.address, p.frame, int(level), sc.processes * sc.channels, sc.warmup_s - early,
-                             sc.measure_s + early + H2LOAD_MARGIN_S, log_file)
+                             sc.measure_s + early + H2LOAD_TAIL_S, log_file)
         start_ns = time.monotonic_ns()
         wall_us = time.time() * 1e6 - start_ns / 1e3  # h2load's log is in wall-clock µs
         run = h2load.H2LoadProcess.start(cmd, log_file)

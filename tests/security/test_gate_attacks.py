@@ -298,6 +298,61 @@ def test_a_flood_of_strangers_is_counted_and_cannot_push_a_real_record_out(
     assert not [r for r in caplog.records if "UNAUTHENTICATED" in r.getMessage() and r.levelno >= logging.INFO]
 
 
+def test_a_flood_of_strangers_over_rest_is_counted_the_same_and_names_its_transport(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Row 3 over the second transport: thousands of unauthenticated REST calls on kept-alive
+    connections leave a handful of records whose counts add up to the calls, each naming
+    `http`; the one real call's record survives the 1 MiB trail with one rotated file, and no
+    INFO log line is written per call."""
+    import http.client
+
+    caplog.set_level(logging.INFO, logger="medserve")
+    onnx_models.affine(tmp_path / "repo" / "ward" / "1" / "model.onnx")
+    ids = IdentityFile.load(tmp_path / "ids.json")
+    token = str(ids.add("ward", ["ward"]))
+    ids.save()
+    options = audit_options(tmp_path)
+    log = Path(options["audit_log"])
+    calls, refused = 3000, 0
+    body = json.dumps({"id": "the-real-one", "inputs": [
+        {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}).encode()
+    with running_server(tmp_path / "repo", tokens_file=str(tmp_path / "ids.json"), audit_max_bytes=MIB,
+                        audit_retention=1, http_port=0, **options) as server:
+        port = server.server.http_port
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/v2/models/ward/infer", body, {"Authorization": f"Bearer {token}",
+                                                                    "Content-Type": "application/json"})
+        answer = connection.getresponse()
+        assert answer.status == 200, answer.read()
+        answer.read()
+        started = time.monotonic()
+        for _ in range(calls):
+            try:
+                connection.request("GET", "/v2")
+                answer = connection.getresponse()
+                answer.read()
+            except (http.client.HTTPException, ConnectionError):  # the server may close a connection
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                connection.request("GET", "/v2")
+                answer = connection.getresponse()
+                answer.read()
+            refused += answer.status == 401
+        elapsed_s = time.monotonic() - started
+        connection.close()
+    assert refused == calls
+    flood = [r for r in records(log) if r["rpc"] == "ServerMetadata"]
+    print(f"{calls} unauthenticated REST calls in {elapsed_s:.2f} s: {len(flood)} records")
+    assert sum(r["count"] for r in flood) == calls
+    assert len(flood) <= 2 * (int(elapsed_s) + 2)  # at most two a second (the first at once, then the count)
+    assert {(r["identity"], r["status"], r["peer"], r.get("transport")) for r in flood} == {
+        ("anonymous", "UNAUTHENTICATED", "ipv4:127.0.0.1", "http")}
+    real = [r for r in records(log) if r["rpc"] == "ModelInfer"]
+    assert [(r["request_id"], r["status"], r.get("transport")) for r in real] == [("the-real-one", "OK", "http")]
+    assert not [r for r in caplog.records if "UNAUTHENTICATED" in r.getMessage() and r.levelno >= logging.INFO]
+
+
 def test_refusal_tally_writes_the_first_at_once_and_then_one_count_per_second() -> None:
     now = [100.0]
     written: list[AuditEvent] = []
