@@ -250,6 +250,34 @@ def test_forbidden_answers_as_missing_and_rate_limit_429(tmp_path: Path) -> None
     assert unknown == [("UnknownPath", "UNIMPLEMENTED")]
 
 
+def test_a_response_over_the_send_limit_is_refused_and_audited_as_refused(tmp_path: Path) -> None:
+    """Row 12 over REST: a binary request under the 1 MiB limit whose answer is over it is
+    refused with the limit named, and its audit record says so (never OK), naming the model; a
+    forbidden model's configuration is refused as missing and its record names the model asked."""
+    token = {"Authorization": "Bearer ward-token"}
+    rows = int(0.9 * (1 << 20)) // 16
+    data = np.zeros((rows, 4), np.float32).tobytes()
+    header = json.dumps({"id": "wide-answer", "inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32",
+                                                          "parameters": {"binary_data_size": len(data)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    assert len(header) + len(data) < 1 << 20
+    with gated(tmp_path) as server:
+        status, _, raw = http(server, "POST", "/v2/models/ward/infer", header + data,
+                              {**token, "Inference-Header-Content-Length": str(len(header)),
+                               "Content-Type": "application/octet-stream"})
+        assert status == 413, (status, raw[:200])  # retrying cannot help (429 would say it can)
+        error = json.loads(raw)["error"]
+        assert "the response is over the message size limit of 1 MiB" in error and "--max-message-mb" in error
+        status, _, raw = http(server, "GET", "/v2/models/secret/versions/1/config", None, token)
+        assert status == 404, raw
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    wide = [r for r in records if r.get("request_id") == "wide-answer"]
+    assert [(r["status"], r["model"], r.get("transport")) for r in wide] == [("RESOURCE_EXHAUSTED", "ward", "http")]
+    config = [r for r in records if r.get("rpc") == "ModelConfig"]
+    assert [(r["identity"], r["model"], r["version"], r["status"], r.get("transport")) for r in config] == [
+        ("ward-token", "secret", "1", "NOT_FOUND", "http")]
+
+
 def test_oversized_body_refused_from_its_length_before_it_is_read(tmp_path: Path) -> None:
     with gated(tmp_path) as server:
         # Headers announcing 64 MiB against a 1 MiB limit, and not one byte of the body: the
