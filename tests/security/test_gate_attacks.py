@@ -263,6 +263,38 @@ def test_a_forbidden_model_config_call_names_the_model_in_its_record(gated: Any)
         "ward", "secret", "1", "NOT_FOUND")
 
 
+FLOOD_CALLS = 3000
+
+
+def flood_server(tmp_path: Path) -> tuple[Path, str, Path, dict[str, Any]]:
+    """Row 3's setup: one model, one identity, a 1 MiB audit trail with one rotated file: the
+    repository, the token, the trail and the server options."""
+    onnx_models.affine(tmp_path / "repo" / "ward" / "1" / "model.onnx")
+    ids = IdentityFile.load(tmp_path / "ids.json")
+    token = str(ids.add("ward", ["ward"]))
+    ids.save()
+    options = audit_options(tmp_path)
+    options.update(tokens_file=str(tmp_path / "ids.json"), audit_max_bytes=MIB, audit_retention=1)
+    return tmp_path / "repo", token, Path(options["audit_log"]), options
+
+
+def assert_flood_counted(log: Path, elapsed_s: float, transport: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The flood's ServerMetadata refusals add up to FLOOD_CALLS in at most two records a second,
+    each naming the stranger's host and the transport; the one real call's record is kept; no
+    INFO log line per refusal."""
+    flood = [r for r in records(log) if r["rpc"] == "ServerMetadata"]
+    print(f"{FLOOD_CALLS} unauthenticated calls ({transport}) in {elapsed_s:.2f} s: {len(flood)} records, "
+          f"{log.stat().st_size} bytes of audit trail")
+    assert sum(r["count"] for r in flood) == FLOOD_CALLS
+    assert len(flood) <= 2 * (int(elapsed_s) + 2)  # at most two a second (the first at once, then the count)
+    assert {(r["identity"], r["status"], r["peer"], r.get("transport", "grpc")) for r in flood} == {
+        ("anonymous", "UNAUTHENTICATED", "ipv4:127.0.0.1", transport)}
+    real = [r for r in records(log) if r["rpc"] == "ModelInfer"]
+    assert [(r["request_id"], r["status"], r.get("transport", "grpc")) for r in real] == [
+        ("the-real-one", "OK", transport)]
+    assert not [r for r in caplog.records if "UNAUTHENTICATED" in r.getMessage() and r.levelno >= logging.INFO]
+
+
 def test_a_flood_of_strangers_is_counted_and_cannot_push_a_real_record_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -271,54 +303,33 @@ def test_a_flood_of_strangers_is_counted_and_cannot_push_a_real_record_out(
     record out of both files). Now a handful of records whose counts add up to the calls, and
     no INFO log line per call either."""
     caplog.set_level(logging.INFO, logger="medserve")
-    onnx_models.affine(tmp_path / "repo" / "ward" / "1" / "model.onnx")
-    ids = IdentityFile.load(tmp_path / "ids.json")
-    token = str(ids.add("ward", ["ward"]))
-    ids.save()
-    options = audit_options(tmp_path)
-    log = Path(options["audit_log"])
-    calls = 3000
-    with running_server(tmp_path / "repo", tokens_file=str(tmp_path / "ids.json"), audit_max_bytes=MIB,
-                        audit_retention=1, **options) as server:
+    repo, token, log, options = flood_server(tmp_path)
+    with running_server(repo, **options) as server:
         stub = server.stub()
         stub.ModelInfer(infer_request(request_id="the-real-one"), metadata=bearer(token), timeout=30)
         started = time.monotonic()
-        for _ in range(calls // 500):
+        for _ in range(FLOOD_CALLS // 500):
             futures = [stub.ServerMetadata.future(pb.ServerMetadataRequest(), timeout=30) for _ in range(500)]
             assert all(f.exception().code() == grpc.StatusCode.UNAUTHENTICATED for f in futures)  # type: ignore[union-attr]
         elapsed_s = time.monotonic() - started
-    flood = [r for r in records(log) if r["rpc"] == "ServerMetadata"]
-    print(f"{calls} unauthenticated calls in {elapsed_s:.2f} s: {len(flood)} records, "
-          f"{log.stat().st_size} bytes of audit trail")
-    assert sum(r["count"] for r in flood) == calls
-    assert len(flood) <= 2 * (int(elapsed_s) + 2)  # at most two a second (the first at once, then the count)
-    assert {(r["identity"], r["status"], r["peer"]) for r in flood} == {("anonymous", "UNAUTHENTICATED",
-                                                                          "ipv4:127.0.0.1")}
-    assert [r["request_id"] for r in records(log) if r["rpc"] == "ModelInfer"] == ["the-real-one"]
-    assert not [r for r in caplog.records if "UNAUTHENTICATED" in r.getMessage() and r.levelno >= logging.INFO]
+    assert_flood_counted(log, elapsed_s, "grpc", caplog)
 
 
 def test_a_flood_of_strangers_over_rest_is_counted_the_same_and_names_its_transport(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Row 3 over the second transport: thousands of unauthenticated REST calls on kept-alive
-    connections leave a handful of records whose counts add up to the calls, each naming
+    """Row 3 over the second transport: thousands of unauthenticated REST calls on a kept-alive
+    connection leave a handful of records whose counts add up to the calls, each naming
     `http`; the one real call's record survives the 1 MiB trail with one rotated file, and no
     INFO log line is written per call."""
     import http.client
 
     caplog.set_level(logging.INFO, logger="medserve")
-    onnx_models.affine(tmp_path / "repo" / "ward" / "1" / "model.onnx")
-    ids = IdentityFile.load(tmp_path / "ids.json")
-    token = str(ids.add("ward", ["ward"]))
-    ids.save()
-    options = audit_options(tmp_path)
-    log = Path(options["audit_log"])
-    calls, refused = 3000, 0
+    repo, token, log, options = flood_server(tmp_path)
     body = json.dumps({"id": "the-real-one", "inputs": [
         {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}).encode()
-    with running_server(tmp_path / "repo", tokens_file=str(tmp_path / "ids.json"), audit_max_bytes=MIB,
-                        audit_retention=1, http_port=0, **options) as server:
+    refused = 0
+    with running_server(repo, http_port=0, **options) as server:
         port = server.server.http_port
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         connection.request("POST", "/v2/models/ward/infer", body, {"Authorization": f"Bearer {token}",
@@ -327,7 +338,7 @@ def test_a_flood_of_strangers_over_rest_is_counted_the_same_and_names_its_transp
         assert answer.status == 200, answer.read()
         answer.read()
         started = time.monotonic()
-        for _ in range(calls):
+        for _ in range(FLOOD_CALLS):
             try:
                 connection.request("GET", "/v2")
                 answer = connection.getresponse()
@@ -341,16 +352,8 @@ def test_a_flood_of_strangers_over_rest_is_counted_the_same_and_names_its_transp
             refused += answer.status == 401
         elapsed_s = time.monotonic() - started
         connection.close()
-    assert refused == calls
-    flood = [r for r in records(log) if r["rpc"] == "ServerMetadata"]
-    print(f"{calls} unauthenticated REST calls in {elapsed_s:.2f} s: {len(flood)} records")
-    assert sum(r["count"] for r in flood) == calls
-    assert len(flood) <= 2 * (int(elapsed_s) + 2)  # at most two a second (the first at once, then the count)
-    assert {(r["identity"], r["status"], r["peer"], r.get("transport")) for r in flood} == {
-        ("anonymous", "UNAUTHENTICATED", "ipv4:127.0.0.1", "http")}
-    real = [r for r in records(log) if r["rpc"] == "ModelInfer"]
-    assert [(r["request_id"], r["status"], r.get("transport")) for r in real] == [("the-real-one", "OK", "http")]
-    assert not [r for r in caplog.records if "UNAUTHENTICATED" in r.getMessage() and r.levelno >= logging.INFO]
+    assert refused == FLOOD_CALLS
+    assert_flood_counted(log, elapsed_s, "http", caplog)
 
 
 def test_refusal_tally_writes_the_first_at_once_and_then_one_count_per_second() -> None:
