@@ -2,8 +2,8 @@
 caller refused because the audit trail is behind can send thousands of calls a second, and a
 record per call would let it fill the audit trail (and, with rotation, push real records out).
 
-Refusals are grouped by (identity, peer address without its port, RPC, status, transport) per second of
-the injected monotonic clock. The first refusal of a group in a second is written at once
+Refusals are grouped by (identity, peer address without its port, RPC, status, transport) per
+second of the injected monotonic clock. The first refusal of a group in a second is written at once
 (`count` 1: an attack is visible as it starts); the others of that second become one record
 whose `count` says how many calls it stands for, written when the second is over (`flush_ended`,
 which the gate's timer calls) or on stop (`flush`). So a group leaves at most two records a
