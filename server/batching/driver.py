@@ -274,6 +274,8 @@ class Batcher:
             # pump (what arrives meanwhile batches behind it). One that would run inline waits
             # in the queue for the pump at the end of this loop iteration, so that requests
             # decoded meanwhile join it, unless recent waits found nobody to join (`_lone`).
+            if verdict.run.inline and not self._flights and items[0].level != BACKGROUND_LEVEL:
+                return self._run_alone(items[0], loop)
             future = self._futures[items[0]] = loop.create_future()
             self._count_level(items[0].level, +1)
             self._start(verdict.run)
@@ -417,6 +419,27 @@ class Batcher:
         )
         done.add_done_callback(lambda f: self._on_executed(flight, f))
 
+    def _run_alone(self, item: QueuedItem, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Arrays]:
+        """`_start` and `_release` for a caller's batch of one run inline with nothing in flight:
+        the same execution, accounting and statistics, without the flight a batch that may
+        finish out of order needs (the common request of a fast model under steady load)."""
+        future: asyncio.Future[Arrays] = loop.create_future()
+        request = item.request
+        if self._crowd is not None:
+            self._crowd.observe(item.rows)
+        started_s = self._clock()
+        if request.timing is not None:
+            request.timing.started_ns = time.time_ns()
+        padding = Padding(self._pad_values, self._padded_outputs, [item.length]) if self._pad_values else None
+        self._n.inline += 1
+        try:
+            outcome: Outcome | BaseException = execute(self._runner, [request.inputs], [item.rows], self._name,
+                                                       self._engine_clock, padding)
+        except BaseException as exc:  # noqa: BLE001 - every future must be resolved
+            outcome = exc
+        self._resolve([item], [future], started_s, item.work, outcome)
+        return future
+
     def _on_executed(self, flight: _Flight, done: asyncio.Future[Outcome]) -> None:
         if done.cancelled():
             flight.outcome = asyncio.CancelledError()
@@ -435,11 +458,16 @@ class Batcher:
 
     def _release(self, flight: _Flight) -> None:
         items, outcome = flight.items, flight.outcome
+        assert outcome is not None
         self._n.in_flight -= 1
         self._n.background_in_flight -= flight.background
         self._n.in_flight_requests -= len(items)
+        self._resolve(items, [self._futures.pop(it) for it in items], flight.started_s, flight.work, outcome)
+
+    def _resolve(self, items: Sequence[QueuedItem], futures: Sequence[asyncio.Future[Arrays]], started_s: float,
+                 work: int, outcome: Outcome | BaseException) -> None:
+        """An executed batch's accounting (cost model, statistics) and every member's answer."""
         self._n.executed += 1
-        futures = [self._futures.pop(it) for it in items]
         if not isinstance(outcome, Outcome):
             log.error("model %s: batch of %d requests failed outside the runtime", self._name, len(items),
                       exc_info=outcome)
@@ -447,14 +475,17 @@ class Batcher:
                 if not future.done():
                     future.set_exception(ExecutionError(f"model {self._name}: batch failed: {type(outcome).__name__}"))
             return
-        rows = sum(it.rows for it in items)
-        self._n.work_requested += sum(it.work for it in items)
-        self._n.work_executed += flight.work
+        rows = requested = 0
+        for it in items:
+            rows += it.rows
+            requested += it.work
+        self._n.work_requested += requested
+        self._n.work_executed += work
         if outcome.clean:
-            self._cost.observe(flight.work, outcome.infer_s)
+            self._cost.observe(work, outcome.infer_s)
         if self._observer is not None:
             self._observer.on_batch(
-                rows, [int((flight.started_s - it.enqueued_s) * 1e9) for it in items],
+                rows, [int((started_s - it.enqueued_s) * 1e9) for it in items],
                 int(outcome.input_s * 1e9), int(outcome.infer_s * 1e9), int(outcome.output_s * 1e9),
             )
         for item, future, result in zip(items, futures, outcome.outputs, strict=True):

@@ -512,6 +512,73 @@ async def test_lone_inline_requests_run_at_once_once_waiting_found_nobody_and_a_
     await batcher.stop()
 
 
+class PoisonRecorder(ThreadRecorder):
+    """ThreadRecorder that fails a batch holding NaN and blocks a batch of 9 rows until `gate`."""
+
+    def __init__(self, engine_clock) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(engine_clock)
+        self.gate = threading.Event()
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if np.isnan(inputs["x"]).any():
+            raise RuntimeError("poisoned input")
+        if inputs["x"].shape[0] == 9:
+            self.gate.wait(30)
+        return super().__call__(inputs)
+
+
+async def test_a_lone_request_run_inside_submit_is_counted_like_a_batch_through_the_queue() -> None:
+    """The lone request that runs inside `submit` (no flight is kept for it) leaves the batcher's
+    counters, the statistics and the cost model as a batch through the queue and the pump does;
+    a failing run answers its own caller ExecutionError and is counted as executed."""
+    stats = ModelStats()
+    runner = PoisonRecorder(ticking(5e-6))
+    batcher = await started(runner, BatchingConfig(max_batch_rows=64), inline_below_s=100e-6,
+                            warmups=((2, 20e-6),), observer=stats)
+    for _ in range(8):  # the first lone requests wait for the pump, a flight each
+        pumped = batcher.submit(request(1.0))
+        assert not pumped.done()
+        await pumped
+    at_once = [batcher.submit(request(float(i))) for i in range(10)]
+    assert all(f.done() for f in at_once)  # inside submit
+    assert [float(f.result()["y"][0, 0]) for f in at_once] == [2.0 * i for i in range(10)]
+    n = 18
+    assert stats.execution_count == stats.inference_count == n
+    assert stats.queue.count == stats.compute_infer.count == stats.batches[1].compute_infer.count == n
+    assert stats.batch_rows.counts[0] == n and stats.compute_seconds.counts[0] == n
+    assert stats.compute_infer.ns == pytest.approx(n * 5e-6 * 1e9)
+    assert batcher.estimate_s(2) == pytest.approx(5e-6 + 15e-6 * 0.8 ** n)  # each run's 5 µs, averaged in from 20
+    counted = batcher.stats()
+    assert counted.executed_batches == counted.inline_batches == n and counted.in_flight == counted.queued == 0
+    assert counted.work_requested == counted.work_executed == 2 * n
+    failed = batcher.submit(request(float("nan")))
+    assert failed.done() and isinstance(failed.exception(), ExecutionError)
+    assert batcher.stats().executed_batches == n + 1 and stats.execution_count == n + 1
+    assert stats.compute_infer.count == n + 1  # the failed batch's compute time counts (Triton does too)
+    await batcher.stop()
+
+
+async def test_with_preserve_ordering_a_cheap_lone_request_waits_for_an_earlier_batch_still_running() -> None:
+    """A request cheap enough for the event loop, arriving while an earlier caller's batch runs on
+    an instance, is not run inside `submit` and answered first: with preserve_ordering its
+    result waits for the earlier batch's (without, it is answered at once)."""
+    for ordered in (True, False):
+        runner = PoisonRecorder(ticking(5e-6))
+        batcher = await started(runner, BatchingConfig(max_batch_rows=64, preserve_ordering=ordered), instances=2,
+                                inline_below_s=100e-6, warmups=((2, 10e-6),))
+        for _ in range(9):  # waiting found nobody: lone requests now run inside submit
+            await batcher.submit(request(1.0))
+        slow = batcher.submit(request(3.0, rows=9))  # work 18: more than measured, on an instance
+        await asyncio.sleep(0)
+        cheap = batcher.submit(request(5.0))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert cheap.done() is (not ordered) and not slow.done()
+        runner.gate.set()
+        assert float((await cheap)["y"][0, 0]) == 10.0 and float((await slow)["y"][0, 0]) == 6.0
+        await batcher.stop()
+
+
 async def test_a_batch_measured_slower_than_the_bound_moves_off_the_event_loop() -> None:
     runner = ThreadRecorder(ticking(300e-6))  # each run: 300 µs
     batcher = await started(runner, BatchingConfig(max_batch_rows=64), inline_below_s=100e-6,
