@@ -209,6 +209,43 @@ def test_an_unwritable_audit_log_answers_no_call_ok_and_reports_not_ready(tmp_pa
         http.value.close()
 
 
+def test_over_rest_an_unwritable_audit_log_answers_no_call_ok_and_reports_not_ready(tmp_path: Path) -> None:
+    """Row 6 over the KServe V2 REST front end: `--audit-log /dev/full`, and every inference,
+    JSON or binary, is refused 503 (UNAVAILABLE, the gate's refusal), never answered 200
+    without its record; readiness says 503 on the REST port too."""
+    key = tmp_path / "audit.key"
+    keygen(key)
+    with running_server(repository(tmp_path), audit_log="/dev/full", audit_key=str(key), http_port=0) as server:
+        base = f"http://127.0.0.1:{server.server.http_port}/v2"
+        json_body = json.dumps({"id": "enc", "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode()
+        header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
+                                         "parameters": {"binary_data_size": 16}}]}).encode()
+        binary_body = header + np.ones((1, 4), np.float32).tobytes()
+        answers = []
+        for i in range(40):
+            binary = i % 2 == 1
+            headers = {"Content-Type": "application/octet-stream" if binary else "application/json"}
+            if binary:
+                headers["Inference-Header-Content-Length"] = str(len(header))
+            post = urllib.request.Request(f"{base}/models/sepsis/infer", data=binary_body if binary else json_body,
+                                          headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(post, timeout=10) as answer:
+                    answers.append((answer.status, ""))
+            except urllib.error.HTTPError as err:
+                answers.append((err.code, json.loads(err.read()).get("error", "")))
+                err.close()
+        assert [code for code, _ in answers] == [503] * 40
+        assert all("audit trail is behind" in message for _, message in answers), answers[0]
+        with pytest.raises(urllib.error.HTTPError) as ready:
+            urllib.request.urlopen(f"{base}/health/ready", timeout=10)
+        assert ready.value.code == 503
+        ready.value.close()
+        with urllib.request.urlopen(f"{base}/health/live", timeout=10) as live:  # alive, only not ready
+            assert live.status == 200
+
+
 def test_writes_that_start_failing_refuse_calls_until_they_succeed_and_lose_no_record(tmp_path: Path) -> None:
     """A running server whose audit file may not grow (RLIMIT_FSIZE set on it with prlimit: the
     kernel's EFBIG, after a short write): new calls UNAVAILABLE, not ready; the limit lifted,
