@@ -395,7 +395,8 @@ def test_row_1_served_when_the_budget_allows_it_cut_to_what_the_model_reads(demo
         short = attack(port, process.pid, "60 notes of 2,000 bytes", call(notes(60, 2000)))
         request = notes(60, MIB)
         receive = receive_cost(port, process.pid, request)
-        outcome = attack(port, process.pid, "row 1: 60 notes of 1 MiB (--max-text-bytes 64 MiB)", call(request))
+        outcome = twice(lambda: attack(port, process.pid, "row 1: 60 notes of 1 MiB (--max-text-bytes 64 MiB)",
+                                       call(request)))
         assert short.code == outcome.code == grpc.StatusCode.OK
         assert outcome.seconds < short.seconds + 1.0, (outcome, short)
         assert outcome.stall_s < max(0.050, 1.5 * receive.stall_s + 0.050), (outcome, receive)
