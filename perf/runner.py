@@ -38,7 +38,15 @@ from .measure import (
     status_name,
 )
 from .report import envelope
-from .scenario import ModelInfo, ModelLoad, Scenario, Target, build_payloads, fetch_model_info
+from .scenario import (
+    ModelInfo,
+    ModelLoad,
+    Scenario,
+    Target,
+    build_payloads,
+    fetch_model_info,
+    rows_without_card,
+)
 
 SCHEMA = "medserve.perf/1"
 GENERATOR_SATURATED_CORES = 0.85  # a load process above this share of a core is the bottleneck
@@ -138,6 +146,11 @@ class Runner:
                 for i, m in enumerate(models):
                     info = fetch_model_info(address, m.model, m.version, t.repository)
                     infos.append(info)
+                    if t.repository is None and (missing := rows_without_card(info, m)):
+                        self.warnings.append(
+                            f"target {t.name!r} model {m.model!r}: no model card read for {', '.join(missing)} (give the "
+                            "target's repository: `repository = ...` in the scenario, or --serve); "
+                            "values drawn from [0, 1): a model with a feature monitor may flag every request")
                     bodies.append(tuple(build_payloads(info, m, sc.payload_variants, seed=sc.seed + i)))
                 probe = StatsProbe(address, workers)
                 stack.callback(probe.close)

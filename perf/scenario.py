@@ -386,6 +386,15 @@ def build_request(info: ModelInfo, load: ModelLoad, rng: np.random.Generator, re
     return req.SerializeToString()
 
 
+def rows_without_card(info: ModelInfo, load: ModelLoad) -> list[str]:
+    """The float inputs that `data = "card"` fills with values in [0, 1) because no model card
+    was read for the model (the target's repository is not known). A model whose card has
+    training ranges then flags, or refuses, rows real traffic would not."""
+    if load.data != "card" or info.card is not None:
+        return []
+    return [t.name for t in info.inputs if t.datatype in ("FP16", "FP32", "FP64")]
+
+
 def build_payloads(info: ModelInfo, load: ModelLoad, count: int, seed: int = 0) -> list[bytes]:
     """`count` request bodies with different data (the server sees varied inputs)."""
     rng = np.random.default_rng(seed)

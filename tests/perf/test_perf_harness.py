@@ -187,7 +187,7 @@ def test_deadlines_and_comparison_via_the_command_line(affine_repo: Path, tmp_pa
             f'name = "cmp"\nmode = "closed"\nlevels = [2]\nwarmup_s = 0.2\nmeasure_s = 0.5\nchannels = 1\n'
             f'[[model]]\nname = "affine"\n'
             f'[[target]]\nname = "base"\naddress = "{srv.target}"\n'
-            f'[[target]]\nname = "other"\naddress = "{srv.target}"\n',
+            f'[[target]]\nname = "other"\naddress = "{srv.target}"\nrepository = "{affine_repo}"\n',
             encoding="utf-8",
         )
         rc = perf_main(["--scenario", str(toml), "--out", str(tmp_path), "--quiet", "--no-plots"])
@@ -205,4 +205,9 @@ def test_deadlines_and_comparison_via_the_command_line(affine_repo: Path, tmp_pa
     _check_consistent(results)
     (cmp,) = results["comparisons"]
     assert (cmp["baseline"], cmp["other"]) == ("base", "other") and cmp["throughput_ratio"] > 0
+    # `data = "card"` without the target's repository: the rows are [0, 1) and the run says so,
+    # once per such target; a target whose repository is given reads the card and is not named.
+    unread = [w for w in results["warnings"] if "no model card read" in w]
+    assert len(unread) == 1 and "target 'base'" in unread[0], results["warnings"]
+    assert any("no model card read for x" in w for w in deadline["warnings"]), deadline["warnings"]
     assert sorted(tmp_path.glob("cmp-*.csv"))
