@@ -25,6 +25,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="a running server (repeat to compare; the first is the baseline)")
     g.add_argument("--pid", action="append", default=[], metavar="[NAME=]PID",
                    help="server pid of a --target, for its CPU and RSS (from /proc, children included)")
+    g.add_argument("--repository", default=None, metavar="DIR",
+                   help="where the --target servers' model cards are read from (request rows within the "
+                        "cards' feature ranges; without it such rows are drawn from [0, 1))")
     g.add_argument("--serve", action="append", default=[], metavar="[NAME=]REPOSITORY",
                    help="start `medserve serve` on this repository for the run (repeat to compare)")
     g.add_argument("--workers", type=int, default=None,
@@ -112,7 +115,8 @@ def build_scenario(args: argparse.Namespace) -> Any:
         name, address = _named(text)
         name = name or address
         pid = pids.get(name) or (pids.get(None) if i == 0 else None)
-        targets.append(Target(name=name, address=address, pid=int(pid) if pid else None, workers=args.workers))
+        targets.append(Target(name=name, address=address, pid=int(pid) if pid else None, workers=args.workers,
+                              repository=str(Path(args.repository).resolve()) if args.repository else None))
     for text in args.serve:
         name, repo = _named(text)
         workers = args.workers or 1

@@ -149,7 +149,7 @@ class Runner:
                     if t.repository is None and (missing := rows_without_card(info, m)):
                         self.warnings.append(
                             f"target {t.name!r} model {m.model!r}: no model card read for {', '.join(missing)} (give the "
-                            "target's repository: `repository = ...` in the scenario, or --serve); "
+                            "target's repository: --repository, `repository = ...` in the scenario, or --serve); "
                             "values drawn from [0, 1): a model with a feature monitor may flag every request")
                     bodies.append(tuple(build_payloads(info, m, sc.payload_variants, seed=sc.seed + i)))
                 probe = StatsProbe(address, workers)

@@ -79,13 +79,14 @@ def start_process(cmd: Sequence[str], ready_file: Path, log_path: Path, timeout_
 
 @contextlib.contextmanager
 def medserve(repository: str | Path, workers: int = 1, args: Sequence[str] = (), log_dir: Path | None = None,
-             log_level: str = "WARNING") -> Iterator[ServerHandle]:
-    """`medserve serve --repository R --port 0 --workers N ARGS` on 127.0.0.1."""
+             log_level: str = "WARNING", entry: Sequence[str] = ("-m", "medserve.server.cli")) -> Iterator[ServerHandle]:
+    """`medserve serve --repository R --port 0 --workers N ARGS` on 127.0.0.1 (`entry`: what
+    the interpreter runs with those arguments; `server_stages` runs it under its timers)."""
     tmp = Path(log_dir or tempfile.gettempdir())
     tmp.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}-{time.monotonic_ns()}"
     ready = tmp / f"medserve-ready-{stamp}.json"
-    cmd = [sys.executable, "-m", "medserve.server.cli", "--log-level", log_level, "serve",
+    cmd = [sys.executable, *entry, "--log-level", log_level, "serve",
            "--repository", str(repository), "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
            "--workers", str(workers), *args]
     with start_process(cmd, ready, tmp / f"medserve-{stamp}.log") as handle:
@@ -113,13 +114,14 @@ def fixed_server(capture_from: str, model: str, workers: int = 1, batch: int = 1
 
 @contextlib.contextmanager
 def minimal_server(model_file: str | Path, workers: int = 1, log_dir: Path | None = None,
-                   name: str | None = None, version: str | None = None) -> Iterator[ServerHandle]:
+                   name: str | None = None, version: str | None = None,
+                   entry: Sequence[str] = ("-m", "medserve.perf.minimal_server")) -> Iterator[ServerHandle]:
     """`python -m medserve.perf.minimal_server` on `model_file` (parse, run inline, encode)."""
     tmp = Path(log_dir or tempfile.gettempdir())
     tmp.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}-{time.monotonic_ns()}"
     ready = tmp / f"minimal-ready-{stamp}.json"
-    cmd = [sys.executable, "-m", "medserve.perf.minimal_server", "--model-file", str(model_file), "--port", "0",
+    cmd = [sys.executable, *entry, "--model-file", str(model_file), "--port", "0",
            "--workers", str(workers), "--ready-file", str(ready)]
     cmd += ["--name", name] if name else []
     cmd += ["--version", version] if version else []

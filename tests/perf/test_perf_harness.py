@@ -182,6 +182,12 @@ def test_deadlines_and_comparison_via_the_command_line(affine_repo: Path, tmp_pa
             "--no-plots", "--name", "cli",
         ])
         assert rc == 0
+        rc = perf_main([
+            "--target", f"a={srv.target}", "--repository", str(affine_repo), "--model", "affine", "--concurrency", "2",
+            "--warmup-s", "0.2", "--measure-s", "0.3", "--channels", "1", "--out", str(tmp_path), "--quiet",
+            "--no-plots", "--name", "cards",
+        ])
+        assert rc == 0
         toml = tmp_path / "s.toml"
         toml.write_text(
             f'name = "cmp"\nmode = "closed"\nlevels = [2]\nwarmup_s = 0.2\nmeasure_s = 0.5\nchannels = 1\n'
@@ -210,4 +216,6 @@ def test_deadlines_and_comparison_via_the_command_line(affine_repo: Path, tmp_pa
     unread = [w for w in results["warnings"] if "no model card read" in w]
     assert len(unread) == 1 and "target 'base'" in unread[0], results["warnings"]
     assert any("no model card read for x" in w for w in deadline["warnings"]), deadline["warnings"]
+    cards = json.loads(sorted(tmp_path.glob("cards-*.json"))[0].read_text())
+    assert not [w for w in cards["warnings"] if "no model card read" in w], cards["warnings"]
     assert sorted(tmp_path.glob("cmp-*.csv"))
