@@ -17,8 +17,10 @@ the monitor, the batcher's `submit` (for a lone request it runs the batch inline
 included), encode, onnxruntime's run, and the servicer's whole path (decode .. encode) where a
 request finished without waiting; the minimal handler's whole `infer` and its run. Each timer
 costs a wrapper call and two clock reads (a few µs in a server); `loop thread` is the event-loop
-thread's CPU per request over the measured window, from /proc, timers included. Needs `h2load`
-(nghttp2-client). Writes perf/results/server_stages-<time>.json.
+thread's CPU per request over the measured window, from /proc, timers included. The last
+columns are `request_path`'s figure for the same code in a tight loop (run on the same model
+after the servers) and the first server's figure over it. Needs `h2load` (nghttp2-client).
+Writes perf/results/server_stages-<time>.json.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import functools
 import importlib
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +62,9 @@ STAGES: dict[str, tuple[tuple[str, str, str, bool], ...]] = {
     ),
 }
 ENTRY = {"medserve": "medserve.server.cli", "minimal": "medserve.perf.minimal_server"}
+# Each stage's counterpart in `request_path`'s in-process timings (the same code in a tight loop).
+IN_PROCESS = {"decode": "decode", "validate": "validate", "monitor": "monitor", "encode": "encode + serialize",
+              "onnxruntime run": "engine (OnnxModel)", "handler (parse .. encode)": "minimal (parse, run, encode)"}
 
 
 class Tally:
@@ -208,22 +214,43 @@ def measure(repo: Path, model: str, levels: Sequence[int], warmup_s: float, meas
     return points
 
 
+def in_process_us(repo: Path, model: str, work: Path) -> dict[str, float]:
+    """`request_path`'s in-process stage timings of the same model (a subprocess, as it is run)."""
+    done = subprocess.run([sys.executable, "-m", "medserve.perf.request_path", "--repository", str(repo),
+                           "--model", model, "--out", str(work / "request_path")],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"request_path failed: {done.stderr[-2000:]}")
+    (path,) = (work / "request_path").glob("request_path-*.json")
+    stages: dict[str, float] = json.loads(path.read_text(encoding="utf-8"))["stages_us"]
+    return {stage: round(stages[name], 2) for stage, name in IN_PROCESS.items() if name in stages}
+
+
 def print_report(body: Mapping[str, Any]) -> None:
     print(f"thread hand-off {body['host']['hand_off_us']['median_us']} µs median; model {body['model']}; "
-          "thread CPU µs per call inside each served process (timers included)")
+          "thread CPU µs per call inside each served process (timers included); in process: request_path's "
+          "figure for the same code in a tight loop")
+    loop = body.get("in_process_us") or {}
     for level in body["levels"]:
         points = {p["server"]: p for p in body["points"] if p["concurrency"] == level}
-        print(f"\nc={level}{'':<38}" + "".join(f"{s:>12}" for s in points))
+        print(f"\nc={level}{'':<38}" + "".join(f"{s:>12}" for s in points)
+              + (f"{'in process':>12}{'ratio':>11}" if loop else ""))
         print(f"{'req/s':<44}" + "".join(f"{figure(p['throughput_rps']):>12}" for p in points.values()))
         print(f"{'loop thread per request (all)':<44}"
               + "".join(f"{p['loop_thread_us_per_request']:>12.1f}" for p in points.values()))
         stages = list(dict.fromkeys(s for p in points.values() for s in p["stages"]))
         for stage in stages:
-            cells = []
+            cells, served = [], []
             for p in points.values():
                 tally = p["stages"].get(stage)
-                cells.append(f"{tally['us_per_call']:>12.1f}" if tally and tally["us_per_call"] is not None
-                             else f"{'-':>12}")
+                if tally and tally["us_per_call"] is not None:
+                    served.append(tally["us_per_call"])
+                    cells.append(f"{tally['us_per_call']:>12.1f}")
+                else:
+                    cells.append(f"{'-':>12}")
+            if loop:
+                alone = loop.get(stage)
+                cells.append(f"{alone:>12.1f}{served[0] / alone:>10.1f}x" if alone and served else f"{'-':>12}")
             print(f"{stage:<44}" + "".join(cells))
         waited = {s: p["stages"][next(iter(p["stages"]))]["waited"] for s, p in points.items()}
         print(f"{'(whole-path calls that waited, left out)':<44}" + "".join(f"{w:>12}" for w in waited.values()))
@@ -241,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="64", help="h2load streams, e.g. 1,64")
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--measure-s", type=float, default=4.0)
+    parser.add_argument("--no-in-process", dest="in_process", action="store_false",
+                        help="leave out request_path's in-process column (about 15 s)")
     args = parser.parse_args(argv)
     if shutil.which("h2load") is None:
         print("server_stages needs h2load (nghttp2-client)", file=sys.stderr)
@@ -253,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         repo = work / "repo"
         prepare_repository(repo, args.repository, (args.model,))
         points = measure(repo, args.model, levels, args.warmup_s, args.measure_s, work)
-    body = {"model": args.model, "levels": levels, "points": points,
+        print("  request_path (in process) ...", file=sys.stderr)
+        loop = in_process_us(repo, args.model, work) if args.in_process else {}
+    body = {"model": args.model, "levels": levels, "points": points, "in_process_us": loop,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     path = write_result("server_stages", body, started_unix=started, out_dir=args.out, hand_off_us=hand_off)
     print_report(json.loads(path.read_text(encoding="utf-8")))

@@ -118,3 +118,6 @@ def test_server_stages_end_to_end(make_repo, tmp_path: Path) -> None:
     assert whole > medserve["decode"]["us_per_call"] and whole > medserve["encode"]["us_per_call"]
     assert points["minimal"]["stages"]["handler (parse .. encode)"]["us_per_call"] > \
         points["minimal"]["stages"]["onnxruntime run"]["us_per_call"]
+    loop = result["in_process_us"]  # request_path's figures for the same stages, same model
+    assert {"decode", "encode", "onnxruntime run", "handler (parse .. encode)"} <= set(loop) and min(loop.values()) > 0
+    assert "in process" in done.stdout
