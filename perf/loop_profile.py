@@ -36,7 +36,7 @@ from typing import Any
 from . import h2load, serverproc
 from .bench_rows import prepare_repository
 from .measure import executor_round_trip_us
-from .report import bench_parser, figure, write_result
+from .report import figure, finish_run, served_model_parser
 
 SERVERS = ("medserve", "minimal", "fixed")
 # Shared objects by the part of the request path they are (perf names them by file).
@@ -158,13 +158,7 @@ def print_report(body: Mapping[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser("loop_profile", __doc__)
-    parser.add_argument("--repository", type=Path, default=None,
-                        help="copy the model from here (version 1 alone); default: export it fresh")
-    parser.add_argument("--model", default="breast_cancer_rf")
-    parser.add_argument("--concurrency", default="64", help="h2load streams, e.g. 1,64")
-    parser.add_argument("--warmup-s", type=float, default=2.0)
-    parser.add_argument("--measure-s", type=float, default=4.0)
+    parser = served_model_parser("loop_profile", __doc__)
     parser.add_argument("--frequency", type=int, default=999, help="perf samples per second")
     args = parser.parse_args(argv)
     missing = [tool for tool in ("perf", "h2load") if shutil.which(tool) is None]
@@ -187,13 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                     server = servers[name]
                     points.append(profile_point(server.address, server.pid, frame, level, args.warmup_s,
                                                 args.measure_s, args.frequency, work, name))
-    body = {"model": args.model, "frequency": args.frequency, "levels": levels, "points": points,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    path = write_result("loop_profile", body, started_unix=started, out_dir=args.out, hand_off_us=hand_off)
-    import json
-
-    print_report(json.loads(path.read_text(encoding="utf-8")))
-    print(f"results: {path}")
+    finish_run("loop_profile", {"model": args.model, "frequency": args.frequency, "levels": levels, "points": points},
+               args, started, print_report, hand_off_us=hand_off)
     return 0
 
 

@@ -51,6 +51,30 @@ def bench_parser(kind: str, doc: str | None, *, out: bool = True) -> argparse.Ar
     return parser
 
 
+def served_model_parser(kind: str, doc: str | None) -> argparse.ArgumentParser:
+    """`bench_parser` with what the benchmarks of one served model under h2load take: the model,
+    where it is copied from, the levels and the window."""
+    parser = bench_parser(kind, doc)
+    parser.add_argument("--repository", type=Path, default=None,
+                        help="copy the model from here (version 1 alone); default: export it fresh")
+    parser.add_argument("--model", default="breast_cancer_rf")
+    parser.add_argument("--concurrency", default="64", help="h2load streams, e.g. 1,64")
+    parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument("--measure-s", type=float, default=4.0)
+    return parser
+
+
+def finish_run(kind: str, body: Mapping[str, Any], args: argparse.Namespace, started_unix: float,
+               print_report: Any, **host: Any) -> Path:
+    """Write a run's JSON (`body` and the command line's arguments) and print its report from
+    what was written, so the printed figures are the file's."""
+    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path = write_result(kind, {**body, "args": arguments}, started_unix=started_unix, out_dir=args.out, **host)
+    print_report(json.loads(path.read_text(encoding="utf-8")))
+    print(f"results: {path}")
+    return path
+
+
 def write_result(kind: str, body: Mapping[str, Any], *, started_unix: float, out_dir: Path | None = None,
                  path: Path | None = None, **host: Any) -> Path:
     """A benchmark's results as JSON: the envelope (schema `medserve.perf.<kind>/1`), then

@@ -42,7 +42,7 @@ from . import h2load, serverproc
 from .bench_rows import prepare_repository
 from .loop_profile import _process_cpu_s, _thread_cpu_s
 from .measure import executor_round_trip_us
-from .report import bench_parser, figure, write_result
+from .report import figure, finish_run, served_model_parser
 
 # (module, attribute path, stage, coroutine?) per server; the server's own modules, imported
 # before it starts so every call site looks the wrapper up.
@@ -262,13 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         server, out, rest = argv[1], Path(argv[2]), argv[4:]  # --child SERVER OUT -- ARGS
         return child(server, out, rest)
-    parser = bench_parser("server_stages", __doc__)
-    parser.add_argument("--repository", type=Path, default=None,
-                        help="copy the model from here (version 1 alone); default: export it fresh")
-    parser.add_argument("--model", default="breast_cancer_rf")
-    parser.add_argument("--concurrency", default="64", help="h2load streams, e.g. 1,64")
-    parser.add_argument("--warmup-s", type=float, default=2.0)
-    parser.add_argument("--measure-s", type=float, default=4.0)
+    parser = served_model_parser("server_stages", __doc__)
     parser.add_argument("--no-in-process", dest="in_process", action="store_false",
                         help="leave out request_path's in-process column (about 15 s)")
     args = parser.parse_args(argv)
@@ -283,13 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         repo = work / "repo"
         prepare_repository(repo, args.repository, (args.model,))
         points = measure(repo, args.model, levels, args.warmup_s, args.measure_s, work)
-        print("  request_path (in process) ...", file=sys.stderr)
-        loop = in_process_us(repo, args.model, work) if args.in_process else {}
-    body = {"model": args.model, "levels": levels, "points": points, "in_process_us": loop,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    path = write_result("server_stages", body, started_unix=started, out_dir=args.out, hand_off_us=hand_off)
-    print_report(json.loads(path.read_text(encoding="utf-8")))
-    print(f"results: {path}")
+        loop: dict[str, float] = {}
+        if args.in_process:
+            print("  request_path (in process) ...", file=sys.stderr)
+            loop = in_process_us(repo, args.model, work)
+    finish_run("server_stages", {"model": args.model, "levels": levels, "points": points, "in_process_us": loop},
+               args, started, print_report, hand_off_us=hand_off)
     return 0
 
 
