@@ -46,12 +46,27 @@ class RestRequest:
 
 
 def check_json_size(body: bytes, header_length: int | None, label: str, limits: DecodeLimits) -> None:
-    """Refuse a JSON part over `limits.json_bytes` before it is read (see `DecodeLimits`)."""
-    size = len(body) if header_length is None else header_length
-    if size > limits.json_bytes:
+    """Refuse a JSON part over `limits.json_bytes` before it is read (see `DecodeLimits`); a
+    binary request's header is named as such, and one longer than its body is refused as that."""
+    if header_length is None:
+        if len(body) > limits.json_bytes:
+            raise InvalidInput(
+                f"model {label}: the request's JSON is {len(body)} bytes; the server parses at most "
+                f"{limits.json_bytes} (--max-json-mb); send large tensors as binary data "
+                "(Inference-Header-Content-Length)")
+        return
+    _check_header_length(header_length, body, label)
+    if header_length > limits.json_bytes:
         raise InvalidInput(
-            f"model {label}: the request's JSON is {size} bytes; the server parses at most {limits.json_bytes} "
-            f"(--max-json-mb); send large tensors as binary data (Inference-Header-Content-Length)")
+            f"model {label}: the request's JSON header (Inference-Header-Content-Length) is {header_length} bytes; "
+            f"the server parses at most {limits.json_bytes} (--max-json-mb); send large tensors as binary data "
+            "after the header, not as JSON in it")
+
+
+def _check_header_length(header_length: int, body: bytes, label: str) -> None:
+    if not 0 <= header_length <= len(body):
+        raise InvalidInput(f"model {label}: Inference-Header-Content-Length {header_length} is not within "
+                           f"the body of {len(body)} bytes")
 
 
 def parse_header(body: bytes, header_length: int | None, label: str,
@@ -63,9 +78,7 @@ def parse_header(body: bytes, header_length: int | None, label: str,
     if header_length is None:
         head, rest = view, view[len(view):]
     else:
-        if not 0 <= header_length <= len(body):
-            raise InvalidInput(f"model {label}: Inference-Header-Content-Length {header_length} is not within "
-                               f"the body of {len(body)} bytes")
+        _check_header_length(header_length, body, label)
         head, rest = view[:header_length], view[header_length:]
     text = bytes(head)
     if text.count(b"{") + text.count(b"[") > limits.json_containers:

@@ -136,6 +136,24 @@ def test_bad_input_is_400_naming_the_tensor_never_a_value(demo: RunningServer) -
     assert status == 400 and "not valid JSON" in json.loads(raw)["error"]
 
 
+def test_a_binary_header_over_the_json_limit_or_past_its_body_is_refused_as_such(demo: RunningServer) -> None:
+    """Triton's binary extension: a header (Inference-Header-Content-Length) over --max-json-mb
+    is refused naming the header, before it is parsed; one claiming more bytes than the body holds
+    is refused as that, not as a JSON too large."""
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 120}}],
+                         "parameters": {"pad": "x" * (3 << 20)}}).encode()  # a 3 MiB header
+    path, kind = "/v2/models/breast_cancer_rf/infer", {"Content-Type": "application/octet-stream"}
+    status, _, raw = http(demo, "POST", path, header + bytes(120),
+                          {**kind, "Inference-Header-Content-Length": str(len(header))})
+    error = json.loads(raw)["error"]
+    assert status == 400 and f"JSON header (Inference-Header-Content-Length) is {len(header)} bytes" in error, error
+    assert "at most 2097152 (--max-json-mb)" in error and "after the header" in error
+    status, _, raw = http(demo, "POST", path, bytes(100), {**kind, "Inference-Header-Content-Length": str(3 << 20)})
+    error = json.loads(raw)["error"]
+    assert status == 400 and f"Inference-Header-Content-Length {3 << 20} is not within the body of 100 bytes" in error
+
+
 def test_a_request_id_over_128_characters_is_refused_without_echo(demo: RunningServer,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """gRPC's row 3 over REST: a 100,000-character id is refused 400 naming the limit, the same
