@@ -89,11 +89,18 @@ def running_server(
 def server_process(repository: Path, *args: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """`medserve serve` as a child process on port 0; yields (port, process) once it is ready
     (the harness's launcher: log to a file, ready file, SIGTERM then SIGKILL on exit)."""
+    with server_handle(repository, *args) as handle:
+        assert handle.process is not None
+        yield handle.port, handle.process
+
+
+@contextlib.contextmanager
+def server_handle(repository: Path, *args: str) -> Iterator[Any]:
+    """`server_process`'s server as the launcher's handle (its REST port, its pid, its process)."""
     from medserve.perf.serverproc import medserve
 
     with medserve(repository, args=args, log_dir=repository.parent, log_level="INFO") as handle:
-        assert handle.process is not None
-        yield handle.port, handle.process
+        yield handle
 
 
 @pytest.fixture

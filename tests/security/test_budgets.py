@@ -35,7 +35,7 @@ from medserve.protos.wire import serialize_bytes, to_raw
 from medserve.server.config import TokenizerConfig
 from medserve.server.tokenize import TokenizerStage
 
-from conftest import server_process
+from conftest import server_handle, server_process
 
 MIB = 1 << 20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -258,11 +258,9 @@ def server(demo: Path) -> Iterator[tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def rest(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int, int]]:
+def rest(demo: Path) -> Iterator[tuple[int, int, int]]:
     """`medserve serve` with its default budgets and its REST port: (gRPC port, HTTP port, pid)."""
-    from medserve.perf.serverproc import medserve
-
-    with medserve(demo, args=("--http-port", "0"), log_dir=tmp_path_factory.mktemp("rest-log")) as handle:
+    with server_handle(demo, "--http-port", "0") as handle:
         assert handle.http_port
         yield handle.port, handle.http_port, handle.pid
 
