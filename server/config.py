@@ -231,6 +231,10 @@ class ServerConfig:
     max_bytes_element_size: int = 1 << 20  # bytes of one BYTES element
     max_text_bytes: int = 8 << 20  # bytes of all of a request's BYTES elements (64 notes of 128 KiB fit)
     max_json_bytes: int = 2 << 20  # REST: the JSON part of a request (binary data beside it counts against the message)
+    # The canary's hash key when a labels file sets no canary_seed: drawn once by `--workers`'
+    # supervisor so that every worker (and a restarted one) assigns an encounter alike; None = this
+    # process draws its own. Never a flag, never logged.
+    canary_key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         """Refuse, at start-up and naming the flag, any setting the server could not honour (a

@@ -165,7 +165,9 @@ class ModelRepository:
         self.routes: dict[str, Route] = {}
         self._labels_read: dict[str, bytes | None] = {}  # the labels file last applied (or tried)
         self._trial_stats: dict[tuple[str, int, int], TrialStats] = {}  # kept across label changes
-        self._assigner = CanaryAssigner()  # this server's own key (a labels file's canary_seed overrides it)
+        # The canary's key: its workers' shared one, else this process's own (a labels file's
+        # canary_seed overrides either).
+        self._assigner = CanaryAssigner(config.canary_key)
 
     def watch(self, callback: Callable[[str, bool], None]) -> None:
         """Call `callback(model, ready)` whenever a model's servable state may have changed."""

@@ -10,7 +10,8 @@ Every key but the reserved ones is a label naming a version number. `canary_perc
 the share of requests naming no version that go to the `canary` label; `shadow` (a version
 number or a label) scores a copy of every answered request, never returned; `canary_seed` keys
 the canary's hash so that every replica (and every `--workers` worker, and a restart) assigns an
-encounter alike (without it, each server draws a random key and is consistent only with itself).
+encounter alike (without it, each server draws a random key, shared by its `--workers` workers,
+and is consistent only with itself).
 A label is refused unless the version it names is READY; the old mapping keeps serving.
 """
 from __future__ import annotations

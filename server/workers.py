@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import socket
 import tempfile
@@ -194,6 +195,9 @@ def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None =
     http_port = None if http_reservation is None else http_reservation.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    # One canary key for every worker and every restart: an encounter meets the same version
+    # whichever worker its connection reaches (a labels file's canary_seed still overrides it).
+    config = replace(config, canary_key=config.canary_key or secrets.token_bytes(32))
 
     def start(index: int, worker_ready: Path) -> multiprocessing.process.BaseProcess:
         process = ctx.Process(target=_worker_main, args=(_worker_config(config, port, index, http_port), index,

@@ -152,6 +152,38 @@ def test_the_canary_takes_its_share_of_routing_keys_and_a_key_always_meets_the_s
     assert len(by_id) == 1  # no routing key: the request id decides, always alike
 
 
+def test_without_a_seed_every_worker_of_a_server_assigns_an_encounter_alike(tmp_path: Path) -> None:
+    """`--workers 2` and a labels file without canary_seed: the supervisor draws one key for both
+    workers, so an encounter meets the same version whichever worker its connection reaches. With
+    a key per worker, 24 encounters at canary_percent 50 would all agree by chance once in 2**24."""
+    import grpc
+
+    from medserve.protos import grpc_service_pb2_grpc as pb_grpc
+
+    from conftest import server_process
+
+    repo = rollout_models.repo_with_versions(tmp_path / "repo",
+                                             labels='{"stable": 1, "canary": 2, "canary_percent": 50}')
+    keys = [f"encounter-{i}" for i in range(24)]
+    seen: dict[str, dict[str, str]] = {"medserve-w0": {}, "medserve-w1": {}}  # worker -> key -> version
+    with server_process(repo, "--workers", "2") as (port, _process):
+        for _ in range(400):  # new connections until each worker has answered every key
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                worker = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).name
+                answered = seen[worker]
+                if len(answered) == len(keys):
+                    continue
+                for key in keys:
+                    answered[key] = stub.ModelInfer(request(routing_key=key), timeout=10).model_version
+            if all(len(answered) == len(keys) for answered in seen.values()):
+                break
+        else:
+            pytest.fail(f"not both workers reached in 400 connections: {[len(a) for a in seen.values()]}")
+    assert seen["medserve-w0"] == seen["medserve-w1"]
+    assert set(seen["medserve-w0"].values()) == {"1", "2"}  # both versions met: the assignment is not trivial
+
+
 def test_the_routing_key_reaches_no_log_audit_record_metric_or_answer(tmp_path: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     sentinel = "ENCOUNTER-SENTINEL-4242"
