@@ -25,6 +25,7 @@ from .explain import Explainer, Explanation
 from .repository import LoadedVersion, ModelRepository
 from .runtime import CPU
 from .tokenize import Tokenized
+from .trial import ShadowTrial
 
 
 # The three per-request records below are not frozen: a frozen dataclass sets each field through
@@ -106,68 +107,16 @@ class InferenceCore:
     async def infer(self, request: InferRequest) -> InferResult:
         route = self._routes.get(request.model)
         if route is None:
-            loaded, label_reached, trial = self._repository.get(request.model, request.version), "", None
+            loaded, label, trial = self._repository.get(request.model, request.version), "", None
         else:  # a label, the canary (by routing key, else request id), a silent trial
-            found, label_reached = route.pick(request.version, request.routing_key or request.id)
+            found, label = route.pick(request.version, request.routing_key or request.id)
             loaded = found if found is not None else self._repository.get(request.model, request.version)
             trial = route.trials.get(loaded.version)
         stats = loaded.stats
         started_ns = time.perf_counter_ns()
         stats.in_flight += 1
-        try:  # the request's work is here, not in a coroutine of its own: one frame fewer per request
-            signature = loaded.signature
-            label = loaded.label
-            wanted = signature.check_outputs(label, request.outputs)
-            if request.explain:
-                self._admit_explanation(loaded, request, wanted)
-            if self._validate_off_loop(loaded, request.inputs):
-                inputs, rows = await asyncio.to_thread(signature.validate, label, request.inputs)
-            else:
-                inputs, rows = signature.validate(label, request.inputs)
-            flagged = loaded.monitor.check(inputs) if loaded.monitor is not None else ()
-            tokenized = None
-            if loaded.stage is not None:
-                tokenized = await self._tokenize(loaded, inputs)
-                inputs = tokenized.inputs
-            batcher = loaded.batcher
-            future = batcher.submit(
-                BatchRequest(
-                    inputs=inputs,
-                    rows=rows,
-                    key=signature.fixed_key,
-                    deadline_s=request.deadline_s,
-                    priority=request.priority,
-                    timeout_us=request.timeout_us,
-                    timing=request.timing,
-                )
-            )
-            try:
-                outputs = await future
-            except asyncio.CancelledError:
-                batcher.cancel(future)  # the client went away: drop the queued request at once
-                raise
-            tensors = []
-            for name in wanted:
-                array = outputs.get(name)
-                if array is None:
-                    raise ExecutionError(f"model {label}: runtime returned no output {name!r}")
-                tensors.append(OutputTensor(name, signature.outputs[name].datatype, array))
-            parameters: tuple[tuple[str, str], ...] = (("version_label", label_reached),) if label_reached else ()
-            if trial is not None:  # a copy for the silent trial, scored later at background priority
-                trial.offer(inputs, rows, outputs)
-            if request.explain:
-                explanation = await self._explain(loaded, inputs, outputs,
-                                                  tokenized.words() if tokenized is not None else None)
-                single = len(explanation.attributions) == 1
-                for input_name, attribution in sorted(explanation.attributions.items()):
-                    tensors.append(OutputTensor("attributions" if single else f"attributions.{input_name}", "FP32",
-                                                attribution))
-                tensors.append(OutputTensor("base_value", "FP32", explanation.base_value))
-                parameters += (("explain_method", explanation.method), ("explain_output", explanation.output))
-                if tokenized is not None:  # text: which token each position of the attributions is
-                    parameters += (("explain_tokens", json.dumps(tokenized.tokens())),)
-            result = InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors),
-                                 rows, flagged, parameters, label_reached)
+        try:
+            result = await self._infer(loaded, request, label, trial)
         except BaseException as exc:
             stats.on_request(type(exc), time.perf_counter_ns() - started_ns)
             raise
@@ -219,6 +168,62 @@ class InferenceCore:
             itemsize = (entry.itemsize if entry is not None else None) or 8  # a string: its prefix, at least
             output_bytes += rows * math.prod(max(1, d) for d in spec.dims) * itemsize
         loaded.explainer.admit(shapes, output_bytes + token_chars, self._max_response_bytes)
+
+    async def _infer(self, loaded: LoadedVersion, request: InferRequest, label_reached: str = "",
+                     trial: ShadowTrial | None = None) -> InferResult:
+        signature = loaded.signature
+        label = loaded.label
+        wanted = signature.check_outputs(label, request.outputs)
+        if request.explain:
+            self._admit_explanation(loaded, request, wanted)
+        if self._validate_off_loop(loaded, request.inputs):
+            inputs, rows = await asyncio.to_thread(signature.validate, label, request.inputs)
+        else:
+            inputs, rows = signature.validate(label, request.inputs)
+        flagged = loaded.monitor.check(inputs) if loaded.monitor is not None else ()
+        tokenized = None
+        if loaded.stage is not None:
+            tokenized = await self._tokenize(loaded, inputs)
+            inputs = tokenized.inputs
+        batcher = loaded.batcher
+        future = batcher.submit(
+            BatchRequest(
+                inputs=inputs,
+                rows=rows,
+                key=signature.fixed_key,
+                deadline_s=request.deadline_s,
+                priority=request.priority,
+                timeout_us=request.timeout_us,
+                timing=request.timing,
+            )
+        )
+        try:
+            outputs = await future
+        except asyncio.CancelledError:
+            batcher.cancel(future)  # the client went away: drop the queued request at once
+            raise
+        tensors = []
+        for name in wanted:
+            array = outputs.get(name)
+            if array is None:
+                raise ExecutionError(f"model {label}: runtime returned no output {name!r}")
+            tensors.append(OutputTensor(name, signature.outputs[name].datatype, array))
+        parameters: tuple[tuple[str, str], ...] = (("version_label", label_reached),) if label_reached else ()
+        if trial is not None:  # a copy for the silent trial, scored later at background priority
+            trial.offer(inputs, rows, outputs)
+        if request.explain:
+            explanation = await self._explain(loaded, inputs, outputs,
+                                              tokenized.words() if tokenized is not None else None)
+            single = len(explanation.attributions) == 1
+            for input_name, attribution in sorted(explanation.attributions.items()):
+                tensors.append(OutputTensor("attributions" if single else f"attributions.{input_name}", "FP32",
+                                            attribution))
+            tensors.append(OutputTensor("base_value", "FP32", explanation.base_value))
+            parameters += (("explain_method", explanation.method), ("explain_output", explanation.output))
+            if tokenized is not None:  # text: which token each position of the attributions is
+                parameters += (("explain_tokens", json.dumps(tokenized.tokens())),)
+        return InferResult(request.model, str(loaded.version), request.id, loaded.sha256, tuple(tensors), rows,
+                           flagged, parameters, label_reached)
 
     async def _explain(self, loaded: LoadedVersion, inputs: Mapping[str, np.ndarray],
                        outputs: Mapping[str, np.ndarray], words: np.ndarray | None) -> Explanation:
