@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,37 +87,51 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100.0
 
 
-def profile_point(address: str, pid: int, frame: Path, concurrency: int, warmup_s: float, measure_s: float,
-                  frequency: int, work: Path, label: str) -> dict[str, Any]:
-    """One server at one level: h2load for warm-up + measure; `perf record` of the main thread
-    (tid = pid) and the thread's and process's CPU over the measured window."""
-    data = work / f"perf-{label}-{concurrency}.data"
-    load = h2load.H2LoadProcess.start(
-        h2load.command(address, frame, concurrency, 8, warmup_s, measure_s, work / f"h2load-{label}-{concurrency}.log"),
-        work / f"h2load-{label}-{concurrency}.log")
+def loaded_window(address: str, pid: int, frame: Path, concurrency: int, warmup_s: float, measure_s: float,
+                  work: Path, label: str, during: Callable[[float], object] = time.sleep) -> dict[str, Any]:
+    """One server at one level under h2load (warm-up + measure): `during(seconds)` spans the
+    measured window (a sleep, or a profiler run that long); the throughput and the CPU per request
+    of the event-loop thread (tid = pid) and of the process over the window. `requests_in_window`
+    is for the caller to take out."""
+    log = work / f"h2load-{label}-{concurrency}.log"
+    load = h2load.H2LoadProcess.start(h2load.command(address, frame, concurrency, 8, warmup_s, measure_s, log), log)
     time.sleep(warmup_s + 0.2)
     thread0, proc0, t0 = _thread_cpu_s(pid, pid), _process_cpu_s(pid), time.monotonic()
-    subprocess.run(["perf", "record", "-q", "-F", str(frequency), "-t", str(pid), "-o", str(data), "--",
-                    "sleep", str(max(0.5, measure_s - 0.5))], check=True, capture_output=True, timeout=measure_s + 30)
+    during(max(0.5, measure_s - 0.5))
     thread1, proc1, t1 = _thread_cpu_s(pid, pid), _process_cpu_s(pid), time.monotonic()
     summary = load.finish(timeout_s=warmup_s + measure_s + 60)
     failed = summary["requests"]["failed"] + summary["requests"]["errored"]
     if failed:
         raise RuntimeError(f"{label} c={concurrency}: {failed} requests failed")
-    report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "-g", "none", "-n",
-                             "--stdio"], check=True, capture_output=True, text=True, timeout=120).stdout
-    samples = parse_report(report)
     window = t1 - t0
     requests = summary["rps"] * window
     return {
         "server": label, "concurrency": concurrency, "throughput_rps": round(summary["rps"], 1),
-        "samples": sum(samples.values()),
         "loop_thread_us_per_request": round((thread1 - thread0) / requests * 1e6, 1),
         "process_us_per_request": round((proc1 - proc0) / requests * 1e6, 1),
         "loop_thread_busy": round((thread1 - thread0) / window, 3),
-        "by_part_us": per_request_us(samples, frequency, requests),
-        "by_object_samples": dict(sorted(samples.items(), key=lambda kv: -kv[1])[:12]),
+        "requests_in_window": requests,
     }
+
+
+def profile_point(address: str, pid: int, frame: Path, concurrency: int, warmup_s: float, measure_s: float,
+                  frequency: int, work: Path, label: str) -> dict[str, Any]:
+    """`loaded_window` with `perf record` of the event-loop thread over the window, split by
+    shared object."""
+    data = work / f"perf-{label}-{concurrency}.data"
+
+    def record(seconds: float) -> None:
+        subprocess.run(["perf", "record", "-q", "-F", str(frequency), "-t", str(pid), "-o", str(data), "--",
+                        "sleep", str(seconds)], check=True, capture_output=True, timeout=measure_s + 30)
+
+    point = loaded_window(address, pid, frame, concurrency, warmup_s, measure_s, work, label, during=record)
+    report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "-g", "none", "-n",
+                             "--stdio"], check=True, capture_output=True, text=True, timeout=120).stdout
+    samples = parse_report(report)
+    requests = point.pop("requests_in_window")
+    return {**point, "samples": sum(samples.values()),
+            "by_part_us": per_request_us(samples, frequency, requests),
+            "by_object_samples": dict(sorted(samples.items(), key=lambda kv: -kv[1])[:12])}
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from typing import Any
 
 from . import h2load, serverproc
 from .bench_rows import prepare_repository
-from .loop_profile import _process_cpu_s, _thread_cpu_s
+from .loop_profile import loaded_window
 from .measure import executor_round_trip_us
 from .report import figure, finish_run, served_model_parser
 
@@ -160,24 +160,6 @@ def child(server: str, out: Path, argv: list[str]) -> int:
     return main(argv)
 
 
-def _point(handle: serverproc.ServerHandle, frame: Path, level: int, warmup_s: float, measure_s: float,
-           work: Path, label: str) -> dict[str, Any]:
-    log = work / f"h2load-{label}-{level}.log"
-    load = h2load.H2LoadProcess.start(h2load.command(handle.address, frame, level, 8, warmup_s, measure_s, log), log)
-    time.sleep(warmup_s + 0.2)
-    thread0, proc0, t0 = _thread_cpu_s(handle.pid, handle.pid), _process_cpu_s(handle.pid), time.monotonic()
-    time.sleep(max(0.5, measure_s - 0.5))
-    thread1, proc1, t1 = _thread_cpu_s(handle.pid, handle.pid), _process_cpu_s(handle.pid), time.monotonic()
-    summary = load.finish(timeout_s=warmup_s + measure_s + 60)
-    failed = summary["requests"]["failed"] + summary["requests"]["errored"]
-    if failed:
-        raise RuntimeError(f"{label} c={level}: {failed} requests failed")
-    requests = summary["rps"] * (t1 - t0)
-    return {"server": label, "concurrency": level, "throughput_rps": round(summary["rps"], 1),
-            "loop_thread_us_per_request": round((thread1 - thread0) / requests * 1e6, 1),
-            "process_us_per_request": round((proc1 - proc0) / requests * 1e6, 1)}
-
-
 @contextlib.contextmanager
 def _served(server: str, repo: Path, model: str, work: Path,
             tag: str) -> Iterator[tuple[serverproc.ServerHandle, Path]]:
@@ -208,7 +190,8 @@ def measure(repo: Path, model: str, levels: Sequence[int], warmup_s: float, meas
                     body = build_payloads(fetch_model_info(handle.address, model, repository=str(repo)),
                                           ModelLoad(model), 1)[0]
                     frame = h2load.write_frame(body, work / "request.bin")
-                point = _point(handle, frame, level, warmup_s, measure_s, work, server)
+                point = loaded_window(handle.address, handle.pid, frame, level, warmup_s, measure_s, work, server)
+                point.pop("requests_in_window")
             point["stages"] = json.loads(out.read_text(encoding="utf-8"))  # written at the server's exit
             points.append(point)
     return points
