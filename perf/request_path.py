@@ -102,7 +102,7 @@ def one_row(repository: Path, model: str, card: dict[str, Any], width: int) -> n
 
 async def measure(repository: Path, model: str) -> dict[str, Any]:
     from medserve.server.app import MedserveServer
-    from medserve.server.codec import decode_infer_request, encode_infer_response
+    from medserve.server.codec import decode_fixed, decode_infer_request, encode_infer_response
     from medserve.server.config import ServerConfig
     from medserve.server.gate import SERVICE
 
@@ -148,9 +148,11 @@ async def measure(repository: Path, model: str) -> dict[str, Any]:
             response.raw_output_contents.append(array.tobytes())
         return response.SerializeToString()
 
+    fixed = loaded.signature.fixed_input
     stages = {
         "parse": best_us(lambda: pb.ModelInferRequest.FromString(body)),
         "decode": best_us(lambda: decode_infer_request(request)),
+        "decode + validate, fixed signature": best_us(lambda: decode_fixed(request, fixed)) if fixed else 0.0,
         "validate": best_us(lambda: loaded.signature.validate(loaded.label, decoded.inputs)),
         "monitor": best_us(lambda: loaded.monitor.check(inputs)) if loaded.monitor is not None else 0.0,
         "engine (OnnxModel)": best_us(lambda: session_run(inputs)),

@@ -50,8 +50,10 @@ STAGES: dict[str, tuple[tuple[str, str, str, bool], ...]] = {
     "medserve": (
         ("medserve.server.service", "InferenceServicer._infer", "servicer path (decode .. encode)", True),
         ("medserve.server.service", "decode_infer_request", "decode", False),
+        ("medserve.server.service", "decode_fixed", "decode + validate, fixed signature", False),
         ("medserve.server.signature", "Signature.validate", "validate", False),
         ("medserve.server.monitor", "FeatureMonitor.check", "monitor", False),
+        ("medserve.server.batching.driver", "Batcher.run_now", "batcher run_now (+ the engine)", False),
         ("medserve.server.batching.driver", "Batcher.submit", "batcher submit (+ the engine when inline)", False),
         ("medserve.server.service", "encode_infer_response", "encode", False),
         ("medserve.server.runtime", "OnnxModel._run", "onnxruntime run", False),
@@ -63,7 +65,8 @@ STAGES: dict[str, tuple[tuple[str, str, str, bool], ...]] = {
 }
 ENTRY = {"medserve": "medserve.server.cli", "minimal": "medserve.perf.minimal_server"}
 # Each stage's counterpart in `request_path`'s in-process timings (the same code in a tight loop).
-IN_PROCESS = {"decode": "decode", "validate": "validate", "monitor": "monitor", "encode": "encode + serialize",
+IN_PROCESS = {"decode": "decode", "decode + validate, fixed signature": "decode + validate, fixed signature",
+              "validate": "validate", "monitor": "monitor", "encode": "encode + serialize",
               "onnxruntime run": "engine (OnnxModel)", "handler (parse .. encode)": "minimal (parse, run, encode)"}
 
 

@@ -15,6 +15,7 @@ from medserve.protos.wire import DATATYPES, element_count, from_raw, to_raw
 
 from .errors import InvalidInput, model_label
 from .inference import InferRequest, InferResult
+from .signature import FixedInput
 
 SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
@@ -246,6 +247,36 @@ def decode_infer_request(
         deadline_s=deadline_s,
         explain=explain,
     )
+
+
+FIXED_INLINE_ELEMENTS = 1 << 16  # a larger request takes the general path (its checks may leave the loop)
+
+
+def decode_fixed(request: pb.ModelInferRequest, fixed: FixedInput, deadline_s: float | None = None,
+                 limits: DecodeLimits = DEFAULT_LIMITS) -> InferRequest | None:
+    """A request of a fixed-signature model (`FixedInput`) decoded and validated in one step:
+    one raw tensor of the input's name, datatype and dims, rows within the batch limit, its bytes
+    exactly the shape's, no parameters, no outputs named. The array is the one
+    `decode_infer_request` and `Signature.validate` would make of it; anything else answers None
+    and takes the general path, which refuses what is wrong with its own message."""
+    if request.parameters or request.outputs or len(request.inputs) != 1 or len(request.raw_input_contents) != 1:
+        return None
+    tensor = request.inputs[0]
+    shape = tensor.shape
+    if (tensor.name != fixed.name or tensor.datatype != fixed.datatype or tensor.parameters
+            or tuple(shape[1:]) != fixed.dims or not shape or tensor.HasField("contents")):
+        return None
+    rows = shape[0]
+    count = rows * fixed.row_elements
+    raw = request.raw_input_contents[0]
+    if (not 0 < rows <= fixed.max_rows or count > FIXED_INLINE_ELEMENTS or count > limits.tensor_elements
+            or limits.inputs < 1 or len(raw) != count * fixed.dtype.itemsize):
+        return None
+    array = np.frombuffer(raw, fixed.dtype, count).reshape((rows, *fixed.dims))
+    if fixed.finite and not np.isfinite(array).all():
+        return None
+    return InferRequest(model=request.model_name, version=request.model_version, inputs={fixed.name: array},
+                        id=request.id, deadline_s=deadline_s, validated=fixed)
 
 
 def encode_infer_response(result: InferResult) -> pb.ModelInferResponse:

@@ -26,7 +26,7 @@ from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 
 from . import model_config
 from .batching import RequestTiming
-from .codec import DEFAULT_LIMITS, DecodeLimits, decode_infer_request, encode_infer_response
+from .codec import DEFAULT_LIMITS, DecodeLimits, decode_fixed, decode_infer_request, encode_infer_response
 from .config import DEFAULT_MAX_MESSAGE_BYTES
 from .errors import (
     InvalidInput,
@@ -246,7 +246,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 check_request_id(request.id)  # first: the same answer for a forbidden and a missing model
                 self._allow(request.model_name, request.model_version, call)
                 self._check_accepting()
-                if call is not None and call.body_bytes >= PARSE_IN_THREAD_BYTES:  # BYTES decoding loops in Python
+                fixed = self._core.fixed_input(request.model_name, request.model_version)
+                if fixed is not None and (decoded := decode_fixed(request, fixed, deadline, self._limits)) is not None:
+                    pass  # the common request of a fixed-signature model: decoded and validated at once
+                elif call is not None and call.body_bytes >= PARSE_IN_THREAD_BYTES:  # BYTES decoding loops in Python
                     decoded = await asyncio.to_thread(decode_infer_request, request, deadline, self._limits)
                 else:  # a plain call: the common small request costs no coroutine of its own
                     decoded = decode_infer_request(request, deadline, self._limits)

@@ -2,12 +2,13 @@
 against before it may join a batch (names, datatypes, ranks, dims, batch limit, outputs)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from medserve.protos.wire import datatype_of
+from medserve.protos.wire import datatype_of, numpy_dtype
 
 from .config import ModelConfig, TensorConfig
 from .errors import InvalidInput
@@ -15,6 +16,30 @@ from .errors import InvalidInput
 
 def _fmt(dims: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class FixedInput:
+    """The one input of a model whose valid requests differ only in their rows: one numeric
+    input of fixed dims, batching, nothing optional. Such a request is decoded and validated in
+    one step (`codec.decode_fixed`); any other takes the general path, refusals included."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]  # without the batch dim
+    dtype: np.dtype  # little-endian, as on the wire
+    row_elements: int
+    max_rows: int
+    finite: bool  # NaN and infinities are refused (refuse_non_finite, a float type)
+
+
+def fixed_input(config: ModelConfig, fixed: bool) -> FixedInput | None:
+    if not fixed or len(config.inputs) != 1 or config.inputs[0].datatype in ("BYTES", "BOOL", "BF16"):
+        return None
+    (spec,) = config.inputs
+    dtype = np.dtype(numpy_dtype(spec.datatype)).newbyteorder("<")
+    return FixedInput(spec.name, spec.datatype, spec.dims, dtype, math.prod(spec.dims), config.max_batch_size,
+                      config.refuse_non_finite and dtype.kind == "f")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +55,7 @@ class Signature:
     # The batching key every valid request has when no input is optional and no non-batch dim
     # varies (None otherwise: the batcher derives it per request).
     fixed_key: tuple[object, ...] | None = None
+    fixed_input: FixedInput | None = None  # see FixedInput
 
     @classmethod
     def of(cls, config: ModelConfig) -> Signature:
@@ -46,6 +72,7 @@ class Signature:
             split_oversized=config.split_oversized,
             refuse_non_finite=config.refuse_non_finite,
             fixed_key=("signature", tuple((t.name, t.datatype, t.dims) for t in config.inputs)) if fixed else None,
+            fixed_input=fixed_input(config, fixed),
         )
 
     def check_outputs(self, label: str, wanted: tuple[str, ...]) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from ..config import BatchingConfig, PadSpec
 from ..errors import DeadlineExceeded, ExecutionError, ModelNotReady
-from .estimators import CostModel, CrowdEstimate, LoneEstimate
+from .estimators import CostModel, CrowdEstimate, LoneEstimate, work_of
 from .execute import Outcome, Padding, Runner, execute, join_outputs
 from .policy import (
     BACKGROUND_LEVEL,
@@ -34,6 +34,7 @@ from .policy import (
     batch_work,
     decide,
     releasable,
+    runs_at_once,
 )
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,36 @@ class Batcher:
             return futures[0]
         return join_parts(futures, [it.rows for it in items], self._name, loop)
 
+    def run_now(self, request: BatchRequest) -> Arrays | None:
+        """A caller's request run inline and answered here, when the batcher is idle and
+        admission would run it at once alone (`runs_at_once`): the common request of a fast
+        model under steady load, without a queue item, a future or admission's records. The
+        same execution, counters and statistics as through `submit`. None: `submit` it."""
+        if self._flights or self._queue or self._stopping or self._loop is None or request.timing is not None:
+            return None
+        work = work_of(request.inputs)
+        if not (runs_at_once(request, work, self._clock(), self._admission, self._cost)
+                and self._lone.would_run_now()):
+            return None  # `submit` asks the lone estimate itself: a peek leaves its count alone
+        self._lone.run_now()
+        self._next_seq += 1
+        if self._crowd is not None:
+            self._crowd.observe(request.rows)
+        self._n.inline += 1
+        try:
+            outcome: Outcome | BaseException = execute(self._runner, [request.inputs], [request.rows], self._name,
+                                                       self._engine_clock)
+        except BaseException as exc:  # noqa: BLE001 - answered as through `submit`
+            outcome = exc
+        failure = self._account(request.rows, work, work, (0,), outcome)
+        if failure is not None:
+            raise failure
+        assert isinstance(outcome, Outcome)
+        (result,) = outcome.outputs
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     def _snapshot(self) -> Snapshot:
         n = self._n
         return Snapshot(self._queue, n.level_counts, self._instances - n.in_flight + n.background_in_flight,
@@ -464,30 +495,39 @@ class Batcher:
         self._n.in_flight_requests -= len(items)
         self._resolve(items, [self._futures.pop(it) for it in items], flight.started_s, flight.work, outcome)
 
-    def _resolve(self, items: Sequence[QueuedItem], futures: Sequence[asyncio.Future[Arrays]], started_s: float,
-                 work: int, outcome: Outcome | BaseException) -> None:
-        """An executed batch's accounting (cost model, statistics) and every member's answer."""
+    def _account(self, rows: int, requested: int, work: int, queue_ns: Sequence[int],
+                 outcome: Outcome | BaseException) -> ExecutionError | None:
+        """An executed batch's counters, cost model and statistics; the error its members get
+        when it failed outside the runtime (None when it ran)."""
         self._n.executed += 1
         if not isinstance(outcome, Outcome):
-            log.error("model %s: batch of %d requests failed outside the runtime", self._name, len(items),
+            log.error("model %s: batch of %d requests failed outside the runtime", self._name, len(queue_ns),
                       exc_info=outcome)
-            for future in futures:
-                if not future.done():
-                    future.set_exception(ExecutionError(f"model {self._name}: batch failed: {type(outcome).__name__}"))
-            return
-        rows = requested = 0
-        for it in items:
-            rows += it.rows
-            requested += it.work
+            return ExecutionError(f"model {self._name}: batch failed: {type(outcome).__name__}")
         self._n.work_requested += requested
         self._n.work_executed += work
         if outcome.clean:
             self._cost.observe(work, outcome.infer_s)
         if self._observer is not None:
-            self._observer.on_batch(
-                rows, [int((started_s - it.enqueued_s) * 1e9) for it in items],
-                int(outcome.input_s * 1e9), int(outcome.infer_s * 1e9), int(outcome.output_s * 1e9),
-            )
+            self._observer.on_batch(rows, queue_ns, int(outcome.input_s * 1e9), int(outcome.infer_s * 1e9),
+                                    int(outcome.output_s * 1e9))
+        return None
+
+    def _resolve(self, items: Sequence[QueuedItem], futures: Sequence[asyncio.Future[Arrays]], started_s: float,
+                 work: int, outcome: Outcome | BaseException) -> None:
+        """An executed batch's accounting (cost model, statistics) and every member's answer."""
+        rows = requested = 0
+        for it in items:
+            rows += it.rows
+            requested += it.work
+        failure = self._account(rows, requested, work, [int((started_s - it.enqueued_s) * 1e9) for it in items],
+                                outcome)
+        if failure is not None:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(failure)
+            return
+        assert isinstance(outcome, Outcome)
         for item, future, result in zip(items, futures, outcome.outputs, strict=True):
             if item.request.timing is not None:
                 item.request.timing.finished_ns = time.time_ns()

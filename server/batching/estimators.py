@@ -140,6 +140,11 @@ class LoneEstimate:
     alone: int = 0  # pumped callers' batches in a row that held one request
     since_probe: int = 0
 
+    def would_run_now(self) -> bool:
+        """What `run_now` will answer, without counting the request (a peek: the driver asks
+        before it commits to running a request outside `submit`)."""
+        return self.alone >= self.settle and self.since_probe + 1 < self.probe_every
+
     def run_now(self) -> bool:
         """Whether this lone request runs at once (asked only for one that would run inline)."""
         if self.alone < self.settle:

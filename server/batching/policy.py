@@ -387,8 +387,7 @@ def _admit_one(snapshot: Snapshot, request: BatchRequest, now: float, config: Ad
         # batch is itself: `decide` would answer inline); the driver runs it now or queues it
         # so that requests decoded meanwhile join it (an empty queue has room for one).
         if limit > 0 and runs_inline(work, config.policy, cost):
-            policy = config.policy
-            if policy.preferred_rows and policy.max_queue_delay_s > 0:  # configured to wait for them
+            if waits_for_company(config.policy):
                 return Admit((item,), None, pump=True)
             return Admit((item,), Decision(run=(item,), inline=True), deferrable=True)
         decision = decide((item,), now, config.policy, cost, free, snapshot.close_at_rows, background)
@@ -396,6 +395,25 @@ def _admit_one(snapshot: Snapshot, request: BatchRequest, now: float, config: Ad
             return Admit((item,), decision)
     _check_room(snapshot, level, queue_policy, 1, config, cost)
     return Admit((item,), None, slot)
+
+
+def waits_for_company(policy: PolicyConfig) -> bool:
+    """Configured to wait for requests to join a lone one (preferred sizes and a queue delay)."""
+    return bool(policy.preferred_rows) and policy.max_queue_delay_s > 0
+
+
+def runs_at_once(request: BatchRequest, work: int, now: float, config: AdmissionConfig, cost: CostEstimate) -> bool:
+    """Whether `admit` would let this request run inline at once on an idle batcher (nothing
+    queued, nothing in flight): a caller's request of the default priority, within the batch
+    limit and unsplit, cheap enough for the event loop, on a model that neither pads nor waits
+    for company, whose deadline (if any) can be met. `admit` answers such a request with a
+    deferrable inline run; asking this first lets the driver run it without a queue item or a
+    future (`Batcher.run_now`). False: `admit` decides, refusals included."""
+    policy = config.policy
+    return (request.priority == 0 and 0 < request.rows <= policy.max_batch_rows
+            and not 0 < config.split_rows < request.rows and not config.padded_axes
+            and runs_inline(work, policy, cost) and not waits_for_company(policy)
+            and (request.deadline_s is None or not _misses_deadline(request.deadline_s, work, now, cost)))
 
 
 def _admit_parts(snapshot: Snapshot, request: BatchRequest, now: float, config: AdmissionConfig,

@@ -113,11 +113,15 @@ def test_server_stages_end_to_end(make_repo, tmp_path: Path) -> None:
         assert set(p["stages"]) == {stage for _, _, stage, _ in STAGES[name]}, p["stages"]
         assert p["stages"]["onnxruntime run"]["calls"] > 0
     medserve = points["medserve"]["stages"]
-    assert medserve["decode"]["calls"] >= medserve["servicer path (decode .. encode)"]["calls"] > 0
+    fixed = medserve["decode + validate, fixed signature"]  # affine's one FP32 input of fixed dims
+    assert fixed["calls"] >= medserve["servicer path (decode .. encode)"]["calls"] > 0
+    assert medserve["decode"]["calls"] == medserve["validate"]["calls"] == 0  # the general path: not taken
+    assert medserve["batcher run_now (+ the engine)"]["calls"] > 0
     whole = medserve["servicer path (decode .. encode)"]["us_per_call"]
-    assert whole > medserve["decode"]["us_per_call"] and whole > medserve["encode"]["us_per_call"]
+    assert whole > fixed["us_per_call"] and whole > medserve["encode"]["us_per_call"]
     assert points["minimal"]["stages"]["handler (parse .. encode)"]["us_per_call"] > \
         points["minimal"]["stages"]["onnxruntime run"]["us_per_call"]
     loop = result["in_process_us"]  # request_path's figures for the same stages, same model
-    assert {"decode", "encode", "onnxruntime run", "handler (parse .. encode)"} <= set(loop) and min(loop.values()) > 0
+    assert {"decode", "decode + validate, fixed signature", "encode", "onnxruntime run",
+            "handler (parse .. encode)"} <= set(loop) and min(loop.values()) > 0
     assert "in process" in done.stdout

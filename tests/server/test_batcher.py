@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from medserve.server.batching import Batcher, BatcherConfig, BatchRequest
+from medserve.server.batching import Batcher, BatcherConfig, BatchRequest, RequestTiming
 from medserve.server.config import BatchingConfig, QueuePolicy
 from medserve.server.errors import DeadlineExceeded, ExecutionError, InvalidInput, ModelNotReady, QueueFull
 from medserve.server.stats import ModelStats
@@ -644,3 +644,87 @@ async def test_a_caller_never_waits_behind_a_background_part(ordered: bool) -> N
     assert runner.most_parts == 1  # parts one at a time, even with a second background thread free
     assert [name.split("_")[0] for name in runner.threads] == ["background", "callers", "background"]
     await batcher.stop()
+
+
+async def served(batcher: Batcher, req: BatchRequest) -> Mapping[str, np.ndarray]:
+    """A request as the inference core serves it: answered by `run_now` if it may, else submitted."""
+    out = batcher.run_now(req)
+    return out if out is not None else await batcher.submit(req)
+
+
+async def test_run_now_answers_an_idle_batchers_cheap_lone_request_and_counts_it_as_submit_would() -> None:
+    """`run_now` answers only once waiting found nobody (before, it declines and `submit` queues
+    the request for the pump); it leaves the probe to `submit` (one request in 64 still waits),
+    and its counters, statistics and cost model read exactly as the same requests through
+    `submit` alone; a failing run raises its caller's ExecutionError and is counted."""
+    batchers, stats = [], []
+    for via_run_now in (True, False):
+        observer = ModelStats()
+        runner = PoisonRecorder(ticking(5e-6))
+        batcher = await started(runner, BatchingConfig(max_batch_rows=64), inline_below_s=100e-6,
+                                warmups=((2, 20e-6),), observer=observer)
+        for _ in range(8):  # waiting for the pump, found nobody
+            if via_run_now:
+                assert batcher.run_now(request(1.0)) is None
+            pumped = batcher.submit(request(1.0))
+            assert not pumped.done()
+            await pumped
+        for i in range(80):
+            if via_run_now:
+                out = batcher.run_now(request(float(i)))
+                if i == 63:  # the 64th is the probe: declined, and `submit` still makes it wait
+                    assert out is None
+                    probe = batcher.submit(request(float(i)))
+                    assert not probe.done()
+                    out = await probe
+                assert out is not None and float(out["y"][0, 0]) == 2.0 * i
+            else:
+                await batcher.submit(request(float(i)))
+        if via_run_now:
+            with pytest.raises(ExecutionError):
+                batcher.run_now(request(float("nan")))
+        else:
+            with pytest.raises(ExecutionError):
+                await batcher.submit(request(float("nan")))
+        batchers.append(batcher)
+        stats.append(observer)
+    ran, submitted = batchers
+    assert ran.stats() == submitted.stats() and ran.stats().executed_batches == 8 + 80 + 1
+    assert ran.estimate_s(2) == submitted.estimate_s(2)
+    for field in ("execution_count", "inference_count", "compute_infer"):  # the engine's (ticking) clock
+        assert getattr(stats[0], field) == getattr(stats[1], field), field
+    assert {k: v.compute_infer for k, v in stats[0].batches.items()} == {k: v.compute_infer for k, v in stats[1].batches.items()}
+    assert stats[0].queue.count == stats[1].queue.count  # (its time is the wall clock's: the pumped ones differ)
+    assert stats[0].batch_rows.counts == stats[1].batch_rows.counts
+    assert stats[0].compute_seconds.counts == stats[1].compute_seconds.counts
+    for batcher in batchers:
+        await batcher.stop()
+
+
+async def test_run_now_declines_what_admission_would_queue_refuse_or_time() -> None:
+    """A busy batcher, another priority, a deadline that cannot be met, too many rows, a traced
+    request, a model that waits for company: `run_now` declines each (and leaves the request to
+    `submit`, which answers it as before)."""
+    timer = FakeTimer()
+    runner = PoisonRecorder(ticking(5e-6))
+    config = BatchingConfig(max_batch_rows=64, priority_levels=2)
+    batcher = await started(runner, config, inline_below_s=100e-6, warmups=((2, 20e-6),), clock=timer.clock,
+                            instances=2)
+    for _ in range(8):
+        await batcher.submit(request(1.0))
+    assert batcher.run_now(request(1.0)) is not None
+    assert batcher.run_now(request(1.0, priority=1)) is None
+    assert batcher.run_now(request(1.0, deadline_s=timer.now + 1e-6)) is None  # the run takes ~5-20 µs
+    assert batcher.run_now(request(1.0, deadline_s=timer.now + 1.0)) is not None
+    assert batcher.run_now(request(1.0, rows=65)) is None
+    assert batcher.run_now(request(1.0, timing=RequestTiming())) is None
+    held = batcher.submit(request(3.0, rows=9))  # work 18: more than measured, on an instance (held there)
+    await asyncio.sleep(0.05)
+    assert not held.done() and batcher.run_now(request(1.0)) is None  # a batch in flight
+    runner.gate.set()
+    await held
+    await batcher.stop()
+    waiting = await started(runner, BatchingConfig(max_batch_rows=64, preferred_batch_sizes=(4,), max_queue_delay_us=100),
+                            inline_below_s=100e-6, warmups=((2, 20e-6),))
+    assert waiting.run_now(request(1.0)) is None
+    await waiting.stop()
