@@ -2,7 +2,8 @@
 protobuf or gRPC.
 
     policy.py       queued items and the pure policy: `admit` (a request's arrival: refused, run
-                    now, or queued), `decide` (what runs, when, where), `releasable` (ordering)
+                    now, or queued), `runs_at_once` (whether `admit` would run it inline at once
+                    on an idle batcher), `decide` (what runs, when, where), `releasable` (ordering)
     estimators.py   the cost model (execution seconds by work) and the learned crowd size
     execute.py      concatenate / run / bisect / split one batch; split and join oversized requests;
                     the `Runner` protocol (a batch in, outputs out, and the engine's clock)
@@ -52,7 +53,10 @@ cheap batch: a batch larger than anything measured never runs on the event loop.
 finds the batcher idle is answered by `decide` at once (usually "run it now"), without a trip
 through the queue. One that would run inline waits for the end of the loop iteration, so that
 requests decoded meanwhile join its batch, unless recent waits found nobody to join
-(`LoneEstimate`): it then runs at once, in `submit`, and one in 64 waits as a probe.
+(`LoneEstimate`): it then runs at once, in `submit`, and one in 64 waits as a probe. The
+inference core asks `Batcher.run_now` first, which answers such a request itself (when
+`runs_at_once` holds and the estimate says run): no queue item and no future, the same counters
+and statistics.
 
 Ordering: FIFO within a priority level and key. With `preserve_ordering`, batches release their
 results in the order they were dispatched.
@@ -89,6 +93,7 @@ from .policy import (
     queue_timeout_us,
     releasable,
     retry_after_s,
+    runs_at_once,
     runs_inline,
 )
 
@@ -130,6 +135,7 @@ __all__ = [
     "queue_timeout_us",
     "releasable",
     "retry_after_s",
+    "runs_at_once",
     "runs_inline",
     "split_rows",
     "work_of",

@@ -1,13 +1,15 @@
-"""The batching policy as two pure functions: no event loop, no clock, no futures, no I/O; both
+"""The batching policy as pure functions: no event loop, no clock, no futures, no I/O; each
 tested with explicit times.
 
 `admit` answers a request's arrival: refused (and why: queue full with a retry hint, a deadline
 that cannot be met, a priority out of range, too many rows), or accepted as queue items (the
 request, or its parts when it is split), which run at once on an idle batcher or are queued.
-`decide` answers what happens next to the queue: which items expire or are dropped (the driver
-hands it those the callers cancelled), which group runs now and where (inline on the event
-loop, or on an instance's worker thread), or how long to wait. `releasable` says which finished
-batches may hand their results back (`preserve_ordering`).
+`runs_at_once` says ahead of `admit` whether it would run a request inline at once on an idle
+batcher (the driver then runs it without a queue item). `decide` answers what happens next to
+the queue: which items expire or are dropped (the driver hands it those the callers cancelled),
+which group runs now and where (inline on the event loop, or on an instance's worker thread), or
+how long to wait. `releasable` says which finished batches may hand their results back
+(`preserve_ordering`).
 
 Every outcome of batching is one of these answers; the driver (`driver.py`) only applies them
 to its queue, timer, executors and futures.

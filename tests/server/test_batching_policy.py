@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from medserve.server.batching import (
     BACKGROUND,
@@ -26,6 +28,7 @@ from medserve.server.batching import (
     queue_timeout_us,
     releasable,
     retry_after_s,
+    runs_at_once,
     work_of,
 )
 from medserve.server.config import BatchingConfig, QueuePolicy, TimeoutAction
@@ -567,3 +570,32 @@ def test_ordered_results_wait_for_earlier_callers_batches_but_not_for_background
     assert [f.name for f in releasable(flights, ordered=True)] == ["bg"]  # "a" still runs: b and c wait
     flights[0].finished = True
     assert [f.name for f in releasable(flights, ordered=True)] == ["a", "bg", "b", "c"]  # a running part holds nobody
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    rows=st.integers(1, 12), priority=st.sampled_from([0, 0, 1, 2, 3, BACKGROUND]),
+    deadline=st.sampled_from([None, 0.5, 1.0 + 10e-6, 1.0 + 60e-6, 2.0]), cost_s=st.sampled_from([20e-6, 50e-6, 200e-6]),
+    largest=st.sampled_from([0, 8, 1 << 30]), max_rows=st.sampled_from([0, 4, 8]), split=st.sampled_from([0, 4]),
+    levels=st.sampled_from([0, 2]), waits=st.booleans(), padded=st.booleans(),
+)
+def test_runs_at_once_only_where_admit_would_run_the_request_inline_at_once_on_an_idle_batcher(
+    rows: int, priority: int, deadline: float | None, cost_s: float, largest: int, max_rows: int, split: int,
+    levels: int, waits: bool, padded: bool,
+) -> None:
+    """What `Batcher.run_now` relies on: whenever `runs_at_once` holds, `admit` on an idle batcher
+    (nothing queued, a free instance) answers the same request with a deferrable inline run of
+    it alone, never a refusal or a queue entry; and it holds for the plain cheap request."""
+    policy = {"inline_below_s": 100e-6} | ({"preferred_rows": (4,), "max_queue_delay_s": 1e-3} if waits else {})
+    batching = BatchingConfig(max_batch_rows=max_rows, priority_levels=levels) if max_rows else None
+    cfg = admission(max_rows, split_rows=split, batching=batching, padded_axes={"x": 1} if padded else {}, **policy)
+    cost = FixedCost(cost_s, largest)
+    request = arrival(rows, priority=priority, deadline_s=deadline)
+    if not runs_at_once(request, work_of(request.inputs), 1.0, cfg, cost):
+        plain = (priority == 0 and rows <= max_rows and not 0 < split < rows and not padded and not waits
+                 and cost_s < 100e-6 and rows * 4 <= largest and (deadline is None or deadline >= 1.0 + cost_s))
+        assert not plain
+        return
+    verdict = admitted(admit(Snapshot(), request, 1.0, cfg, cost))
+    assert verdict.deferrable and verdict.run is not None and verdict.run.inline and verdict.run.run == verdict.items
+    assert len(verdict.items) == 1 and verdict.items[0].request is request
