@@ -4,16 +4,25 @@ whatever it accepts, the general path accepts as the same array; whatever it dec
 general path, which answers (refusals with their own messages)."""
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
+import grpc
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medserve.protos import grpc_service_pb2 as pb
+from medserve.server import service
 from medserve.server.codec import DecodeLimits, decode_fixed, decode_infer_request
 from medserve.server.config import ModelConfig, TensorConfig
 from medserve.server.errors import InvalidInput
 from medserve.server.signature import Signature
+
+import onnx_models
+from conftest import running_server
 
 LABEL = "'m' version 1"
 
@@ -133,3 +142,63 @@ def test_whatever_is_decoded_in_one_step_the_general_path_accepts_as_the_same_ar
         return
     got = decoded.inputs["x"]
     assert got.dtype == expected.dtype and got.shape == expected.shape and got.tobytes() == expected.tobytes()
+
+
+def test_a_served_model_answers_the_plain_request_exactly_as_through_the_general_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a real server: each request sent plain (decoded in one step) and again naming
+    every output (the general path: `decode_fixed` declines it) gets the same outputs, version,
+    model hash and out-of-range flags; refusals (a clinical limit, NaN) read the same either way;
+    the statistics count both. The largest plain request the limits allow (max_batch_size rows)
+    takes the one-step path."""
+    path = onnx_models.affine(tmp_path / "repo" / "vitals" / "1" / "model.onnx")
+    onnx_models.write_config(tmp_path / "repo", "vitals", 'max_batch_size: 8\ndynamic_batching { }\n'
+                             'parameters { key: "refuse_non_finite" value: { string_value: "true" } }\n')
+    card = {"model_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "feature_names": ["a", "b", "c", "d"],
+            "feature_ranges": {"a": [0, 1], "b": [0, 1]}, "feature_limits": {"c": [-100, 100]}}
+    (path.parent / "model_card.json").write_text(json.dumps(card))
+    taken: list[bool] = []
+    real = service.decode_fixed
+
+    def counted(*args: object, **kw: object) -> object:
+        decoded = real(*args, **kw)  # type: ignore[arg-type]
+        taken.append(decoded is not None)
+        return decoded
+
+    monkeypatch.setattr(service, "decode_fixed", counted)
+    rng = np.random.default_rng(3)
+    sent_rows = 0
+    with running_server(tmp_path / "repo") as server:
+        stub = server.stub()
+        for rows in (1, 8, 3, 1, 2):
+            x = rng.uniform(-0.5, 1.5, (rows, 4)).astype(np.float32)  # some rows out of range
+            plain = message(x, name="x")
+            plain.model_name = "vitals"
+            named = pb.ModelInferRequest()
+            named.CopyFrom(plain)
+            for output in ("y", "s"):
+                named.outputs.add(name=output)
+            a, b = stub.ModelInfer(plain, timeout=30), stub.ModelInfer(named, timeout=30)
+            assert list(a.raw_output_contents) == list(b.raw_output_contents)
+            assert (a.model_version, list(a.outputs)) == (b.model_version, list(b.outputs))
+            assert dict(a.parameters) == dict(b.parameters) and "model_sha256" in a.parameters
+            assert np.array_equal(np.frombuffer(a.raw_output_contents[0], np.float32).reshape(rows, 4), 2 * x + 1)
+            sent_rows += 2 * rows
+        flagged = [dict(r.parameters) for r in (a, b)]
+        assert flagged[0] == flagged[1]
+        for bad in (np.array([[0.5, 0.5, 500.0, 0.5]], np.float32), np.array([[0.5, np.nan, 0.5, 0.5]], np.float32)):
+            codes = []
+            for outputs in ((), ("y", "s")):
+                request = message(bad, name="x")
+                request.model_name = "vitals"
+                for output in outputs:
+                    request.outputs.add(name=output)
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.ModelInfer(request, timeout=30)
+                codes.append((info.value.code(), info.value.details()))
+            assert codes[0] == codes[1] and codes[0][0] == grpc.StatusCode.INVALID_ARGUMENT
+        (stats,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="vitals"), timeout=30).model_stats
+    assert stats.inference_stats.success.count == 10 and stats.inference_count == sent_rows
+    assert stats.inference_stats.fail.count == 4  # refused in the core both ways: the clinical limit, and NaN
+    assert taken == [True, False] * 5 + [True, False, False, False]
