@@ -22,6 +22,7 @@ gives ~4,000 samples, so a row under ~2 µs per request is within the sampling n
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import re
 import shutil
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,30 @@ def print_report(body: Mapping[str, Any]) -> None:
           "from /proc (the samples' sum, unsampled).")
 
 
+@dataclass(frozen=True)
+class ServedRun:
+    """A served-model benchmark's start: its levels, when it started, the thread hand-off, and a
+    scratch folder (`work`) holding the model alone as version 1 (`repo`)."""
+
+    levels: list[int]
+    started: float
+    hand_off: Any
+    work: Path
+    repo: Path
+
+
+@contextlib.contextmanager
+def served_run(args: argparse.Namespace, prefix: str) -> Iterator[ServedRun]:
+    """What `served_model_parser`'s benchmarks start with (the scratch folder is removed after)."""
+    levels = [int(v) for v in args.concurrency.split(",") if v.strip()]
+    started = time.time()
+    hand_off = executor_round_trip_us()
+    with tempfile.TemporaryDirectory(prefix=f"medserve-{prefix}-") as tmp:
+        work = Path(tmp)
+        prepare_repository(work / "repo", args.repository, (args.model,))
+        yield ServedRun(levels, started, hand_off, work, work / "repo")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = served_model_parser("loop_profile", __doc__)
     parser.add_argument("--frequency", type=int, default=999, help="perf samples per second")
@@ -179,24 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"loop_profile needs {' and '.join(missing)} (linux-perf, nghttp2-client)", file=sys.stderr)
         return 2
-    levels = [int(v) for v in args.concurrency.split(",") if v.strip()]
-    started = time.time()
-    hand_off = executor_round_trip_us()
-    with tempfile.TemporaryDirectory(prefix="medserve-loop-profile-") as tmp:
-        work = Path(tmp)
-        repo = work / "repo"
-        prepare_repository(repo, args.repository, (args.model,))
-        with _servers(repo, args.model, work) as (servers, request):
-            frame = h2load.write_frame(request, work / "request.bin")
+    with served_run(args, "loop-profile") as run:
+        with _servers(run.repo, args.model, run.work) as (servers, request):
+            frame = h2load.write_frame(request, run.work / "request.bin")
             points = []
-            for level in levels:
+            for level in run.levels:
                 for name in SERVERS:
                     print(f"  {name} c={level} ...", file=sys.stderr)
                     server = servers[name]
                     points.append(profile_point(server.address, server.pid, frame, level, args.warmup_s,
-                                                args.measure_s, args.frequency, work, name))
-    finish_run("loop_profile", {"model": args.model, "frequency": args.frequency, "levels": levels, "points": points},
-               args, started, print_report, hand_off_us=hand_off)
+                                                args.measure_s, args.frequency, run.work, name))
+    finish_run("loop_profile", {"model": args.model, "frequency": args.frequency, "levels": run.levels,
+                                "points": points}, args, run.started, print_report, hand_off_us=run.hand_off)
     return 0
 
 

@@ -32,16 +32,13 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import h2load, serverproc
-from .bench_rows import prepare_repository
-from .loop_profile import loaded_window
-from .measure import executor_round_trip_us
+from .loop_profile import loaded_window, served_run
 from .report import figure, finish_run, served_model_parser
 
 # (module, attribute path, stage, coroutine?) per server; the server's own modules, imported
@@ -255,20 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("h2load") is None:
         print("server_stages needs h2load (nghttp2-client)", file=sys.stderr)
         return 2
-    levels = [int(v) for v in args.concurrency.split(",") if v.strip()]
-    started = time.time()
-    hand_off = executor_round_trip_us()
-    with tempfile.TemporaryDirectory(prefix="medserve-server-stages-") as tmp:
-        work = Path(tmp)
-        repo = work / "repo"
-        prepare_repository(repo, args.repository, (args.model,))
-        points = measure(repo, args.model, levels, args.warmup_s, args.measure_s, work)
+    with served_run(args, "server-stages") as run:
+        points = measure(run.repo, args.model, run.levels, args.warmup_s, args.measure_s, run.work)
         loop: dict[str, float] = {}
         if args.in_process:
             print("  request_path (in process) ...", file=sys.stderr)
-            loop = in_process_us(repo, args.model, work)
-    finish_run("server_stages", {"model": args.model, "levels": levels, "points": points, "in_process_us": loop},
-               args, started, print_report, hand_off_us=hand_off)
+            loop = in_process_us(run.repo, args.model, run.work)
+    finish_run("server_stages", {"model": args.model, "levels": run.levels, "points": points,
+                                 "in_process_us": loop}, args, run.started, print_report, hand_off_us=run.hand_off)
     return 0
 
 
