@@ -306,14 +306,7 @@ class Batcher:
             return None  # `submit` asks the lone estimate itself: a peek leaves its count alone
         self._lone.run_now()
         self._next_seq += 1
-        if self._crowd is not None:
-            self._crowd.observe(request.rows)
-        self._n.inline += 1
-        try:
-            outcome: Outcome | BaseException = execute(self._runner, [request.inputs], [request.rows], self._name,
-                                                       self._engine_clock)
-        except BaseException as exc:  # noqa: BLE001 - answered as through `submit`
-            outcome = exc
+        outcome = self._execute_alone(request.inputs, request.rows)
         failure = self._account(request.rows, work, work, (0,), outcome)
         if failure is not None:
             raise failure
@@ -456,20 +449,23 @@ class Batcher:
         finish out of order needs (the common request of a fast model under steady load)."""
         future: asyncio.Future[Arrays] = loop.create_future()
         request = item.request
-        if self._crowd is not None:
-            self._crowd.observe(item.rows)
         started_s = self._clock()
         if request.timing is not None:
             request.timing.started_ns = time.time_ns()
         padding = Padding(self._pad_values, self._padded_outputs, [item.length]) if self._pad_values else None
+        self._resolve([item], [future], started_s, item.work, self._execute_alone(request.inputs, item.rows, padding))
+        return future
+
+    def _execute_alone(self, inputs: Arrays, rows: int, padding: Padding | None = None) -> Outcome | BaseException:
+        """A caller's request executed alone on the event loop (`run_now`, `_run_alone`): counted
+        in the crowd and as an inline batch; its outcome, or what the execution raised."""
+        if self._crowd is not None:
+            self._crowd.observe(rows)
         self._n.inline += 1
         try:
-            outcome: Outcome | BaseException = execute(self._runner, [request.inputs], [item.rows], self._name,
-                                                       self._engine_clock, padding)
-        except BaseException as exc:  # noqa: BLE001 - every future must be resolved
-            outcome = exc
-        self._resolve([item], [future], started_s, item.work, outcome)
-        return future
+            return execute(self._runner, [inputs], [rows], self._name, self._engine_clock, padding)
+        except BaseException as exc:  # noqa: BLE001 - every caller is answered
+            return exc
 
     def _on_executed(self, flight: _Flight, done: asyncio.Future[Outcome]) -> None:
         if done.cancelled():
