@@ -25,7 +25,12 @@ class CostModel:
     seconds) per power-of-two bucket of work, interpolated between buckets.
 
     Seconds are the engine's own time (measured inside the thread that ran the batch), never the
-    hand-off to it, so a cheap batch is known to be cheap on any machine. Below the smallest
+    hand-off to it, so a cheap batch is known to be cheap on any machine. A measurement counts
+    at most `outlier` times its bucket's mean: one run that page-faulted or lost its caches (the
+    forest's 40 µs one-row run read 300-600 µs of CPU now and then on a 2-core guest) moves the estimate by
+    at most `alpha` * (`outlier` - 1), so it alone never sends a cheap model off the event loop
+    for the batches after it, while a real slowdown is followed within a few batches (20 % a
+    batch at the defaults; a faster run is never clipped). Below the smallest
     measurement the smallest measured time applies (fixed per-call costs dominate there); above
     the largest the time scales with the work, and `measured` says no: the policy never runs
     such a batch on the event loop, where a misjudged long execution would stall every RPC.
@@ -35,8 +40,9 @@ class CostModel:
         cost.estimate(60), cost.measured(60)      # -> 80e-6 (scaled), False
     """
 
-    def __init__(self, alpha: float = 0.2) -> None:
+    def __init__(self, alpha: float = 0.2, outlier: float = 2.0) -> None:
         self._alpha = alpha
+        self._outlier = outlier
         self._buckets: list[int] = []  # bucket ids (work.bit_length()), increasing
         self._works: list[float] = []  # each bucket's mean work: increasing too (buckets are disjoint)
         self._seconds: list[float] = []
@@ -52,7 +58,9 @@ class CostModel:
             self._seconds.insert(i, seconds)
             return
         self._works[i] += self._alpha * (work - self._works[i])
-        self._seconds[i] += self._alpha * (seconds - self._seconds[i])
+        mean = self._seconds[i]
+        counted = min(seconds, self._outlier * mean) if mean > 0 else seconds
+        self._seconds[i] = mean + self._alpha * (counted - mean)
 
     def measured(self, work: int) -> bool:
         """Whether a batch this large is within what has been measured (so `estimate` is an
