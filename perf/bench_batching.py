@@ -10,7 +10,7 @@ What it does, in one run:
      MLPClassifier behind a StandardScaler), both trained on load_breast_cancer (30 features) and
      exported with skl2onnx (zipmap off, FP32 input [N, 30]); each in two variants:
      `<m>_off` (max_batch_size 64, no dynamic_batching) and `<m>_on` (dynamic_batching with
-     max_queue_delay_microseconds 2000: an upper bound; the batcher closes a batch at the crowd
+     max_queue_delay_microseconds 2000: an upper bound; a batch stops waiting at the crowd
      recent batches reached, so a lone request is not held back). Each version has a model card with the training data's
      feature ranges, from which the harness draws request data;
   2. for `medserve serve` with 1 and with 2 workers: starts it, captures one real response of

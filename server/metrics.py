@@ -49,7 +49,7 @@ class RepositoryCollector(Collector):
         queued = GaugeMetricFamily("medserve_queue_depth", "Requests waiting in the batcher", labels=_LABELS)
         close_at = GaugeMetricFamily(
             "medserve_batch_close_rows",
-            "Rows at which the batcher now closes a batch, learned from recent batches (models with a "
+            "Rows at which a forming batch now stops waiting for more, learned from recent batches (models with a "
             "queue delay and no preferred sizes; absent while it waits the whole delay)",
             labels=_LABELS,
         )

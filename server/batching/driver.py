@@ -113,7 +113,7 @@ class BatcherStats:
     in_flight: int  # batches executing now
     in_flight_requests: int  # requests in those batches
     executed_batches: int
-    close_at_rows: int | None = None  # the learned crowd a batch closes at (None: the configured policy)
+    close_at_rows: int | None = None  # the learned crowd a batch stops waiting at (None: the configured policy)
     inline_batches: int = 0  # of `executed_batches`, those run on the event loop
     work_requested: int = 0  # input elements the executed requests carried ...
     work_executed: int = 0  # ... and the batches ran (more with padding: the waste is the difference)

@@ -88,8 +88,9 @@ class CrowdEstimate:
     Triton waits the whole `max_queue_delay` unless the row limit or a preferred size is reached.
     On a lightly loaded server every request then pays the whole delay and gathers nobody; under
     steady load a batch waits on after its usual crowd is in. With no preferred sizes
-    configured, the batcher instead closes a batch once it holds the rows recent batches reached
-    (`target`), and now and then lets a batch wait the whole delay (a probe) so that a rising
+    configured, the batcher instead stops a batch's wait once it holds the rows recent batches
+    reached (`target`; requests queued beyond it still join, up to the row limit: see
+    `policy._greedy`), and now and then lets a batch wait the whole delay (a probe) so that a rising
     load is noticed: every `probe_every` batches, doubling up to `probe_max` while probes find
     nobody (a quiet server pays for almost none). The delay stays the bound on every wait.
     """

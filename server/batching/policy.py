@@ -186,9 +186,13 @@ def _start_by(item: QueuedItem, batch_work: int, cost: CostEstimate) -> float:
 
 
 def _greedy(members: Sequence[QueuedItem], cfg: PolicyConfig, close_at: int) -> tuple[list[QueuedItem], bool]:
-    """Ranked members up to the row limit, and whether the batch is full (the row limit, the
-    largest preferred size, or the learned crowd is reached)."""
+    """Ranked members up to the row limit (up to the largest preferred size, where configured),
+    and whether the batch is full (that limit, or the learned crowd, is reached). The learned
+    crowd only ends the wait: members already queued beyond it join the batch, since a queue
+    longer than the crowd is a rising load, and a batch cut at the crowd would leave the rest to
+    wait the whole delay for a crowd of their own."""
     limit = cfg.max_batch_rows
+    capped = bool(cfg.preferred_rows)
     batch: list[QueuedItem] = []
     rows = 0
     for item in members:  # background rows never lengthen a caller's batch
@@ -198,9 +202,9 @@ def _greedy(members: Sequence[QueuedItem], cfg: PolicyConfig, close_at: int) -> 
             return batch, True
         batch.append(item)
         rows += item.rows
-        if close_at and rows >= close_at:
+        if capped and rows >= close_at:
             return batch, True
-    return batch, rows >= limit
+    return batch, rows >= limit or 0 < close_at <= rows
 
 
 def _cost_per_work(batch: Sequence[QueuedItem], cost: CostEstimate) -> float:

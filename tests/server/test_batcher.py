@@ -147,6 +147,24 @@ async def test_without_preferred_sizes_a_batch_closes_at_the_learned_crowd_not_t
     await batcher.stop()
 
 
+async def test_requests_queued_beyond_the_learned_crowd_join_its_batch_instead_of_waiting_the_delay() -> None:
+    """Three requests arrive together where the crowd is 2: one batch of 3, no timer. Cut at
+    the crowd, the third would wait the whole 60 s delay for a companion."""
+    runner = GatedRunner()
+    fake = FakeTimer()
+    batcher = await started(runner, BatchingConfig(max_batch_rows=16, max_queue_delay_us=60_000_000),
+                            clock=fake.clock, timer=fake)
+    futures = [batcher.submit(request(float(i))) for i in range(2)]
+    await asyncio.sleep(0)
+    fake.advance(60.0)  # the first batch waits the whole delay: no estimate yet
+    await asyncio.wait_for(asyncio.gather(*futures), 10)
+    assert batcher.stats().close_at_rows == 2
+    futures = [batcher.submit(request(float(i))) for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert runner.batches == [2, 3] and fake.armed() == []
+    await batcher.stop()
+
+
 async def test_preferred_sizes_keep_the_configured_policy() -> None:
     batcher = await started(GatedRunner(), BatchingConfig(max_batch_rows=16, max_queue_delay_us=1000,
                                                           preferred_batch_sizes=(4,)))

@@ -377,9 +377,21 @@ def test_the_learned_crowd_closes_a_batch_before_the_delay(item) -> None:
     q = [item(i, 0.0) for i in range(3)]
     assert decide(q, 0.0, cfg, no_cost, free_slots=1).run == ()  # no estimate: wait for the delay
     assert seqs(decide(q, 0.0, cfg, no_cost, free_slots=1, close_at_rows=3).run) == [0, 1, 2]
-    assert seqs(decide(q, 0.0, cfg, no_cost, free_slots=1, close_at_rows=2).run) == [0, 1]
     d = decide(q[:1], 0.0, cfg, no_cost, free_slots=1, close_at_rows=2)
     assert d.run == () and d.wait_s == pytest.approx(10.0)
+
+
+def test_a_queue_longer_than_the_learned_crowd_runs_whole(item) -> None:
+    """The crowd ends the wait; it does not cut the batch. Cut at a crowd of 2, the third of
+    three queued requests would wait the whole delay for a companion although the load is
+    rising; and a crowd that only grows at its probes would keep batches small while the queue
+    grows. Preferred sizes keep Triton's rule: the largest preferred size, the rest queued."""
+    cfg = PolicyConfig(max_batch_rows=8, max_queue_delay_s=10.0)
+    q = [item(i, 0.0) for i in range(11)]
+    assert seqs(decide(q[:3], 0.0, cfg, no_cost, free_slots=1, close_at_rows=2).run) == [0, 1, 2]
+    assert seqs(decide(q, 0.0, cfg, no_cost, free_slots=1, close_at_rows=2).run) == list(range(8))  # the row limit
+    preferred = PolicyConfig(max_batch_rows=8, max_queue_delay_s=10.0, preferred_rows=(2, 4))
+    assert seqs(decide(q[:7], 0.0, preferred, no_cost, free_slots=1).run) == [0, 1, 2, 3]
 
 
 def test_a_batch_is_costed_by_its_work_not_its_rows(item) -> None:
