@@ -53,6 +53,29 @@ def test_two_workers_share_the_port_and_report_per_worker(make_repo) -> None:  #
                 pytest.fail(f"no connection reached worker {name} in 200 attempts")
 
 
+def _scrape(port: int | None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the server's /metrics, keyed by name and sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_batches_handed_to_an_instance_are_not_counted_on_the_event_loop(make_repo) -> None:  # type: ignore[no-untyped-def]
+    """With nothing cheap enough for the loop (--inline-below-us 0) every batch runs on an
+    instance's thread: the operator's view of what the cost model decided."""
+    repo = make_repo(m=onnx_models.affine)
+    with running_server(repo, metrics_port=0, inline_below_us=0) as srv:
+        for rows in (1, 3):
+            srv.stub().ModelInfer(affine_request(rows), timeout=10)
+        samples = _scrape(srv.server.metrics_port)
+    base = (("model", "m"), ("version", "1"), ("worker", "medserve"))
+    assert samples[("medserve_executions_total", base)] == 2
+    assert samples[("medserve_executions_on_event_loop_total", base)] == 0
+
+
 def test_prometheus_metrics_come_from_the_statistics(make_repo) -> None:  # type: ignore[no-untyped-def]
     delayed = "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 1000 }\n"
     repo = make_repo(m=onnx_models.affine, d=(onnx_models.affine, delayed))
@@ -61,15 +84,7 @@ def test_prometheus_metrics_come_from_the_statistics(make_repo) -> None:  # type
         for rows in (1, 3):
             stub.ModelInfer(affine_request(rows), timeout=10)
         stub.ModelInfer(affine_request(2, model="d"), timeout=10)  # alone: d learns to close at 2 rows
-        with urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+        samples = _scrape(srv.server.metrics_port)
     base = (("model", "m"), ("version", "1"), ("worker", "medserve"))
 
     def value(name: str, **extra: str) -> float:
@@ -78,6 +93,7 @@ def test_prometheus_metrics_come_from_the_statistics(make_repo) -> None:  # type
     assert value("medserve_requests_total", outcome="success") == 2
     assert value("medserve_requests_total", outcome="fail") == 0
     assert value("medserve_inferences_total") == 4 and value("medserve_executions_total") == 2
+    assert value("medserve_executions_on_event_loop_total") == 2  # a 4-feature affine map: cheaper than a hand-off
     assert value("medserve_batches_total", batch_size="3") == 1
     assert value("medserve_phase_seconds_total", phase="compute_infer") > 0
     assert value("medserve_queue_depth") == 0
