@@ -345,5 +345,8 @@ def test_in_process_timers_and_rss() -> None:
     assert len(times) == 5 and min(times) >= 2_000_000
     start = time.perf_counter()
     assert len(time_calls(int, seconds=0.05)) > 5 and time.perf_counter() - start >= 0.05
+    gone = 2**22 + 7  # above Linux's largest pid_max: never a process
     own = rss_mib([os.getpid()])
-    assert own > 10 and rss_mib([os.getpid(), 2**22 + 7]) == own
+    assert own > 10 and rss_mib([gone]) == 0
+    # Read again beside the gone pid: this process's other threads may have touched a page since.
+    assert abs(rss_mib([os.getpid(), gone]) - own) < 16
