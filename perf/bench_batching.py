@@ -13,7 +13,8 @@ What it does, in one run:
      max_queue_delay_microseconds 2000: an upper bound; a batch stops waiting at the crowd
      recent batches reached, so a lone request is not held back). Each version has a model card with the training data's
      feature ranges, from which the harness draws request data;
-  2. for `medserve serve` with 1 and with 2 workers: starts it, captures one real response of
+  2. for `medserve serve` with 1 and with 2 workers (metrics on: `--metrics-port 0`; audit off,
+     as shipped): starts it, captures one real response of
      `rf_on`, and starts the two ceilings with as many processes as medserve has workers:
      `perf/fixed_server.py` answering with those bytes (the transport alone: no parsing, no
      model; the MLP's responses have the same size, so it serves as its ceiling too) and
@@ -25,8 +26,9 @@ What it does, in one run:
      interleaved level by level;
   3. measures onnxruntime in-process (medserve's own `OnnxModel`, same session options) at the
      mean batch sizes the server actually formed (ModelStatistics);
-  4. prints throughput, p50, p99, mean batch size and the ratios below, and writes everything to
-     perf/results/bench_batching-<time>.json.
+  4. prints throughput, p50, p99, mean batch size, the ratios below and, per model, how many
+     of the sweep's batches ran on the event loop's thread (the workers' Prometheus counters),
+     and writes everything to perf/results/bench_batching-<time>.json.
 
 Short mode (about 2-3 minutes on 2 cores): `--measure-s 2 --levels 1,64,256` (add `--models rf`
 to leave the MLP out).
@@ -150,7 +152,7 @@ def _sweep(repo: Path, workers: int, levels: tuple[float, ...], warmup_s: float,
     from .scenario import ModelLoad, Scenario, Target, build_payloads, fetch_model_info
 
     with contextlib.ExitStack() as stack:
-        srv = stack.enter_context(serverproc.medserve(repo, workers, log_dir=work))
+        srv = stack.enter_context(serverproc.medserve(repo, workers, ("--metrics-port", "0"), log_dir=work))
         print(f"medserve serve --workers {workers}: {srv.address} (pid {srv.pid}, workers {srv.worker_pids})",
               file=sys.stderr)
         info = fetch_model_info(srv.address, "rf_on", repository=str(repo))
@@ -180,7 +182,18 @@ def _sweep(repo: Path, workers: int, levels: tuple[float, ...], warmup_s: float,
         )
         result = Runner(scenario, work_dir=work, progress=sys.stderr).run()
         result["response_bytes"] = sizes
+        result["executions"] = executions(srv.metrics_urls)
         return result
+
+
+def executions(metrics_urls: list[str]) -> dict[str, dict[str, int]]:
+    """Per model, the batches the server executed and how many of them on the event loop's
+    thread (the cost model's choice; the rest went to an instance), summed over the workers."""
+    from .measure import metric_totals
+
+    batches = metric_totals(metrics_urls, "medserve_executions_total", "model")
+    on_loop = metric_totals(metrics_urls, "medserve_executions_on_event_loop_total", "model")
+    return {m: {"batches": int(n), "on_event_loop": int(on_loop.get(m, 0))} for m, n in sorted(batches.items())}
 
 
 def _level(results: dict[str, Any], config: str, level: float) -> dict[str, Any] | None:
@@ -400,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes = s["response_bytes"]
         print(f"response to the same request, {w} worker(s): medserve {sizes['medserve']} bytes, minimal handler "
               f"{sizes['minimal']} bytes")
+    print("batches on the event loop's thread, whole sweep, every level (medserve_executions_on_event_loop_total "
+          "of medserve_executions_total):")
+    for w, s in sweeps.items():
+        print(f"  w{w} " + ", ".join(f"{m} {x['on_event_loop']:,} of {x['batches']:,}"
+                                      for m, x in s["executions"].items() if x["batches"]))
     print_report(analysis)
     warnings = sorted({f"{n} workers: {x}" for n, s in sweeps.items() for x in s["warnings"]})
     for line in warnings:

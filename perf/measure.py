@@ -184,6 +184,25 @@ def proc_delta(before: ProcSnapshot | None, after: ProcSnapshot | None) -> dict[
             "processes": len(after.cpu_s)}
 
 
+def metric_totals(urls: Iterable[str], name: str, by: str) -> dict[str, float]:
+    """The samples named `name` on every URL's Prometheus /metrics (a server's workers, each on
+    its own port), summed by the value of their label `by`."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name:
+                    key = sample.labels.get(by, "")
+                    totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
 # -- in process ------------------------------------------------------------------------------
 
 

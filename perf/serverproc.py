@@ -24,12 +24,22 @@ class ServerHandle:
     process: subprocess.Popen[bytes] | None = None
     metrics_port: int | None = None  # --metrics-port 0: the port the server bound
     http_port: int | None = None  # the KServe V2 REST port the server bound (--http-port; 0 with --port 0)
+    metrics_ports: list[int] = field(default_factory=list)  # with --workers: each worker's, in worker order
 
     @property
     def metrics_url(self) -> str:
         if self.metrics_port is None:
             raise RuntimeError("this server was started without --metrics-port")
         return f"http://{self.address.rsplit(':', 1)[0]}:{self.metrics_port}/metrics"
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """Every worker's /metrics (one process: its own)."""
+        host = self.address.rsplit(":", 1)[0]
+        ports = self.metrics_ports or ([self.metrics_port] if self.metrics_port is not None else [])
+        if not ports:
+            raise RuntimeError("this server was started without --metrics-port")
+        return [f"http://{host}:{p}/metrics" for p in ports]
 
     @property
     def port(self) -> int:
@@ -70,7 +80,7 @@ def start_process(cmd: Sequence[str], ready_file: Path, log_path: Path, timeout_
             time.sleep(0.05)
         ready = json.loads(ready_file.read_text())
         yield ServerHandle(f"{host}:{ready['port']}", proc.pid, list(ready.get("workers", [])), log_path, proc,
-                           ready.get("metrics_port"), ready.get("http_port"))
+                           ready.get("metrics_port"), ready.get("http_port"), list(ready.get("metrics_ports", [])))
     finally:
         stop_process(proc)
         with contextlib.suppress(FileNotFoundError):

@@ -96,7 +96,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--http-port", type=_http_port, default=None,
                    help="KServe V2 REST port on --host, with the gRPC port's TLS and identities (default 8000; "
                         "with --port 0 any free port; 'off' = no REST)")
-    p.add_argument("--ready-file", type=Path, default=None, help="write {port, pid} JSON here once ready")
+    p.add_argument("--ready-file", type=Path, default=None, help="write {port, pid} JSON here once ready (and "
+                   "the ports bound with 0: metrics_port, http_port; with --workers, the workers' pids and "
+                   "metrics_ports as they were at start)")
     p.set_defaults(func=_serve, extras=("server",))
 
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .config import ServerConfig
 
@@ -67,12 +68,13 @@ def supervise(
     start: Callable[[int, Path], multiprocessing.process.BaseProcess],
     workers: int,
     *,
-    on_ready: Callable[[list[int]], None] = lambda pids: None,
+    on_ready: Callable[[list[dict[str, Any]]], None] = lambda statuses: None,
     policy: RestartPolicy = RestartPolicy(),
     clock: Callable[[], float] = time.monotonic,
 ) -> int:
     """Run `workers` processes made by `start(index, ready_file)` (each writes its ready file,
-    JSON with its pid, once serving), call `on_ready(pids)` when all are, keep them running,
+    JSON with its pid, once serving), call `on_ready` with those files' contents, in worker
+    order, when all are, keep them running,
     and return the exit status: 0 after a clean SIGTERM/SIGINT, 1 when a worker cannot be kept up."""
     with tempfile.TemporaryDirectory(prefix="medserve-workers-") as tmp:
         group = [_Worker(i, Path(tmp) / f"worker-{i}.json", restarts=[]) for i in range(workers)]
@@ -100,7 +102,7 @@ def supervise(
                     _terminate(group)
                     return 1
                 time.sleep(0.05)
-            on_ready([json.loads(w.ready_file.read_text())["pid"] for w in group])
+            on_ready([json.loads(w.ready_file.read_text()) for w in group])
             return _keep_up(group, start, policy, clock, lambda: stopping)
         finally:
             for sig, handler in previous.items():
@@ -206,15 +208,17 @@ def run_workers(config: ServerConfig, workers: int, *, ready_file: Path | None =
         process.start()
         return process
 
-    def ready(pids: list[int]) -> None:
+    def ready(statuses: list[dict[str, Any]]) -> None:
         reservation.close()  # every worker holds the port now (a restarted one binds beside them)
         if http_reservation is not None:
             http_reservation.close()
         if ready_file is not None:
             tmp_file = ready_file.with_suffix(ready_file.suffix + ".tmp")
-            status = {"port": port, "pid": os.getpid(), "workers": pids}
+            status: dict[str, Any] = {"port": port, "pid": os.getpid(), "workers": [s["pid"] for s in statuses]}
             if http_port is not None:
                 status["http_port"] = http_port
+            if config.metrics_port is not None:  # each worker's own (with 0, only the workers know them)
+                status["metrics_ports"] = [s["metrics_port"] for s in statuses]
             tmp_file.write_text(json.dumps(status))
             tmp_file.replace(ready_file)
         log.info("medserve: %d workers ready on %s:%d", workers, config.host, port)

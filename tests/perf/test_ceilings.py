@@ -15,14 +15,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from medserve.perf.bench_batching import TARGETS, ceiling_ratios
+from medserve.perf.bench_batching import TARGETS, ceiling_ratios, executions
 from medserve.perf.bench_rows import rows_ratios, text_ratio
 from medserve.perf.shared_engine import compare_rows
 from medserve.protos import grpc_service_pb2 as pb
 from medserve.protos.wire import to_raw
 
 import onnx_models
-from conftest import running_server, wait_for
+from conftest import running_server, server_handle, wait_for
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -65,6 +65,22 @@ def _minimal(model_file: Path, tmp_path: Path) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def test_executions_sum_every_workers_batches_and_those_on_the_event_loop(make_repo) -> None:  # type: ignore[no-untyped-def]
+    """What bench_batching prints beside its figures: per model, the batches of every worker of a
+    `--workers 2 --metrics-port 0` server (each on a port of its own), and how many ran on the
+    event loop. Each request here is a batch of its own, and the cheap model's run inline."""
+    repo = make_repo(affine=onnx_models.affine, other=onnx_models.affine)
+    with server_handle(repo, "--workers", "2", "--metrics-port", "0") as handle:
+        sent = {"affine": 0, "other": 0}
+        for i in range(24):  # new connections: the kernel spreads them over both workers
+            model = "affine" if i % 3 else "other"
+            _call(handle.address, _request(model, np.ones((1, 4), np.float32)).SerializeToString())
+            sent[model] += 1
+        counted = executions(handle.metrics_urls)
+    assert {m: x["batches"] for m, x in counted.items()} == sent
+    assert all(0 < x["on_event_loop"] <= x["batches"] for x in counted.values())
 
 
 def test_minimal_handler_answers_with_onnxruntimes_outputs_in_medserves_layout(make_repo, tmp_path: Path) -> None:

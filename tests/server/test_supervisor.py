@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from medserve.server.workers import RestartPolicy, supervise
 
@@ -107,8 +108,8 @@ def test_sigterm_is_forwarded_and_a_clean_stop_exits_0() -> None:
         starts.append(process.pid)
         return process
 
-    def on_ready(pids: list[int]) -> None:
-        assert sorted(pids) == sorted(starts)
+    def on_ready(statuses: list[dict[str, Any]]) -> None:
+        assert sorted(s["pid"] for s in statuses) == sorted(starts)
         threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
     assert supervise(start, 3, on_ready=on_ready) == 0
@@ -144,7 +145,7 @@ def test_sighup_is_forwarded_to_every_worker_even_one_not_yet_listening_and_the_
         pids.append(process.pid)
         return process
 
-    def hup_hup_term(_pids: list[int]) -> None:
+    def hup_hup_term(_statuses: list[dict[str, Any]]) -> None:
         def run() -> None:
             os.kill(os.getpid(), signal.SIGHUP)  # while the workers cannot handle it yet
             time.sleep(late_s + 0.5)

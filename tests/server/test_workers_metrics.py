@@ -14,7 +14,7 @@ from medserve.protos import grpc_service_pb2_grpc as pb_grpc
 from medserve.protos.wire import to_raw
 
 import onnx_models
-from conftest import running_server, server_process, wait_for
+from conftest import running_server, server_handle, server_process, wait_for
 
 
 def affine_request(rows: int = 1, width: int = 4, model: str = "m") -> pb.ModelInferRequest:
@@ -51,6 +51,21 @@ def test_two_workers_share_the_port_and_report_per_worker(make_repo) -> None:  #
                     break
             else:
                 pytest.fail(f"no connection reached worker {name} in 200 attempts")
+
+
+def test_two_workers_with_any_free_metrics_port_name_each_workers_port_in_the_ready_file(
+        make_repo) -> None:  # type: ignore[no-untyped-def]
+    """`--workers 2 --metrics-port 0`: each worker binds a port of its own, which only it knows;
+    the supervisor's ready file lists them, and each answers for its own worker."""
+    repo = make_repo(m=onnx_models.affine)
+    with server_handle(repo, "--workers", "2", "--metrics-port", "0") as handle:
+        assert len(handle.metrics_ports) == 2 and len(set(handle.metrics_ports)) == 2
+        workers = set()
+        for port in handle.metrics_ports:
+            labels = {dict(key[1])["worker"] for key in _scrape(port) if key[0] == "medserve_model_state"}
+            workers |= labels
+            assert len(labels) == 1
+    assert workers == {"medserve-w0", "medserve-w1"}
 
 
 def _scrape(port: int | None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
