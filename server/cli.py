@@ -98,7 +98,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                         "with --port 0 any free port; 'off' = no REST)")
     p.add_argument("--ready-file", type=Path, default=None, help="write {port, pid} JSON here once ready (and "
                    "the ports bound with 0: metrics_port, http_port; with --workers, the workers' pids and "
-                   "metrics_ports as they were at start)")
+                   "metrics_ports, rewritten when a restarted worker is serving)")
     p.set_defaults(func=_serve, extras=("server",))
 
 

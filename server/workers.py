@@ -74,7 +74,8 @@ def supervise(
 ) -> int:
     """Run `workers` processes made by `start(index, ready_file)` (each writes its ready file,
     JSON with its pid, once serving), call `on_ready` with those files' contents, in worker
-    order, when all are, keep them running,
+    order, when all are (and again once a restarted worker is: its pid and ports are new), keep
+    them running,
     and return the exit status: 0 after a clean SIGTERM/SIGINT, 1 when a worker cannot be kept up."""
     with tempfile.TemporaryDirectory(prefix="medserve-workers-") as tmp:
         group = [_Worker(i, Path(tmp) / f"worker-{i}.json", restarts=[]) for i in range(workers)]
@@ -102,8 +103,11 @@ def supervise(
                     _terminate(group)
                     return 1
                 time.sleep(0.05)
-            on_ready([json.loads(w.ready_file.read_text()) for w in group])
-            return _keep_up(group, start, policy, clock, lambda: stopping)
+            def announce() -> None:
+                on_ready([json.loads(w.ready_file.read_text()) for w in group])
+
+            announce()
+            return _keep_up(group, start, policy, clock, lambda: stopping, announce)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -120,7 +124,9 @@ def _start_with_sighup_blocked(start: Callable[[int, Path], multiprocessing.proc
 
 
 def _keep_up(group: list[_Worker], start: Callable[[int, Path], multiprocessing.process.BaseProcess],
-             policy: RestartPolicy, clock: Callable[[], float], stopping: Callable[[], bool]) -> int:
+             policy: RestartPolicy, clock: Callable[[], float], stopping: Callable[[], bool],
+             announce: Callable[[], None]) -> int:
+    restarted = False  # a restarted worker is not yet announced
     while True:
         if stopping():
             for w in group:
@@ -151,6 +157,10 @@ def _keep_up(group: list[_Worker], start: Callable[[int, Path], multiprocessing.
                 w.ready_file.unlink(missing_ok=True)
                 w.process = _start_with_sighup_blocked(start, w.index, w.ready_file)
                 log.info("worker %d restarted (pid %s)", w.index, w.process.pid)
+                restarted = True
+        if restarted and not stopping() and all(w.process is not None and w.ready_file.exists() for w in group):
+            restarted = False
+            announce()
         for w in group:
             if w.process is not None:
                 w.process.join(timeout=0.1)

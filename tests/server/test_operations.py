@@ -297,7 +297,7 @@ def test_a_killed_worker_is_replaced_while_the_port_keeps_answering(tmp_path: Pa
     onnx_models.affine(repo / "m" / "1" / "model.onnx")
     ready, log = tmp_path / "ready.json", tmp_path / "server.log"
     cmd = [sys.executable, "-m", "medserve.server.cli", "serve", "--repository", str(repo), "--port", "0",
-           "--workers", "2", "--ready-file", str(ready)]
+           "--workers", "2", "--ready-file", str(ready), "--metrics-port", "0"]
     with start_process(cmd, ready, log) as handle:
         victim = json.loads(ready.read_text())["workers"][0]
         with Load(handle.address, affine_request, callers=4) as load:
@@ -314,6 +314,11 @@ def test_a_killed_worker_is_replaced_while_the_port_keeps_answering(tmp_path: Pa
 
             wait_for(lambda: answering_worker() == "medserve-w0", timeout_s=60)  # the replacement serves
             statuses = load.stop()
+        # The ready file is rewritten for the replacement: its pid, and the metrics port it bound.
+        wait_for(lambda: victim not in json.loads(ready.read_text())["workers"], timeout_s=30)
+        announced = json.loads(ready.read_text())
+        with urllib.request.urlopen(f"http://127.0.0.1:{announced['metrics_ports'][0]}/metrics", timeout=10) as page:
+            assert 'worker="medserve-w0"' in page.read().decode()
     # Calls on the killed worker's connections fail UNAVAILABLE (the client retries); none other.
     assert set(statuses) <= {"OK", "UNAVAILABLE"} and statuses["OK"] >= 80, (statuses, load.problems[:3])
 

@@ -30,8 +30,12 @@ def _serve_until_sigterm(path: Path) -> None:
 
 
 def _die_when_ready(path: Path) -> None:
+    _die_after(path, 0.05)
+
+
+def _die_after(path: Path, seconds: float) -> None:
     _ready(path)
-    time.sleep(0.05)
+    time.sleep(seconds)
     os._exit(3)
 
 
@@ -66,6 +70,38 @@ def test_a_dying_worker_is_restarted_with_backoff_until_it_keeps_dying(caplog) -
     pid = starts.of(0)[0][1]
     assert not _alive(pid)  # ... and was stopped when the supervisor gave up
     assert "keeps dying" in caplog.text
+
+
+def test_a_restarted_worker_is_announced_again_with_its_new_pid() -> None:
+    """The ready file names each worker's pid and ports (with --metrics-port 0 only the worker
+    knows its port): once a restarted worker is serving, `on_ready` runs again with the new
+    one's, so the file never names a dead worker for long."""
+    started: dict[int, list[int]] = {0: [], 1: []}
+    announced: list[list[int]] = []
+
+    def start(index: int, ready: Path) -> multiprocessing.process.BaseProcess:
+        dies = index == 1 and not started[1]  # worker 1's first process crashes after it is ready
+        process = FORK.Process(target=_die_after if dies else _serve_until_sigterm,
+                               args=(ready, 0.5) if dies else (ready,))
+        process.start()
+        assert process.pid is not None
+        started[index].append(process.pid)
+        return process
+
+    def on_ready(statuses: list[dict[str, Any]]) -> None:
+        announced.append([s["pid"] for s in statuses])
+        if len(announced) == 2:
+            threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    policy = RestartPolicy(initial_backoff_s=0.05, max_restarts=3, restart_window_s=60.0)
+    give_up = threading.Timer(30, os.kill, (os.getpid(), signal.SIGTERM))  # never announced again: stop
+    give_up.start()
+    try:
+        assert supervise(start, 2, on_ready=on_ready, policy=policy) == 0
+    finally:
+        give_up.cancel()
+    assert len(started[1]) == 2 and len(started[0]) == 1
+    assert announced == [[started[0][0], started[1][0]], [started[0][0], started[1][1]]]
 
 
 def test_restarts_outside_the_window_are_forgotten() -> None:
