@@ -75,8 +75,8 @@ def supervise(
     """Run `workers` processes made by `start(index, ready_file)` (each writes its ready file,
     JSON with its pid, once serving), call `on_ready` with those files' contents, in worker
     order, when all are (and again once a restarted worker is: its pid and ports are new), keep
-    them running,
-    and return the exit status: 0 after a clean SIGTERM/SIGINT, 1 when a worker cannot be kept up."""
+    them running, and return the exit status: 0 after a clean SIGTERM/SIGINT, 1 when a worker
+    cannot be kept up."""
     with tempfile.TemporaryDirectory(prefix="medserve-workers-") as tmp:
         group = [_Worker(i, Path(tmp) / f"worker-{i}.json", restarts=[]) for i in range(workers)]
         stopping = False
