@@ -63,7 +63,16 @@ from typing import Any
 import numpy as np
 
 from .loadgen import Job, LoadPool
-from .measure import StatsProbe, descendants, host_busy_s, proc_delta, proc_snapshot, status_name, time_calls
+from .measure import (
+    StatsProbe,
+    descendants,
+    host_busy_s,
+    metric_totals,
+    proc_delta,
+    proc_snapshot,
+    status_name,
+    time_calls,
+)
 from .report import bench_parser, figure, write_result
 from .serverproc import ServerHandle, fixed_server, medserve
 
@@ -266,16 +275,8 @@ def closed_loop(pool: LoadPool, server: ServerHandle, probe: StatsProbe, served:
 def input_elements(metrics_url: str, model: str) -> tuple[float, float]:
     """The server's `medserve_input_elements_total` for `model` (version 1): (requested, executed);
     their difference is the padding its batches ran."""
-    import urllib.request
-
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    found = {"requested": 0.0, "executed": 0.0}
-    for line in text.splitlines():
-        if line.startswith("medserve_input_elements_total{") and f'model="{model}"' in line:
-            kind = "requested" if 'kind="requested"' in line else "executed"
-            found[kind] += float(line.rsplit(" ", 1)[1])
-    return found["requested"], found["executed"]
+    found = metric_totals([metrics_url], "medserve_input_elements_total", "kind", {"model": model})
+    return found.get("requested", 0.0), found.get("executed", 0.0)
 
 
 def run_load(pool: LoadPool, server: ServerHandle, served: Sequence[Served], levels: Sequence[int],

@@ -184,9 +184,9 @@ def proc_delta(before: ProcSnapshot | None, after: ProcSnapshot | None) -> dict[
             "processes": len(after.cpu_s)}
 
 
-def metric_totals(urls: Iterable[str], name: str, by: str) -> dict[str, float]:
+def metric_totals(urls: Iterable[str], name: str, by: str, where: Mapping[str, str] | None = None) -> dict[str, float]:
     """The samples named `name` on every URL's Prometheus /metrics (a server's workers, each on
-    its own port), summed by the value of their label `by`."""
+    its own port) whose labels include `where`, summed by the value of their label `by`."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -197,7 +197,7 @@ def metric_totals(urls: Iterable[str], name: str, by: str) -> dict[str, float]:
             text = response.read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == name:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in (where or {}).items()):
                     key = sample.labels.get(by, "")
                     totals[key] = totals.get(key, 0.0) + sample.value
     return totals
