@@ -34,12 +34,11 @@ class ServerHandle:
 
     @property
     def metrics_urls(self) -> list[str]:
-        """Every worker's /metrics (one process: its own)."""
+        """Every worker's /metrics (one process: its own, `metrics_url`)."""
+        if not self.metrics_ports:
+            return [self.metrics_url]
         host = self.address.rsplit(":", 1)[0]
-        ports = self.metrics_ports or ([self.metrics_port] if self.metrics_port is not None else [])
-        if not ports:
-            raise RuntimeError("this server was started without --metrics-port")
-        return [f"http://{host}:{p}/metrics" for p in ports]
+        return [f"http://{host}:{p}/metrics" for p in self.metrics_ports]
 
     @property
     def port(self) -> int:
